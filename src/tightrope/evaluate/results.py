@@ -1,0 +1,60 @@
+"""Frozen result records and their JSON form. Raw fractions and milliseconds; reports round."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tightrope.evaluate.metrics import ClassificationMetrics
+from tightrope.evaluate.perf import Latency, Throughput
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    model: str
+    task: str
+    split: str
+    metrics: ClassificationMetrics
+    latency: Latency | None = None
+    throughput: Throughput | None = None
+    weight_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    baseline_rss_bytes: int | None = None
+    parameters: int | None = None
+    nonzero_parameters: int | None = None
+    compression: dict | None = None
+    seconds: float | None = None
+    environment: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EvalResult":
+        data = dict(data)
+        data["metrics"] = ClassificationMetrics(**data["metrics"])
+        if data.get("latency"):
+            data["latency"] = Latency(**data["latency"])
+        if data.get("throughput"):
+            data["throughput"] = Throughput(**data["throughput"])
+        return cls(**data)
+
+
+def write_json_atomic(path: str | Path, payload) -> Path:
+    """Write JSON through a temp file and a rename, so a kill never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

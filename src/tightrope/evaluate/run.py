@@ -1,0 +1,65 @@
+"""Evaluate one model variant on a task: quality, speed, size and memory in one frozen record."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from tightrope import inference
+from tightrope.data import load_task
+from tightrope.errors import TightropeError
+from tightrope.evaluate import perf
+from tightrope.evaluate.metrics import classification_metrics
+from tightrope.evaluate.results import EvalResult
+from tightrope.provenance import environment
+
+
+def evaluate_model(
+    model: str,
+    task: str,
+    split: str = "test",
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    data_dir: str | None = None,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    speed: bool = True,
+    memory: bool = True,
+    latency_seq_len: int = 256,
+    latency_runs: int = 50,
+    progress: bool = True,
+    clf: inference.TextClassifier | None = None,
+) -> EvalResult:
+    """Score ``model`` on ``task``/``split`` and measure it. ``clf`` skips loading (already in memory)."""
+    started = time.perf_counter()
+    data = load_task(task, split, n=n, seed=seed, data_dir=data_dir)
+    clf = clf or inference.load(model, max_length=max_length)
+    if data.num_labels > clf.num_labels:
+        raise TightropeError(f"{task} has {data.num_labels} labels but {model} predicts {clf.num_labels}.")
+    ids = clf.encode(data.texts)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: PLC0415
+
+    with Progress(TextColumn(f"[bold]eval[/] {model}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not progress) as bar:
+        task_id = bar.add_task("eval", total=len(ids))
+        logits = clf.logits_of_ids(ids, batch_size, progress=lambda k: bar.advance(task_id, k))
+    metrics = classification_metrics(data.labels, logits.argmax(-1).tolist(), list(clf.label_names))
+    latency = throughput = None
+    if speed:
+        sample = max(data.texts, key=len)
+        latency = perf.measure_latency(clf, sample, seq_len=latency_seq_len, runs=latency_runs)
+        throughput = perf.measure_throughput(clf, sample)
+    mem = perf.peak_memory(model, seq_len=latency_seq_len) if memory else {}
+    params = nonzero = None
+    if isinstance(getattr(clf, "model", None), torch.nn.Module):
+        tensors = list(clf.model.state_dict().values())
+        params = sum(t.numel() for t in tensors if t.is_floating_point() or t.dtype == torch.int8)
+        nonzero = sum(int(torch.count_nonzero(t)) for t in tensors if t.is_floating_point() or t.dtype == torch.int8)
+    return EvalResult(
+        model=model, task=task, split=split, metrics=metrics, latency=latency, throughput=throughput,
+        weight_bytes=perf.weight_bytes(model), peak_rss_bytes=mem.get("peak_rss_bytes"),
+        baseline_rss_bytes=mem.get("baseline_rss_bytes"), parameters=params, nonzero_parameters=nonzero,
+        compression=clf.card.get("compression"), seconds=time.perf_counter() - started, environment=environment(),
+    )

@@ -1,0 +1,119 @@
+"""One face for every model variant: text in, logits out.
+
+A :class:`TextClassifier` pairs a model with its tokenizer and the tokenization it was trained
+with (max length, truncation). Compressed formats that are not plain PyTorch modules (an ONNX
+Runtime session, say) register a loader under the ``format`` named in their ``card.json``, so that
+evaluation and attacks treat every variant alike and always query the variant itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tightrope import models
+from tightrope.encoding import Truncation, collate, encode, length_sorted_batches
+from tightrope.errors import TightropeError
+
+
+class TextClassifier:
+    """A sequence classifier with its tokenizer; ``forward_ids`` is the only model-specific part."""
+
+    def __init__(self, model, tokenizer, *, max_length: int = 256, truncation: Truncation = "head",
+                 label_names: list[str] | None = None, source: str = "", card: dict | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.truncation = truncation
+        self.source = source
+        self.card = card or {}
+        config = getattr(model, "config", None)
+        if label_names is None and config is not None:
+            label_names = [config.id2label[i] for i in range(config.num_labels)]
+        self.label_names = list(label_names or [])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return encode(self.tokenizer, texts, self.max_length, self.truncation)
+
+    def forward_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        return self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float().cpu()
+
+    @torch.inference_mode()
+    def logits_of_ids(self, sequences: list[list[int]], batch_size: int = 64, progress: Callable | None = None) -> torch.Tensor:
+        out = torch.empty((len(sequences), self.num_labels), dtype=torch.float32)
+        for batch in length_sorted_batches(sequences, batch_size):
+            inputs = collate([sequences[i] for i in batch], self.pad_id)
+            out[batch] = self.forward_ids(inputs["input_ids"], inputs["attention_mask"])
+            if progress is not None:
+                progress(len(batch))
+        return out
+
+    def logits(self, texts: list[str], batch_size: int = 64, progress: Callable | None = None) -> torch.Tensor:
+        return self.logits_of_ids(self.encode(texts), batch_size, progress)
+
+    def predict(self, texts: list[str], batch_size: int = 64) -> list[int]:
+        return self.logits(texts, batch_size).argmax(-1).tolist()
+
+
+LOADERS: dict[str, Callable[[Path, dict], TextClassifier]] = {}
+
+
+def register_format(name: str):
+    """Decorator: ``@register_format("onnx-int8")`` on a ``(path, card) -> TextClassifier`` loader."""
+
+    def wrap(fn):
+        LOADERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def read_card(path: Path) -> dict:
+    file = path / "card.json"
+    if not file.exists():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise TightropeError(f"{file} is not valid JSON ({err.msg}); the model directory is damaged.") from err
+
+
+def _wrap(loaded: models.LoadedModel, card: dict) -> TextClassifier:
+    tok = card.get("tokenization", {})
+    return TextClassifier(loaded.model, loaded.tokenizer, max_length=tok.get("max_length", 256),
+                          truncation=tok.get("truncation", "head"), source=loaded.source, card=card)
+
+
+def load(name_or_path: str, *, max_length: int | None = None, trust_remote_code: bool = False) -> TextClassifier:
+    """Load any model variant for inference: a tightrope model directory, a hub classifier, an alias."""
+    path = Path(name_or_path).expanduser()
+    card = read_card(path) if path.is_dir() else {}
+    fmt = card.get("format", "torch")
+    if fmt != "torch" and fmt not in LOADERS:
+        _import_format_plugins()
+    if fmt != "torch" and fmt not in LOADERS:
+        raise TightropeError(f"{name_or_path} is stored in the format '{fmt}', which this tightrope cannot load.")
+    if fmt == "torch":
+        clf = _wrap(models.load_classifier(name_or_path, require_head=True, trust_remote_code=trust_remote_code), card)
+    else:
+        clf = LOADERS[fmt](path, card)
+    if max_length is not None:
+        clf.max_length = max_length
+    return clf
+
+
+def _import_format_plugins() -> None:
+    """Compressed formats live in tightrope.compress; importing it registers their loaders."""
+    try:
+        import tightrope.compress  # noqa: F401, PLC0415
+    except ImportError:
+        pass
