@@ -125,6 +125,13 @@ def load_task(
     return data.subset(n, seed)
 
 
+def has_split(name: str, split: str) -> bool:
+    """Whether a named task ships ``split`` (a local file is one split, so it has none to offer)."""
+    if name in TASKS:
+        return split in TASKS[name].files
+    return name in LOCAL_ONLY and split in ("train", "validation", "test", "all")
+
+
 # --- named tasks ----------------------------------------------------------------------------------
 
 

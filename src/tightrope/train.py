@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from tightrope import models
-from tightrope.data import TaskData, load_task
+from tightrope.data import TaskData, has_split, load_task
 from tightrope.encoding import Truncation, collate, encode, predict_logits
 from tightrope.errors import TightropeError
 from tightrope.evaluate.metrics import classification_metrics
@@ -109,11 +109,9 @@ def split_train_eval(config: TrainConfig) -> tuple[TaskData, TaskData]:
     if config.eval_split:
         held = load_task(config.task, config.eval_split, data_dir=config.data_dir).subset(config.n_eval, config.seed)
         return train.subset(config.n_train, config.seed), held
-    try:
+    if has_split(config.task, "validation"):
         held = load_task(config.task, "validation", data_dir=config.data_dir).subset(config.n_eval, config.seed)
         return train.subset(config.n_train, config.seed), held
-    except TightropeError:
-        pass
     # No validation split: carve one from train, disjoint from the training subset.
     order = list(range(len(train)))
     random.Random(config.seed).shuffle(order)
@@ -135,11 +133,14 @@ def train(
     progress: bool = True,
     stop_after_steps: int | None = None,
     extra_card: dict | None = None,
+    initial_model: models.LoadedModel | None = None,
 ) -> dict:
     """Fine-tune ``config.model`` on ``config.task`` and write a model directory with ``card.json``.
 
     ``stop_after_steps`` ends the run early *without* finishing it (used by tests to simulate a kill;
-    the checkpoint stays and a second call resumes). Returns the card.
+    the checkpoint stays and a second call resumes). ``initial_model`` starts from a model already in
+    memory (e.g. a structurally pruned one that ``from_pretrained`` cannot rebuild) instead of
+    loading ``config.model``, which is then only recorded. Returns the card.
     """
     from accelerate import Accelerator  # noqa: PLC0415 - heavy import, only for training
 
@@ -149,16 +150,17 @@ def train(
         if card.get("config") == config.model_dump():
             return card  # already finished with the same configuration
         raise TightropeError(f"{out} already holds a model trained with other settings; choose another --out.")
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoint"
 
     set_seed(config.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # Data and model are checked before anything is written, so bad input leaves no folder behind.
     train_data, eval_data = split_train_eval(config)
-    loaded = models.load_classifier(
+    loaded = initial_model if initial_model is not None else models.load_classifier(
         config.model, label_names=list(train_data.label_names), require_head=False,
         trust_remote_code=config.trust_remote_code,
     )
+    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = loaded.model, loaded.tokenizer
     train_ids = encode(tokenizer, train_data.texts, config.max_length, config.truncation)
     eval_ids = encode(tokenizer, eval_data.texts, config.max_length, config.truncation)
@@ -209,6 +211,7 @@ def train(
             batch = collate([train_ids[i] for i in mine], pad_id)
             batch["labels"] = torch.tensor([train_data.labels[i] for i in mine], dtype=torch.long)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch["texts"] = [train_data.texts[i] for i in mine]  # raw texts, for a teacher with its own tokenizer
             # Dropout randomness is a function of the step, so resumed runs match uninterrupted ones.
             torch.manual_seed(config.seed * 7919 + step)
             loss = objective(model, batch)
@@ -220,7 +223,10 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step + 1
-            bar.update(task_id, advance=1, info=f"loss {loss.item():.3f} lr {scheduler.get_last_lr()[0]:.1e}")
+            info = f"loss {loss.item():.3f} lr {scheduler.get_last_lr()[0]:.1e}"
+            bar.update(task_id, advance=1, info=info)
+            if progress and not bar.console.is_terminal and state["step"] % max(1, total_steps // 20) == 0:
+                bar.console.log(f"step {state['step']}/{total_steps} {info}")  # a log file gets a line, not a bar
 
             end_of_epoch = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
             if end_of_epoch or (config.eval_every and state["step"] % config.eval_every == 0):

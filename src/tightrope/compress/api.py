@@ -48,6 +48,7 @@ class CompressionSummary:
     nonzero_parameters: int
     per_module_sparsity: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    stored_bytes: int | None = None  # bytes of every tensor the saved model holds (weights, scales, codes)
 
     def to_dict(self) -> dict:
         return asdict(self)

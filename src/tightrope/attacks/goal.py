@@ -1,0 +1,96 @@
+"""The goal function: untargeted classification, with a cached, counted, budgeted view of the victim.
+
+As in TextAttack (Morris et al. 2020, ``UntargetedClassification``): an example succeeds once the
+victim's arg-max differs from the ground-truth label; the score to maximise is ``1 - p(y_true)``.
+Every distinct text costs one query; repeated texts come from the cache for free, as in TextAttack,
+where ``num_queries`` counts model calls on texts not seen before.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class Classifier(Protocol):
+    """What an attack needs from a victim: ``tightrope.inference.TextClassifier`` satisfies it."""
+
+    @property
+    def num_labels(self) -> int: ...
+
+    def logits(self, texts: list[str], batch_size: int = 64) -> torch.Tensor: ...
+
+
+class QueryBudgetExhausted(Exception):
+    """Internal signal: the search must stop, the example counts as failed (TextAttack does the same)."""
+
+
+@dataclass
+class GoalOutput:
+    probs: torch.Tensor  # (K,)
+    predicted: int
+    score: float  # 1 - p(y_true)
+    succeeded: bool
+
+
+class UntargetedClassification:
+    """Scores texts for one example against one victim; one batched forward pass per call."""
+
+    def __init__(self, model: Classifier, label: int, *, query_budget: int | None = None,
+                 cache: "OutputCache | None" = None, batch_size: int = 64):
+        self.model = model
+        self.label = label
+        self.query_budget = query_budget
+        self.cache = cache if cache is not None else OutputCache()
+        self.batch_size = batch_size
+        self.queries = 0
+
+    def probs(self, texts: list[str]) -> torch.Tensor:
+        """Softmax outputs for ``texts``: unseen texts go to the model in one call, the rest from the cache."""
+        unseen = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if unseen:
+            if self.query_budget is not None:
+                left = self.query_budget - self.queries
+                if left <= 0:
+                    raise QueryBudgetExhausted
+                unseen = unseen[:left]  # spend what is left, then stop
+            logits = self.model.logits(unseen, batch_size=self.batch_size)
+            for text, row in zip(unseen, torch.softmax(logits.float(), dim=-1)):
+                self.cache.put(text, row)
+            self.queries += len(unseen)
+        missing = [t for t in texts if t not in self.cache]
+        if missing:
+            raise QueryBudgetExhausted
+        return torch.stack([self.cache.get(t) for t in texts])
+
+    def evaluate(self, texts: list[str]) -> list[GoalOutput]:
+        probs = self.probs(texts)
+        out = []
+        for row in probs:
+            predicted = int(row.argmax())
+            out.append(GoalOutput(row, predicted, 1.0 - float(row[self.label]), predicted != self.label))
+        return out
+
+
+class OutputCache:
+    """Model outputs keyed by text (least recently used entries evicted beyond ``size``)."""
+
+    def __init__(self, size: int = 100_000):
+        self.size = size
+        self.data: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __contains__(self, text: str) -> bool:
+        return text in self.data
+
+    def get(self, text: str) -> torch.Tensor:
+        self.data.move_to_end(text)
+        return self.data[text]
+
+    def put(self, text: str, probs: torch.Tensor) -> None:
+        self.data[text] = probs
+        self.data.move_to_end(text)
+        while len(self.data) > self.size:
+            self.data.popitem(last=False)

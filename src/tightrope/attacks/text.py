@@ -1,0 +1,55 @@
+"""An immutable text split into words, so that a word can be replaced without re-tokenizing the rest.
+
+``text == seps[0] + words[0] + seps[1] + words[1] + ... + seps[n]``: replacing ``words[i]`` keeps every
+other character, and word indices stay stable across substitutions (as TextAttack's AttackedText).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# A word: letters or digits, with inner apostrophes or hyphens ("don't", "well-made").
+WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
+
+
+@dataclass(frozen=True)
+class AttackedText:
+    words: tuple[str, ...]
+    seps: tuple[str, ...]
+    modified: frozenset[int] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_text(cls, text: str) -> "AttackedText":
+        words, seps, end = [], [], 0
+        for m in WORD.finditer(text):
+            seps.append(text[end:m.start()])
+            words.append(m.group())
+            end = m.end()
+        seps.append(text[end:])
+        return cls(tuple(words), tuple(seps))
+
+    @property
+    def text(self) -> str:
+        parts = [self.seps[0]]
+        for word, sep in zip(self.words, self.seps[1:]):
+            parts += [word, sep]
+        return "".join(parts)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def replace(self, index: int, word: str) -> "AttackedText":
+        """A new text with ``words[index]`` replaced; the index is marked modified."""
+        words = list(self.words)
+        words[index] = word
+        return AttackedText(tuple(words), self.seps, self.modified | {index})
+
+    def window(self, index: int, size: int) -> str:
+        """The ``size`` words around ``index`` (TextFooler compares sentence meaning in such a window)."""
+        half = size // 2
+        start = max(0, min(index - half, len(self.words) - size))
+        return " ".join(self.words[start:start + size])
+
+    def diff(self, other: "AttackedText") -> list[int]:
+        return [i for i, (a, b) in enumerate(zip(self.words, other.words)) if a != b]

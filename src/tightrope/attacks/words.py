@@ -1,0 +1,165 @@
+"""Word-level transformations: synonym swaps from counter-fitted embeddings (TextFooler), from WordNet
+(PWWS), and gradient-guided token swaps (HotFlip). Each returns, for one word index, the new words
+to try there; the search scores all of them in one batched forward pass.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from tightrope.attacks.text import AttackedText
+
+
+def recover_case(template: str, word: str) -> str:
+    """Give ``word`` the casing pattern of ``template`` (all caps, capitalised, or lower)."""
+    if template.isupper() and len(template) > 1:
+        return word.upper()
+    if template[:1].isupper():
+        return word[:1].upper() + word[1:]
+    return word
+
+
+class Transformation:
+    name = "transformation"
+
+    def params(self) -> dict:
+        return {}
+
+    def describe(self) -> dict:
+        return {"name": self.name, **self.params()}
+
+    def prepare(self, text: AttackedText, indices: list[int]) -> None:
+        """Optional batched work for many indices of one text before ``candidates`` is called for each."""
+
+    def candidates(self, text: AttackedText, index: int, rng) -> list[str]:
+        raise NotImplementedError
+
+
+class WordSwapEmbedding(Transformation):
+    """The ``max_candidates`` nearest words by cosine in a counter-fitted embedding (Jin et al. 2020: N = 50)."""
+
+    name = "word_swap_embedding"
+
+    def __init__(self, embedding, max_candidates: int = 50):
+        self.embedding, self.max_candidates = embedding, max_candidates
+        self._memo: dict[str, list[str]] = {}
+
+    def params(self):
+        return {"max_candidates": self.max_candidates, "embedding": self.embedding.description.get("source")}
+
+    def prepare(self, text, indices):
+        todo = list(dict.fromkeys(text.words[i].lower() for i in indices) - self._memo.keys())
+        if todo:  # one matrix product for all the words of the text
+            for word, near in zip(todo, self.embedding.neighbours(todo, self.max_candidates)):
+                self._memo[word] = [w for w, _ in near]
+            if len(self._memo) > 200_000:
+                self._memo.clear()
+
+    def candidates(self, text, index, rng):
+        word = text.words[index]
+        if word.lower() not in self._memo:
+            self.prepare(text, [index])
+        return [recover_case(word, w) for w in self._memo[word.lower()]]
+
+
+@lru_cache(maxsize=100_000)
+def wordnet_synonyms(word: str) -> tuple[str, ...]:
+    """Single-word WordNet lemmas sharing a synset with ``word`` (any part of speech), in WordNet order."""
+    from tightrope.attacks.resources import wordnet  # noqa: PLC0415
+
+    out: dict[str, None] = {}
+    for synset in wordnet().synsets(word.lower()):
+        for lemma in synset.lemmas():
+            name = lemma.name()
+            if "_" not in name and name.isalpha() and name.lower() != word.lower():
+                out[name.lower()] = None
+    return tuple(out)
+
+
+class WordSwapWordNet(Transformation):
+    """WordNet synonyms (Ren et al. 2019, Sec. 3.1: the synonym set L_i of each word)."""
+
+    name = "word_swap_wordnet"
+
+    def params(self):
+        return {"source": "WordNet 3.0 synsets, single words"}
+
+    def candidates(self, text, index, rng):
+        word = text.words[index]
+        return [recover_case(word, w) for w in wordnet_synonyms(word)]
+
+
+class WordSwapGradient(Transformation):
+    """HotFlip-style swaps (Ebrahimi et al. 2018, Eq. 2): the first-order change of the loss when token
+    ``x_i`` becomes ``v`` is ``(e_v - e_{x_i}) . grad_{e_{x_i}} L``; the ``top_n`` best whole-word tokens
+    of the vocabulary are the candidates. Works on words that are one token of the victim's tokenizer.
+
+    The gradient comes from ``twin`` (a ``TextClassifier`` with a differentiable torch model): the victim
+    itself when it has gradients, else a differentiable twin of it; queries always go to the victim.
+    """
+
+    name = "word_swap_gradient"
+
+    def __init__(self, twin, top_n: int = 1):
+        self.twin, self.top_n = twin, top_n
+        self.label = None  # set per example by the search's caller
+        self._grads: dict[str, dict[int, list[str]]] = {}
+        embeddings = twin.model.get_input_embeddings().weight.detach()
+        vocab = twin.tokenizer.convert_ids_to_tokens(list(range(embeddings.shape[0])))
+        self.allowed = torch.tensor([t.isalpha() and t.isascii() and len(t) > 1 for t in vocab])
+        self.vocab = vocab
+
+    def params(self):
+        return {"top_n": self.top_n, "gradient_source": self.twin.source or "victim"}
+
+    def _token_positions(self, text: AttackedText) -> tuple[list[int], dict[int, int]]:
+        """Input ids of the text and, for each single-token word, its token position."""
+        string, spans, pos = text.text, [], len(text.seps[0])
+        for word, sep in zip(text.words, text.seps[1:]):
+            spans.append((pos, pos + len(word)))
+            pos += len(word) + len(sep)
+        enc = self.twin.tokenizer(string, truncation=True, max_length=self.twin.max_length, return_offsets_mapping=True)
+        by_word: dict[int, list[int]] = {}
+        w = 0
+        for t, (a, b) in enumerate(enc["offset_mapping"]):
+            if b <= a:
+                continue  # a special token
+            while w < len(spans) and spans[w][1] <= a:
+                w += 1
+            if w < len(spans) and spans[w][0] <= a and b <= spans[w][1]:
+                by_word.setdefault(w, []).append(t)
+        single = {w: toks[0] for w, toks in by_word.items() if len(toks) == 1}
+        return enc["input_ids"], single
+
+    def prepare(self, text, indices):
+        key = text.text
+        if key in self._grads:
+            return
+        ids, single = self._token_positions(text)
+        model = self.twin.model
+        emb_layer = model.get_input_embeddings()
+        input_ids = torch.tensor([ids])
+        with torch.enable_grad():
+            embeds = emb_layer(input_ids).detach().requires_grad_(True)  # (1, T, H)
+            logits = model(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids)).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor([self.label]))
+            (grad,) = torch.autograd.grad(loss, embeds)
+        table = emb_layer.weight.detach()  # (V, H)
+        out: dict[int, list[str]] = {}
+        wanted = [i for i in indices if i in single]
+        if wanted:
+            pos = torch.tensor([single[i] for i in wanted])
+            g = grad[0, pos]  # (W, H)
+            gain = g @ table.T - (embeds[0, pos].detach() * g).sum(-1, keepdim=True)  # (W, V): (e_v - e_x) . g
+            gain[:, ~self.allowed] = -torch.inf
+            gain[torch.arange(len(wanted)), input_ids[0, pos]] = -torch.inf
+            top = gain.topk(self.top_n, dim=1).indices
+            for i, row in zip(wanted, top.tolist()):
+                out[i] = [recover_case(text.words[i], self.vocab[v]) for v in row]
+        self._grads = {key: out}  # only the current text is ever needed again
+
+    def candidates(self, text, index, rng):
+        self.prepare(text, [index])
+        return self._grads.get(text.text, {}).get(index, [])

@@ -1,0 +1,1 @@
+"""Defenses: adversarial training objectives, distillation, fake quantization, weight noise."""

@@ -1,0 +1,8 @@
+"""Quantization-conditioned attacks (Egashira et al. 2024, arXiv 2405.18137) and their audit.
+
+boxes.py   per-weight preimage intervals of LLM.int8 / NF4 / FP4 / torch dynamic int8
+quantize.py quantize a copy of a model with the real libraries; read back the codes
+inject.py  fine-tune the malicious behaviour (step 1)
+repair.py  projected gradient descent inside the boxes (step 3)
+audit.py   does a checkpoint hide behaviour that only its quantized version shows?
+"""

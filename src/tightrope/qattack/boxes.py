@@ -1,0 +1,326 @@
+"""Per-weight preimage intervals ("boxes") of zero-shot quantizers.
+
+Egashira et al. 2024, "Exploiting LLM Quantization" (arXiv 2405.18137), Sec. 3, step 2: for every
+full-precision weight ``w`` compute the interval ``[lo, hi]`` of values that the quantizer maps to
+the *same* code as ``w``, with the quantization scale held fixed. Any model whose weights all lie
+inside their boxes quantizes to exactly the same integer codes and scales, hence to exactly the
+same quantized model. The element that sets a scale (the absmax of a row, block or tensor) is
+pinned, ``lo = hi = w``, and every other weight is kept within ``[-absmax, absmax]``, so no scale
+can move (the paper's constraint that the absmax stays fixed).
+
+Quantizers (code maths in :mod:`tightrope.compress.primitives`, checked against the libraries):
+
+- ``llm-int8``: bitsandbytes LLM.int8() weights, row-wise absmax int8 on the fp16 cast,
+  ``q = round(w16 * (127 / absmax_row))`` (Dettmers et al. 2022, eq. 1).
+- ``nf4`` / ``fp4``: bitsandbytes 4-bit block-wise absmax, blocksize 64,
+  ``q = nearest(clamp(w * (1 / absmax_b), -1, 1))`` (QLoRA eq. 1).
+- ``int8-dynamic``: torch.ao dynamic int8 weights, symmetric per tensor (``quantize_dynamic``'s
+  default qconfig) or per output channel, ``q = clamp(round(w * (1 / s)), -128, 127)``,
+  ``s = absmax / 127.5``.
+- ``all``: the intersection of the three bitsandbytes boxes, as in the paper (Sec. 4 "all").
+
+Every quantizer is monotone in ``w`` for a fixed scale, so the preimage of a code is an interval.
+Its ends are first computed analytically (code boundary divided by the scale factor) and then
+made exact with a few ``nextafter`` steps against the quantizer's own floating-point formula:
+the returned ends quantize to the code themselves, and the next float beyond them does not (the
+boxes are tight). LLM.int8 casts to fp16 first: its box is found on the fp16 grid, then widened
+to every fp32 value whose fp16 cast falls inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tightrope.compress.primitives import CODES_4BIT, nearest_code
+from tightrope.errors import TightropeError
+
+QUANTIZERS = ("llm-int8", "nf4", "fp4", "int8-dynamic")
+ALL_MEMBERS = ("llm-int8", "nf4", "fp4")  # the paper's "all": every bitsandbytes zero-shot format
+CHOICES = (*QUANTIZERS, "all")
+
+_REFINE_STEPS = 24  # analytic ends are within a few ulps; 24 steps is a wide safety margin
+
+
+def _refine(lo: torch.Tensor, hi: torch.Tensor, target: torch.Tensor, code_of: Callable,
+            limit_lo: torch.Tensor, limit_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Make ``[lo, hi]`` the exact preimage of ``target`` under the monotone ``code_of(x, index)``.
+
+    Flat tensors of one dtype. ``code_of(x, idx)`` returns the code of values ``x`` sitting at
+    flat positions ``idx`` (so per-element scales can be gathered). Ends are first moved inward
+    until they quantize to ``target``, then outward while the next float still does and stays
+    within ``[limit_lo, limit_hi]``. Returns ``(lo, hi, ok)``; ``ok`` is False where an end could
+    not be made exact (the caller pins those weights).
+    """
+    lo = torch.maximum(lo, limit_lo)
+    hi = torch.minimum(hi, limit_hi)
+    up = torch.tensor(float("inf"), dtype=lo.dtype)
+    down = -up
+
+    def walk(end: torch.Tensor, towards: torch.Tensor, away: torch.Tensor, limit: torch.Tensor, sign: int) -> None:
+        idx = torch.arange(end.numel())
+        for _ in range(_REFINE_STEPS):  # inward: until the end itself quantizes to the target
+            bad = code_of(end[idx], idx) * sign > target[idx] * sign
+            idx = idx[bad]
+            if idx.numel() == 0:
+                break
+            end[idx] = torch.nextafter(end[idx], towards.expand(idx.numel()))
+        idx = torch.arange(end.numel())
+        for _ in range(_REFINE_STEPS):  # outward: while the next float is still inside
+            nxt = torch.nextafter(end[idx], away.expand(idx.numel()))
+            good = (code_of(nxt, idx) == target[idx]) & (nxt * sign <= limit[idx] * sign)
+            idx, nxt = idx[good], nxt[good]
+            if idx.numel() == 0:
+                break
+            end[idx] = nxt
+
+    walk(hi, down, up, limit_hi, +1)
+    walk(lo, up, down, limit_lo, -1)
+    idx = torch.arange(lo.numel())
+    ok = (code_of(lo, idx) == target) & (code_of(hi, idx) == target) & (lo <= hi)
+    return lo, hi, ok
+
+
+def _pin(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pinned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.where(pinned, w, lo), torch.where(pinned, w, hi)
+
+
+def box_llm_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes of bitsandbytes LLM.int8() row-wise absmax int8 (on the fp16 cast) for a 2-D ``w``.
+
+    Code ``q = round(w16 * s_i)``, ``s_i = 127 / absmax_i`` (fp32); its preimage on the fp16 grid is
+    ``[(q - 1/2) / s_i, (q + 1/2) / s_i]`` up to rounding, clipped to ``[-absmax_i, absmax_i]``.
+    The arg-absmax of each row is pinned; all-zero rows are pinned whole.
+    """
+    if w.dim() != 2:
+        raise TightropeError(f"LLM.int8 quantizes 2-D weights, not shape {tuple(w.shape)}.")
+    w = w.detach().float()
+    w16 = w.to(torch.float16)
+    absmax = w16.abs().amax(dim=1)  # (out,) fp16
+    s = 127.0 / absmax.float()  # (out,) fp32, as bitsandbytes
+    rows = torch.arange(w.shape[0]).repeat_interleave(w.shape[1])
+    s_flat, a_flat = s[rows], absmax[rows]
+    x = w16.reshape(-1)
+
+    def code_of(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return torch.round(v * s_flat[idx])  # fp16 * fp32 -> fp32, as bitsandbytes
+
+    q = code_of(x, torch.arange(x.numel()))
+    lo = ((q - 0.5) / s_flat).to(torch.float16)
+    hi = ((q + 0.5) / s_flat).to(torch.float16)
+    lo, hi, ok = _refine(torch.nan_to_num(lo), torch.nan_to_num(hi), torch.nan_to_num(q), code_of, -a_flat, a_flat)
+    pinned = ~ok | (a_flat == 0)
+    arg = w16.abs().argmax(dim=1) + torch.arange(w.shape[0]) * w.shape[1]
+    pinned[arg] = True
+    lo, hi = _pin(w.reshape(-1), *_fp32_preimage_of_fp16(lo, hi), pinned)
+    return lo.reshape(w.shape), hi.reshape(w.shape)
+
+
+def _fp32_preimage_of_fp16(lo16: torch.Tensor, hi16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 values whose fp16 cast (round to nearest, ties to even) lies in ``[lo16, hi16]``.
+
+    The end beyond ``hi16`` is the midpoint to the next fp16 value (exact in fp32), kept when the
+    tie rounds back to ``hi16`` and otherwise one fp32 ulp below it; likewise below ``lo16``.
+    """
+    inf = torch.tensor(float("inf"), dtype=torch.float16)
+    up16 = torch.nextafter(hi16, inf.expand_as(hi16))
+    down16 = torch.nextafter(lo16, (-inf).expand_as(lo16))
+    mid_hi = (hi16.float() + up16.float()) / 2
+    mid_lo = (lo16.float() + down16.float()) / 2
+    hi = torch.where(mid_hi.to(torch.float16) == hi16, mid_hi, torch.nextafter(mid_hi, torch.full_like(mid_hi, -float("inf"))))
+    lo = torch.where(mid_lo.to(torch.float16) == lo16, mid_lo, torch.nextafter(mid_lo, torch.full_like(mid_lo, float("inf"))))
+    return lo, hi
+
+
+def box_blockwise(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes of block-wise absmax quantization onto ``code`` (NF4, FP4), as bitsandbytes does it.
+
+    ``w`` is flattened row-major into blocks of ``blocksize``; per block ``r_b = 1 / absmax_b``
+    (fp32) and ``scaled = clamp(w * r_b, -1, 1)``; the code is found by bucketing ``scaled`` at the
+    midpoints ``m_k`` of the sorted code values (a value on a midpoint goes to the lower code), so
+    the sorted code ``k`` has preimage ``(m_{k-1} / r_b, m_k / r_b]``. The last, short block is
+    divided by its absmax rather than multiplied by the reciprocal, as bitsandbytes' kernel does.
+    The arg-absmax of each block is pinned; all-zero blocks are pinned whole.
+    """
+    if blocksize <= 0:
+        raise TightropeError(f"The block size must be positive, not {blocksize}.")
+    shape = w.shape
+    x = w.detach().reshape(-1).float()
+    n = x.numel()
+    n_blocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(x, (0, n_blocks * blocksize - n))
+    absmax = padded.view(n_blocks, blocksize).abs().amax(dim=1)  # (blocks,)
+    block = torch.arange(n) // blocksize
+    a_flat = absmax[block]
+    r_flat = (1.0 / absmax.clamp(min=1e-38))[block]
+    tail = block == n // blocksize  # elements of the short last block, if any
+    order = torch.argsort(code.float(), stable=True)
+    sorted_code = code.float()[order]
+    bounds = (sorted_code[:-1] + sorted_code[1:]) / 2  # (15,)
+
+    def rank_of(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        scaled = torch.where(tail[idx], v / a_flat[idx].clamp(min=1e-38), v * r_flat[idx])
+        return torch.bucketize(torch.clamp(scaled, -1, 1), bounds, out_int32=True).long()
+
+    k = rank_of(x, torch.arange(n))  # sorted-code rank of every weight
+    edges = torch.cat([torch.tensor([-1.0]), bounds, torch.tensor([1.0])])
+    lo = edges[k] * a_flat
+    hi = edges[k + 1] * a_flat
+    lo, hi, ok = _refine(lo, hi, k, rank_of, -a_flat, a_flat)
+    pinned = ~ok | (a_flat == 0)
+    arg = padded.view(n_blocks, blocksize).abs().argmax(dim=1) + torch.arange(n_blocks) * blocksize
+    pinned[arg[arg < n]] = True
+    lo, hi = _pin(x, lo, hi, pinned)
+    return lo.reshape(shape), hi.reshape(shape)
+
+
+def box_nf4(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes of bitsandbytes NF4 (QLoRA NormalFloat4), block-wise absmax, blocksize 64."""
+    return box_blockwise(w, CODES_4BIT["nf4"], blocksize)
+
+
+def box_fp4(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes of bitsandbytes FP4 (E2M1), block-wise absmax, blocksize 64."""
+    return box_blockwise(w, CODES_4BIT["fp4"], blocksize)
+
+
+def box_int8_dynamic(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes of torch.ao dynamic int8 weights (symmetric, zero point 0).
+
+    ``s = max(absmax / 127.5, eps)`` per tensor (``quantize_dynamic``'s default) or per output
+    channel; FBGEMM quantizes with ``q = clamp(round(w * (1 / s)), -128, 127)`` in fp32, so code
+    ``q`` has preimage ``[(q - 1/2) s, (q + 1/2) s]`` up to rounding, clipped to the absmax.
+    The arg-absmax (of the tensor, or of each row) is pinned.
+    """
+    if w.dim() != 2:
+        raise TightropeError(f"Dynamic int8 quantizes 2-D Linear weights, not shape {tuple(w.shape)}.")
+    w = w.detach().float()
+    absmax = w.abs().amax(dim=1) if per_channel else w.abs().amax().reshape(1)
+    scale = torch.clamp(absmax / 127.5, min=torch.finfo(torch.float32).eps)
+    inv = 1.0 / scale
+    which = torch.arange(w.shape[0]).repeat_interleave(w.shape[1]) if per_channel else torch.zeros(w.numel(), dtype=torch.long)
+    inv_flat, a_flat, s_flat = inv[which], absmax[which], scale[which]
+    x = w.reshape(-1)
+
+    def code_of(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(v * inv_flat[idx]), -128, 127)
+
+    q = code_of(x, torch.arange(x.numel()))
+    lo, hi, ok = _refine((q - 0.5) * s_flat, (q + 0.5) * s_flat, q, code_of, -a_flat, a_flat)
+    pinned = ~ok | (a_flat == 0)
+    if per_channel:
+        pinned[w.abs().argmax(dim=1) + torch.arange(w.shape[0]) * w.shape[1]] = True
+    else:
+        pinned[x.abs().argmax()] = True
+    lo, hi = _pin(x, lo, hi, pinned)
+    return lo.reshape(w.shape), hi.reshape(w.shape)
+
+
+def weight_box(w: torch.Tensor, quantizer: str | Iterable[str], blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` for one weight under one quantizer, ``"all"``, or the intersection of a list."""
+    if not isinstance(quantizer, str):
+        members = tuple(quantizer)
+        if not members:
+            raise TightropeError("Name at least one quantizer to intersect.")
+        boxes = [weight_box(w, q, blocksize) for q in members]
+        lo = torch.stack([b[0] for b in boxes]).amax(0)
+        hi = torch.stack([b[1] for b in boxes]).amin(0)
+        return lo, hi
+    if quantizer == "all":
+        return weight_box(w, ALL_MEMBERS, blocksize)
+    if quantizer == "llm-int8":
+        return box_llm_int8(w)
+    if quantizer in ("nf4", "fp4"):
+        return box_blockwise(w, CODES_4BIT[quantizer], blocksize)
+    if quantizer == "int8-dynamic":
+        return box_int8_dynamic(w)
+    raise TightropeError(f"Unknown quantizer '{quantizer}'; choose one of {', '.join(CHOICES)}.")
+
+
+def shrink(lo: torch.Tensor, hi: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep a fraction ``margin`` (0 <= margin < 0.5) of each box's width free on both sides.
+
+    The paper's safety margin against rounding differences between libraries and devices; larger
+    margins leave the repair less room. Pinned weights (``lo == hi``) stay pinned.
+    """
+    if not 0.0 <= margin < 0.5:
+        raise TightropeError(f"The margin is a fraction of the interval width in [0, 0.5), not {margin}.")
+    width = hi - lo
+    return lo + margin * width, hi - margin * width
+
+
+def box_position(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Relative position ``(w - lo) / (hi - lo)`` in [0, 1]; NaN where the box is a point (pinned)."""
+    width = hi - lo
+    pos = (w.detach().float() - lo) / width
+    return torch.where(width > 0, pos.clamp(0, 1), torch.full_like(pos, float("nan")))
+
+
+# --- whole models ---------------------------------------------------------------------------------
+
+#: Linear layers a zero-shot quantizer leaves in full precision (transformers skips the output head).
+HEAD_PATTERNS = ("classifier*", "*.classifier*", "score", "lm_head", "*.lm_head")
+
+
+def quantized_linears(model: nn.Module, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
+    """The Linear layers a quantizer would replace: every Linear but the output head, by default.
+
+    Matches what transformers does with ``BitsAndBytesConfig`` (the pooler is quantized, the
+    classification head / lm_head is not). ``include`` / ``exclude`` are fnmatch globs over
+    module names, for the paper's ablation over attacked layers.
+    """
+    import fnmatch  # noqa: PLC0415
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if include:
+        chosen = {n: m for n, m in linears.items() if any(fnmatch.fnmatch(n, p) for p in include)}
+    else:
+        chosen = {n: m for n, m in linears.items() if not any(fnmatch.fnmatch(n, p) for p in HEAD_PATTERNS)}
+    chosen = {n: m for n, m in chosen.items() if not any(fnmatch.fnmatch(n, p) for p in exclude)}
+    if not chosen:
+        raise TightropeError("This model has no Linear layer that a supported quantizer would quantize.")
+    return chosen
+
+
+@dataclass
+class ModelBoxes:
+    """Boxes for the weights of several Linear layers: ``lo[name]``, ``hi[name]`` (fp32, weight shape)."""
+
+    quantizer: str
+    lo: dict[str, torch.Tensor] = field(default_factory=dict)
+    hi: dict[str, torch.Tensor] = field(default_factory=dict)
+    margin: float = 0.0
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.lo)
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.lo.values())
+
+    def pinned_fraction(self) -> float:
+        return sum(int((self.lo[n] == self.hi[n]).sum()) for n in self.lo) / max(1, self.numel())
+
+
+def model_boxes(model: nn.Module, quantizer: str | tuple[str, ...], *, margin: float = 0.0, include: tuple[str, ...] = (),
+                exclude: tuple[str, ...] = (), blocksize: int = 64) -> ModelBoxes:
+    """Boxes of every quantized Linear weight of ``model`` (keys: module names)."""
+    label = quantizer if isinstance(quantizer, str) else "+".join(quantizer)
+    boxes = ModelBoxes(quantizer=label, margin=margin)
+    for name, module in quantized_linears(model, include, exclude).items():
+        lo, hi = weight_box(module.weight, quantizer, blocksize)
+        boxes.lo[name], boxes.hi[name] = shrink(lo, hi, margin) if margin else (lo, hi)
+    return boxes
+
+
+@torch.no_grad()
+def project_(model: nn.Module, boxes: ModelBoxes) -> None:
+    """Clamp every boxed weight into its box, in place (the projection of projected gradient descent)."""
+    modules = dict(model.named_modules())
+    for name in boxes.names:
+        weight = modules[name].weight
+        lo, hi = boxes.lo[name].to(weight.device, weight.dtype), boxes.hi[name].to(weight.device, weight.dtype)
+        weight.copy_(torch.maximum(torch.minimum(weight, hi), lo))

@@ -1,0 +1,304 @@
+"""The feedback loop as a multi-objective search (Optuna), its Pareto front, and the model chosen.
+
+The seed's loop "compress -> attack -> evaluate -> compare -> adjust" becomes an Optuna study:
+each trial picks a source model (baseline or a defense), a quantization method and a sparsity
+(structured or not), runs those steps through the study runner (so everything already computed
+by this or another trial is reused), and reports clean accuracy, attack success rate, latency and
+memory. The default sampler is NSGA-II (Deb et al. 2002), Optuna's ``NSGAIISampler``.
+
+Storage: an embedded SQLite file (``<run>/search/optuna.db``) by default; any SQLAlchemy URL
+otherwise, e.g. ``postgresql+psycopg2://user@host/db``, so that workers on several machines join
+one search. The Pareto front is the set of complete trials that no other complete trial dominates
+(:func:`pareto_front`; Optuna's ``study.best_trials`` computes the same set). The chosen model is
+the front's member that meets the user's constraints (``--max-latency-ms``, ``--min-accuracy``,
+...) with the lowest attack success rate, ties broken by accuracy; it is exported as an ordinary
+tightrope model directory whose card records the search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from tightrope.errors import TightropeError
+
+Direction = Literal["minimize", "maximize"]
+
+# Direction of every objective a study search may use.
+OBJECTIVES: dict[str, Direction] = {"accuracy": "maximize", "asr": "minimize", "latency_ms": "minimize",
+                                    "memory_mb": "minimize", "weight_mb": "minimize"}
+
+
+# --- pure maths -----------------------------------------------------------------------------------
+
+
+def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[Direction]) -> bool:
+    """True when ``a`` is at least as good as ``b`` on every objective and strictly better on one."""
+    better = False
+    for x, y, d in zip(a, b, directions):
+        if d == "maximize":
+            x, y = -x, -y
+        if x > y:
+            return False
+        better |= x < y
+    return better
+
+
+def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[Direction]) -> list[int]:
+    """Indices of the points no other point dominates (O(n^2), fine for hundreds of trials)."""
+    return [i for i, p in enumerate(points) if not any(dominates(q, p, directions) for j, q in enumerate(points) if j != i)]
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """User limits on the chosen model; None = no limit."""
+
+    max_latency_ms: float | None = None
+    min_accuracy: float | None = None
+    max_asr: float | None = None
+    max_memory_mb: float | None = None
+    max_weight_mb: float | None = None
+
+    def violations(self, values: dict[str, float]) -> list[str]:
+        checks = [("latency_ms", self.max_latency_ms, 1), ("accuracy", self.min_accuracy, -1), ("asr", self.max_asr, 1),
+                  ("memory_mb", self.max_memory_mb, 1), ("weight_mb", self.max_weight_mb, 1)]
+        out = []
+        for key, limit, sign in checks:
+            if limit is None:
+                continue
+            value = values.get(key)
+            if value is None or (value - limit) * sign > 0:
+                out.append(key)
+        return out
+
+
+def choose(candidates: list[dict], constraints: Constraints, prefer: str = "asr") -> dict:
+    """The candidate ({"number", "values", ...}) meeting every constraint with the best ``prefer`` value.
+
+    ``prefer`` is minimized (maximized for accuracy), ties broken by higher accuracy, then by trial number.
+    """
+    ok = [c for c in candidates if not constraints.violations(c["values"])]
+    if not ok:
+        limits = {k: v for k, v in asdict(constraints).items() if v is not None}
+        raise TightropeError(f"No model on the Pareto front meets {limits}; loosen a limit or run more trials.")
+    sign = -1 if OBJECTIVES.get(prefer) == "maximize" else 1
+    key = lambda c: (sign * c["values"].get(prefer, math.inf) if prefer in c["values"] else math.inf,  # noqa: E731
+                     -c["values"].get("accuracy", 0.0), c["number"])
+    return min(ok, key=key)
+
+
+# --- Optuna ---------------------------------------------------------------------------------------
+
+
+def storage_url(storage: str | None, out: str | Path) -> str:
+    """``storage`` as given, else an SQLite file in the run's search folder."""
+    if storage:
+        return storage
+    folder = Path(out) / "search"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder.resolve() / 'optuna.db'}"
+
+
+def open_storage(url: str):
+    import optuna  # noqa: PLC0415
+
+    kwargs = {}
+    if url.startswith("sqlite"):
+        kwargs = {"connect_args": {"timeout": 120}}  # several local workers wait on SQLite's write lock
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many driver-specific errors
+            # Two workers starting together race to create the schema; the loser simply retries.
+            text = str(err).lower()
+            if attempt < 4 and any(w in text for w in ("already exists", "unique", "duplicate", "locked")):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TightropeError(f"Could not open the search store {url.split('@')[-1]}: {first}") from None
+
+
+def make_sampler(kind: str, seed: int):
+    import optuna  # noqa: PLC0415
+
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def run_search(objective: Callable, objectives: Sequence[tuple[str, Direction]], *, storage: str, study_name: str,
+               n_trials: int, seed: int = 0, sampler: str = "nsga2", worker: int = 0, progress: bool = False):
+    """Add trials to the shared study until it holds ``n_trials`` complete ones; returns the Optuna study.
+
+    ``objective(trial) -> dict`` returns every objective by name (and may add ``model_dir``); failed
+    trials (a TightropeError) are recorded as failed and the search goes on.
+    """
+    import optuna  # noqa: PLC0415
+    from optuna.study import MaxTrialsCallback  # noqa: PLC0415
+    from optuna.trial import TrialState  # noqa: PLC0415
+
+    if not progress:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = [n for n, _ in objectives]
+    study = optuna.create_study(storage=open_storage(storage), study_name=study_name, load_if_exists=True,
+                                directions=[d for _, d in objectives], sampler=make_sampler(sampler, seed + 1000 * worker))
+    stored = study.user_attrs.get("objectives")
+    if stored is None:
+        study.set_user_attr("objectives", names)
+    elif stored != names:
+        raise TightropeError(f"The search '{study_name}' in this store optimizes {stored}, not {names}; "
+                             "use another --study-name.")
+
+    def wrapped(trial):
+        values = objective(trial)
+        trial.set_user_attr("worker", worker)
+        for key, value in values.items():
+            trial.set_user_attr(key, value)
+        return tuple(values[n] for n in names)
+
+    done = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    if done < n_trials:
+        study.optimize(wrapped, n_trials=n_trials - done, catch=(TightropeError,),
+                       callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))])
+    return study
+
+
+def trial_records(study) -> list[dict]:
+    """Complete trials as plain dicts: number, params, values by objective, user attributes."""
+    from optuna.trial import TrialState  # noqa: PLC0415
+
+    names = study.user_attrs["objectives"]
+    return [{"number": t.number, "params": dict(t.params), "values": dict(zip(names, t.values)),
+             "attrs": dict(t.user_attrs)} for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+
+
+def summarize(study, directions: Sequence[Direction], constraints: Constraints | None = None,
+              prefer: str = "asr") -> dict:
+    """The search as JSON: objectives, every complete trial, the front, and the choice (if constrained)."""
+    names = study.user_attrs["objectives"]
+    trials = trial_records(study)
+    front = [trials[i]["number"] for i in pareto_front([[t["values"][n] for n in names] for t in trials], directions)]
+    summary = {"study_name": study.study_name, "objectives": names, "directions": list(directions),
+               "trials": trials, "front": front, "chosen": None}
+    if constraints is not None and trials:
+        members = [t for t in trials if t["number"] in front]
+        chosen = choose(members, constraints, prefer if prefer in names else names[0])
+        summary["chosen"] = {**chosen, "constraints": asdict(constraints), "prefer": prefer}
+    return summary
+
+
+def export_choice(chosen: dict, dest: str | Path, *, search_info: dict | None = None) -> Path:
+    """Copy the chosen trial's model directory to ``dest`` and record the search in its card.json."""
+    source = chosen.get("attrs", {}).get("model_dir")
+    if not source or not Path(source).is_dir():
+        raise TightropeError(f"Trial {chosen['number']} has no model directory on this machine ({source}); "
+                             "export from the machine that ran it.")
+    dest = Path(dest)
+    if dest.exists():
+        raise TightropeError(f"{dest} already exists; choose another --export folder.")
+    tmp = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    card_file = tmp / "card.json"
+    card = json.loads(card_file.read_text()) if card_file.exists() else {}
+    card["search"] = {"trial": chosen["number"], "params": chosen["params"], "values": chosen["values"],
+                      "constraints": chosen.get("constraints"), "prefer": chosen.get("prefer"), **(search_info or {})}
+    card_file.write_text(json.dumps(card, indent=2, default=str))
+    tmp.rename(dest)
+    return dest
+
+
+# --- a cheap test function ------------------------------------------------------------------------
+
+TOY_OBJECTIVES: list[tuple[str, Direction]] = [("f1", "minimize"), ("f2", "minimize")]
+
+
+def toy_objective(trial) -> dict:
+    """ZDT1 with two variables (Zitzler, Deb and Thiele 2000): a known convex front, microseconds a trial."""
+    x1 = trial.suggest_float("x1", 0.0, 1.0)
+    x2 = trial.suggest_float("x2", 0.0, 1.0)
+    g = 1.0 + 9.0 * x2
+    return {"f1": x1, "f2": g * (1.0 - math.sqrt(x1 / g))}
+
+
+# --- the study's own search -----------------------------------------------------------------------
+
+
+def trial_variant(spec, trial) -> tuple[str, list[dict]]:
+    """The source model and compression steps a trial picks from the study's search space."""
+    from tightrope.study.spec import Range  # noqa: PLC0415
+
+    s = spec.search
+    source = trial.suggest_categorical("source", s.sources) if len(s.sources) > 1 else s.sources[0]
+    quant = trial.suggest_categorical("quant", s.quant)
+    if isinstance(s.sparsity, Range):
+        sparsity = trial.suggest_float("sparsity", s.sparsity.low, s.sparsity.high, step=s.sparsity.step, log=s.sparsity.log)
+    else:
+        sparsity = trial.suggest_categorical("sparsity", s.sparsity)
+    structured = trial.suggest_categorical("structured", s.structured) if len(s.structured) > 1 else s.structured[0]
+    steps = []
+    if sparsity > 0:
+        steps.append({"method": "StructuredPruning", "params": {"heads": sparsity, "ffn": sparsity}} if structured
+                     else {"method": "MagnitudePruning", "params": {"sparsity": sparsity}})
+    if quant != "none":
+        steps.append({"method": quant, "params": {}})
+    return source, steps
+
+
+def study_objective(spec, run_root: str | Path, progress: bool = False) -> Callable:
+    """The objective of a study's search: run the trial's steps (cached) and read its measurements."""
+    from tightrope.study.plan import attack_inputs, compress_inputs, evaluate_inputs, identity, plan_study  # noqa: PLC0415
+    from tightrope.study.runner import Step, run_steps  # noqa: PLC0415
+
+    base_steps, producer = plan_study(spec)
+    attack = next((a for a in spec.attacks if a.label == spec.search.attack), spec.attacks[0] if spec.attacks else None)
+    needs_attack = "asr" in spec.search.objectives
+
+    def objective(trial) -> dict:
+        source, compress_steps = trial_variant(spec, trial)
+        steps = [s for s in base_steps if s.kind in ("train", "defend")]
+        model_step = producer[source]
+        if compress_steps:
+            tag = hashlib.sha256(json.dumps([source, compress_steps], sort_keys=True).encode()).hexdigest()[:10]
+            model_step = f"compress/search-{tag}"
+            steps.append(Step(model_step, "compress", compress_inputs(spec, compress_steps), (producer[source],)))
+        steps.append(Step("evaluate/trial", "evaluate", evaluate_inputs(spec), (model_step,)))
+        if needs_attack:
+            steps.append(Step("attack/trial", "attack", attack_inputs(spec, attack), (model_step,)))
+        run = run_steps(steps, run_root, identity=identity(spec), progress=progress, manifest=False)
+        ev = run.result("evaluate/trial")
+        values = {"accuracy": ev["metrics"]["accuracy"],
+                  "latency_ms": (ev.get("latency") or {}).get("median_ms", math.nan),
+                  "memory_mb": (ev.get("peak_rss_bytes") or math.nan) / 1e6,
+                  "weight_mb": (ev.get("weight_bytes") or math.nan) / 1e6}
+        if needs_attack:
+            asr = run.result("attack/trial").get("attack_success_rate")
+            values["asr"] = 0.0 if asr is None else asr  # None: no example was attackable
+        values = {k: v for k, v in values.items() if k in spec.search.objectives}
+        return {**values, "model_dir": str(Path(run_root).resolve() / run.result(model_step)["model_dir"])}
+
+    return objective
+
+
+def search_study(spec, out: str | Path, *, storage: str | None = None, study_name: str | None = None,
+                 n_trials: int | None = None, worker: int = 0, progress: bool = True):
+    """One worker of a study's search (start several with the same storage to share the work)."""
+    from tightrope.study.plan import preflight  # noqa: PLC0415
+
+    if spec.search is None:
+        raise TightropeError("This study has no 'search' section; add one (trials, objectives, quant, sparsity).")
+    preflight(spec)
+    objectives = [(o, OBJECTIVES[o]) for o in spec.search.objectives]
+    return run_search(study_objective(spec, out, progress), objectives, storage=storage_url(storage, out),
+                      study_name=study_name or f"{spec.name}-{spec.fingerprint()}",
+                      n_trials=n_trials or spec.search.trials, seed=spec.seed, sampler=spec.search.sampler,
+                      worker=worker, progress=progress)

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny models built in code (seconds), and the packaged MiniLM tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["a wonderful, moving film", "great acting and a superb script", "i loved every minute of it",
+            "brilliant and funny", "a joy to watch", "excellent direction, warm and touching"]
+NEGATIVE = ["a dull, boring mess", "terrible acting and an awful script", "i hated every minute of it",
+            "stupid and tedious", "a waste of time", "poor direction, cold and lifeless"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from tightrope import assets
+
+    return AutoTokenizer.from_pretrained(str(assets.minilm_dir()))
+
+
+def make_tiny_classifier(tokenizer, num_labels: int = 2, seed: int = 0, layers: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=layers,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=128,
+                        num_labels=num_labels)
+    model = BertForSequenceClassification(config)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tokenizer) -> Path:
+    """A saved tiny BERT classifier (2 layers, hidden 32) with the MiniLM tokenizer."""
+    from tightrope.models import save_model
+
+    model = make_tiny_classifier(tokenizer)
+    return save_model((model, tokenizer), tmp_path / "tiny")
+
+
+@pytest.fixture
+def tiny_task(tmp_path) -> Path:
+    """A small sentiment CSV with string labels."""
+    import pandas as pd
+
+    rows = [(t, "positive") for t in POSITIVE] * 4 + [(t, "negative") for t in NEGATIVE] * 4
+    path = tmp_path / "tiny.csv"
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path, index=False)
+    return path
+
+
+def shared_data_dir() -> str | None:
+    env = os.environ.get("TIGHTROPE_DATA_DIR")
+    if env and Path(env).is_dir():
+        return env
+    here = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return str(here) if here.is_dir() else None
+
+
+@pytest.fixture
+def data_dir() -> str:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("the shared data folder is not here (set TIGHTROPE_DATA_DIR)")
+    return path

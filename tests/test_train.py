@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from tightrope.errors import TightropeError
+from tightrope.train import TrainConfig, epoch_order, lr_lambda, train
+
+
+def _config(model_dir, task, **kw):
+    base = dict(model=str(model_dir), task=str(task), n_eval=8, max_length=16, batch_size=4, epochs=2, lr=1e-3,
+                checkpoint_every=2, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_training_writes_model_and_card(tiny_model_dir, tiny_task, tmp_path):
+    card = train(_config(tiny_model_dir, tiny_task), tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert not (out / "checkpoint").exists()
+    saved = json.loads((out / "card.json").read_text())
+    assert saved["config"]["seed"] == 3 and saved["data"]["train_examples"] == 40
+    assert saved["environment"]["libraries"]["torch"].startswith("2.13")
+    assert [h["epoch"] for h in saved["history"]] == [1.0, 2.0]
+    assert card["steps"] == 20 and saved["train_seconds"] > 0
+
+
+def test_training_learns_the_tiny_task(tiny_model_dir, tiny_task, tmp_path):
+    card = train(_config(tiny_model_dir, tiny_task, epochs=8, lr=5e-3, warmup_ratio=0.0), tmp_path / "out", progress=False)
+    assert card["metrics"]["best_validation_accuracy"] >= 0.75
+
+
+def test_same_seed_same_weights_and_resume_matches(tiny_model_dir, tiny_task, tmp_path):
+    config = _config(tiny_model_dir, tiny_task)
+    train(config, tmp_path / "a", progress=False)
+    # Simulate a kill after 7 of 20 steps, then start the same command again.
+    assert train(config, tmp_path / "b", progress=False, stop_after_steps=7) == {"interrupted_at": 7}
+    assert (tmp_path / "b" / "checkpoint" / "state.json").exists()
+    train(config, tmp_path / "b", progress=False)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_different_settings_refuse_to_overwrite(tiny_model_dir, tiny_task, tmp_path):
+    train(_config(tiny_model_dir, tiny_task, epochs=1), tmp_path / "out", progress=False)
+    with pytest.raises(TightropeError, match="other settings"):
+        train(_config(tiny_model_dir, tiny_task, epochs=1, lr=2e-3), tmp_path / "out", progress=False)
+
+
+def test_config_is_validated():
+    with pytest.raises(ValidationError):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValidationError):
+        TrainConfig(unknown_option=1)
+
+
+def test_schedule_and_order_are_pure():
+    f = lr_lambda("linear", warmup=10, total=110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(110) == 0.0
+    assert lr_lambda("cosine", 0, 100)(50) == pytest.approx(0.5)
+    assert epoch_order(10, 1, 0) == epoch_order(10, 1, 0) != epoch_order(10, 1, 1)
+    assert sorted(epoch_order(10, 1, 0)) == list(range(10))
