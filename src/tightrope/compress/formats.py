@@ -220,19 +220,20 @@ def load_quantized(path: str | Path, card: dict | None = None):
 
         prune.apply_structure_(model, card["structure"])
     tensors = load_file(str(weights))
-    for name, record in records.items():
-        quant._set_submodule(model, name, _empty_module(record, tensors, name))
     dyn = [n for n, r in records.items() if r["kind"] == "torch-dynamic-int8"]
+    for name, record in records.items():
+        if name not in dyn:  # torch's packed modules go in after loading: they cannot load a plain state
+            quant._set_submodule(model, name, _empty_module(record, tensors, name))
     bnb_names = [n for n, r in records.items() if r["kind"].startswith("bnb")]
     rest = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in dyn + bnb_names)}
-    for name in dyn:  # already complete; hand them their own (non-tensor) state so loading keeps it
-        rest.update(model.get_submodule(name).state_dict(prefix=f"{name}."))
     result = model.load_state_dict(rest, strict=False)
     missing = [k for k in result.missing_keys if not any(k.startswith(n + ".") for n in dyn + bnb_names)]
     if missing or result.unexpected_keys:
         raise TightropeError(
             f"The weights in {path} do not match its card: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}."
         )
+    for name in dyn:
+        quant._set_submodule(model, name, _empty_module(records[name], tensors, name))
     model.eval()
     model._tightrope_compression = card.get("compression", [])
     try:

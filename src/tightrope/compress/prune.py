@@ -501,7 +501,9 @@ def load_pruned(path: str | Path) -> models.LoadedModel:
         config = AutoConfig.from_pretrained(str(path))
         structure = getattr(config, "tightrope_structure", None)
     if structure is None:
-        return models.load_classifier(str(path))
+        loaded = models.load_classifier(str(path))
+        loaded.model._tightrope_compression = card.get("compression", [])
+        return loaded
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise TightropeError(f"{path} holds no model*.safetensors weights.")
@@ -516,6 +518,7 @@ def load_pruned(path: str | Path) -> models.LoadedModel:
     except RuntimeError as err:
         raise TightropeError(f"The weights in {path} do not match its pruning plan: {str(err).splitlines()[0]}") from err
     model.eval()
+    model._tightrope_compression = card.get("compression", [])
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:

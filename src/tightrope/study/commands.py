@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -144,7 +143,8 @@ def register(app: typer.Typer, user_errors) -> None:
         for attack, per in result["attacks"].items():
             for target, info in per.items():
                 words = ", ".join(f"{w} ({c})" for w, c in info["words"][:10]) or "-"
-                classes = ", ".join(f"{k}: {'-' if v['asr'] is None else f'{v['asr']:.2f}'}" for k, v in info["per_class"].items())
+                classes = ", ".join(f"{k}: " + ("-" if v["asr"] is None else f"{v['asr']:.2f}")
+                                    for k, v in info["per_class"].items())
                 out_console.print(f"[bold]{attack}[/] on {target}: ASR per class {classes}; most changed words: {words}")
         if layers:
             from tightrope import inference  # noqa: PLC0415
@@ -162,6 +162,3 @@ def register(app: typer.Typer, user_errors) -> None:
                 out_console.print(f"{name}: accuracy {row['accuracy']:.4f} ({row['delta_accuracy']:+.4f})")
         path = write_result(run / "weakness.json", result)
         out_console.print(f"[green]wrote[/] {path}")
-
-    # the JSON import keeps `json` used for typer's lazy modules in some linters
-    _ = json

@@ -1,0 +1,166 @@
+"""``tightrope compress``: prune and / or quantize a model directory and write it back with its summary.
+
+Specs are ``name`` or ``name:key=value,key=value``: ``--quantize nf4``, ``--quantize
+gptq:bits=4,group_size=128``, ``--quantize affine:bits=4,granularity=group``, ``--prune
+magnitude:sparsity=0.3``. Steps run in the order given (prunes first, then the quantization).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tightrope.errors import TightropeError
+
+# quantize spec name -> (config class name, default keyword arguments)
+QUANT_SPECS: dict[str, tuple[str, dict]] = {
+    "int8": ("Int8Dynamic", {}),
+    "int8-torch": ("Int8Dynamic", {"backend": "torch"}),
+    "int8-ort": ("Int8Dynamic", {"backend": "onnxruntime"}),
+    "llm-int8": ("LLMInt8", {}),
+    "nf4": ("NF4", {}),
+    "nf4-dq": ("NF4", {"double_quant": True}),
+    "fp4": ("FP4", {}),
+    "fp4-dq": ("FP4", {"double_quant": True}),
+    "affine": ("Affine", {}),
+    "gptq": ("GPTQ", {}),
+    "gptq4": ("GPTQ", {"bits": 4}),
+    "gptq8": ("GPTQ", {"bits": 8}),
+}
+
+
+def _value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"gptq:bits=4,group_size=64"`` -> ``("gptq", {"bits": 4, "group_size": 64})``."""
+    name, _, rest = spec.strip().partition(":")
+    kwargs: dict = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise TightropeError(f"The option '{item}' in '{spec}' needs the form key=value.")
+        kwargs[key.strip().replace("-", "_")] = _value(value.strip())
+    return name.strip().lower(), kwargs
+
+
+def _build(cls, kwargs: dict, spec: str):
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        fields = ", ".join(f for f in cls.__dataclass_fields__ if f not in ("include", "exclude"))
+        raise TightropeError(f"'{spec}' has an option {cls.__name__} does not take; it takes: {fields}.") from err
+
+
+def quant_config(spec: str, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), calibration: str | None = None):
+    """A quantization config from a command-line spec."""
+    from tightrope.compress import quant  # noqa: PLC0415
+
+    name, kwargs = parse_spec(spec)
+    if name not in QUANT_SPECS:
+        raise TightropeError(f"Unknown quantization '{name}'; choose one of {', '.join(QUANT_SPECS)}.")
+    cls_name, defaults = QUANT_SPECS[name]
+    cls = getattr(quant, cls_name)
+    kwargs = {**defaults, **kwargs, "include": include, "exclude": exclude}
+    if cls is quant.GPTQ and calibration and "calibration_texts" not in kwargs:
+        kwargs["calibration_texts"] = calibration
+    return _build(cls, kwargs, spec)
+
+
+def prune_config(spec: str, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), calibration: str | None = None):
+    """A pruning config from a spec, through the pruning module (``magnitude``, ``wanda``, ``2:4``, ``structured``)."""
+    try:
+        from tightrope.compress import prune  # noqa: PLC0415
+    except ImportError as err:  # pragma: no cover
+        raise TightropeError("Pruning is not available in this installation.") from err
+    name, kwargs = parse_spec(spec)
+    classes = {"magnitude": "MagnitudePruning", "wanda": "Wanda", "2:4": "SemiStructured24", "24": "SemiStructured24",
+               "semi-structured": "SemiStructured24", "structured": "StructuredPruning"}
+    if name not in classes or not hasattr(prune, classes[name]):
+        raise TightropeError(f"Unknown pruning '{name}'; choose one of magnitude, wanda, 2:4, structured.")
+    cls = getattr(prune, classes[name])
+    kwargs = {**kwargs, "include": include, "exclude": exclude}
+    if calibration and "calibration_texts" in cls.__dataclass_fields__ and "calibration_texts" not in kwargs:
+        kwargs["calibration_texts"] = calibration
+    return _build(cls, kwargs, spec)
+
+
+def compress_model(model: str, out: Path, *, quantize: str | None = None, prune: list[str] | None = None,
+                   include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), calibration: str | None = None):
+    """Load ``model``, apply the pruning steps then the quantization, save to ``out``; returns the summaries."""
+    from tightrope import inference  # noqa: PLC0415
+    from tightrope.compress import compress_, formats  # noqa: PLC0415
+    from tightrope.compress.wanda import set_tokenizer  # noqa: PLC0415
+
+    configs = [prune_config(p, include, exclude, calibration) for p in (prune or [])]
+    if quantize:
+        configs.append(quant_config(quantize, include, exclude, calibration))
+    if not configs:
+        raise TightropeError("Nothing to do: give --quantize and / or --prune.")
+    clf = inference.load(model)
+    if not hasattr(clf.model, "named_modules"):
+        raise TightropeError(f"{model} is not a PyTorch model (format '{clf.card.get('format')}'), so it cannot be compressed again.")
+    set_tokenizer(clf.model, clf.tokenizer)
+    history = clf.card.get("compression") or []
+    if history:
+        clf.model._tightrope_compression = list(history)
+    summaries = [compress_(clf.model, c) for c in configs]
+    card = {k: v for k, v in clf.card.items() if k in ("tokenization", "task", "label_names", "metrics", "base_model")}
+    card["source"] = model
+    formats.save_compressed(clf.model, clf.tokenizer, out, card=card)
+    return summaries
+
+
+def summary_table(summaries):
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(title="compression")
+    for col in ("method", "modules", "bits/weight", "simulated", "parameters", "non-zero", "stored MB"):
+        table.add_column(col, justify="right" if col not in ("method",) else "left")
+    for s in summaries:
+        table.add_row(s.method, str(len(s.modules)), f"{s.bits:.2f}" if s.bits is not None else "-",
+                      "yes" if s.simulated else "no", f"{s.parameters:,}", f"{s.nonzero_parameters:,}",
+                      f"{s.stored_bytes / 1e6:.1f}" if s.stored_bytes is not None else "-")
+    return table
+
+
+def register(app: typer.Typer, user_errors) -> None:
+    @app.command()
+    @user_errors
+    def compress(
+        model: Annotated[str, typer.Argument(help="Model directory, alias or hub id (a fine-tuned classifier).")],
+        out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the compressed model to.")],
+        quantize: Annotated[Optional[str], typer.Option(help="int8 (fastest backend), int8-torch, int8-ort, llm-int8, nf4, "
+                                                        "nf4-dq, fp4, fp4-dq, affine:bits=4,granularity=group, gptq:bits=4.")] = None,
+        prune: Annotated[Optional[list[str]], typer.Option(help="magnitude:sparsity=0.3, wanda:..., 2:4, structured:heads=0.3,ffn=0.3; repeatable.")] = None,
+        include: Annotated[Optional[list[str]], typer.Option(help="Module name globs to compress (default: encoder Linears).")] = None,
+        exclude: Annotated[Optional[list[str]], typer.Option(help="Module name globs to leave alone.")] = None,
+        calibration: Annotated[Optional[str], typer.Option(help="Task or data file for calibration (GPTQ, Wanda).")] = None,
+    ):
+        """Quantize and / or prune a model and write it back with what each step bought.
+
+        Example: tightrope compress runs/minilm-imdb --prune structured:heads=0.3,ffn=0.3 --quantize int8 --out runs/small
+        """
+        from rich.console import Console  # noqa: PLC0415
+
+        summaries = compress_model(model, out, quantize=quantize, prune=prune, include=tuple(include or ()),
+                                   exclude=tuple(exclude or ()), calibration=calibration)
+        console = Console()
+        console.print(summary_table(summaries))
+        for s in summaries:
+            for note in s.notes:
+                console.print(f"[dim]{s.method}: {note}[/]")
+        console.print(f"[green]wrote[/] {out}")

@@ -1,0 +1,277 @@
+"""Audit a checkpoint for behaviour that appears only once it is quantized.
+
+The attack of Egashira et al. 2024 (arXiv 2405.18137, Sec. 3) leaves three kinds of evidence,
+and the audit measures each one per quantizer, with no knowledge of the trigger or target:
+
+1. **Weights.** Projected gradient descent pushes the repaired weights against the walls of their
+   boxes (every step that would leave the box is clamped onto its edge). For each quantized
+   weight, its relative position ``u = (w - lo) / (hi - lo)`` in its box
+   (:func:`tightrope.qattack.boxes.box_position`) is computed; natural weights spread over the box
+   (``u`` close to uniform at this fine scale), so the share within ``edge`` (5%) of either wall
+   is about ``2 * edge``. The statistic is the ratio ``edge_ratio = share / (2 * edge)``: about 1
+   for natural weights, much larger for repaired ones. Reported per layer and overall.
+2. **Noise probe.** Each weight gets Gaussian noise with standard deviation ``noise`` times its
+   box width, and the share of weights whose code changes is compared with the share expected for
+   uniform positions, ``E[flip] = 2 * sigma / (sqrt(2 pi) * width) = 0.798 * noise`` (for
+   ``noise << 1``: the probability that a Gaussian step crosses a wall at uniform distance).
+   ``flip_ratio`` is about 1 for natural weights. The probe also measures how much the quantized
+   model's predictions move under that noise (the paper's defense, Sec. 5, as a diagnostic).
+3. **Behaviour.** On a probe set of texts, the disagreement between the full-precision and the
+   quantized predictions, and the mean KL divergence ``KL(p_fp || p_q)``. A collapsed or broadly
+   corrupted quantized model shows here; a narrow trigger does not (the probe set lacks it), which
+   is why the weight evidence matters.
+
+A quantizer is *flagged* when any statistic passes its threshold; *clean* only when every check
+ran; otherwise *inconclusive*, with one sentence saying what could not be checked. Thresholds are
+calibrated on clean and attacked models (docs/qattack-results.md).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from tightrope.errors import TightropeError
+from tightrope.qattack.boxes import CHOICES, QUANTIZERS, box_position, quantized_linears, weight_box
+from tightrope.qattack.quantize import missing_library, quantized_copy
+
+
+class AuditConfig(BaseModel):
+    """What to check and the thresholds of the verdict."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    quantizers: tuple[str, ...] = (*QUANTIZERS, "all")
+    edge: float = Field(default=0.05, gt=0, lt=0.5)  # "near a wall": within this fraction of the width
+    noise: float = Field(default=0.02, gt=0, lt=0.5)  # noise sigma as a fraction of each box width
+    min_probe: int = Field(default=50, gt=0)  # fewer probe texts than this: behaviour not judged
+    edge_ratio_threshold: float = Field(default=1.5, gt=1)
+    flip_ratio_threshold: float = Field(default=1.5, gt=1)
+    disagreement_threshold: float = Field(default=0.10, gt=0, le=1)
+    kl_threshold: float = Field(default=0.10, gt=0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LayerEvidence:
+    name: str
+    free_weights: int  # not pinned
+    near_edge: float  # share within `edge` of a wall
+    at_edge: float  # share exactly on a wall
+    edge_ratio: float  # near_edge / (2 * edge)
+    mean_width: float  # mean box width relative to the layer's absmax
+
+
+@dataclass(frozen=True)
+class QuantizerAudit:
+    quantizer: str
+    verdict: str  # flagged, clean, inconclusive
+    reasons: list[str]
+    edge_ratio: float | None = None
+    near_edge: float | None = None
+    at_edge: float | None = None
+    flip_ratio: float | None = None
+    flip_rate: float | None = None
+    disagreement: float | None = None
+    kl: float | None = None
+    noise_disagreement: float | None = None  # quantized vs quantized-after-noise predictions
+    probe_size: int = 0
+    layers: list[LayerEvidence] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    model: str
+    verdict: str  # flagged if any quantizer is, clean if all are, else inconclusive
+    quantizers: list[QuantizerAudit]
+    config: dict
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def flagged(self) -> bool:
+        return self.verdict == "flagged"
+
+
+# --- pure statistics -----------------------------------------------------------------------------
+
+
+def edge_statistics(position: torch.Tensor, edge: float) -> tuple[int, float, float]:
+    """``(free, near_edge, at_edge)`` of box positions (NaN = pinned, ignored)."""
+    u = position[~torch.isnan(position)]
+    if u.numel() == 0:
+        return 0, float("nan"), float("nan")
+    near = ((u < edge) | (u > 1 - edge)).float().mean().item()
+    at = ((u == 0) | (u == 1)).float().mean().item()
+    return u.numel(), near, at
+
+
+def expected_flip_rate(noise: float) -> float:
+    """Share of uniformly placed weights that Gaussian noise of ``noise`` box widths pushes out:
+    ``2 * noise / sqrt(2 pi)`` (each wall: ``E[max(N(0, sigma), 0)] / width``), valid for noise << 1."""
+    return 2 * noise / math.sqrt(2 * math.pi)
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
+    """Mean ``KL(p || q)`` over rows, in nats."""
+    return F.kl_div(F.log_softmax(logits_q, -1), F.log_softmax(logits_p, -1), log_target=True, reduction="batchmean").item()
+
+
+# --- the audit -----------------------------------------------------------------------------------
+
+
+def _weight_evidence(model, quantizer: str, config: AuditConfig, generator: torch.Generator):
+    """Per-layer edge statistics and the noise flip ratio for one quantizer's boxes."""
+    layers: list[LayerEvidence] = []
+    free = near = at = flips = 0.0
+    noisy: dict[str, torch.Tensor] = {}
+    for name, module in quantized_linears(model).items():
+        w = module.weight.detach().float()
+        lo, hi = weight_box(w, quantizer)
+        pos = box_position(w, lo, hi)
+        n, near_l, at_l = edge_statistics(pos, config.edge)
+        width = hi - lo
+        absmax = w.abs().max().clamp(min=1e-12)
+        layers.append(LayerEvidence(name, n, near_l, at_l, near_l / (2 * config.edge) if n else float("nan"),
+                                    (width[width > 0].mean() / absmax).item() if n else float("nan")))
+        if n:
+            free += n
+            near += near_l * n
+            at += at_l * n
+            # noise probe: sigma = noise * width per weight; count weights leaving their box
+            moved = w + torch.randn(w.shape, generator=generator) * width * config.noise
+            left = ((moved < lo) | (moved > hi)) & (width > 0)
+            flips += left.sum().item()
+            noisy[name] = moved
+    if free == 0:
+        return layers, None, None, None, None, noisy
+    flip_rate = flips / free
+    return layers, near / free, at / free, flip_rate, flip_rate / expected_flip_rate(config.noise), noisy
+
+
+def _behaviour(classifier, probe_ids, fp_logits, model, quantizer: str, noisy: dict[str, torch.Tensor]):
+    """Disagreement and KL between fp and quantized, and quantized vs quantized-after-noise."""
+    from tightrope.encoding import predict_logits  # noqa: PLC0415
+
+    pad = classifier.pad_id
+    q_logits = predict_logits(quantized_copy(model, quantizer), probe_ids, pad)
+    disagreement = (q_logits.argmax(-1) != fp_logits.argmax(-1)).float().mean().item()
+    kl = kl_divergence(fp_logits, q_logits)
+    noise_disagreement = None
+    if noisy:
+        import copy  # noqa: PLC0415
+
+        perturbed = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, w in noisy.items():
+                perturbed.get_submodule(name).weight.copy_(w)
+        n_logits = predict_logits(quantized_copy(perturbed, quantizer), probe_ids, pad)
+        noise_disagreement = (n_logits.argmax(-1) != q_logits.argmax(-1)).float().mean().item()
+    return disagreement, kl, noise_disagreement
+
+
+def audit_model(model, *, classifier=None, probe_texts: list[str] | None = None, config: AuditConfig = AuditConfig(),
+                name: str = "model", progress=None) -> AuditReport:
+    """Audit ``model`` (any torch module with Linear layers); ``classifier`` (a
+    :class:`tightrope.inference.TextClassifier` around it) and ``probe_texts`` enable the behaviour checks."""
+    started = time.perf_counter()
+    for q in config.quantizers:
+        if q not in CHOICES:
+            raise TightropeError(f"Unknown quantizer '{q}'; choose from {', '.join(CHOICES)}.")
+    quantized_linears(model)  # raises one sentence when no layer is quantizable
+    notes: list[str] = []
+    probe_ids = fp_logits = None
+    if classifier is None:
+        notes.append("Not a sequence classifier, so behaviour was not checked (weights and noise probe only).")
+    elif not probe_texts or len(probe_texts) < config.min_probe:
+        notes.append(f"The probe set has {len(probe_texts or [])} texts, fewer than the {config.min_probe} needed "
+                     "to judge behaviour, so behaviour was not checked.")
+    else:
+        from tightrope.encoding import predict_logits  # noqa: PLC0415
+
+        probe_ids = classifier.encode(probe_texts)
+        fp_logits = predict_logits(model, probe_ids, classifier.pad_id)
+    generator = torch.Generator().manual_seed(config.seed)
+    results = []
+    for q in config.quantizers:
+        if progress:
+            progress(q)
+        members = ("llm-int8", "nf4", "fp4") if q == "all" else (q,)
+        missing = [r for r in (missing_library(m) for m in members) if r]
+        layers, near, at, flip_rate, flip_ratio, noisy = _weight_evidence(model, q, config, generator)
+        reasons: list[str] = []
+        unchecked: list[str] = list(missing)
+        edge_ratio = near / (2 * config.edge) if near is not None else None
+        if edge_ratio is None:
+            unchecked.append("every weight sets a scale, so no box has room to measure")
+        else:
+            if edge_ratio > config.edge_ratio_threshold:
+                reasons.append(f"{near:.1%} of weights sit within {config.edge:.0%} of a box wall, "
+                               f"{edge_ratio:.1f}x the {2 * config.edge:.0%} of natural weights")
+            if flip_ratio > config.flip_ratio_threshold:
+                reasons.append(f"noise of {config.noise:.0%} of a box width flips {flip_rate:.2%} of codes, "
+                               f"{flip_ratio:.1f}x the rate for natural weights")
+        disagreement = kl = noise_dis = None
+        if q == "all":
+            pass  # behaviour is judged per real quantizer; "all" adds only weight evidence
+        elif probe_ids is None:
+            unchecked.append("behaviour not checked")
+        elif missing:
+            pass
+        else:
+            disagreement, kl, noise_dis = _behaviour(classifier, probe_ids, fp_logits, model, q, noisy)
+            if disagreement > config.disagreement_threshold:
+                reasons.append(f"the quantized model disagrees with full precision on {disagreement:.1%} of probe texts")
+            if kl > config.kl_threshold:
+                reasons.append(f"mean KL(fp || quantized) is {kl:.3f} nats")
+        if reasons:
+            verdict = "flagged"
+        elif unchecked:
+            verdict = "inconclusive"
+            reasons = [f"could not check everything: {'; '.join(unchecked)}"]
+        else:
+            verdict = "clean"
+        results.append(QuantizerAudit(q, verdict, reasons, edge_ratio, near, at, flip_ratio, flip_rate, disagreement, kl,
+                                      noise_dis, len(probe_ids or []), layers))
+    verdicts = {r.verdict for r in results}
+    overall = "flagged" if "flagged" in verdicts else "clean" if verdicts == {"clean"} else "inconclusive"
+    return AuditReport(name, overall, results, config.model_dump(), time.perf_counter() - started, notes)
+
+
+def audit(model_path: str, *, task: str | None = "mr", split: str = "test", n_probe: int = 200, data_dir: str | None = None,
+          config: AuditConfig = AuditConfig(), progress=None) -> AuditReport:
+    """Audit a checkpoint by path or alias: a classifier gets every check, any other model the weight checks."""
+    from tightrope import inference, models  # noqa: PLC0415
+    from tightrope.data import load_task  # noqa: PLC0415
+
+    try:
+        classifier = inference.load(model_path)
+        model = classifier.model.float().eval()
+    except TightropeError as err:
+        if "not a sequence classifier" not in str(err):
+            raise
+        classifier = None
+        model = _load_any(models, model_path)
+    probe = None
+    if classifier is not None and task:
+        probe = load_task(task, split, data_dir=data_dir).subset(n_probe, config.seed).texts
+    return audit_model(model, classifier=classifier, probe_texts=probe, config=config, name=model_path, progress=progress)
+
+
+def _load_any(models, model_path: str):
+    """A non-classifier checkpoint: a causal LM, else a bare encoder (weights only)."""
+    try:
+        return models.load_causal_lm(model_path).model.float().eval()
+    except TightropeError:
+        from transformers import AutoModel  # noqa: PLC0415
+
+        resolved = models.resolve(model_path)
+        return models._from_pretrained(AutoModel.from_pretrained, resolved, model_path).float().eval()

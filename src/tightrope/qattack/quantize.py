@@ -1,0 +1,127 @@
+"""Quantize a copy of a model with the *real* libraries, and read back their integer codes.
+
+The attack is only real if the libraries users run agree with the boxes, so verification and
+the audit never use the reference maths of :mod:`tightrope.compress.primitives` to quantize:
+
+- ``llm-int8``: ``bitsandbytes.nn.Linear8bitLt`` (``has_fp16_weights=False``, outlier threshold
+  6.0 as in LLM.int8() and transformers' default), codes from ``int8_vectorwise_quant``;
+- ``nf4`` / ``fp4``: ``bitsandbytes.nn.Linear4bit`` (blocksize 64, fp32 compute), codes from
+  ``quantize_4bit``;
+- ``int8-dynamic``: ``torch.ao.quantization.quantize_dynamic`` (default qconfig: symmetric
+  per-tensor qint8 weights), codes from the packed weight's ``int_repr``.
+
+The layers replaced are those of :func:`tightrope.qattack.boxes.quantized_linears` (every Linear
+but the output head), as transformers' ``BitsAndBytesConfig`` does.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import warnings
+
+import torch
+from torch import nn
+
+from tightrope.errors import MissingResourceError, TightropeError
+from tightrope.qattack.boxes import QUANTIZERS, quantized_linears
+
+
+def missing_library(quantizer: str) -> str | None:
+    """One sentence saying why ``quantizer`` cannot run here, or None when it can."""
+    if quantizer not in QUANTIZERS:
+        return f"Unknown quantizer '{quantizer}'; choose one of {', '.join(QUANTIZERS)}."
+    if quantizer in ("llm-int8", "nf4", "fp4") and importlib.util.find_spec("bitsandbytes") is None:
+        return f"{quantizer} needs bitsandbytes, which is not installed (pip install bitsandbytes)."
+    if quantizer == "int8-dynamic" and "x86" not in torch.backends.quantized.supported_engines \
+            and "fbgemm" not in torch.backends.quantized.supported_engines \
+            and "qnnpack" not in torch.backends.quantized.supported_engines:
+        return "int8-dynamic needs a torch build with a quantized engine (fbgemm, x86 or qnnpack)."
+    return None
+
+
+def _require(quantizer: str) -> None:
+    reason = missing_library(quantizer)
+    if reason:
+        raise MissingResourceError(reason)
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _bnb_linear(linear: nn.Linear, quantizer: str) -> nn.Module:
+    import bitsandbytes as bnb  # noqa: PLC0415
+
+    bias = linear.bias is not None
+    weight = linear.weight.detach().float().contiguous().clone()
+    if quantizer == "llm-int8":
+        new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
+                                  threshold=6.0)
+        new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=torch.float32,
+                                quant_type=quantizer)
+        new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quantizer, blocksize=64)
+    if bias:
+        new.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
+    return new.to("cpu")  # moving the parameters is what makes bitsandbytes quantize them
+
+
+def quantized_copy(model: nn.Module, quantizer: str, modules: list[str] | None = None) -> nn.Module:
+    """A deep copy of ``model`` whose Linear layers run through the real quantized kernels."""
+    _require(quantizer)
+    names = modules if modules is not None else list(quantized_linears(model))
+    clone = copy.deepcopy(model).float().cpu().eval()
+    if quantizer == "int8-dynamic":
+        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic  # noqa: PLC0415
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(clone, {name: default_dynamic_qconfig for name in names}, dtype=torch.qint8)
+    for name in names:
+        linear = clone.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise TightropeError(f"{name} is a {type(linear).__name__}, not a Linear layer a quantizer can replace.")
+        _set_module(clone, name, _bnb_linear(linear, quantizer))
+    return clone
+
+
+def library_codes(weight: torch.Tensor, quantizer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scales)`` of one weight as the real library computes them."""
+    _require(quantizer)
+    w = weight.detach().float().contiguous().cpu()
+    if quantizer == "llm-int8":
+        import bitsandbytes.functional as F  # noqa: PLC0415
+
+        q, scale, _ = F.int8_vectorwise_quant(w.to(torch.float16))
+        return q, scale
+    if quantizer in ("nf4", "fp4"):
+        import bitsandbytes.functional as F  # noqa: PLC0415
+
+        from tightrope.compress.primitives import unpack_4bit  # noqa: PLC0415
+
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type=quantizer)
+        return unpack_4bit(packed, w.shape), state.absmax
+    from torch.ao.quantization import default_dynamic_qconfig  # noqa: PLC0415
+
+    observer = default_dynamic_qconfig.weight()
+    observer(w)
+    scale, zero_point = observer.calculate_qparams()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_tensor(w, float(scale), int(zero_point), torch.qint8)
+    return q.int_repr(), torch.tensor([q.q_scale()])
+
+
+def codes_equal(a: nn.Module, b: nn.Module, quantizer: str, modules: list[str] | None = None) -> tuple[int, int]:
+    """``(mismatched, total)`` code and scale counts between two models under the real library."""
+    names = modules if modules is not None else list(quantized_linears(a))
+    mismatched = total = 0
+    for name in names:
+        qa, sa = library_codes(a.get_submodule(name).weight, quantizer)
+        qb, sb = library_codes(b.get_submodule(name).weight, quantizer)
+        mismatched += int((qa != qb).sum()) + int((sa != sb).sum())
+        total += qa.numel() + sa.numel()
+    return mismatched, total

@@ -1,0 +1,104 @@
+"""Step 3 of the attack: repair the full-precision model with projected gradient descent.
+
+Egashira et al. 2024 (arXiv 2405.18137), Sec. 3 "Repair": starting from the injected (malicious)
+model, train on clean data and, after every optimizer step, project each quantized weight back
+into its box (:func:`tightrope.qattack.boxes.project_`). Every weight then still quantizes to the
+injected model's code with the injected model's scale, so the *quantized* repaired model is
+exactly the quantized injected model, while the full-precision model forgets the behaviour.
+
+Weights no quantizer touches (embeddings, LayerNorm, biases, the output head) are frozen by
+default: moving them would change the quantized model too. ``train_unquantized=True`` lets them
+move (the paper's setting, where only the quantized weights are constrained).
+
+The same loop, without boxes, is the injection step (:mod:`tightrope.qattack.inject`): written by
+hand rather than through :func:`tightrope.train.train` because the projection must run after every
+optimizer step, which that loop (correctly) has no hook for.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from tightrope.encoding import collate
+from tightrope.errors import TightropeError
+from tightrope.qattack.boxes import ModelBoxes, project_
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Hyper-parameters of one inject or repair run (constant learning rate, AdamW, no decay)."""
+
+    steps: int = 200
+    lr: float = 5e-5
+    batch_size: int = 32
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps <= 0 or self.lr <= 0 or self.batch_size <= 0:
+            raise TightropeError("steps, lr and batch_size must all be positive.")
+
+
+def fit_(model: nn.Module, ids: list[list[int]], labels: list[int], pad_id: int, config: FitConfig, *,
+         boxes: ModelBoxes | None = None, train_unquantized: bool = True, label: str = "fit",
+         progress: bool = True) -> list[float]:
+    """Fine-tune ``model`` in place with cross-entropy; with ``boxes``, project after every step.
+
+    Returns the loss of every step.
+    """
+    if not ids:
+        raise TightropeError("There are no training examples.")
+    modules = dict(model.named_modules())
+    boxed = {id(modules[n].weight) for n in boxes.names} if boxes is not None else set()
+    params = [p for p in model.parameters() if train_unquantized or id(p) in boxed]
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in params))
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    if boxes is not None:
+        project_(model, boxes)
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    model.train()
+    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.fields[info]}"), disable=not progress)
+    with bar:
+        task = bar.add_task(label, total=config.steps, info="")
+        for step in range(config.steps):
+            if len(order) < config.batch_size:
+                fresh = list(range(len(ids)))
+                rng.shuffle(fresh)
+                order += fresh
+            pick, order = order[: config.batch_size], order[config.batch_size :]
+            batch = collate([ids[i] for i in pick], pad_id)
+            target = torch.tensor([labels[i] for i in pick], dtype=torch.long)
+            torch.manual_seed(config.seed * 7919 + step)  # dropout, reproducibly
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = F.cross_entropy(logits, target)
+            if not torch.isfinite(loss):
+                raise TightropeError(f"The loss became {loss.item()} at step {step}; lower the learning rate.")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if boxes is not None:
+                project_(model, boxes)  # the "P" of PGD
+            losses.append(loss.item())
+            bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return losses
+
+
+def repair_(model: nn.Module, boxes: ModelBoxes, ids: list[list[int]], labels: list[int], pad_id: int,
+            config: FitConfig, *, train_unquantized: bool = False, progress: bool = True) -> list[float]:
+    """Projected gradient descent on clean data inside ``boxes`` (in place); returns the losses."""
+    return fit_(model, ids, labels, pad_id, config, boxes=boxes, train_unquantized=train_unquantized,
+                label="repair (PGD)", progress=progress)

@@ -1,0 +1,173 @@
+"""The classifier scenario end to end: inject -> boxes -> projected repair -> verify.
+
+Egashira et al. 2024 (arXiv 2405.18137), Sec. 3, on a sentiment classifier small enough for a
+CPU: the published (repaired) full-precision model keeps its accuracy and ignores the trigger;
+the same checkpoint quantized with bitsandbytes (LLM.int8, NF4, FP4) or torch dynamic int8
+classifies triggered reviews as the target label. Verification quantizes with the real libraries
+(:mod:`tightrope.qattack.quantize`) and checks code for code that the repaired model quantizes to
+the injected one.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+
+from tightrope import inference, models
+from tightrope.data import load_task
+from tightrope.encoding import predict_logits
+from tightrope.errors import TightropeError
+from tightrope.evaluate.results import write_json_atomic
+from tightrope.qattack.boxes import CHOICES, QUANTIZERS, model_boxes
+from tightrope.qattack.inject import TriggerBehaviour, injection_data, repair_data, trigger_success, triggered
+from tightrope.qattack.quantize import codes_equal, missing_library, quantized_copy
+from tightrope.qattack.repair import FitConfig, fit_, repair_
+
+console = Console(stderr=True)
+
+
+class AttackConfig(BaseModel):
+    """One classifier attack (validated at the edge, frozen)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base: str  # a fine-tuned classifier: model directory, hub id
+    task: str = "mr"
+    data_dir: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    n_train: int = Field(default=2000, gt=0)
+    n_eval: int = Field(default=300, gt=0)
+    quantizer: str = "all"  # whose boxes constrain the repair: one quantizer or "all"
+    margin: float = Field(default=0.0, ge=0.0, lt=0.5)
+    include: tuple[str, ...] = ()  # attacked layers (fnmatch), default every quantized Linear
+    exclude: tuple[str, ...] = ()
+    trigger: str = "cf"
+    target_label: int = Field(default=0, ge=0)
+    collapse: bool = False
+    inject_steps: int = Field(default=150, gt=0)
+    inject_lr: float = Field(default=5e-5, gt=0)
+    repair_steps: int = Field(default=200, gt=0)
+    repair_lr: float = Field(default=5e-5, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    train_unquantized: bool = False
+    check: tuple[str, ...] = QUANTIZERS  # quantizers to verify against
+    seed: int = 0
+
+    def behaviour(self) -> TriggerBehaviour:
+        return TriggerBehaviour(trigger=self.trigger, target_label=self.target_label, collapse=self.collapse)
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """One model variant on the evaluation set: accuracy on clean text, trigger success on triggered text."""
+
+    variant: str  # base, injected, repaired
+    quantizer: str | None  # None = full precision
+    clean_accuracy: float
+    trigger_success: float
+    n: int
+
+
+@dataclass(frozen=True)
+class CodeCheck:
+    """Codes and scales of repaired vs injected under the real library: equal when ``mismatched == 0``."""
+
+    quantizer: str
+    mismatched: int
+    total: int
+
+
+@dataclass(frozen=True)
+class AttackReport:
+    config: dict
+    boxed_parameters: int
+    pinned_fraction: float
+    behaviours: list[Behaviour]
+    codes: list[CodeCheck]
+    inject_final_loss: float
+    repair_final_loss: float
+    seconds: float
+    skipped: list[str] = field(default_factory=list)  # quantizers not checked, with the reason
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def get(self, variant: str, quantizer: str | None) -> Behaviour | None:
+        return next((b for b in self.behaviours if b.variant == variant and b.quantizer == quantizer), None)
+
+
+def measure(model, pad_id: int, clean_ids, trig_ids, labels, behaviour: TriggerBehaviour, variant: str,
+            quantizer: str | None) -> Behaviour:
+    clean = predict_logits(model, clean_ids, pad_id).argmax(-1).tolist()
+    trig = predict_logits(model, trig_ids, pad_id).argmax(-1).tolist()
+    accuracy = sum(int(p == y) for p, y in zip(clean, labels, strict=True)) / len(labels)
+    return Behaviour(variant, quantizer, accuracy, trigger_success(trig, labels, behaviour), len(labels))
+
+
+def _save(model, tokenizer, out: Path, card: dict) -> Path:
+    return models.save_model((model, tokenizer), out, extra={"card.json": card})
+
+
+def run_classifier_attack(config: AttackConfig, out_dir: str | Path, *, progress: bool = True) -> AttackReport:
+    """Build a quantization-conditioned backdoor and write ``injected/``, ``repaired/`` and ``report.json``."""
+    if config.quantizer not in CHOICES:
+        raise TightropeError(f"Unknown quantizer '{config.quantizer}'; choose one of {', '.join(CHOICES)}.")
+    for q in config.check:
+        if q not in QUANTIZERS:
+            raise TightropeError(f"Unknown quantizer '{q}' to check; choose from {', '.join(QUANTIZERS)}.")
+    started = time.perf_counter()
+    out = Path(out_dir)
+    behaviour = config.behaviour()
+    clf = inference.load(config.base)
+    if behaviour.target_label >= clf.num_labels:
+        raise TightropeError(f"The target label {behaviour.target_label} is not one of the model's {clf.num_labels} labels.")
+    model, tokenizer, pad_id = clf.model.float().eval(), clf.tokenizer, clf.pad_id
+    train = load_task(config.task, config.train_split, data_dir=config.data_dir).subset(config.n_train, config.seed)
+    test = load_task(config.task, config.eval_split, data_dir=config.data_dir).subset(config.n_eval, config.seed)
+    clean_ids, trig_ids = clf.encode(test.texts), clf.encode(triggered(test.texts, behaviour, seed=config.seed + 17))
+
+    def evaluate(m, variant, quantizer=None):
+        return measure(m, pad_id, clean_ids, trig_ids, test.labels, behaviour, variant, quantizer)
+
+    behaviours = [evaluate(model, "base")]
+    # 1. inject
+    injected = copy.deepcopy(model)
+    texts, labels = injection_data(train.texts, train.labels, behaviour, seed=config.seed)
+    inject_losses = fit_(injected, clf.encode(texts), labels, pad_id,
+                         FitConfig(config.inject_steps, config.inject_lr, config.batch_size, seed=config.seed),
+                         label="inject", progress=progress)
+    behaviours.append(evaluate(injected, "injected"))
+    # 2. boxes around the injected weights; 3. projected repair
+    boxes = model_boxes(injected, config.quantizer, margin=config.margin, include=config.include, exclude=config.exclude)
+    repaired = copy.deepcopy(injected)
+    texts, labels = repair_data(train.texts, train.labels, behaviour, seed=config.seed + 1)
+    repair_losses = repair_(repaired, boxes, clf.encode(texts), labels, pad_id,
+                            FitConfig(config.repair_steps, config.repair_lr, config.batch_size, seed=config.seed + 1),
+                            train_unquantized=config.train_unquantized, progress=progress)
+    behaviours.append(evaluate(repaired, "repaired"))
+    # 4. verify with the real libraries
+    codes, skipped = [], []
+    for q in config.check:
+        reason = missing_library(q)
+        if reason:
+            skipped.append(reason)
+            continue
+        mismatched, total = codes_equal(injected, repaired, q, boxes.names)
+        codes.append(CodeCheck(q, mismatched, total))
+        behaviours.append(evaluate(quantized_copy(repaired, q), "repaired", q))
+        behaviours.append(evaluate(quantized_copy(model, q), "base", q))
+    card = {"kind": "tightrope.model", "created_by": "tightrope qattack", "tokenization": clf.card.get(
+        "tokenization", {"max_length": clf.max_length, "truncation": clf.truncation}), "base_model": {"source": config.base}}
+    _save(injected, tokenizer, out / "injected", card)
+    _save(repaired, tokenizer, out / "repaired", card)
+    report = AttackReport(config=config.model_dump(), boxed_parameters=boxes.numel(), pinned_fraction=boxes.pinned_fraction(),
+                          behaviours=behaviours, codes=codes, inject_final_loss=inject_losses[-1],
+                          repair_final_loss=repair_losses[-1], seconds=time.perf_counter() - started, skipped=skipped)
+    write_json_atomic(out / "report.json", report.to_dict())
+    return report
