@@ -45,6 +45,19 @@ def make_tiny_mpnet(tokenizer, seed: int = 0):
     return model
 
 
+def make_tiny_roberta(tokenizer, seed: int = 0):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = RobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=130, num_labels=2)
+    return RobertaForSequenceClassification(config).eval()
+
+
+MAKERS = pytest.mark.parametrize("maker", [make_tiny_classifier, make_tiny_mpnet, make_tiny_roberta],
+                                 ids=["bert", "mpnet", "roberta"])
+
+
 def encoder_linears(model) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layer." in n}
 
@@ -160,7 +173,7 @@ def expected_removed(hidden: int, head_size: int, heads_removed: int, ffn_remove
     return layers * (attention + ffn)
 
 
-@pytest.mark.parametrize("maker", [make_tiny_classifier, make_tiny_mpnet], ids=["bert", "mpnet"])
+@MAKERS
 def test_structured_pruning_shrinks_by_the_expected_count(tokenizer, maker):
     model = maker(tokenizer)
     inputs = batch(tokenizer)
@@ -172,7 +185,7 @@ def test_structured_pruning_shrinks_by_the_expected_count(tokenizer, maker):
     assert [len(layer["heads"]) for layer in plan] == [2, 2] and [layer["ffn"] for layer in plan] == [48, 48]
 
 
-@pytest.mark.parametrize("maker", [make_tiny_classifier, make_tiny_mpnet], ids=["bert", "mpnet"])
+@MAKERS
 @pytest.mark.parametrize("criterion", ["magnitude", "taylor"])
 def test_removing_units_equals_silencing_them(tokenizer, maker, criterion):
     """A pruned head or neuron contributes nothing: zeroing its output columns in the full model is the same."""
@@ -181,7 +194,7 @@ def test_removing_units_equals_silencing_them(tokenizer, maker, criterion):
     set_tokenizer(model, tokenizer)
     inputs = batch(tokenizer)
     compress_(model, StructuredPruning(heads=0.3, ffn=0.3, criterion=criterion, calibration_texts=TEXTS, n_calibration=4))
-    attention_out = "attention.output.dense" if model.config.model_type == "bert" else "attention.attn.o"
+    attention_out = "attention.attn.o" if model.config.model_type == "mpnet" else "attention.output.dense"
     pairs = zip(reference.base_model.encoder.layer, model.base_model.encoder.layer, model.config.tightrope_structure["layers"])
     with torch.no_grad():
         for full, pruned, plan in pairs:
@@ -296,6 +309,10 @@ def test_unsupported_architecture_and_widths(tokenizer):
     gpt2 = GPT2ForSequenceClassification(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, num_labels=2))
     with pytest.raises(TightropeError, match="Structured pruning supports"):
         compress_(gpt2, StructuredPruning(heads=0.3))
+    quantized = make_tiny_classifier(tokenizer)
+    quantized.bert.encoder.layer[0].intermediate.dense = nn.Identity()  # stands in for a quantized module
+    with pytest.raises(TightropeError, match="prune before quantizing"):
+        compress_(quantized, StructuredPruning(heads=0.3))
     odd = nn.Sequential(nn.Linear(6, 4))
     with pytest.raises(TightropeError, match="divisible by 4"):
         compress_(odd, SemiStructured24())

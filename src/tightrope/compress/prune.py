@@ -438,6 +438,9 @@ def apply_structure_(model: nn.Module, structure: dict) -> nn.Module:
 def _structured(model: nn.Module, config: StructuredPruning) -> CompressionSummary:
     layout = layout_of(model)
     all_layers = list(encoder_layers(model))
+    paths = [f"{layout.attention}.{n}" for n in layout.qkv] + [layout.attention_out, layout.ffn_in, layout.ffn_out]
+    if not all(type(layer.get_submodule(p)) is nn.Linear for layer in all_layers for p in paths):
+        raise TightropeError("Structured pruning needs plain Linear layers; prune before quantizing, not after.")
     chosen = select_modules(model, config, kinds=(type(all_layers[0]),))
     index = {id(layer): i for i, layer in enumerate(all_layers)}
     picked = sorted(index[id(m)] for m in chosen.values())

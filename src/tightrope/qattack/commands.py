@@ -35,11 +35,11 @@ def attack_table(report) -> Table:
 
 def audit_table(report) -> Table:
     table = Table(title=f"audit of {report.model}: {report.verdict.upper()}")
-    for col in ("quantizer", "verdict", "near-edge ratio", "noise flip ratio", "disagreement", "KL", "noise disagr.", "evidence"):
+    for col in ("quantizer", "verdict", "near-edge ratio", "peak ratio", "noise flip ratio", "disagreement", "KL", "noise disagr.", "evidence"):
         table.add_column(col)
     colour = {"flagged": "red", "clean": "green", "inconclusive": "yellow"}
     for q in report.quantizers:
-        table.add_row(q.quantizer, f"[{colour[q.verdict]}]{q.verdict}[/]", _num(q.edge_ratio), _num(q.flip_ratio),
+        table.add_row(q.quantizer, f"[{colour[q.verdict]}]{q.verdict}[/]", _num(q.edge_ratio), _num(q.peak_ratio), _num(q.flip_ratio),
                       _pct(q.disagreement), _num(q.kl, ".4f"), _pct(q.noise_disagreement), "; ".join(q.reasons) or "-")
     return table
 

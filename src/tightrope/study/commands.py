@@ -77,6 +77,10 @@ def register(app: typer.Typer, user_errors) -> None:
             raise TightropeError(f"{study} has no 'search' section; add one (trials, objectives, quant, sparsity).")
         if workers < 1:
             raise TightropeError("--workers must be at least 1.")
+        from tightrope.study.plan import identity  # noqa: PLC0415
+        from tightrope.study.runner import claim_run_dir  # noqa: PLC0415
+
+        claim_run_dir(out, identity(spec))  # before the SQLite file is created inside it
         url = storage_url(storage, out)
         name = study_name or f"{spec.name}-{spec.fingerprint()}"
         if workers == 1:

@@ -292,11 +292,17 @@ def study_objective(spec, run_root: str | Path, progress: bool = False) -> Calla
 def search_study(spec, out: str | Path, *, storage: str | None = None, study_name: str | None = None,
                  n_trials: int | None = None, worker: int = 0, progress: bool = True):
     """One worker of a study's search (start several with the same storage to share the work)."""
-    from tightrope.study.plan import preflight  # noqa: PLC0415
+    from tightrope.study.plan import identity, preflight  # noqa: PLC0415
+    from tightrope.study.runner import claim_run_dir  # noqa: PLC0415
+    from tightrope.study.steps import compression_config  # noqa: PLC0415
 
     if spec.search is None:
         raise TightropeError("This study has no 'search' section; add one (trials, objectives, quant, sparsity).")
     preflight(spec)
+    for i, method in enumerate(spec.search.quant):
+        if method != "none":
+            compression_config(method, {}, f"search.quant.{i}")
+    claim_run_dir(Path(out), identity(spec))
     objectives = [(o, OBJECTIVES[o]) for o in spec.search.objectives]
     return run_search(study_objective(spec, out, progress), objectives, storage=storage_url(storage, out),
                       study_name=study_name or f"{spec.name}-{spec.fingerprint()}",

@@ -1,0 +1,191 @@
+"""tightrope's DeepWordBug against TextAttack 0.3.11's DeepWordBug, same model, same examples, same constraints.
+
+TextAttack is installed for this benchmark only, in a throwaway virtual environment that reuses this
+project's torch and transformers and never changes them::
+
+    python -m venv /tmp/ta-venv
+    echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/ta-venv/lib/python3.11/site-packages/zz_main.pth
+    /tmp/ta-venv/bin/pip install --no-deps textattack==0.3.11 jieba lru-dict levenshtein rapidfuzz langdetect \
+        editdistance num2words word2number more-itertools terminaltables lemminflect pinyin OpenHowNet
+    # TextAttack imports flair at start-up; DeepWordBug never calls it, so a three-file stub stands in:
+    # see write_flair_stub() below (python benchmarks/attacks.py --write-flair-stub /tmp/ta-venv).
+
+Run (first N sentences of the split, padded to 128 tokens on the TextAttack side as in the issue's
+reference measurement):
+
+    python benchmarks/attacks.py --model runs/minilm-sst2 --task sst2 --split test --n 100 \
+        --textattack-python /tmp/ta-venv/bin/python --json docs/bench-attacks.json
+
+Both sides run the same composition: goal untargeted classification; RepeatModification; the same
+stopword list (TextFooler's, passed to TextAttack's StopwordModification, whose default needs NLTK's
+stopword corpus, which is not installed offline); Levenshtein distance <= 30 (tightrope counts it per
+word, an upper bound of TextAttack's whole-text distance, so never looser); four random character edits
+per word; greedy search by "[UNK]" replacement importance. Each side runs in its own process, one after
+the other, with the same torch thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+TEXTATTACK_SCRIPT = textwrap.dedent(r"""
+    import json, sys, time
+    import torch, transformers
+    torch.set_num_threads(int(sys.argv[3]))
+    import textattack
+    from textattack import Attack, AttackArgs, Attacker
+    from textattack.attack_results import FailedAttackResult, SkippedAttackResult, SuccessfulAttackResult
+    from textattack.constraints.overlap import LevenshteinEditDistance
+    from textattack.constraints.pre_transformation import RepeatModification, StopwordModification
+    from textattack.goal_functions import UntargetedClassification
+    from textattack.search_methods import GreedyWordSwapWIR
+    from textattack.transformations import (CompositeTransformation, WordSwapNeighboringCharacterSwap,
+        WordSwapRandomCharacterDeletion, WordSwapRandomCharacterInsertion, WordSwapRandomCharacterSubstitution)
+
+    spec = json.load(open(sys.argv[1]))
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(spec["model"], use_safetensors=True).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(spec["model"])
+    tokenizer.model_max_length = spec["max_length"]  # TextAttack pads every input to this length
+    wrapper = textattack.models.wrappers.HuggingFaceModelWrapper(model, tokenizer)
+    # DeepWordBugGao2018.build, with the stopword list given explicitly (see the module docstring)
+    transformation = CompositeTransformation([WordSwapNeighboringCharacterSwap(), WordSwapRandomCharacterSubstitution(),
+        WordSwapRandomCharacterDeletion(), WordSwapRandomCharacterInsertion()])
+    constraints = [RepeatModification(), StopwordModification(stopwords=spec["stopwords"]), LevenshteinEditDistance(30)]
+    attack = Attack(UntargetedClassification(wrapper), constraints, transformation, GreedyWordSwapWIR(wir_method="unk"))
+    dataset = textattack.datasets.Dataset(list(zip(spec["texts"], spec["labels"])))
+    args = AttackArgs(num_examples=len(spec["texts"]), random_seed=spec["seed"], disable_stdout=True, silent=True)
+    start = time.perf_counter()
+    results = Attacker(attack, dataset, args).attack_dataset()
+    seconds = time.perf_counter() - start
+    out = []
+    for r in results:
+        status = ("succeeded" if isinstance(r, SuccessfulAttackResult) else
+                  "skipped" if isinstance(r, SkippedAttackResult) else "failed")
+        orig, pert = r.original_result.attacked_text, r.perturbed_result.attacked_text
+        changed = len(orig.all_words_diff(pert)) if status == "succeeded" else 0
+        out.append({"status": status, "queries": r.perturbed_result.num_queries, "words": len(orig.words),
+                    "perturbed": changed})
+    json.dump({"seconds": seconds, "results": out}, open(sys.argv[2], "w"))
+""")
+
+FLAIR_STUB = {
+    "__init__.py": "import torch\ndevice = torch.device('cpu')\nfrom . import data, models  # noqa\n",
+    "data.py": "class Tokenizer:\n    pass\n\n\nclass Sentence:\n    def __init__(self, *a, **k):\n"
+               "        raise ImportError('flair is stubbed for the benchmark')\n",
+    "models.py": "class SequenceTagger:\n    @staticmethod\n    def load(*a, **k):\n"
+                 "        raise ImportError('flair is stubbed for the benchmark')\n",
+}
+
+
+def write_flair_stub(venv: Path) -> None:
+    site = next(venv.glob("lib/python3*/site-packages"))
+    (site / "flair").mkdir(exist_ok=True)
+    for name, body in FLAIR_STUB.items():
+        (site / "flair" / name).write_text(body)
+
+
+def metrics(statuses: list[str], queries: list[int], shares: list[float], seconds: float) -> dict:
+    """TextAttack's definitions (see tightrope.attacks.results)."""
+    won, lost, skipped = (statuses.count(s) for s in ("succeeded", "failed", "skipped"))
+    attacked = [q for s, q in zip(statuses, queries) if s != "skipped"]
+    wins = [p for s, p in zip(statuses, shares) if s == "succeeded"]
+    return {"examples": len(statuses), "succeeded": won, "failed": lost, "skipped": skipped,
+            "original_accuracy": (len(statuses) - skipped) / len(statuses),
+            "attack_success_rate": won / (won + lost) if won + lost else None,
+            "average_queries": sum(attacked) / len(attacked) if attacked else None,
+            "average_perturbed_share": sum(wins) / len(wins) if wins else None,
+            "seconds": seconds, "examples_per_minute": 60 * len(statuses) / seconds}
+
+
+def run_tightrope(model: str, data, seed: int, max_length: int) -> dict:
+    from tightrope import inference
+    from tightrope.attacks import recipes
+
+    victim = inference.load(model, max_length=max_length)
+    attack = recipes.deepwordbug(victim)
+    start = time.perf_counter()
+    results = [attack.attack_one(victim, t, y, index=i, seed=seed, victim=model)
+               for i, (t, y) in enumerate(zip(data.texts, data.labels))]
+    seconds = time.perf_counter() - start
+    return metrics([r.status for r in results], [r.queries for r in results],
+                   [r.perturbed_share for r in results], seconds)
+
+
+def run_textattack(python: str, model: str, data, seed: int, max_length: int, threads: int) -> dict:
+    from tightrope import models
+    from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS
+
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"tightrope-bench-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {"model": models.resolve(model), "texts": data.texts, "labels": data.labels, "seed": seed,
+            "max_length": max_length, "stopwords": sorted(TEXTFOOLER_STOPWORDS)}
+    (work / "spec.json").write_text(json.dumps(spec))
+    (work / "run.py").write_text(TEXTATTACK_SCRIPT)
+    env = {**os.environ, "TA_DISABLE_NLTK_DOWNLOAD": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([python, str(work / "run.py"), str(work / "spec.json"), str(work / "out.json"), str(threads)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"TextAttack failed:\n{proc.stderr[-3000:]}")
+    out = json.loads((work / "out.json").read_text())
+    rows = out["results"]
+    return metrics([r["status"] for r in rows], [r["queries"] for r in rows],
+                   [r["perturbed"] / r["words"] if r["words"] else 0.0 for r in rows], out["seconds"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="model directory (a fine-tuned classifier)")
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--n", type=int, default=100, help="the first N examples of the split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--textattack-python", default="/tmp/ta-venv/bin/python")
+    parser.add_argument("--skip-textattack", action="store_true")
+    parser.add_argument("--write-flair-stub", type=Path, metavar="VENV", help="write the flair stub into VENV and exit")
+    parser.add_argument("--json", type=Path, help="write the table as JSON here")
+    args = parser.parse_args()
+    if args.write_flair_stub:
+        write_flair_stub(args.write_flair_stub)
+        return
+    if not args.model:
+        parser.error("--model is required")
+
+    import torch
+
+    from tightrope.data import TaskData, load_task
+
+    torch.set_num_threads(args.threads)
+    full = load_task(args.task, args.split)
+    data = TaskData(full.name, full.split, full.texts[: args.n], full.labels[: args.n], full.label_names)
+    rows = {"tightrope": run_tightrope(args.model, data, args.seed, args.max_length)}
+    if not args.skip_textattack:
+        rows["textattack-0.3.11"] = run_textattack(args.textattack_python, args.model, data, args.seed,
+                                                   args.max_length, args.threads)
+    setup = {"model": args.model, "task": f"{args.task}:{args.split}", "examples": len(data), "threads": args.threads,
+             "max_length": args.max_length, "recipe": "deepwordbug", "torch": torch.__version__}
+    print(f"DeepWordBug, {setup['task']} first {len(data)}, {args.threads} threads, max length {args.max_length}")
+    print(f"{'implementation':<20}{'ex/min':>9}{'ASR':>8}{'queries':>9}{'perturbed':>11}{'orig acc':>10}")
+    for name, m in rows.items():
+        asr = "-" if m["attack_success_rate"] is None else f"{m['attack_success_rate']:.1%}"
+        q = "-" if m["average_queries"] is None else f"{m['average_queries']:.1f}"
+        p = "-" if m["average_perturbed_share"] is None else f"{m['average_perturbed_share']:.1%}"
+        print(f"{name:<20}{m['examples_per_minute']:>9.1f}{asr:>8}{q:>9}{p:>11}{m['original_accuracy']:>10.1%}")
+    if len(rows) == 2:
+        ours, peer = rows["tightrope"], rows["textattack-0.3.11"]
+        print(f"speed-up: {ours['examples_per_minute'] / peer['examples_per_minute']:.2f}x")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Issue 4's acceptance table: every compression variant of one fine-tuned model, side by side, in one run.
+
+    python benchmarks/compression.py MODEL_DIR --task imdb --n 500 --out runs/bench-compression
+
+Each tightrope variant is compressed, saved, reloaded from disk and evaluated (accuracy, F1, stored
+MB, parameters total / non-zero, latency at batch 1 x 256 (median, p95), throughput at batch
+32 x 128, peak RSS in a fresh process). Peers run in memory on the same code path: torch's own
+``quantize_dynamic``, torchao int8 weight-only and ONNX Runtime's dynamic int8 used directly.
+Writes OUT/compression.json and a Markdown fragment (command + machine) to
+docs/benchmarks-compression.md. Unstructured sparsity does not make dense products faster; the
+table says so by measuring it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tightrope import inference
+from tightrope.compress import FP4, GPTQ, NF4, Int8Dynamic, LLMInt8, compress_, formats
+from tightrope.compress.wanda import set_tokenizer
+from tightrope.evaluate.results import write_json_atomic
+from tightrope.evaluate.run import evaluate_model
+
+
+def tightrope_variants(calibration: str) -> dict[str, list]:
+    from tightrope.compress import prune  # noqa: PLC0415
+
+    return {
+        "fp32": [],
+        "int8 (tightrope default)": [Int8Dynamic()],
+        "int8 torch backend": [Int8Dynamic(backend="torch")],
+        "LLM.int8": [LLMInt8()],
+        "NF4": [NF4()],
+        "FP4": [FP4()],
+        "GPTQ 4-bit g128": [GPTQ(bits=4, group_size=128, calibration_texts=calibration, n_calibration=128)],
+        "magnitude 30%": [prune.MagnitudePruning(sparsity=0.3)],
+        "structured 30%": [prune.StructuredPruning(heads=0.3, ffn=0.3)],
+        "structured 30% + int8": [prune.StructuredPruning(heads=0.3, ffn=0.3), Int8Dynamic()],
+    }
+
+
+def peer_torch_dynamic(model):
+    from torch.ao.quantization import quantize_dynamic  # noqa: PLC0415
+
+    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def peer_torchao_int8_weight_only(model):
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: PLC0415
+
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def peer_ort_dynamic(model):
+    """Whole-graph ORT dynamic int8 on every MatMul, straight from onnxruntime.quantization."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
+    from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / "m.onnx", Path(tmp) / "m8.onnx"
+        formats.export_onnx(model, fp32)
+        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+        session = formats.ort_session(int8.read_bytes())
+
+    def forward(input_ids=None, attention_mask=None, **_):
+        return SequenceClassifierOutput(logits=formats.run_session(session, input_ids, attention_mask))
+
+    model.forward = forward
+    return model
+
+
+PEERS = {"peer: torch quantize_dynamic": peer_torch_dynamic, "peer: torchao int8 weight-only": peer_torchao_int8_weight_only,
+         "peer: onnxruntime dynamic int8": peer_ort_dynamic}
+
+
+def row(name: str, result, seconds: float) -> dict:
+    m = result.metrics
+    lat, thr = result.latency, result.throughput
+    return {
+        "variant": name, "accuracy": m.accuracy, "f1": m.macro_f1,
+        "stored_mb": result.weight_bytes / 1e6 if result.weight_bytes else None,
+        "parameters": result.parameters, "nonzero_parameters": result.nonzero_parameters,
+        "latency_median_ms": lat.median_ms if lat else None, "latency_p95_ms": lat.p95_ms if lat else None,
+        "throughput_per_s": thr.examples_per_s if thr else None,
+        "peak_rss_mb": result.peak_rss_bytes / 1e6 if result.peak_rss_bytes else None,
+        "threads": torch.get_num_threads(), "compress_seconds": seconds,
+    }
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = [
+        "## Compression (issue 4)", "", f"Command: `{command}`", "",
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"Python {platform.python_version()}, torch {torch.__version__}; latency at batch 1 x 256 tokens, "
+        "throughput at batch 32 x 128, fp32 activations.", "",
+        "| variant | accuracy | F1 | stored MB | parameters | non-zero | latency median ms | p95 ms | ex/s (32x128) | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {f(r['accuracy'], '.4f')} | {f(r['f1'], '.4f')} | {f(r['stored_mb'], '.1f')} | "
+                     f"{f(r['parameters'], ',')} | {f(r['nonzero_parameters'], ',')} | {f(r['latency_median_ms'], '.1f')} | "
+                     f"{f(r['latency_p95_ms'], '.1f')} | {f(r['throughput_per_s'], '.1f')} | {f(r['peak_rss_mb'], '.0f')} |")
+    lines += ["", "Unstructured (magnitude) sparsity leaves matrices dense: it changes no latency. LLM.int8() trades "
+              "speed for memory on CPU. Peers run in memory (stored MB and peak RSS not measured for them)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model_dir")
+    ap.add_argument("--task", default="imdb")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--n", type=int, default=500, help="evaluation examples (seeded subset)")
+    ap.add_argument("--calibration", default=None, help="task for GPTQ calibration (default: --task)")
+    ap.add_argument("--out", default="runs/bench-compression")
+    ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
+    ap.add_argument("--latency-runs", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--doc", default="docs/benchmarks-compression.md")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    rows: list[dict] = []
+    base = inference.load(args.model_dir)
+    variants = tightrope_variants(args.calibration or args.task)
+    todo = [*variants, *PEERS]
+    for name in todo:
+        if args.only and name not in args.only:
+            continue
+        start = time.perf_counter()
+        model = copy.deepcopy(base.model)
+        set_tokenizer(model, base.tokenizer)
+        if name in variants:
+            for config in variants[name]:
+                compress_(model, config)
+            seconds = time.perf_counter() - start
+            slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+            if variants[name]:
+                target = formats.save_compressed(model, base.tokenizer, out / slug, card={k: base.card[k] for k in ("tokenization",) if k in base.card})
+                path, clf, memory = str(target), None, True
+            else:
+                path, clf, memory = args.model_dir, None, True
+        else:
+            model = PEERS[name](model)
+            seconds = time.perf_counter() - start
+            clf = inference.TextClassifier(model, base.tokenizer, max_length=base.max_length, truncation=base.truncation,
+                                           label_names=base.label_names, card=base.card)
+            path, memory = args.model_dir, False
+        result = evaluate_model(path, args.task, args.split, n=args.n, clf=clf, memory=memory, latency_runs=args.latency_runs,
+                                progress=False)
+        r = row(name, result, seconds)
+        if clf is not None:
+            r["stored_mb"] = None
+        rows.append(r)
+        print(f"{name:34s} acc {r['accuracy']:.4f}  lat {r['latency_median_ms']:.1f} ms  "
+              f"stored {r['stored_mb'] or 0:.1f} MB", flush=True)
+        write_json_atomic(out / "compression.json", rows)
+    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    doc = Path(args.doc)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(markdown(rows, command))
+    print(f"wrote {out / 'compression.json'} and {doc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""`tightrope attack` end to end on a tiny model saved in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tightrope.cli import app
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tokenizer):
+    from tests.conftest import make_tiny_classifier
+    from tightrope import models
+
+    model = make_tiny_classifier(tokenizer)
+    card = {"format": "torch", "tokenization": {"max_length": 32, "truncation": "head"}}
+    return models.save_model((model, tokenizer), tmp_path / "tiny", extra={"card.json": card})
+
+
+def write_task(path, rows):
+    path.write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in rows))
+    return path
+
+
+def test_attack_command_writes_results_and_resumes(tmp_path, tiny_model_dir):
+    task = write_task(tmp_path / "toy.jsonl", [("a wonderful moving film", 1), ("a dull boring mess", 0),
+                                               ("great acting and a superb script", 1), ("stupid and tedious", 0)])
+    out = tmp_path / "attack"
+    args = ["attack", str(tiny_model_dir), "--recipe", "deepwordbug", "--task", str(task), "--out", str(out)]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["examples"] == 4 and summary["succeeded"] + summary["failed"] + summary["skipped"] == 4
+    assert {c["name"] for c in summary["attack"]["constraints"]} >= {"levenshtein_edit_distance", "stopword_modification"}
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+    again = CliRunner().invoke(app, args)  # everything done: resumes to the same report
+    assert again.exit_code == 0
+    assert json.loads((out / "summary.json").read_text())["succeeded"] == summary["succeeded"]
+
+
+def test_attack_command_bad_input_is_one_clean_line(tmp_path, tiny_model_dir):
+    task = write_task(tmp_path / "three.jsonl", [("a", 0), ("b", 1), ("c", 2)])
+    result = CliRunner().invoke(app, ["attack", str(tiny_model_dir), "--recipe", "deepwordbug", "--task", str(task)])
+    assert result.exit_code == 2 and "3 labels" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["attack", str(tiny_model_dir), "--recipe", "nope", "--task", str(task)])
+    assert result.exit_code == 2 and "Unknown attack recipe" in result.output

@@ -1,0 +1,71 @@
+"""`tightrope compress` on a tiny saved classifier: chainable, reloadable, one-sentence errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tightrope import inference
+from tightrope.cli import app
+from tightrope.compress.commands import parse_spec, quant_config
+from tightrope.compress.quant import GPTQ, NF4, Affine, Int8Dynamic
+from tightrope.errors import TightropeError
+
+runner = CliRunner()
+
+
+def test_parse_spec_reads_typed_options():
+    assert parse_spec("gptq:bits=4,group_size=none") == ("gptq", {"bits": 4, "group_size": None})
+    assert parse_spec("nf4-dq") == ("nf4-dq", {})
+    assert quant_config("nf4-dq") == NF4(double_quant=True)
+    assert quant_config("int8-torch", include=("*.query",)) == Int8Dynamic(backend="torch", include=("*.query",))
+    assert quant_config("affine:bits=3,granularity=tensor") == Affine(bits=3, granularity="tensor")
+    assert quant_config("gptq8", calibration="imdb").calibration_texts == "imdb"
+    assert isinstance(quant_config("gptq"), GPTQ)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nf5", "Unknown quantization"), ("affine:bits=12", "bits"), ("nf4:colour=red", "does not take"),
+    ("affine:bits", "key=value"), ("int8:backend=tensorrt", "backend"),
+])
+def test_bad_specs_are_one_sentence(spec, message):
+    with pytest.raises(TightropeError, match=message):
+        quant_config(spec)
+
+
+def test_compress_quantize_then_reload(tiny_model_dir, tmp_path):
+    out = tmp_path / "nf4"
+    result = runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(out), "--quantize", "nf4"])
+    assert result.exit_code == 0, result.output
+    assert "NF4" in result.output
+    clf = inference.load(str(out))
+    assert clf.card["format"] == "tightrope-quant"
+    logits = clf.logits(["a fine film", "a dull film"])
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+def test_compress_chains_pruning_and_quantization(tiny_model_dir, tmp_path):
+    out = tmp_path / "chain"
+    result = runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(out), "--prune", "magnitude:sparsity=0.3",
+                                 "--quantize", "int8-torch"])
+    assert result.exit_code == 0, result.output
+    clf = inference.load(str(out))
+    assert [s["method"] for s in clf.card["compression"]] == ["MagnitudePruning", "Int8Dynamic"]
+    assert clf.logits(["fine"]).shape == (1, 2)
+
+
+def test_compress_refuses_requantizing_a_saved_quantized_model(tiny_model_dir, tmp_path):
+    out = tmp_path / "once"
+    assert runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(out), "--quantize", "fp4"]).exit_code == 0
+    result = runner.invoke(app, ["compress", str(out), "--out", str(tmp_path / "twice"), "--quantize", "nf4"])
+    assert result.exit_code == 2
+    assert "already quantized" in result.output and "Traceback" not in result.output
+
+
+def test_compress_unknown_method_and_bad_pattern_exit_2(tiny_model_dir, tmp_path):
+    result = runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--quantize", "int3"])
+    assert result.exit_code == 2 and "Unknown quantization" in result.output
+    result = runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(tmp_path / "y"), "--quantize", "nf4",
+                                 "--include", "decoder.*"])
+    assert result.exit_code == 2 and "match no" in result.output

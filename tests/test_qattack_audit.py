@@ -1,0 +1,109 @@
+"""The audit on tiny in-code models: repaired weights are flagged, natural ones are not."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tightrope.errors import TightropeError
+from tightrope.qattack import audit as A
+from tightrope.qattack.boxes import model_boxes
+from tightrope.qattack.repair import FitConfig, repair_
+
+pytest.importorskip("bitsandbytes")
+
+
+def tiny(seed=0, std=0.05):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=200,
+                     num_labels=2, initializer_range=std)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def repaired(model, quantizer, margin=0.0):
+    boxes = model_boxes(model, quantizer, margin=margin)
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.randint(5, 200, (12,), generator=g).tolist() for _ in range(64)]
+    repair_(out, boxes, ids, [i % 2 for i in range(64)], 0, FitConfig(steps=20, lr=3e-3, batch_size=16), progress=False)
+    return out
+
+
+CONFIG = A.AuditConfig(quantizers=("llm-int8", "nf4", "fp4", "all"))
+
+
+def test_uniform_positions_give_ratio_one():
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(200_000, generator=g)
+    n, near, at = A.edge_statistics(u, 0.05)
+    assert A.peak_ratio(u) < 1.1
+    assert n == 200_000 and near == pytest.approx(0.10, abs=0.005) and at == 0
+    # Monte Carlo check of the flip-rate formula
+    noise = 0.02
+    moved = u + torch.randn(u.shape, generator=g) * noise
+    assert ((moved < 0) | (moved > 1)).float().mean().item() == pytest.approx(A.expected_flip_rate(noise), rel=0.1)
+    pinned = torch.full((3,), float("nan"))
+    assert A.edge_statistics(pinned, 0.05)[0] == 0
+
+
+def test_kl_divergence():
+    p = torch.tensor([[2.0, 0.0]])
+    assert A.kl_divergence(p, p) == pytest.approx(0.0, abs=1e-7)
+    assert A.kl_divergence(p, torch.tensor([[0.0, 2.0]])) > 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_natural_weights_are_not_flagged_and_never_called_clean_unchecked(seed):
+    report = A.audit_model(tiny(seed), config=CONFIG)
+    assert not report.flagged, [q.reasons for q in report.quantizers]
+    assert report.verdict == "inconclusive"  # behaviour could not be checked without a classifier
+    assert any("behaviour was not checked" in n for n in report.notes)
+    for q in report.quantizers:
+        assert 0.7 < q.edge_ratio < 1.3 and 0.7 < q.flip_ratio < 1.3 and q.peak_ratio < 1.6
+
+
+@pytest.mark.parametrize("quantizer", ["llm-int8", "nf4", "all"])
+def test_repaired_weights_are_flagged(quantizer):
+    report = A.audit_model(repaired(tiny(0), quantizer), config=CONFIG)
+    assert report.flagged
+    flagged = {q.quantizer for q in report.quantizers if q.verdict == "flagged"}
+    assert (quantizer if quantizer != "all" else "all") in flagged
+    worst = max(report.quantizers, key=lambda q: q.edge_ratio)
+    assert worst.edge_ratio > 3 and worst.at_edge > 0.1
+    assert any(layer.edge_ratio > 3 for layer in worst.layers)
+
+
+def test_margin_does_not_hide_the_repair():
+    report = A.audit_model(repaired(tiny(0), "nf4", margin=0.1), config=CONFIG)
+    nf4 = next(q for q in report.quantizers if q.quantizer == "nf4")
+    assert nf4.verdict == "flagged" and nf4.peak_ratio > 3
+
+
+def test_small_probe_set_is_inconclusive_not_clean(tmp_path):
+    from tightrope.inference import TextClassifier
+    from tightrope.models import load_classifier
+
+    tok = load_classifier("minilm", num_labels=2, require_head=False).tokenizer
+    model = tiny(0)
+    model.resize_token_embeddings(tok.vocab_size)
+    clf = TextClassifier(model, tok, max_length=16)
+    report = A.audit_model(model, classifier=clf, probe_texts=["a fine film"] * 10,
+                           config=A.AuditConfig(quantizers=("nf4",), min_probe=50))
+    assert report.verdict == "inconclusive"
+    assert "fewer than the 50" in report.notes[0]
+    full = A.audit_model(model, classifier=clf, probe_texts=[f"film number {i} was fine" for i in range(60)],
+                         config=A.AuditConfig(quantizers=("nf4",), min_probe=50))
+    nf4 = full.quantizers[0]
+    assert nf4.disagreement is not None and nf4.kl is not None and nf4.noise_disagreement is not None
+    assert nf4.probe_size == 60
+
+
+def test_no_quantizable_layer_is_one_sentence():
+    with pytest.raises(TightropeError, match="no Linear layer"):
+        A.audit_model(torch.nn.Sequential(torch.nn.Embedding(10, 4)))
+    with pytest.raises(TightropeError, match="Unknown quantizer"):
+        A.audit_model(tiny(0), config=A.AuditConfig(quantizers=("int3",)))
