@@ -141,3 +141,45 @@ def test_two_workers_share_one_postgresql_store_on_loopback(tmp_path):
         subprocess.run([*prefix, _postgres_bin("pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True,
                        timeout=120)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_study_search_runs_trials_through_cached_steps(tmp_path, monkeypatch):
+    """The study's objective with fake step kinds: trials reuse steps, values come from the results."""
+    from tightrope.study import runner
+    from tightrope.study.search import OBJECTIVES, run_search, study_objective, summarize
+    from tightrope.study.spec import parse_spec
+
+    calls: list[str] = []
+
+    def model_step(inputs, deps, ctx):
+        calls.append(ctx.step.kind)
+        (ctx.workdir / "model").mkdir()
+        (ctx.workdir / "model" / "card.json").write_text("{}")
+        sparsity = sum(s["params"].get("sparsity", 0) for s in inputs.get("steps", []))
+        quant = sum(s["method"] == "Int8Dynamic" for s in inputs.get("steps", []))
+        return {"model_dir": ctx.rel(ctx.workdir / "model"), "sparsity": sparsity, "quant": quant}
+
+    def evaluate(inputs, deps, ctx):
+        m = deps[ctx.step.deps[0]]
+        s, q = m.get("sparsity", 0), m.get("quant", 0)
+        return {"metrics": {"accuracy": 0.9 - 0.2 * s - 0.01 * q}, "latency": {"median_ms": 10 - 5 * q - 4 * s}}
+
+    def attack(inputs, deps, ctx):
+        return {"attack_success_rate": 0.5 - 0.1 * deps[ctx.step.deps[0]].get("sparsity", 0)}
+
+    for name, fn in (("train", model_step), ("compress", model_step), ("evaluate", evaluate), ("attack", attack)):
+        monkeypatch.setitem(runner.STEP_KINDS, name, runner.StepKind(name, fn))
+    spec = parse_spec({"name": "s", "attacks": [{"recipe": "deepwordbug", "n": 5}],
+                       "search": {"trials": 12, "quant": ["none", "Int8Dynamic"], "sparsity": [0.0, 0.5],
+                                  "objectives": ["accuracy", "asr", "latency_ms"], "sampler": "random"}})
+    objectives = [(o, OBJECTIVES[o]) for o in spec.search.objectives]
+    study = run_search(study_objective(spec, tmp_path), objectives, storage=f"sqlite:///{tmp_path / 's.db'}",
+                       study_name="s", n_trials=12)
+    assert calls.count("train") == 1  # the baseline is trained once for all trials
+    assert calls.count("compress") <= 3  # three distinct compressed variants at most, each made once
+    summary = summarize(study, [d for _, d in objectives], Constraints(min_accuracy=0.85))
+    chosen = summary["chosen"]
+    assert chosen["values"]["accuracy"] >= 0.85
+    assert Path(chosen["attrs"]["model_dir"]).is_dir()
+    # 4 distinct settings; the best ASR at accuracy >= 0.85 is sparsity 0 (0.5), either quantization.
+    assert chosen["values"]["asr"] == 0.5

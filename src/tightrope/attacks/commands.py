@@ -103,7 +103,7 @@ def register(app: typer.Typer, user_errors) -> None:
                       "-" if report.average_queries is None else f"{report.average_queries:.1f}",
                       fmt(report.average_perturbed_share))
         out_console.print(table)
-        results = _load_results(out, attack, victim, data, seed) if out else []
+        results = _load_results(out) if out else []
         for res in [r for r in results if r.status == "succeeded"][:show]:
             left, right = highlighted_diff(res.original_text, res.perturbed_text)
             names = data.label_names
@@ -124,7 +124,7 @@ def register(app: typer.Typer, user_errors) -> None:
             out_console.print(f"[green]wrote[/] {out}/results.jsonl and {out}/summary.json")
 
 
-def _load_results(out: Path, attack, victim, data, seed):
+def _load_results(out: Path):
     from tightrope.attacks.attack import read_results
 
     files = sorted(Path(out).glob("results*.jsonl"))

@@ -41,9 +41,9 @@ class CounterFitConfig:
     k1: float = 0.1
     k2: float = 0.1
     k3: float = 0.1
-    steps: int = 300
+    steps: int = 100  # full-batch Adam steps; in a trial on 65k words the loss fell 2238 -> 127 in 50 steps, 112 by 100
     lr: float = 0.02
-    max_neighbours: int = 30
+    max_neighbours: int = 10
 
 
 # --- pure maths --------------------------------------------------------------------------------------
