@@ -1,0 +1,68 @@
+"""`tightrope audit` and `tightrope qattack` from the command line: verdicts become exit codes."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tightrope import models
+from tightrope.cli import app
+from tightrope.qattack.boxes import model_boxes
+from tightrope.qattack.repair import FitConfig, repair_
+
+pytest.importorskip("bitsandbytes")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = models.load_classifier("minilm", num_labels=2, require_head=False).tokenizer
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                     vocab_size=tok.vocab_size, num_labels=2, architectures=["BertForSequenceClassification"])
+    clean = BertForSequenceClassification(cfg).eval()
+    attacked = copy.deepcopy(clean)
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(1000, 5000, (12,), generator=g).tolist() for _ in range(32)]
+    repair_(attacked, model_boxes(clean, "nf4"), ids, [i % 2 for i in range(32)], 0,
+            FitConfig(steps=10, lr=3e-3, batch_size=8), progress=False)
+    root = tmp_path_factory.mktemp("cli")
+    card = {"card.json": {"tokenization": {"max_length": 16, "truncation": "head"}}}
+    rows = [{"text": f"review {i} was {'great' if i % 2 else 'awful'}", "label": i % 2} for i in range(60)]
+    (root / "probe.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return (models.save_model((clean, tok), root / "clean", extra=card),
+            models.save_model((attacked, tok), root / "attacked", extra=card), root / "probe.jsonl")
+
+
+def test_audit_flags_with_exit_1_and_writes_json(dirs, tmp_path):
+    _, attacked, probe = dirs
+    out = tmp_path / "audit.json"
+    result = runner.invoke(app, ["audit", str(attacked), "--task", str(probe), "--split", "train", "--n-probe", "60",
+                                 "--quantizer", "nf4", "--json", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "FLAGGED" in result.output
+    assert json.loads(out.read_text())["verdict"] == "flagged"
+
+
+def test_audit_small_probe_is_inconclusive_exit_3(dirs):
+    clean, _, probe = dirs
+    result = runner.invoke(app, ["audit", str(clean), "--task", str(probe), "--split", "train", "--n-probe", "10",
+                                 "--quantizer", "nf4"])
+    assert result.exit_code == 3, result.output
+    assert "fewer than the 50" in result.output and "CLEAN" not in result.output
+
+
+def test_bad_input_is_one_sentence_exit_2(dirs, tmp_path):
+    clean, _, _ = dirs
+    result = runner.invoke(app, ["audit", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = runner.invoke(app, ["audit", str(clean), "--quantizer", "int3"])
+    assert result.exit_code == 2 and "Unknown quantizer" in result.output
+    result = runner.invoke(app, ["qattack", str(clean), "--out", str(tmp_path / "x"), "--margin", "0.7"])
+    assert result.exit_code == 2 and "margin" in result.output
