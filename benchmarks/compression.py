@@ -26,6 +26,7 @@ import torch
 from tightrope import inference
 from tightrope.compress import FP4, GPTQ, NF4, Int8Dynamic, LLMInt8, compress_, formats
 from tightrope.compress.wanda import set_tokenizer
+from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
 from tightrope.evaluate.run import evaluate_model
 
@@ -140,30 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in todo:
         if args.only and name not in args.only:
             continue
-        start = time.perf_counter()
-        model = copy.deepcopy(base.model)
-        set_tokenizer(model, base.tokenizer)
-        if name in variants:
-            for config in variants[name]:
-                compress_(model, config)
-            seconds = time.perf_counter() - start
-            slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
-            if variants[name]:
-                target = formats.save_compressed(model, base.tokenizer, out / slug, card={k: base.card[k] for k in ("tokenization",) if k in base.card})
-                path, clf, memory = str(target), None, True
-            else:
-                path, clf, memory = args.model_dir, None, True
-        else:
-            model = PEERS[name](model)
-            seconds = time.perf_counter() - start
-            clf = inference.TextClassifier(model, base.tokenizer, max_length=base.max_length, truncation=base.truncation,
-                                           label_names=base.label_names, card=base.card)
-            path, memory = args.model_dir, False
-        result = evaluate_model(path, args.task, args.split, n=args.n, clf=clf, memory=memory, latency_runs=args.latency_runs,
-                                progress=False)
-        r = row(name, result, seconds)
-        if clf is not None:
-            r["stored_mb"] = None
+        try:
+            r = run_variant(name, base, variants, args, out)
+        except TightropeError as err:  # e.g. a group size that does not divide this model's widths
+            print(f"{name:34s} skipped: {err}", flush=True)
+            rows.append({"variant": name, "skipped": str(err)})
+            continue
         rows.append(r)
         print(f"{name:34s} acc {r['accuracy']:.4f}  lat {r['latency_median_ms']:.1f} ms  "
               f"stored {r['stored_mb'] or 0:.1f} MB", flush=True)
@@ -171,8 +154,37 @@ def main(argv: list[str] | None = None) -> None:
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(markdown(rows, command))
+    doc.write_text(markdown([r for r in rows if "skipped" not in r], command))
     print(f"wrote {out / 'compression.json'} and {doc}")
+
+
+def run_variant(name: str, base, variants: dict, args, out: Path) -> dict:
+    """Compress (tightrope variants: save and reload from disk) or apply a peer, then evaluate."""
+    start = time.perf_counter()
+    model = copy.deepcopy(base.model)
+    set_tokenizer(model, base.tokenizer)
+    if name in variants:
+        for config in variants[name]:
+            compress_(model, config)
+        seconds = time.perf_counter() - start
+        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+        if variants[name]:
+            target = formats.save_compressed(model, base.tokenizer, out / slug, card={k: base.card[k] for k in ("tokenization",) if k in base.card})
+            path, clf, memory = str(target), None, True
+        else:
+            path, clf, memory = args.model_dir, None, True
+    else:
+        model = PEERS[name](model)
+        seconds = time.perf_counter() - start
+        clf = inference.TextClassifier(model, base.tokenizer, max_length=base.max_length, truncation=base.truncation,
+                                       label_names=base.label_names, card=base.card)
+        path, memory = args.model_dir, False
+    result = evaluate_model(path, args.task, args.split, n=args.n, clf=clf, memory=memory, latency_runs=args.latency_runs,
+                            progress=False)
+    r = row(name, result, seconds)
+    if clf is not None:
+        r["stored_mb"] = None
+    return r
 
 
 if __name__ == "__main__":

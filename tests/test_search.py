@@ -145,6 +145,7 @@ def test_two_workers_share_one_postgresql_store_on_loopback(tmp_path):
 
 def test_study_search_runs_trials_through_cached_steps(tmp_path, monkeypatch):
     """The study's objective with fake step kinds: trials reuse steps, values come from the results."""
+    import tightrope.study.plan  # noqa: F401 - registers the real step kinds first, so the fakes below win
     from tightrope.study import runner
     from tightrope.study.search import OBJECTIVES, run_search, study_objective, summarize
     from tightrope.study.spec import parse_spec
