@@ -128,7 +128,12 @@ def run_textattack(python: str, model: str, data, seed: int, max_length: int, th
             "max_length": max_length, "stopwords": sorted(TEXTFOOLER_STOPWORDS)}
     (work / "spec.json").write_text(json.dumps(spec))
     (work / "run.py").write_text(TEXTATTACK_SCRIPT)
-    env = {**os.environ, "TA_DISABLE_NLTK_DOWNLOAD": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # TextAttack builds NLTK-stopword constraints at import time; NLTK's corpus is not installed offline, so
+    # a stopwords/english file holding the same list that both sides use is provided for the import.
+    corpus = work / "nltk_data" / "corpora" / "stopwords"
+    corpus.mkdir(parents=True, exist_ok=True)
+    (corpus / "english").write_text("\n".join(sorted(TEXTFOOLER_STOPWORDS)) + "\n")
+    env = {**os.environ, "NLTK_DATA": str(work / "nltk_data"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([python, str(work / "run.py"), str(work / "spec.json"), str(work / "out.json"), str(threads)],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:

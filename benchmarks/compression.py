@@ -55,7 +55,12 @@ def peer_torch_dynamic(model):
 
 
 def peer_torchao_int8_weight_only(model):
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: PLC0415
+    # torchao is installed only for this benchmark: transformers imports it on every model import
+    # once it is present (noisy "Failed to load _C_mxfp8" lines on CPU builds).
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: PLC0415
+    except ImportError as err:
+        raise TightropeError("torchao is not installed: pip install torchao==0.18.0 to run this peer.") from err
 
     quantize_(model, Int8WeightOnlyConfig())
     return model
@@ -97,14 +102,14 @@ def row(name: str, result, seconds: float) -> dict:
     }
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict], command: str, seq_len: int = 256) -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
     lines = [
         "## Compression (issue 4)", "", f"Command: `{command}`", "",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"Python {platform.python_version()}, torch {torch.__version__}; latency at batch 1 x 256 tokens, "
+        f"Python {platform.python_version()}, torch {torch.__version__}; latency at batch 1 x {seq_len} tokens, "
         "throughput at batch 32 x 128, fp32 activations.", "",
         "| variant | accuracy | F1 | stored MB | parameters | non-zero | latency median ms | p95 ms | ex/s (32x128) | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -128,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/bench-compression")
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     ap.add_argument("--latency-runs", type=int, default=50)
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens for the batch-1 latency")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--doc", default="docs/benchmarks-compression.md")
     args = ap.parse_args(argv)
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(markdown([r for r in rows if "skipped" not in r], command))
+    doc.write_text(markdown([r for r in rows if "skipped" not in r], command, args.seq_len))
     print(f"wrote {out / 'compression.json'} and {doc}")
 
 
@@ -180,7 +186,7 @@ def run_variant(name: str, base, variants: dict, args, out: Path) -> dict:
                                        label_names=base.label_names, card=base.card)
         path, memory = args.model_dir, False
     result = evaluate_model(path, args.task, args.split, n=args.n, clf=clf, memory=memory, latency_runs=args.latency_runs,
-                            progress=False)
+                            latency_seq_len=args.seq_len, progress=False)
     r = row(name, result, seconds)
     if clf is not None:
         r["stored_mb"] = None

@@ -10,7 +10,7 @@ import torch
 
 from tightrope.attacks import recipes, resources
 from tightrope.attacks.attack import Attack
-from tightrope.attacks.constraints import PartOfSpeech, RepeatModification
+from tightrope.attacks.constraints import PartOfSpeech
 from tightrope.attacks.counterfit import (
     CounterFitConfig,
     WordEmbedding,
@@ -18,7 +18,6 @@ from tightrope.attacks.counterfit import (
     neighbourhood_pairs,
     pair_distance,
 )
-from tightrope.attacks.search import GreedyWordSwapWIR
 from tightrope.attacks.text import AttackedText
 from tightrope.attacks.words import WordSwapGradient, WordSwapWordNet, wordnet_synonyms
 

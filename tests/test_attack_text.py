@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -248,8 +247,8 @@ def test_transfer_to_the_same_and_to_a_robust_model():
     results = [embedding_attack().attack_one(BowClassifier(), t, y, index=i)
                for i, (t, y) in enumerate(zip(data.texts, data.labels))]
     wins = sum(r.status == "succeeded" for r in results)
-    same, robust = transfer(results, {"same": BowClassifier(), "robust": BowClassifier({**WEIGHTS, **{
-        w: WEIGHTS.get(w, 0) for w in ()}, "fine": 2.0, "decent": 2.0, "mediocre": -2.0, "poor": -2.0})})
+    robust = BowClassifier({**WEIGHTS, "fine": 2.0, "decent": 2.0, "mediocre": -2.0, "poor": -2.0})
+    same, robust = transfer(results, {"same": BowClassifier(), "robust": robust})
     assert same.transfer_success_rate == 1.0 and same.transferable == wins
     assert same.accuracy_under_transfer == pytest.approx(1 - wins / len(data))
     assert robust.transfer_success_rate < 1.0

@@ -74,7 +74,7 @@ def test_repaired_weights_are_flagged(quantizer):
     assert (quantizer if quantizer != "all" else "all") in flagged
     worst = max(report.quantizers, key=lambda q: q.edge_ratio)
     assert worst.edge_ratio > 3 and worst.at_edge > 0.1
-    assert any(layer.edge_ratio > 3 for layer in worst.layers)
+    assert any((layer.edge_ratio or 0) > 3 for layer in worst.layers)
 
 
 def test_margin_does_not_hide_the_repair():

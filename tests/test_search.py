@@ -174,7 +174,7 @@ def test_study_search_runs_trials_through_cached_steps(tmp_path, monkeypatch):
                        "search": {"trials": 12, "quant": ["none", "Int8Dynamic"], "sparsity": [0.0, 0.5],
                                   "objectives": ["accuracy", "asr", "latency_ms"], "sampler": "random"}})
     objectives = [(o, OBJECTIVES[o]) for o in spec.search.objectives]
-    study = run_search(study_objective(spec, tmp_path), objectives, storage=f"sqlite:///{tmp_path / 's.db'}",
+    study = run_search(study_objective(spec, tmp_path / "run"), objectives, storage=f"sqlite:///{tmp_path / 's.db'}",
                        study_name="s", n_trials=12)
     assert calls.count("train") == 1  # the baseline is trained once for all trials
     assert calls.count("compress") <= 3  # three distinct compressed variants at most, each made once

@@ -54,9 +54,10 @@ def evaluate_model(
     mem = perf.peak_memory(model, seq_len=latency_seq_len) if memory else {}
     params = nonzero = None
     if isinstance(getattr(clf, "model", None), torch.nn.Module):
-        tensors = list(clf.model.state_dict().values())
-        params = sum(t.numel() for t in tensors if t.is_floating_point() or t.dtype == torch.int8)
-        nonzero = sum(int(torch.count_nonzero(t)) for t in tensors if t.is_floating_point() or t.dtype == torch.int8)
+        # quantized modules (packed 4-bit, torch's packed int8) count by their logical weight count
+        from tightrope.compress.quant import parameter_counts  # noqa: PLC0415
+
+        params, nonzero = parameter_counts(clf.model)
     return EvalResult(
         model=model, task=task, split=split, metrics=metrics, latency=latency, throughput=throughput,
         weight_bytes=perf.weight_bytes(model), peak_rss_bytes=mem.get("peak_rss_bytes"),

@@ -65,10 +65,10 @@ class AuditConfig(BaseModel):
 class LayerEvidence:
     name: str
     free_weights: int  # not pinned
-    near_edge: float  # share within `edge` of a wall
-    at_edge: float  # share exactly on a wall
-    edge_ratio: float  # near_edge / (2 * edge)
-    mean_width: float  # mean box width relative to the layer's absmax
+    near_edge: float | None  # share within `edge` of a wall
+    at_edge: float | None  # share exactly on a wall
+    edge_ratio: float | None  # near_edge / (2 * edge)
+    mean_width: float | None  # mean box width relative to the layer's absmax
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,9 @@ def _weight_evidence(model, quantizer: str, config: AuditConfig, generator: torc
         n, near_l, at_l = edge_statistics(pos, config.edge)
         width = hi - lo
         absmax = w.abs().max().clamp(min=1e-12)
-        layers.append(LayerEvidence(name, n, near_l, at_l, near_l / (2 * config.edge) if n else float("nan"),
-                                    (width[width > 0].mean() / absmax).item() if n else float("nan")))
+        layers.append(LayerEvidence(name, n, near_l if n else None, at_l if n else None,  # None: all pinned
+                                    near_l / (2 * config.edge) if n else None,
+                                    (width[width > 0].mean() / absmax).item() if n else None))
         if n:
             positions.append(pos[~torch.isnan(pos)])
             free += n
@@ -195,14 +196,18 @@ def _behaviour(classifier, probe_ids, fp_logits, model, quantizer: str, noisy: d
     return disagreement, kl, noise_disagreement
 
 
+def _check_quantizers(config: AuditConfig) -> None:
+    for q in config.quantizers:
+        if q not in CHOICES:
+            raise TightropeError(f"Unknown quantizer '{q}'; choose from {', '.join(CHOICES)}.")
+
+
 def audit_model(model, *, classifier=None, probe_texts: list[str] | None = None, config: AuditConfig = AuditConfig(),
                 name: str = "model", progress=None) -> AuditReport:
     """Audit ``model`` (any torch module with Linear layers); ``classifier`` (a
     :class:`tightrope.inference.TextClassifier` around it) and ``probe_texts`` enable the behaviour checks."""
     started = time.perf_counter()
-    for q in config.quantizers:
-        if q not in CHOICES:
-            raise TightropeError(f"Unknown quantizer '{q}'; choose from {', '.join(CHOICES)}.")
+    _check_quantizers(config)
     quantized_linears(model)  # raises one sentence when no layer is quantizable
     notes: list[str] = []
     probe_ids = fp_logits = None
@@ -272,6 +277,7 @@ def audit(model_path: str, *, task: str | None = "mr", split: str = "test", n_pr
     from tightrope import inference, models  # noqa: PLC0415
     from tightrope.data import load_task  # noqa: PLC0415
 
+    _check_quantizers(config)
     try:
         classifier = inference.load(model_path)
         model = classifier.model.float().eval()

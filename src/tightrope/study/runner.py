@@ -13,6 +13,9 @@ On disk, under the run directory::
     steps/<kind>-<key>/...         its artefacts
     run.json                       the manifest of the last complete run (step name -> key, result)
 
+Each step runs under its own lock file (``steps/.<kind>-<key>.lock``, freed by the OS on kill), so
+search workers can share one run directory and compute any shared step once.
+
 ``result.json`` is the only mark of a finished step: a step killed half-way has none, so on the
 next start its folder is wiped and the step runs again (or, for kinds declared ``resumable`` such
 as training, its folder is kept so the step continues from its own checkpoint). Nothing finished
