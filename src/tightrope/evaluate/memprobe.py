@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+from pathlib import Path
 
 import psutil
+
+
+def high_water_rss() -> int:
+    """Peak resident set of this process image, in bytes (VmHWM).
+
+    Not ``getrusage().ru_maxrss``: Linux keeps that across ``execve``, so a probe started from a
+    large parent would report the parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource  # not Linux: the best we have
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
@@ -26,8 +40,7 @@ def main() -> None:
     clf = inference.load(args.model)
     with torch.inference_mode():
         clf.forward_ids(**fixed_length_batch(clf, "a good film", 1, args.seq_len))
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"peak_rss_bytes": peak_kib * 1024, "baseline_rss_bytes": baseline}))
+    print(json.dumps({"peak_rss_bytes": high_water_rss(), "baseline_rss_bytes": baseline}))
 
 
 if __name__ == "__main__":
