@@ -43,7 +43,7 @@ fi
 [ -x .venv/bin/python ] || { say "creating .venv"; "$PY" -m venv .venv; }
 VPY=.venv/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-extras="onnx,search"
+extras="hub"
 [ "$WITH_TEST" = 1 ] && extras="$extras,dev"
 say "installing tightrope[$extras] (torch==2.13.0 CPU)"
 $VPY -m pip install -q "torch==2.13.0" 2>&1 | grep -v '^WARNING: Location' || true

@@ -298,6 +298,15 @@ def dequantize_bnb_4bit(module: nn.Module) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(data, state).float()
 
 
+def _nonzero(p: torch.Tensor) -> int:
+    """Non-zeros of a tensor, also for quantized tensor subclasses (torchao) lacking ``count_nonzero``."""
+    try:
+        return int(torch.count_nonzero(p))
+    except (NotImplementedError, RuntimeError, TypeError):
+        dequantize = getattr(p, "dequantize", None)
+        return int(torch.count_nonzero(dequantize())) if callable(dequantize) else p.numel()
+
+
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(stored, non-zero) parameters with quantized weights counted by their logical element count."""
     kinds = quantized_kinds()
@@ -318,7 +327,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         total += p.numel()
-        nonzero += int(torch.count_nonzero(p))
+        nonzero += _nonzero(p)
     return total, nonzero
 
 
