@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:34s} acc {r['accuracy']:.4f}  lat {r['latency_median_ms']:.1f} ms  "
               f"stored {r['stored_mb'] or 0:.1f} MB", flush=True)
         write_json_atomic(out / "compression.json", rows)
-    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(markdown([r for r in rows if "skipped" not in r], command, args.seq_len))
