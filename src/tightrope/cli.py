@@ -136,29 +136,6 @@ def eval_(
         out_console.print(f"[green]wrote[/] {json_out}")
 
 
-@app.command()
-@user_errors
-def quickstart(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/quickstart"),
-    n_train: Annotated[int, typer.Option(help="Training examples (Rotten Tomatoes snippets).")] = 4000,
-):
-    """Fine-tune MiniLM on the Rotten Tomatoes snippets and evaluate it: needs no download at all."""
-    from tightrope.evaluate.results import write_json_atomic
-    from tightrope.evaluate.run import evaluate_model
-    from tightrope.report.tables import eval_table
-    from tightrope.train import TrainConfig
-    from tightrope.train import train as run_training
-
-    config = TrainConfig(model="minilm", task="rotten-tomatoes", n_train=n_train, n_eval=500, max_length=64,
-                         batch_size=32, epochs=1, lr=1e-4)
-    model_dir = out / "model"
-    run_training(config, model_dir)
-    result = evaluate_model(str(model_dir), "rotten-tomatoes", "test", latency_seq_len=64, latency_runs=30)
-    out_console.print(eval_table([result]))
-    path = write_json_atomic(out / "eval.json", [result.to_dict()])
-    out_console.print(f"[green]model[/] {model_dir}\n[green]results[/] {path}")
-
-
 # Each capability adds its own commands from its package (tightrope.<area>.commands.register(app)),
 # so that this file stays a list of thin fronts and areas do not edit each other's code.
 COMMAND_MODULES = (
