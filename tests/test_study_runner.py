@@ -84,7 +84,7 @@ def test_out_dir_holding_another_study_is_refused(tmp_path):
 
 
 def test_full_disk_leaves_no_corrupt_result(tmp_path, monkeypatch):
-    import tightrope.study.runner as results
+    # the runner writes through tightrope.atomic, which calls os.fsync
 
     real_fsync = os.fsync
     state = {"writes": 0}
@@ -95,7 +95,7 @@ def test_full_disk_leaves_no_corrupt_result(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(results.os, "fsync", failing_fsync)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(TightropeError, match="disk is full"):
         run_steps(diamond(), tmp_path, progress=False)
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".result.json")]
@@ -103,7 +103,7 @@ def test_full_disk_leaves_no_corrupt_result(tmp_path, monkeypatch):
     for result in tmp_path.rglob("result.json"):
         json.loads(result.read_text())  # every result file present is complete
     assert len(list(tmp_path.rglob("result.json"))) == 2
-    monkeypatch.setattr(results.os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     CALLS.clear()
     run = run_steps(diamond(), tmp_path, progress=False)
     assert CALLS == ["c", "d"]  # a and b were finished and are not redone

@@ -6,8 +6,6 @@ No logic lives only here: every command is a thin front over a function a user c
 from __future__ import annotations
 
 import functools
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional

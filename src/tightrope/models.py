@@ -152,7 +152,7 @@ def load_classifier(
             )
         kwargs["num_labels"] = num_labels
     model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, resolved, name_or_path, **kwargs)
-    tokenizer = _load_tokenizer(resolved, name_or_path, trust_remote_code)
+    tokenizer = load_tokenizer(resolved, name_or_path, trust_remote_code)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=name_or_path, path=resolved)
 
@@ -167,7 +167,7 @@ def load_causal_lm(
     model = _from_pretrained(
         AutoModelForCausalLM.from_pretrained, resolved, name_or_path, trust_remote_code=trust_remote_code, dtype=dtype
     )
-    tokenizer = _load_tokenizer(resolved, name_or_path, trust_remote_code)
+    tokenizer = load_tokenizer(resolved, name_or_path, trust_remote_code)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=name_or_path, path=resolved)
 
@@ -184,11 +184,11 @@ def _load_config(resolved: str, source: str, trust_remote_code: bool):
         raise TightropeError(f"Could not read the configuration of '{source}': {str(err).splitlines()[0]}") from err
 
 
-def _load_tokenizer(resolved: str, source: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+def load_tokenizer(resolved: str, source: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise TightropeError(f"'{source}' has no usable tokenizer: {str(err).splitlines()[0]}") from err
+        raise TightropeError(f"'{source or resolved}' has no usable tokenizer: {str(err).splitlines()[0]}") from err
 
 
 def save_model(loaded: LoadedModel | tuple, out_dir: str | Path, extra: dict | None = None) -> Path:

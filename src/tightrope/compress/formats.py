@@ -203,8 +203,9 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, card: dict
 def load_quantized(path: str | Path, card: dict | None = None):
     """Rebuild a ``tightrope-quant`` model directory: ``(model, tokenizer)``."""
     from safetensors.torch import load_file  # noqa: PLC0415
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModelForSequenceClassification  # noqa: PLC0415
 
+    from tightrope import models  # noqa: PLC0415
     from tightrope.inference import read_card  # noqa: PLC0415
 
     path = Path(path).expanduser()
@@ -236,10 +237,7 @@ def load_quantized(path: str | Path, card: dict | None = None):
         quant._set_submodule(model, name, _empty_module(records[name], tensors, name))
     model.eval()
     model._tightrope_compression = card.get("compression", [])
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as err:
-        raise TightropeError(f"{path} has no usable tokenizer: {str(err).splitlines()[0]}") from err
+    tokenizer = models.load_tokenizer(str(path))
     return model, tokenizer
 
 

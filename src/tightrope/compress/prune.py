@@ -494,7 +494,7 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, card: dict | N
 def load_pruned(path: str | Path) -> models.LoadedModel:
     """Load a pruned classifier; a structurally pruned one is rebuilt from its plan, then loaded strictly."""
     from safetensors.torch import load_file  # noqa: PLC0415
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModelForSequenceClassification  # noqa: PLC0415
 
     path = Path(path).expanduser()
     card = read_card(path) if path.is_dir() else {}
@@ -522,10 +522,7 @@ def load_pruned(path: str | Path) -> models.LoadedModel:
         raise TightropeError(f"The weights in {path} do not match its pruning plan: {str(err).splitlines()[0]}") from err
     model.eval()
     model._tightrope_compression = card.get("compression", [])
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as err:
-        raise TightropeError(f"{path} has no usable tokenizer: {str(err).splitlines()[0]}") from err
+    tokenizer = models.load_tokenizer(str(path))
     return models.LoadedModel(model=model, tokenizer=tokenizer, source=str(path), path=str(path))
 
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
+from tightrope.atomic import write_json_atomic  # noqa: F401 - re-exported for callers
 from tightrope.evaluate.metrics import ClassificationMetrics
 from tightrope.evaluate.perf import Latency, Throughput
 
@@ -41,20 +38,3 @@ class EvalResult:
         if data.get("throughput"):
             data["throughput"] = Throughput(**data["throughput"])
         return cls(**data)
-
-
-def write_json_atomic(path: str | Path, payload) -> Path:
-    """Write JSON through a temp file and a rename, so a kill never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tightrope.compress.primitives import CODES_4BIT, nearest_code
+from tightrope.compress.primitives import CODES_4BIT
 from tightrope.errors import TightropeError
 
 QUANTIZERS = ("llm-int8", "nf4", "fp4", "int8-dynamic")

@@ -27,15 +27,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tightrope.atomic import write_json_atomic
 from tightrope.errors import TightropeError
 
 RESULT_FILE = "result.json"
@@ -119,28 +118,11 @@ def plan_keys(steps: list[Step]) -> dict[str, str]:
     return keys
 
 
-def _write_json_atomic(path: Path, payload: Any) -> Path:
-    # The same temp + fsync + rename as tightrope.evaluate.results.write_json_atomic, kept here so
-    # that the runner does not import torch (a resumed run should start in a fraction of a second).
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_result(path: str | Path, payload: Any) -> Path:
     """Atomic JSON write; a full disk becomes one clear sentence and leaves no partial file."""
     path = Path(path)
     try:
-        return _write_json_atomic(path, payload)
+        return write_json_atomic(path, payload)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise TightropeError(f"The disk is full while writing {path}; free some space and run the same "
