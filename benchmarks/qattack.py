@@ -75,7 +75,7 @@ def main() -> None:
     env = {"threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
     for row in rows:
         row.update(env)
-        print(" | ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
