@@ -26,12 +26,14 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(assets.minilm_dir()))
 
 
-def make_tiny_classifier(tokenizer, num_labels: int = 2, seed: int = 0, layers: int = 2):
+def make_tiny_classifier(tokenizer, num_labels: int = 2, seed: int = 0, layers: int = 2, hidden: int = 32,
+                         intermediate: int = 64):
+    """A BERT classifier small enough for unit tests (4 heads, 128 positions), seeded."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=layers,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=128,
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=4, intermediate_size=intermediate, max_position_embeddings=128,
                         num_labels=num_labels)
     model = BertForSequenceClassification(config)
     model.eval()

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_classifier
 from typer.testing import CliRunner
 
 from tightrope import models
@@ -23,14 +24,9 @@ def text(result) -> str:
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    tok = models.load_classifier("minilm", num_labels=2, require_head=False).tokenizer
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                     vocab_size=tok.vocab_size, num_labels=2, architectures=["BertForSequenceClassification"])
-    clean = BertForSequenceClassification(cfg).eval()
+def dirs(tmp_path_factory, tokenizer):
+    tok = tokenizer
+    clean = make_tiny_classifier(tok, hidden=64, intermediate=128)
     attacked = copy.deepcopy(clean)
     g = torch.Generator().manual_seed(1)
     ids = [torch.randint(1000, 5000, (12,), generator=g).tolist() for _ in range(32)]

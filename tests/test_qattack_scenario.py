@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from conftest import make_tiny_classifier
 
 from tightrope import models
 from tightrope.errors import TightropeError
@@ -19,14 +20,9 @@ pytest.importorskip("bitsandbytes")
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    tok = models.load_classifier("minilm", num_labels=2, require_head=False).tokenizer
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                     vocab_size=tok.vocab_size, num_labels=2, architectures=["BertForSequenceClassification"])
-    model = BertForSequenceClassification(cfg).eval()
+def tiny_dir(tmp_path_factory, tokenizer):
+    tok = tokenizer
+    model = make_tiny_classifier(tok)
     out = tmp_path_factory.mktemp("tiny") / "model"
     models.save_model((model, tok), out, extra={"card.json": {"tokenization": {"max_length": 32, "truncation": "head"}}})
     return out
