@@ -106,7 +106,7 @@ def _table_one_data(data: RunData):
     after = report.get("after") or (list(data.evals)[-1] if data.evals else "baseline")
     if before not in data.evals or after not in data.evals:
         return None
-    attack = next(iter(data.attacks), None)
+    attack = report.get("attack") or next(iter(data.attacks), None)
     per = data.attacks.get(attack, {})
     return table_one(data.evals[before], data.evals[after], asr_of(per.get(before)), asr_of(per.get(after)),
                      (before, after)), attack

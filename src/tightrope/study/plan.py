@@ -16,7 +16,7 @@ def train_inputs(spec: StudySpec, train: TrainSpec | None = None) -> dict:
     t = train or spec.train
     d = spec.data
     config = TrainConfig(
-        model=spec.model.source, task=d.task, data_dir=d.data_dir, n_train=d.n_train, n_eval=d.n_eval,
+        model=spec.model.source, task=d.task, data_dir=d.data_dir, n_train=t.n_train or d.n_train, n_eval=d.n_eval,
         max_length=d.max_length, truncation=d.truncation, batch_size=t.batch_size, epochs=t.epochs, lr=t.lr,
         weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio, schedule=t.schedule, seed=spec.seed,
         eval_every=t.eval_every, patience=t.patience, checkpoint_every=t.checkpoint_every,
@@ -41,6 +41,43 @@ def compress_inputs(spec: StudySpec, steps: list[dict]) -> dict:
     return {"steps": steps, "defaults": compression_defaults(spec)}
 
 
+EMBEDDING_RECIPES = ("pgd", "fgsm")
+
+
+def attack_kind(attack) -> str:
+    """Text attacks query the model with words; PGD / FGSM perturb its input embeddings."""
+    return "attack-embedding" if attack.recipe.lower() in EMBEDDING_RECIPES else "attack"
+
+
+def model_fingerprint(source: str) -> str:
+    """Name, size and modification time of a local model's files: a model retrained in place gets a new key."""
+    import hashlib  # noqa: PLC0415
+
+    from tightrope import models  # noqa: PLC0415
+
+    path = Path(models.resolve(source))
+    if not path.is_dir():
+        return source
+    stats = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.iterdir() if p.is_file())
+    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
+
+
+def baseline_step(spec: StudySpec) -> Step:
+    if spec.model.fine_tuned:
+        return Step("use/baseline", "use-model", {"source": spec.model.source,
+                                                  "fingerprint": model_fingerprint(spec.model.source),
+                                                  "trust_remote_code": spec.model.trust_remote_code})
+    return Step("train/baseline", "train", train_inputs(spec))
+
+
+def defense_inputs(spec: StudySpec, d) -> dict:
+    inputs = {"method": d.method, "params": dict(d.params), "seed": spec.seed, "train": train_inputs(spec, d.train)}
+    if d.pipeline is not None:
+        inputs["pipeline"] = d.pipeline.model_dump()
+        inputs["defaults"] = compression_defaults(spec)
+    return inputs
+
+
 def attack_inputs(spec: StudySpec, attack) -> dict:
     return {"recipe": attack.recipe, "task": spec.data.task, "split": attack.split or spec.data.test_split,
             "n": attack.n, "seed": spec.seed, "data_dir": spec.data.data_dir, "params": dict(attack.params)}
@@ -48,12 +85,11 @@ def attack_inputs(spec: StudySpec, attack) -> dict:
 
 def plan_study(spec: StudySpec) -> tuple[list[Step], dict[str, str]]:
     """All steps of a study in order, and which step produces each named model."""
-    steps = [Step("train/baseline", "train", train_inputs(spec))]
-    producer = {"baseline": "train/baseline"}
+    first = baseline_step(spec)
+    steps = [first]
+    producer = {"baseline": first.name}
     for d in spec.defenses:
-        inputs = {"method": d.method, "params": dict(d.params), "seed": spec.seed,
-                  "train": train_inputs(spec, d.train)}
-        steps.append(Step(f"defend/{d.name}", "defend", inputs, (producer[d.source],)))
+        steps.append(Step(f"defend/{d.name}", "defend", defense_inputs(spec, d), (producer[d.source],)))
         producer[d.name] = f"defend/{d.name}"
     for v in spec.compress:
         inputs = compress_inputs(spec, [s.model_dump() for s in v.steps])
@@ -63,7 +99,7 @@ def plan_study(spec: StudySpec) -> tuple[list[Step], dict[str, str]]:
         steps.append(Step(f"evaluate/{name}", "evaluate", evaluate_inputs(spec), (producer[name],)))
     for attack in spec.attacks:
         for target in attack.targets or spec.model_names:
-            steps.append(Step(f"attack/{attack.label}/{target}", "attack", attack_inputs(spec, attack),
+            steps.append(Step(f"attack/{attack.label}/{target}", attack_kind(attack), attack_inputs(spec, attack),
                               (producer[target],)))
     return steps, producer
 
@@ -80,6 +116,15 @@ def preflight(spec: StudySpec) -> None:
     for i, v in enumerate(spec.compress):
         for j, s in enumerate(v.steps):
             step_kinds.compression_config(s.method, s.params, f"compress.{i}.steps.{j}", compression_defaults(spec))
+    for i, d in enumerate(spec.defenses):
+        for key in ("prune", "quantize"):
+            s = getattr(d.pipeline, key, None) if d.pipeline is not None else None
+            if s is not None:
+                step_kinds.compression_config(s.method, s.params, f"defenses.{i}.pipeline.{key}", compression_defaults(spec))
+        if d.pipeline is not None:
+            from tightrope.defenses.pipeline import parse_order  # noqa: PLC0415
+
+            parse_order(d.pipeline.order)
     if spec.attacks:
         step_kinds._require("tightrope.attacks", "text attacks")  # noqa: SLF001
     if spec.defenses:

@@ -30,6 +30,8 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     source: str = Field("minilm", description="Alias (minilm, mpnet-base), local directory or hub id.")
+    fine_tuned: bool = Field(False, description="The source is already fine-tuned on the study's task: use it "
+                             "as the baseline instead of training one (the train section is then unused).")
     trust_remote_code: bool = False
 
 
@@ -45,6 +47,7 @@ class DataSpec(_Strict):
 
 
 class TrainSpec(_Strict):
+    n_train: int | None = Field(None, gt=0, description="Training examples (default: data.n_train).")
     epochs: float = Field(1.0, gt=0)
     lr: float = Field(5e-5, gt=0)
     batch_size: int = Field(16, gt=0)
@@ -67,17 +70,33 @@ class VariantSpec(_Strict):
     steps: list[CompressStep] = Field(min_length=1)
 
 
+class PipelineSpec(_Strict):
+    """A defense woven into compression (tightrope.defenses.pipeline): the model that ships is the hardened one.
+
+    ``prune,quantize,train``: prune, then train through fake quantization of ``quantize`` with the
+    sparsity held, then quantize for real. The student starts from the defense's ``source`` model.
+    """
+
+    order: str = Field("prune,quantize,train", description="Steps in order: prune, train, noise, quantize.")
+    prune: CompressStep | None = None
+    quantize: CompressStep | None = None
+    noise: dict[str, Any] | None = Field(None, description="Keyword arguments of add_weight_noise_ (sigma, relative).")
+
+
 class DefenseSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
-    method: str = Field(description="A defense of tightrope.defenses (pgd, freelb, distill, noise, ...).")
+    method: str = Field(description="A defense of tightrope.defenses (pgd, freelb, fast, distill).")
     source: str = Field("baseline", description="The model the defense starts from (or distils).")
     params: dict[str, Any] = Field(default_factory=dict)
     train: TrainSpec | None = Field(None, description="Training settings for defenses that retrain (default: train).")
+    pipeline: PipelineSpec | None = Field(None, description="Start from the source model and weave the defense "
+                                          "into pruning / quantization (default: retrain from the base model).")
 
 
 class AttackSpec(_Strict):
     name: str | None = Field(None, pattern=NAME_PATTERN)
-    recipe: str = Field(description="textfooler, pwws, deepwordbug, hotflip, fgsm, pgd ...")
+    recipe: str = Field(description="textfooler, pwws, deepwordbug, hotflip (text), or pgd, fgsm (embedding space; "
+                        "params: epsilons, steps, step_size, norm).")
     n: int = Field(50, gt=0, description="Examples attacked (a seeded subset of the test split).")
     split: str | None = None
     targets: list[str] | None = Field(None, description="Models attacked (default: every model of the study).")
@@ -101,6 +120,7 @@ class ReportSpec(_Strict):
     title: str | None = None
     before: str = "baseline"
     after: str | None = Field(None, description="The model in Table I's 'after' column (default: the last one).")
+    attack: str | None = Field(None, description="The attack whose success rate Table I shows (default: the first).")
     examples: int = Field(5, ge=0, description="Adversarial examples shown with their changes highlighted.")
     html: bool = True
     markdown: bool = True
@@ -176,6 +196,8 @@ class StudySpec(_Strict):
             value = getattr(self.report, key)
             if value is not None and value not in names:
                 raise ValueError(f"report.{key}: unknown model '{value}' (known: {', '.join(names)})")
+        if self.report.attack is not None and self.report.attack not in labels:
+            raise ValueError(f"report.attack: no attack is called '{self.report.attack}' (known: {', '.join(labels)})")
         if self.search is not None:
             if self.search.attack is not None and self.search.attack not in labels:
                 raise ValueError(f"search.attack: no attack is called '{self.search.attack}' (known: {', '.join(labels)})")

@@ -55,6 +55,20 @@ def _card_summary(card: dict) -> dict:
             "steps": card.get("steps")}
 
 
+@register_step("use-model")
+def use_model_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
+    """A model already fine-tuned on the study's task serves as the baseline (``model.fine_tuned``)."""
+    from tightrope import inference, models  # noqa: PLC0415
+
+    path = Path(models.resolve(inputs["source"])).expanduser().resolve()
+    if not path.is_dir():
+        raise TightropeError(f"model.fine_tuned needs a local model directory, and {inputs['source']} is not one; "
+                             "fine-tune it first (tightrope train) or set fine_tuned: false.")
+    clf = inference.load(str(path), trust_remote_code=inputs.get("trust_remote_code", False))
+    return {"model_dir": str(path), "label_names": list(clf.label_names or []),
+            "card": {k: clf.card.get(k) for k in ("tokenization", "data", "base_model") if k in clf.card}}
+
+
 # --- evaluate -------------------------------------------------------------------------------------
 
 
@@ -133,10 +147,14 @@ def compress_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     from tightrope import inference  # noqa: PLC0415
 
     clf = inference.load(source_model(deps, ctx))
-    summaries = [compress_mod.compress_(clf.model, config).to_dict() for config in configs]
+    summaries, twin = [], None
+    for config in configs:
+        if _is_quantization(config) and twin is None:
+            twin = _save_twin(clf.model, clf.tokenizer, clf.card, config, ctx.workdir / "twin")
+        summaries.append(compress_mod.compress_(clf.model, config).to_dict())
     out = ctx.workdir / "model"
     _save_compressed(clf, out, summaries)
-    return {"model_dir": ctx.rel(out), "summaries": summaries}
+    return {"model_dir": ctx.rel(out), "summaries": summaries, **_twin_result(twin, ctx)}
 
 
 def _save_compressed(clf, out: Path, summaries: list[dict]) -> None:
@@ -145,6 +163,37 @@ def _save_compressed(clf, out: Path, summaries: list[dict]) -> None:
     card = {k: clf.card[k] for k in ("tokenization", "data", "base_model", "config") if k in clf.card}
     card["source_model"] = clf.source
     formats.save_compressed(clf.model, clf.tokenizer, out, card)
+
+
+def _is_quantization(config) -> bool:
+    from tightrope.compress import quant  # noqa: PLC0415
+
+    return config.__class__.__module__ == quant.__name__
+
+
+def _save_twin(model, tokenizer, card: dict, config, out: Path) -> dict | None:
+    """The differentiable twin of a quantized variant: its full-precision weights just before the real
+    quantization, and the fake-quantization scheme that reproduces the quantized weights' values.
+
+    Gradient attacks (PGD, FGSM) on a variant without gradients (ONNX Runtime, quantized kernels) run on
+    this twin through fake quantization; the study records that they did.
+    """
+    from tightrope.defenses.pipeline import scheme_for  # noqa: PLC0415
+
+    try:
+        scheme = scheme_for(config)
+    except TightropeError:
+        return None
+    formats = _require("tightrope.compress.formats", "saving compressed models")
+    twin_card = {k: card[k] for k in ("tokenization", "data", "base_model") if k in card}
+    twin_card["twin_of"] = {"method": config.method, "scheme": scheme, "include": list(config.include),
+                            "exclude": list(config.exclude)}
+    formats.save_compressed(model, tokenizer, out, twin_card)  # only pruned or plain: saved as such
+    return twin_card["twin_of"]
+
+
+def _twin_result(twin: dict | None, ctx: StepContext) -> dict:
+    return {"twin": {"model_dir": ctx.rel(ctx.workdir / "twin"), **twin}} if twin else {}
 
 
 # --- attack ---------------------------------------------------------------------------------------
@@ -223,7 +272,92 @@ def defend_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     config = TrainConfig(**inputs["train"])
     labels = list(load_task(config.task, "train", n=1, data_dir=config.data_dir).label_names)
     objective = defense_objective(inputs["method"], inputs["params"], source_model(deps, ctx), labels)
+    if inputs.get("pipeline"):
+        return _defend_in_pipeline(inputs, config, objective, deps, ctx)
     out = ctx.workdir / "model"
     card = train(config, out, objective=objective, progress=ctx.progress,
                  extra_card={"defense": {"method": inputs["method"], "params": inputs["params"]}})
     return {"model_dir": ctx.rel(out), **_card_summary(card)}
+
+
+def _defend_in_pipeline(inputs: dict, config, objective, deps: dict, ctx: StepContext) -> dict:
+    """Start from the source model, prune / train / quantize in the study's order (the seed's
+    "adversarial training integrated with quantization and pruning"), save what ships."""
+    from tightrope import inference, models  # noqa: PLC0415
+    from tightrope.defenses.pipeline import run_pipeline  # noqa: PLC0415
+
+    p = inputs["pipeline"]
+    source = source_model(deps, ctx)
+    clf = inference.load(source)
+    if type(clf) is not inference.TextClassifier:
+        raise TightropeError(f"defense pipeline: the source model {source} is already compressed; "
+                             "start from a full-precision model.")
+    loaded = models.LoadedModel(clf.model, clf.tokenizer, source, source)
+    configs = {key: compression_config(p[key]["method"], p[key].get("params", {}), f"pipeline.{key}",
+                                       inputs.get("defaults"))
+               for key in ("prune", "quantize") if p.get(key)}
+    result = run_pipeline(loaded, p["order"], ctx.workdir / "pipeline", train_config=config, objective=objective,
+                          prune=configs.get("prune"), quantize=configs.get("quantize"), noise=p.get("noise"),
+                          progress=ctx.progress, export=False)
+    twin = None
+    if "quantize" in configs:
+        twin = _save_twin(loaded.model, loaded.tokenizer, clf.card, configs["quantize"], ctx.workdir / "twin")
+        compress_mod = _require("tightrope.compress", "compression")
+        compress_mod.compress_(loaded.model, configs["quantize"])
+    out = ctx.workdir / "model"
+    _save_compressed(clf, out, [])  # clf.model is loaded.model, changed in place by the pipeline
+    payload = {"model_dir": ctx.rel(out), "pipeline": result.to_dict(), **_twin_result(twin, ctx)}
+    return {**payload, **_card_summary(result.train_card or {})}
+
+
+# --- embedding-space attacks (PGD, FGSM) ------------------------------------------------------------
+
+
+@register_step("attack-embedding")
+def attack_embedding_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
+    """Accuracy under PGD / FGSM on the input embeddings at each epsilon (Madry et al. 2018).
+
+    ``params``: ``epsilons`` (list; the first is the one whose success rate the study reports, unless
+    ``epsilon`` names another), ``steps``, ``step_size``, ``norm``, ``batch_size``. A quantized variant
+    has no gradients with respect to its inputs (ONNX Runtime, integer kernels): it is attacked through
+    its differentiable twin, its full-precision weights fake-quantized with the same scheme, and the
+    result says so in ``gradient_source``.
+    """
+    import contextlib  # noqa: PLC0415
+
+    from tightrope import inference  # noqa: PLC0415
+    from tightrope.attacks.embedding import EmbeddingAttack, accuracy_under_attack  # noqa: PLC0415
+    from tightrope.data import load_task  # noqa: PLC0415
+
+    params = dict(inputs.get("params", {}))
+    epsilons = [float(e) for e in params.pop("epsilons", [params.get("epsilon", 0.01)])]
+    main = float(params.pop("epsilon", epsilons[0]))
+    if main not in epsilons:
+        epsilons.insert(0, main)
+    batch_size = int(params.pop("batch_size", 16))
+    recipe = inputs["recipe"].lower()
+    if recipe == "fgsm":
+        attack = EmbeddingAttack.fgsm(epsilons[0], norm=params.pop("norm", "linf"))
+    else:
+        attack = EmbeddingAttack(epsilon=epsilons[0], seed=inputs["seed"], **params)
+    dep = deps[ctx.step.deps[0]]
+    twin = dep.get("twin")
+    target = inference.load(str(ctx.abs(twin["model_dir"]) if twin else source_model(deps, ctx)))
+    if twin:
+        from tightrope.defenses.fakequant import fake_quantized  # noqa: PLC0415
+
+        guard = fake_quantized(target.model, twin["scheme"], tuple(twin["include"]), tuple(twin["exclude"]))
+        gradient_source = f"differentiable twin: full-precision weights fake-quantized as {twin['scheme']}"
+    else:
+        guard = contextlib.nullcontext()
+        gradient_source = "victim"
+    data = load_task(inputs["task"], inputs["split"], n=inputs["n"], seed=inputs["seed"], data_dir=inputs.get("data_dir"))
+    with guard:
+        report = accuracy_under_attack(target, list(data.texts), list(data.labels), epsilons, attack,
+                                       batch_size=batch_size, progress=ctx.progress)
+    payload = report.to_dict()
+    point = next(p for p in report.points if p.epsilon == main)
+    payload.update({"victim": dep["model_dir"], "gradient_source": gradient_source, "epsilon": main,
+                    "attack_success_rate": point.attack_success_rate,
+                    "accuracy_under_attack": point.accuracy_under_attack})
+    return payload
