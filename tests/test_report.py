@@ -115,3 +115,28 @@ def test_html_report_opens_in_headless_chromium_and_shows_every_plot(tmp_path):
     dom = done.stdout
     assert 'data-figures-loaded="4/4"' in dom, dom[:500]
     assert "data-errors" not in dom
+
+
+def test_robustness_table_has_every_model_under_every_attack(tmp_path):
+    root = fake_run(tmp_path, with_search=False)
+    pgd = {"attack_success_rate": 0.75, "epsilon": 0.01, "examples": 4, "original_accuracy": 1.0,
+           "attack": {"name": "PGD-5", "norm": "linf"}, "gradient_source": "victim",
+           "points": [{"epsilon": 0.02, "accuracy_under_attack": 0.0, "succeeded": 4, "failed": 0, "skipped": 0},
+                      {"epsilon": 0.01, "accuracy_under_attack": 0.25, "succeeded": 3, "failed": 1, "skipped": 0}]}
+    d = root / "steps" / "attack-embedding-9"
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({"name": "attack/pgd/int8", "result": pgd}))
+    manifest = json.loads((root / "run.json").read_text())
+    manifest["steps"].append({"name": "attack/pgd/int8", "kind": "attack-embedding", "key": "9",
+                              "dir": "steps/attack-embedding-9", "seconds": 0})
+    (root / "run.json").write_text(json.dumps(manifest))
+    md = render_report(root)["markdown"].read_text()
+    table = md.split("## Robustness: every model under every attack")[1].split("##")[0]
+    assert "| model | accuracy | macro-F1 | latency | peak memory | deepwordbug ASR |" in table
+    assert "pgd ASR (eps=0.01)" in table
+    int8 = next(line for line in table.splitlines() if line.startswith("| int8 |"))
+    assert "40.0% (1/2)" in int8 and "75.0% (3/4)" in int8
+    baseline = next(line for line in table.splitlines() if line.startswith("| baseline |"))
+    assert baseline.rstrip().endswith("| - |")  # the baseline was not attacked with PGD
+    curve = md.split("## Accuracy under embedding attacks, per epsilon")[1].split("##")[0]
+    assert "| eps=0.01 | eps=0.02 |" in curve and "| 25.0% | 0.0% |" in curve

@@ -72,7 +72,7 @@ def test_a_bad_pipeline_fails_before_any_work(tiny_model_dir, tiny_task, tmp_pat
 
 @pytest.mark.slow
 def test_harden_in_pipeline_and_attack_with_pgd_through_the_twin(tiny_model_dir, tiny_task, tmp_path):
-    run = run_study(parse_spec(_spec(tiny_model_dir, tiny_task)), tmp_path / "run", progress=False, report=False)
+    run = run_study(parse_spec(_spec(tiny_model_dir, tiny_task)), tmp_path / "run", progress=False)
     defended = run.result("defend/hardened")
     # The shipped model is quantized; its twin holds the hardened fp32 weights, 30% pruned, sparsity held.
     card = json.loads((tmp_path / "run" / defended["model_dir"] / "card.json").read_text())
@@ -95,3 +95,8 @@ def test_harden_in_pipeline_and_attack_with_pgd_through_the_twin(tiny_model_dir,
     assert run.result("use/baseline")["model_dir"] == str(tiny_model_dir.resolve())
     assert torch.equal(load_file(str(tiny_model_dir / "model.safetensors"))["classifier.weight"],
                        load_file(str(tiny_model_dir / "model.safetensors"))["classifier.weight"])
+    # The report shows every model under the attack, and the accuracy curve over epsilon.
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Robustness: every model under every attack" in report
+    assert "pgd ASR (eps=0.01)" in report and "| eps=0.01 | eps=0.05 |" in report
+    assert "differentiable twin" in report

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tightrope.errors import TightropeError
 from tightrope.report import plots
-from tightrope.report.tables import markdown_table, table_one, table_two
+from tightrope.report.tables import epsilon_table, markdown_table, robustness_table, table_one, table_two
 
 
 @dataclass
@@ -45,7 +45,7 @@ def load_run(root: str | Path) -> RunData:
         parts = step["name"].split("/")
         if step["kind"] == "evaluate":
             data.evals[parts[1]] = result
-        elif step["kind"] == "attack":
+        elif step["kind"] in ("attack", "attack-embedding"):
             data.attacks.setdefault(parts[1], {})[parts[2]] = result
         elif step["kind"] in ("train", "defend") and result.get("history"):
             data.histories[parts[1]] = result["history"]
@@ -231,6 +231,11 @@ def render_report(root: str | Path) -> dict[str, Path]:
     env = _environment(data)
     one = _table_one_data(data)
     two = table_two(data.evals, data.techniques) if data.evals else None
+    robust = robustness_table(data.evals, data.attacks) if data.attacks else None
+    curve = epsilon_table(data.attacks)
+    robust_note = ("Every model under every attack on the same seeded test examples: attack success rate = "
+                   "succeeded / (succeeded + failed), examples the model already got wrong are skipped (TextAttack's "
+                   "definition); accuracy and F1 on the study's test subset.")
     search = _search_rows(data)
     examples = pick_examples(data, rep.get("examples", 5))
     label_names = next((r.get("label_names", []) for per in data.attacks.values() for r in per.values()), [])
@@ -253,6 +258,11 @@ def render_report(root: str | Path) -> dict[str, Path]:
                      "<p>Stored = bytes of weight files on disk; peak memory = resident set of a fresh process "
                      "that loads the model and runs one inference. Unstructured sparsity does not make dense "
                      "matrix products faster.</p>"]
+        if robust is not None:
+            body += ["<h2>Robustness: every model under every attack</h2>", _html_table(*robust),
+                     f"<p>{html.escape(robust_note)}</p>"]
+        if curve is not None:
+            body += ["<h2>Accuracy under embedding attacks, per epsilon</h2>", _html_table(*curve)]
         if search is not None:
             body += ["<h2>Search: the Pareto front</h2>", _html_table(*search)]
         if figures:
@@ -276,6 +286,10 @@ def render_report(root: str | Path) -> dict[str, Path]:
             md += ["## Table I: before and after", "", markdown_table(*one[0]), "", attack_note, ""]
         if two is not None:
             md += ["## Table II: size, latency and memory per technique", "", markdown_table(*two), ""]
+        if robust is not None:
+            md += ["## Robustness: every model under every attack", "", markdown_table(*robust), "", robust_note, ""]
+        if curve is not None:
+            md += ["## Accuracy under embedding attacks, per epsilon", "", markdown_table(*curve), ""]
         if search is not None:
             md += ["## Search: the Pareto front", "", markdown_table(*search), ""]
         for name, png in figures.items():

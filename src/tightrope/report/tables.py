@@ -95,3 +95,55 @@ def table_two(evals: dict[str, dict], techniques: dict[str, str]) -> tuple[list[
                      "-" if not lat else f"{lat['median_ms']:.1f} / {lat['p95_ms']:.1f} ms",
                      _mb_of(e.get("peak_rss_bytes")), _pct(e["metrics"]["accuracy"])])
     return header, rows
+
+
+def robustness_table(evals: dict[str, dict], attacks: dict[str, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    """Every model under every attack, on the same examples: clean accuracy and F1 (test subset), latency,
+    memory, then per attack its success rate (TextAttack's definition) and, for text attacks, the average
+    queries and share of words changed; for embedding attacks, the epsilon it was read at."""
+    header = ["model", "accuracy", "macro-F1", "latency", "peak memory"]
+    for name, per in attacks.items():
+        first = next(iter(per.values()), {})
+        if "points" in first:
+            header.append(f"{name} ASR (eps={first.get('epsilon')})")
+        else:
+            header += [f"{name} ASR", f"{name} queries / words changed"]
+    models = list(evals) + [m for per in attacks.values() for m in per if m not in evals]
+    rows = []
+    for model in dict.fromkeys(models):
+        e = evals.get(model)
+        row = [model, "-" if e is None else _pct(e["metrics"]["accuracy"]),
+               "-" if e is None else _pct(e["metrics"]["macro_f1"]), _ms(None if e is None else e.get("latency")),
+               _mb_of(None if e is None else e.get("peak_rss_bytes"))]
+        for name, per in attacks.items():
+            first = next(iter(per.values()), {})
+            r = per.get(model)
+            asr = None if r is None else r.get("attack_success_rate")
+            cell = "-" if r is None else f"{_pct(asr)} ({r.get('succeeded', '?')}/{r.get('succeeded', 0) + r.get('failed', 0)})"
+            if "points" in first:
+                if r is not None:
+                    point = next((p for p in r["points"] if p["epsilon"] == r.get("epsilon")), None)
+                    cell = "-" if point is None else f"{_pct(asr)} ({point['succeeded']}/{point['succeeded'] + point['failed']})"
+                row.append(cell)
+            else:
+                row += [cell, "-" if r is None else f"{r.get('average_queries', 0):.0f} / {_pct(r.get('average_perturbed_share'))}"]
+        rows.append(row)
+    return header, rows
+
+
+def epsilon_table(attacks: dict[str, dict[str, dict]]) -> tuple[list[str], list[list[str]]] | None:
+    """Accuracy under each embedding attack at every epsilon it ran (the curve the seed asks for)."""
+    rows, epsilons = [], []
+    for name, per in attacks.items():
+        for model, r in per.items():
+            if "points" not in r:
+                continue
+            points = sorted(r["points"], key=lambda p: p["epsilon"])
+            epsilons = epsilons or [p["epsilon"] for p in points]
+            rows.append([f"{name} ({r.get('attack', {}).get('name', '')}, {r.get('attack', {}).get('norm', '')})", model,
+                         str(r.get("examples", "-")), _pct(r.get("original_accuracy")),
+                         *[_pct(p["accuracy_under_attack"]) for p in points], r.get("gradient_source", "-")])
+    if not rows:
+        return None
+    header = ["attack", "model", "examples", "clean accuracy", *[f"eps={e:g}" for e in epsilons], "gradients from"]
+    return header, rows
