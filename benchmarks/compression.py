@@ -9,12 +9,20 @@ MB, parameters total / non-zero, latency at batch 1 x 256 (median, p95), through
 Writes OUT/compression.json and a Markdown fragment (command + machine) to
 docs/benchmarks-compression.md. Unstructured sparsity does not make dense products faster; the
 table says so by measuring it.
+
+    python benchmarks/compression.py MODEL_DIR --int8-options --n 500 --out runs/bench-int8
+
+measures the int8 dynamic options instead (graph fusion, per channel / per tensor, reduced range,
+backend): accuracy on the same examples, and batch-1 latency taken *interleaved* (each round runs
+fp32 eager and every option once), so that load from other jobs on a shared machine falls on all
+of them alike. Writes OUT/int8-options.json and the Markdown fragment OUT/int8-options.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import shlex
 import sys
@@ -27,6 +35,7 @@ import torch
 from tightrope import inference
 from tightrope.compress import FP4, GPTQ, NF4, Int8Dynamic, LLMInt8, compress_, formats
 from tightrope.compress.wanda import set_tokenizer
+from tightrope.data import load_task
 from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
 from tightrope.evaluate.run import evaluate_model
@@ -44,6 +53,7 @@ def tightrope_variants(calibration: str) -> dict[str, list]:
         "FP4": [FP4()],
         "GPTQ 4-bit g128": [GPTQ(bits=4, group_size=128, calibration_texts=calibration, n_calibration=128)],
         "magnitude 30%": [prune.MagnitudePruning(sparsity=0.3)],
+        "int8 onnxruntime unfused (previous default)": [Int8Dynamic(backend="onnxruntime", fuse=False)],
         "structured 30%": [prune.StructuredPruning(heads=0.3, ffn=0.3)],
         "structured 30% + int8": [prune.StructuredPruning(heads=0.3, ffn=0.3), Int8Dynamic()],
     }
@@ -85,6 +95,67 @@ def peer_ort_dynamic(model):
     return model
 
 
+INT8_OPTIONS = {
+    "ORT fused, per channel (default)": Int8Dynamic(backend="onnxruntime"),
+    "ORT fused, per channel, reduce_range": Int8Dynamic(backend="onnxruntime", reduce_range=True),
+    "ORT fused, per tensor": Int8Dynamic(backend="onnxruntime", per_channel=False),
+    "ORT fused, per tensor, reduce_range": Int8Dynamic(backend="onnxruntime", per_channel=False, reduce_range=True),
+    "ORT unfused, per channel (previous default)": Int8Dynamic(backend="onnxruntime", fuse=False),
+    "torch backend, per channel": Int8Dynamic(backend="torch"),
+}
+
+
+def int8_options(base, args) -> list[dict]:
+    """Accuracy of each int8 option, then interleaved batch-1 latency of fp32 eager and all options."""
+    import statistics  # noqa: PLC0415
+
+    from tightrope.evaluate import perf  # noqa: PLC0415
+
+    clfs = {"fp32 eager": base}
+    rows: dict[str, dict] = {"fp32 eager": {"variant": "fp32 eager"}}
+    for name, config in INT8_OPTIONS.items():
+        model = copy.deepcopy(base.model)
+        summary = compress_(model, config)
+        clfs[name] = inference.TextClassifier(model, base.tokenizer, max_length=base.max_length, truncation=base.truncation,
+                                              label_names=base.label_names, card=base.card)
+        rows[name] = {"variant": name, "config": summary.config, "notes": summary.notes}
+    for name, clf in clfs.items():
+        result = evaluate_model(args.model_dir, args.task, args.split, n=args.n, clf=clf, speed=False, memory=False,
+                                progress=False)
+        rows[name].update(accuracy=result.metrics.accuracy, f1=result.metrics.macro_f1)
+        print(f"{name:46s} acc {result.metrics.accuracy:.4f}", flush=True)
+    sample = max(load_task(args.task, args.split, n=args.n).texts, key=len)
+    batch = perf.fixed_length_batch(base, sample, 1, args.seq_len)
+    times: dict[str, list[float]] = {name: [] for name in clfs}
+    with torch.inference_mode():
+        for clf in clfs.values():
+            for _ in range(5):
+                clf.forward_ids(**batch)
+        for _ in range(args.latency_runs):
+            for name, clf in clfs.items():
+                start = time.perf_counter()
+                clf.forward_ids(**batch)
+                times[name].append((time.perf_counter() - start) * 1000)
+    fp32 = statistics.median(times["fp32 eager"])
+    for name, t in times.items():
+        median = statistics.median(t)
+        rows[name].update(latency_median_ms=median, latency_p95_ms=perf.percentile(t, 0.95), speedup=fp32 / median,
+                          runs=len(t), threads=torch.get_num_threads())
+        print(f"{name:46s} {median:6.1f} ms  {fp32 / median:.2f}x", flush=True)
+    return list(rows.values())
+
+
+def int8_markdown(rows: list[dict], command: str, seq_len: int, load: str) -> str:
+    lines = ["## int8 dynamic options", "", f"Command: `{command}`", "",
+             f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+             f"latency at batch 1 x {seq_len}, interleaved rounds; load average {load}.", "",
+             "| option | accuracy | latency median ms | p95 ms | speed-up vs fp32 eager |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['accuracy']:.4f} | {r['latency_median_ms']:.1f} | {r['latency_p95_ms']:.1f} | "
+                     f"{r['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 PEERS = {"peer: torch quantize_dynamic": peer_torch_dynamic, "peer: torchao int8 weight-only": peer_torchao_int8_weight_only,
          "peer: onnxruntime dynamic int8": peer_ort_dynamic}
 
@@ -103,7 +174,7 @@ def row(name: str, result, seconds: float) -> dict:
     }
 
 
-def markdown(rows: list[dict], command: str, seq_len: int = 256) -> str:
+def markdown(rows: list[dict], command: str, seq_len: int = 256, load: str = "not recorded") -> str:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
@@ -111,7 +182,7 @@ def markdown(rows: list[dict], command: str, seq_len: int = 256) -> str:
         "## Compression (issue 4)", "", f"Command: `{command}`", "",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"Python {platform.python_version()}, torch {torch.__version__}; latency at batch 1 x {seq_len} tokens, "
-        "throughput at batch 32 x 128, fp32 activations.", "",
+        f"throughput at batch 32 x 128, fp32 activations; load average (1, 5, 15 min) {load}.", "",
         "| variant | accuracy | F1 | stored MB | parameters | non-zero | latency median ms | p95 ms | ex/s (32x128) | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -136,13 +207,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latency-runs", type=int, default=50)
     ap.add_argument("--seq-len", type=int, default=256, help="tokens for the batch-1 latency")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--doc", default="docs/benchmarks-compression.md")
+    ap.add_argument("--doc", default=None, help="Markdown fragment (default docs/benchmarks-compression.md, "
+                    "or OUT/int8-options.md with --int8-options)")
+    ap.add_argument("--int8-options", action="store_true", help="compare the int8 dynamic options instead of the table")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     rows: list[dict] = []
     base = inference.load(args.model_dir)
+    command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    if args.int8_options:
+        rows = int8_options(base, args)
+        load = f"{load} (start) / {' '.join(f'{x:.1f}' for x in os.getloadavg())} (end)"
+        write_json_atomic(out / "int8-options.json", {"load_average": load, "rows": rows})
+        doc = Path(args.doc or out / "int8-options.md")
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_text(int8_markdown(rows, command, args.seq_len, load))
+        print(f"wrote {out / 'int8-options.json'} and {doc}")
+        return
     variants = tightrope_variants(args.calibration or args.task)
     todo = [*variants, *PEERS]
     for name in todo:
@@ -158,10 +242,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:34s} acc {r['accuracy']:.4f}  lat {r['latency_median_ms']:.1f} ms  "
               f"stored {r['stored_mb'] or 0:.1f} MB", flush=True)
         write_json_atomic(out / "compression.json", rows)
-    command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    doc = Path(args.doc)
+    load = f"{load} (start) / {' '.join(f'{x:.1f}' for x in os.getloadavg())} (end)"
+    doc = Path(args.doc or "docs/benchmarks-compression.md")
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(markdown([r for r in rows if "skipped" not in r], command, args.seq_len))
+    doc.write_text(markdown([r for r in rows if "skipped" not in r], command, args.seq_len, load))
     print(f"wrote {out / 'compression.json'} and {doc}")
 
 

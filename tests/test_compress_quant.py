@@ -24,6 +24,8 @@ CASES = [
     (Int8Dynamic(backend="torch"), 35, 25),
     (Int8Dynamic(backend="torch", per_channel=False), 30, 20),
     (Int8Dynamic(backend="onnxruntime"), None, 25),
+    (Int8Dynamic(backend="onnxruntime", fuse=False), None, 25),
+    (Int8Dynamic(backend="onnxruntime", per_channel=False, reduce_range=True), None, 20),
     (LLMInt8(), 35, 25),
     (LLMInt8(threshold=0.0), 35, 25),
     (NF4(), 17, 8),
@@ -185,7 +187,7 @@ def test_refuses_quantizing_twice(tokenizer):
 @pytest.mark.parametrize("make", [
     lambda: Affine(bits=9), lambda: Affine(bits=1), lambda: GPTQ(bits=5), lambda: NF4(blocksize=48),
     lambda: Int8Dynamic(backend="tensorrt"), lambda: Affine(granularity="row"), lambda: LLMInt8(threshold=-1),
-    lambda: GPTQ(percdamp=0),
+    lambda: GPTQ(percdamp=0), lambda: Int8Dynamic(backend="torch", reduce_range=True),
 ])
 def test_refuses_bad_configs(make):
     with pytest.raises(TightropeError) as err:

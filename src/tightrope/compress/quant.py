@@ -14,7 +14,11 @@ config             what replaces each selected ``nn.Linear``       kernel
 
 ``Int8Dynamic(backend="auto")`` picks ONNX Runtime when it is installed and torch's kernels otherwise:
 measured on this machine on MiniLM at batch 1 x 256 tokens, ONNX Runtime dynamic int8 took 31 ms
-and torch's 35 ms against 53 ms fp32 (issue 4; ``benchmarks/compression.py`` re-measures both).
+and torch's 35 ms against 53 ms fp32 (issue 4). On the ONNX Runtime backend the exported graph is
+first fused by ONNX Runtime's transformer optimizer (``fuse=True``: Q, K and V become one
+``QAttention`` int8 GEMM, LayerNorm / GELU / residual adds fused kernels), which measured faster
+than the unfused graph at the same accuracy; ``fuse=False``, ``per_channel`` and ``reduce_range``
+stay selectable (``benchmarks/compression.py --int8-options`` compares them, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -55,14 +59,28 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 @dataclass(frozen=True, kw_only=True)
 class Int8Dynamic(CompressionConfig):
-    """Dynamic int8: int8 weights (symmetric, per output channel), activations quantized on the fly."""
+    """Dynamic int8 (Jacob et al. 2018): int8 weights, activations quantized on the fly per batch.
+
+    ``per_channel``: one weight scale per output channel instead of one per tensor.
+    ONNX Runtime only: ``fuse`` runs its transformer optimizer (fused attention, LayerNorm, GELU)
+    before quantizing, so Q, K and V become one int8 GEMM (:mod:`tightrope.compress.ortfuse`);
+    ``reduce_range`` keeps weights in 7 bits, which avoids the int16 saturation of the u8 x s8
+    ``vpmaddubsw`` kernel on AVX2 CPUs without VNNI.
+    """
 
     backend: Literal["auto", "torch", "onnxruntime"] = "auto"
     per_channel: bool = True
+    fuse: bool = True
+    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         _patterns(self)
         _check_choice(self.method, "backend", self.backend, ("auto", "torch", "onnxruntime"))
+        for name in ("per_channel", "fuse", "reduce_range"):
+            if not isinstance(getattr(self, name), bool):
+                raise TightropeError(f"Int8Dynamic {name} must be true or false, not {getattr(self, name)!r}.")
+        if self.backend == "torch" and self.reduce_range:
+            raise TightropeError("Int8Dynamic reduce_range applies to the onnxruntime backend only; drop it for backend='torch'.")
 
 
 @dataclass(frozen=True, kw_only=True)
