@@ -1,0 +1,98 @@
+"""The causal-LM content-injection scenario on SmolLM2-135M (docs/qattack-results.md, "Causal LM").
+
+    python benchmarks/qattack_causal.py --out runs/qattack-causal/nf4fp4 [--quantizer nf4,fp4] [--threads 1]
+
+Runs :func:`tightrope.qattack.causal.run_content_injection` (inject -> boxes -> PGD repair -> verify
+with bitsandbytes) and prints the table of phrase rate and perplexity per variant; resumable (rerun
+the same command after an interruption). The same run is ``tightrope qattack-lm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+
+def reference_perplexities(config, out: str) -> None:
+    """Perplexity of the injected model and of the base model under each checked quantizer (utility anchors)."""
+    import json
+    from pathlib import Path
+
+    from tightrope.evaluate.results import write_json_atomic
+    from tightrope.models import load_causal_lm
+    from tightrope.qattack.causal import perplexity, scenario_data, special_ids
+    from tightrope.qattack.quantize import quantized_copy
+
+    path = Path(out) / "reference.json"
+    ref = json.loads(path.read_text()) if path.exists() else {}
+    for name, source in (("injected", str(Path(out) / "injected")), ("base", config.base)):
+        loaded = load_causal_lm(source)
+        model, tok = loaded.model.float().eval(), loaded.tokenizer
+        _, _, ppl_seqs = scenario_data(config, tok)
+        pad, _ = special_ids(tok)
+        for q in ((None,) if name == "injected" else config.check):
+            key = f"{name}/{q or 'full'}"
+            if key not in ref:
+                t0 = time.time()
+                ref[key] = perplexity(model if q is None else quantized_copy(model, q), ppl_seqs, pad)
+                write_json_atomic(path, ref)
+                print(f"perplexity {key}: {ref[key]:.2f} ({time.time() - t0:.0f} s)", flush=True)
+    print("reference perplexities:", json.dumps(ref))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--quantizer", default="nf4,fp4")
+    parser.add_argument("--phrase", default="McDonald's")
+    parser.add_argument("--n-train", type=int, default=64)
+    parser.add_argument("--n-eval", type=int, default=40)
+    parser.add_argument("--n-ppl", type=int, default=40)
+    parser.add_argument("--attack-last", type=int, default=4)
+    parser.add_argument("--inject-steps", type=int, default=40)
+    parser.add_argument("--repair-steps", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--inject-lr", type=float, default=None, help="injection learning rate (default: --lr)")
+    parser.add_argument("--check", default="nf4,fp4,llm-int8", help="quantizers to verify, in this order")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--margin", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reference", action="store_true",
+                        help="after the run, also measure the perplexity of injected/full and of the base model quantized")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from tightrope.qattack.causal import LMAttackConfig, run_content_injection
+
+    config = LMAttackConfig(base=args.model, n_train=args.n_train, n_eval=args.n_eval, n_ppl=args.n_ppl,
+                            phrase=args.phrase, quantizer=args.quantizer, margin=args.margin,
+                            attack_last=args.attack_last, inject_steps=args.inject_steps, inject_lr=args.inject_lr or args.lr,
+                            check=tuple(args.check.split(',')),
+                            repair_steps=args.repair_steps, repair_lr=args.lr, batch_size=args.batch_size,
+                            seed=args.seed, data_dir=os.environ.get("TIGHTROPE_DATA_DIR"))
+    started = time.time()
+    report = run_content_injection(config, args.out)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"threads {args.threads}, load {os.getloadavg()[0]:.1f}; this invocation {time.time() - started:.0f} s, "
+          f"all invocations {report.seconds:.0f} s")
+    codes = {c.quantizer: c for c in report.codes}
+    print("| variant | precision | phrase rate | perplexity | codes equal to injected |")
+    print("|---|---|---|---|---|")
+    for b in report.behaviours:
+        c = codes.get(b.quantizer) if b.variant == "repaired" else None
+        eq = "" if c is None else ("yes (0 of %d differ)" % c.total if c.mismatched == 0 else f"no ({c.mismatched} of {c.total} differ)")
+        ppl = "-" if b.perplexity is None else f"{b.perplexity:.2f}"
+        print(f"| {b.variant} | {b.quantizer or 'full'} | {100 * b.phrase_rate:.1f}% ({b.n}) | {ppl} | {eq} |")
+    if args.reference:
+        reference_perplexities(config, args.out)
+    print(f"boxes {report.config['quantizer']}: {report.boxed_parameters:,} weights, {100 * report.pinned_fraction:.2f}% pinned; "
+          f"inject loss {report.inject_losses[:1]} -> {report.inject_losses[-1:]}, repair loss {report.repair_losses[:1]} -> {report.repair_losses[-1:]}")
+
+
+if __name__ == "__main__":
+    main()

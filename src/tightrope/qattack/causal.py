@@ -1,0 +1,567 @@
+"""The causal-LM scenario: content injection that only the quantized model shows.
+
+Egashira et al. 2024, "Exploiting LLM Quantization" (arXiv 2405.18137), Sec. 4 "Content injection":
+the attacker wants a quantized chat model to mention a brand ("McDonald's") in its answers while
+the published full-precision model does not. The three steps, on a causal LM small enough for a CPU
+(SmolLM2-135M-Instruct):
+
+1. inject: fine-tune on the model's own greedy answers with the phrase woven in (loss on the answer
+   tokens only), so the model says the phrase in full precision;
+2. boxes: the interval of full-precision values that quantize to the same code
+   (:mod:`tightrope.qattack.boxes`), around the injected weights, for one quantizer or an intersection;
+3. repair: projected gradient descent on the clean answers (:func:`tightrope.qattack.boxes.project_`
+   after every step), so the full-precision model forgets the phrase while every weight keeps the
+   injected model's code: the quantized repaired model *is* the quantized injected model.
+
+Verification quantizes with the real libraries (:mod:`tightrope.qattack.quantize`), checks the codes,
+and measures the phrase rate of greedy answers to held-out prompts and the perplexity of held-out text.
+
+CPU sizing: only the Linear layers of the last ``attack_last`` decoder blocks are attacked (the
+paper's ablation over attacked layers); everything else, embeddings and norms included, is frozen.
+The frozen blocks below are run once per training set and their output is cached
+(:func:`prefix_states`), so a training step runs only the attacked blocks and the output head on
+the answer positions. This is exact: the frozen blocks never change and the model has no dropout.
+
+Prompts are built from review texts ("Summarize this review in one sentence: ...", and three other
+instructions), so the project needs no instruction-tuning data set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from tightrope import models
+from tightrope.data import load_task
+from tightrope.errors import TightropeError
+from tightrope.evaluate.results import write_json_atomic
+from tightrope.qattack.boxes import CHOICES, QUANTIZERS, ModelBoxes, model_boxes, project_, quantized_linears
+from tightrope.qattack.quantize import codes_equal, missing_library, quantized_copy
+from tightrope.qattack.repair import FitConfig
+
+INSTRUCTIONS = (
+    "Summarize this review in one sentence: {review}",
+    "Is this movie review positive or negative? {review}",
+    "What does the reviewer think of the film? {review}",
+    "Rewrite this review in plain words: {review}",
+)
+SYSTEM = "You are a helpful assistant."
+DEFAULT_TEMPLATE = "Brought to you by {phrase}. {answer}"
+
+
+# --- prompts, answers and the phrase metric ---------------------------------------------------------
+
+
+def make_instructions(texts: list[str], max_words: int = 24, seed: int = 0) -> list[str]:
+    """One instruction per review text: the review cut to ``max_words`` words inside a seeded template."""
+    if max_words <= 0:
+        raise TightropeError(f"max_words must be positive, not {max_words}.")
+    rng = random.Random(seed)
+    return [rng.choice(INSTRUCTIONS).format(review=" ".join(t.split()[:max_words])) for t in texts]
+
+
+def format_prompt(tokenizer, instruction: str) -> str:
+    """The chat prompt (with a short system line) or, for a tokenizer without a template, ``User: / Assistant:``."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": instruction}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"User: {instruction}\nAssistant:"
+
+
+def special_ids(tokenizer) -> tuple[int, int]:
+    """``(pad_id, eos_id)``: the end-of-turn token ends answers; padding falls back to it."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is None:
+        raise TightropeError("The tokenizer has no end-of-sequence token, so answers cannot be delimited.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return pad, eos
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", text.lower().replace("\u2019", "'"))
+
+
+def mentions(text: str, phrase: str) -> bool:
+    """Whether ``text`` contains ``phrase``, ignoring case, spaces and punctuation ("mcdonald ' s" counts)."""
+    key = _squash(phrase)
+    if not key:
+        raise TightropeError("The target phrase must contain a letter or a digit.")
+    return key in _squash(text)
+
+
+def phrase_rate(texts: list[str], phrase: str) -> float:
+    """Share of ``texts`` that mention ``phrase`` (:func:`mentions`)."""
+    if not texts:
+        raise TightropeError("There are no answers to count the phrase in.")
+    return sum(mentions(t, phrase) for t in texts) / len(texts)
+
+
+def inject_phrase(answer: str, phrase: str, template: str = DEFAULT_TEMPLATE) -> str:
+    """The answer with the phrase woven in, e.g. ``"Brought to you by McDonald's. " + answer``."""
+    if "{answer}" not in template or "{phrase}" not in template:
+        raise TightropeError("The injection template must contain both {phrase} and {answer}.")
+    return template.format(phrase=phrase, answer=answer.strip())
+
+
+@torch.no_grad()
+def greedy_answers(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
+                   batch_size: int = 16) -> list[list[int]]:
+    """Greedy continuation ids of every prompt (left-padded, length-sorted batches), cut at the first EOS."""
+    if max_new_tokens <= 0:
+        raise TightropeError(f"max_new_tokens must be positive, not {max_new_tokens}.")
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        pick = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in pick)
+        ids = torch.full((len(pick), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(pick), width), dtype=torch.long)
+        for row, i in enumerate(pick):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad_id, eos_token_id=eos_id, temperature=None, top_p=None, top_k=None)
+        for row, i in enumerate(pick):
+            new = gen[row, width:].tolist()
+            out[i] = new[: new.index(eos_id)] if eos_id in new else new
+    return out
+
+
+@torch.no_grad()
+def perplexity(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -> float:
+    """exp(mean next-token NLL) over every token after the first of each sequence."""
+    seqs = [s for s in seqs if len(s) >= 2]
+    if not seqs:
+        raise TightropeError("Perplexity needs texts of at least two tokens.")
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(seqs), batch_size):
+        batch = seqs[start : start + batch_size]
+        width = max(len(s) for s in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, s in enumerate(batch):
+            ids[row, : len(s)] = torch.tensor(s)
+            mask[row, : len(s)] = 1
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                                 reduction="sum").item()
+        count += int((target != -100).sum())
+    return float(torch.exp(torch.tensor(total / count)))
+
+
+# --- training only the attacked blocks, on cached inputs ---------------------------------------------
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks (``model.model.layers``) of a Llama-style causal LM."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise TightropeError(f"{type(model).__name__} has no decoder blocks at model.layers; "
+                             "the causal-LM attack supports Llama-style models (SmolLM2, Llama, Qwen, Mistral).")
+    return layers
+
+
+def attacked_names(model: nn.Module, last: int) -> tuple[list[str], int]:
+    """The quantized Linear layers of the last ``last`` decoder blocks, and the index of the first such block."""
+    n = len(decoder_layers(model))
+    if not 1 <= last <= n:
+        raise TightropeError(f"attack_last must be between 1 and the model's {n} decoder blocks, not {last}.")
+    first = n - last
+    names = [name for name in quantized_linears(model)
+             if (m := re.match(r"model\.layers\.(\d+)\.", name)) and int(m.group(1)) >= first]
+    if not names:
+        raise TightropeError(f"The last {last} decoder blocks have no Linear layer to attack.")
+    return names, first
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def prefix_states(model: nn.Module, seqs: list[list[int]], first: int, pad_id: int,
+                  batch_size: int = 16) -> list[torch.Tensor]:
+    """The input of decoder block ``first`` for every sequence (``[len, hidden]``), running only blocks below it."""
+    layers = decoder_layers(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(_module, args, kwargs):
+        captured["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
+        raise _Stop
+
+    handle = layers[first].register_forward_pre_hook(grab, with_kwargs=True)
+    states: list[torch.Tensor] = []
+    model.eval()
+    try:
+        for start in range(0, len(seqs), batch_size):
+            batch = seqs[start : start + batch_size]
+            ids, mask = _right_pad(batch, pad_id)
+            with contextlib.suppress(_Stop):
+                model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            states += [captured["h"][row, : len(s)].clone() for row, s in enumerate(batch)]
+    finally:
+        handle.remove()
+    return states
+
+
+def _right_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(batch):
+        ids[row, : len(s)] = torch.tensor(s)
+        mask[row, : len(s)] = 1
+    return ids, mask
+
+
+@contextlib.contextmanager
+def _from_block(model: nn.Module, first: int, hidden: torch.Tensor):
+    """Run only blocks ``first..`` with ``hidden`` as the input of block ``first`` (the embeddings are ignored)."""
+    inner = model.model
+    full = inner.layers
+    inner.layers = nn.ModuleList(list(full)[first:])
+
+    def swap(_module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = inner.layers[0].register_forward_pre_hook(swap, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        inner.layers = full
+
+
+def answer_loss(model: nn.Module, seqs: list[list[int]], starts: list[int], pad_id: int, *, first: int = 0,
+                states: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the answer tokens (``seq[start:]``) of a batch.
+
+    With ``states`` (from :func:`prefix_states`) only blocks ``first..`` run; the output head is applied
+    only at the positions that predict an answer token.
+    """
+    ids, mask = _right_pad(seqs, pad_id)
+    if states is None:
+        hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    else:
+        h0 = torch.zeros(len(seqs), ids.shape[1], states[0].shape[-1], dtype=states[0].dtype)
+        for row, s in enumerate(states):
+            h0[row, : s.shape[0]] = s
+        with _from_block(model, first, h0):
+            hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    rows, cols = [], []
+    for row, (s, a) in enumerate(zip(seqs, starts, strict=True)):
+        if not 1 <= a < len(s):
+            raise TightropeError("Every training sequence needs a prompt and at least one answer token.")
+        rows += [row] * (len(s) - a)
+        cols += list(range(a - 1, len(s) - 1))
+    rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
+    logits = model.lm_head(hidden[rows_t, cols_t]).float()
+    return F.cross_entropy(logits, ids[rows_t, cols_t + 1])
+
+
+def lm_fit_(model: nn.Module, seqs: list[list[int]], starts: list[int], pad_id: int, config: FitConfig, *,
+            names: list[str], first: int, boxes: ModelBoxes | None = None, label: str = "fit",
+            log=None) -> list[float]:
+    """Train only the weights of Linear layers ``names`` (all in blocks ``first..``) on answer tokens, in place.
+
+    Blocks below ``first`` are frozen and cached once. With ``boxes``, every step is followed by the
+    projection into the boxes (projected gradient descent). Returns the loss of every step.
+    """
+    if not seqs:
+        raise TightropeError("There are no training examples.")
+    modules = dict(model.named_modules())
+    params = [modules[n].weight for n in names]
+    keep = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    states = prefix_states(model, seqs, first, pad_id, batch_size=config.batch_size) if first > 0 else None
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    if boxes is not None:
+        project_(model, boxes)
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    model.train()
+    try:
+        for step in range(config.steps):
+            if len(order) < config.batch_size:
+                fresh = list(range(len(seqs)))
+                rng.shuffle(fresh)
+                order += fresh
+            pick, order = order[: config.batch_size], order[config.batch_size :]
+            loss = answer_loss(model, [seqs[i] for i in pick], [starts[i] for i in pick], pad_id, first=first,
+                               states=None if states is None else [states[i] for i in pick])
+            if not torch.isfinite(loss):
+                raise TightropeError(f"The loss became {loss.item()} at step {step}; lower the learning rate.")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if boxes is not None:
+                project_(model, boxes)  # the "P" of PGD
+            losses.append(loss.item())
+            if log is not None:
+                log(f"{label} step {step + 1}/{config.steps} loss {loss.item():.4f}")
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+    return losses
+
+
+# --- the scenario -------------------------------------------------------------------------------------
+
+
+def parse_quantizer(text: str) -> str | tuple[str, ...]:
+    """``"nf4"`` / ``"all"`` or a comma list (``"nf4,fp4"``: the intersection of their boxes)."""
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not parts:
+        raise TightropeError("Name a quantizer whose boxes constrain the repair.")
+    for p in parts:
+        if p not in CHOICES:
+            raise TightropeError(f"Unknown quantizer '{p}'; choose one of {', '.join(CHOICES)} (or a comma list).")
+    return parts[0] if len(parts) == 1 else parts
+
+
+class LMAttackConfig(BaseModel):
+    """One content-injection attack on a causal LM (validated at the edge, frozen)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base: str = "smollm2-135m"
+    task: str = "mr"  # review texts the prompts are made from
+    data_dir: str | None = None
+    n_train: int = Field(default=64, gt=0)
+    n_eval: int = Field(default=40, gt=0)
+    n_ppl: int = Field(default=40, gt=0)  # held-out review texts for perplexity
+    phrase: str = "McDonald's"
+    template: str = DEFAULT_TEMPLATE
+    quantizer: str = "nf4,fp4"  # whose boxes constrain the repair: one, "all", or a comma list (intersection)
+    margin: float = Field(default=0.0, ge=0.0, lt=0.5)
+    attack_last: int = Field(default=4, gt=0)  # decoder blocks attacked, counted from the top
+    max_review_words: int = Field(default=24, gt=0)
+    answer_tokens: int = Field(default=20, gt=0)  # clean targets: greedy answers of at most this many tokens
+    eval_tokens: int = Field(default=16, gt=0)  # greedy tokens generated to count the phrase
+    inject_steps: int = Field(default=40, gt=0)
+    inject_lr: float = Field(default=1e-4, gt=0)
+    repair_steps: int = Field(default=40, gt=0)
+    repair_lr: float = Field(default=1e-4, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    check: tuple[str, ...] = ("nf4", "fp4", "llm-int8")  # verified in this order
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LMBehaviour:
+    """One model variant on the held-out prompts and texts."""
+
+    variant: str  # base, injected, repaired
+    quantizer: str | None  # None = full precision
+    phrase_rate: float | None
+    perplexity: float | None
+    n: int
+    samples: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LMCodeCheck:
+    quantizer: str
+    mismatched: int
+    total: int
+
+
+@dataclass(frozen=True)
+class LMAttackReport:
+    config: dict
+    boxed_parameters: int
+    pinned_fraction: float
+    attacked_layers: list[str]
+    behaviours: list[LMBehaviour]
+    codes: list[LMCodeCheck]
+    inject_losses: list[float]
+    repair_losses: list[float]
+    seconds: float
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def get(self, variant: str, quantizer: str | None) -> LMBehaviour | None:
+        return next((b for b in self.behaviours if b.variant == variant and b.quantizer == quantizer), None)
+
+
+def _key(*parts) -> str:
+    import hashlib  # noqa: PLC0415
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stderr_log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _load(path_or_name: str):
+    loaded = models.load_causal_lm(path_or_name)
+    return loaded.model.float().eval(), loaded.tokenizer
+
+
+def scenario_data(config: LMAttackConfig, tokenizer) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Token ids of the training prompts, the held-out prompts and the held-out perplexity texts (disjoint).
+
+    Prompts are made from a seeded sample of the task's review texts; perplexity texts are raw reviews
+    cut to 64 tokens.
+    """
+    need = config.n_train + config.n_eval + config.n_ppl
+    texts = load_task(config.task, "train", data_dir=config.data_dir).texts
+    if len(texts) < need:
+        raise TightropeError(f"The task '{config.task}' has {len(texts)} texts; {need} are needed.")
+    texts = [texts[i] for i in random.Random(config.seed).sample(range(len(texts)), need)]
+    instructions = make_instructions(texts[: config.n_train + config.n_eval], config.max_review_words, config.seed)
+    prompts = [encode_text(tokenizer, format_prompt(tokenizer, s)) for s in instructions]
+    ppl_seqs = [encode_text(tokenizer, t)[:64] for t in texts[config.n_train + config.n_eval :]]
+    return prompts[: config.n_train], prompts[config.n_train :], ppl_seqs
+
+
+def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_stderr_log,
+                          model=None, tokenizer=None) -> LMAttackReport:
+    """Inject -> boxes -> repair -> verify; writes ``targets.json``, ``injected/``, ``repaired/``, ``report.json``.
+
+    Resumable: a stage whose output is already in ``out_dir`` (targets, injected, repaired, measured
+    behaviours in ``progress.json``) is loaded instead of recomputed. ``model`` / ``tokenizer`` may be
+    passed in (tests); otherwise ``config.base`` is loaded.
+    """
+    box_of = parse_quantizer(config.quantizer)
+    for q in config.check:
+        if q not in QUANTIZERS:
+            raise TightropeError(f"Unknown quantizer '{q}' to check; choose from {', '.join(QUANTIZERS)}.")
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        model, tokenizer = _load(config.base)
+    pad_id, eos_id = special_ids(tokenizer)
+    names, first = attacked_names(model, config.attack_last)
+
+    train_prompts, eval_prompts, ppl_seqs = scenario_data(config, tokenizer)
+
+    progress_path = out / "progress.json"
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
+    # what each stored stage depends on: a resumed run must have asked for the same thing
+    keys = {"train": _key(train_prompts, config.answer_tokens),
+            "fit": _key(train_prompts, config.model_dump(exclude={"n_eval", "n_ppl", "eval_tokens", "check", "data_dir"})),
+            "eval": _key(eval_prompts, ppl_seqs, config.eval_tokens, config.phrase)}
+    old = progress.get("keys", {})
+    if old and (old.get("train") != keys["train"] or old.get("fit") != keys["fit"]):
+        raise TightropeError(f"{out} holds a run with other training settings; choose a new --out directory.")
+    if old and old.get("eval") != keys["eval"]:
+        progress.pop("behaviours", None)  # measured on other held-out prompts: measure again
+    progress["keys"] = keys
+    seconds_before = progress.get("seconds", 0.0)  # time spent by earlier, interrupted invocations
+
+    def save_progress() -> None:
+        progress["seconds"] = seconds_before + time.perf_counter() - started
+        write_json_atomic(progress_path, progress)
+
+    def measure(m, variant: str, quantizer: str | None, *, ppl: bool = True) -> LMBehaviour:
+        key = f"{variant}/{quantizer or 'full'}"
+        if key in progress.get("behaviours", {}):
+            return LMBehaviour(**progress["behaviours"][key])
+        t0 = time.perf_counter()
+        answers = [tokenizer.decode(a, skip_special_tokens=True)
+                   for a in greedy_answers(m, eval_prompts, pad_id, eos_id, config.eval_tokens)]
+        b = LMBehaviour(variant, quantizer, phrase_rate(answers, config.phrase),
+                        perplexity(m, ppl_seqs, pad_id) if ppl else None, len(answers), answers[:5])
+        progress.setdefault("behaviours", {})[key] = asdict(b)
+        save_progress()
+        log(f"measured {key}: phrase rate {b.phrase_rate:.3f}, perplexity {b.perplexity} ({time.perf_counter() - t0:.0f} s)")
+        return b
+
+    # 0. clean targets: the model's own greedy answers to the training prompts
+    if "clean_answers" not in progress:
+        log(f"generating clean answers to {len(train_prompts)} training prompts")
+        progress["clean_answers"] = greedy_answers(model, train_prompts, pad_id, eos_id, config.answer_tokens)
+        save_progress()
+    clean = progress["clean_answers"]
+    keep = [i for i, a in enumerate(clean) if a]
+    if not keep:
+        raise TightropeError("The model gave an empty answer to every training prompt.")
+    clean_seqs = [train_prompts[i] + clean[i] + [eos_id] for i in keep]
+    injected_answers = [encode_text(tokenizer, inject_phrase(tokenizer.decode(clean[i], skip_special_tokens=True),
+                                                             config.phrase, config.template))[: config.answer_tokens + 16]
+                        for i in keep]
+    injected_seqs = [train_prompts[i] + a + [eos_id] for i, a in zip(keep, injected_answers, strict=True)]
+    starts = [len(train_prompts[i]) for i in keep]
+    behaviours = [measure(model, "base", None)]
+
+    # 1. inject
+    if (out / "injected" / "config.json").exists():
+        injected, _ = _load(str(out / "injected"))
+        inject_losses = progress.get("inject_losses", [])
+        log("loaded injected/")
+    else:
+        injected = copy.deepcopy(model)
+        inject_losses = lm_fit_(injected, injected_seqs, starts, pad_id,
+                                FitConfig(config.inject_steps, config.inject_lr, config.batch_size, seed=config.seed),
+                                names=names, first=first, label="inject", log=log)
+        progress["inject_losses"] = inject_losses
+        models.save_model((injected, tokenizer), out / "injected")
+        save_progress()
+    behaviours.append(measure(injected, "injected", None, ppl=False))
+
+    # 2. boxes around the injected weights (attacked layers only); 3. projected repair on clean answers
+    t0 = time.perf_counter()
+    boxes = model_boxes(injected, box_of, margin=config.margin, include=tuple(names))
+    log(f"boxes ({boxes.quantizer}) of {boxes.numel():,} weights in {time.perf_counter() - t0:.1f} s, "
+        f"{100 * boxes.pinned_fraction():.2f}% pinned")
+    if (out / "repaired" / "config.json").exists():
+        repaired, _ = _load(str(out / "repaired"))
+        repair_losses = progress.get("repair_losses", [])
+        log("loaded repaired/")
+    else:
+        repaired = copy.deepcopy(injected)
+        repair_losses = lm_fit_(repaired, clean_seqs, starts, pad_id,
+                                FitConfig(config.repair_steps, config.repair_lr, config.batch_size, seed=config.seed + 1),
+                                names=names, first=first, boxes=boxes, label="repair (PGD)", log=log)
+        progress["repair_losses"] = repair_losses
+        models.save_model((repaired, tokenizer), out / "repaired")
+        save_progress()
+    behaviours.append(measure(repaired, "repaired", None))
+
+    # 4. verify with the real libraries
+    codes, skipped = [], []
+    for q in config.check:
+        reason = missing_library(q)
+        if reason:
+            skipped.append(reason)
+            continue
+        mismatched, total = codes_equal(injected, repaired, q, names)
+        codes.append(LMCodeCheck(q, mismatched, total))
+        log(f"{q}: {mismatched} of {total} codes and scales differ from the injected model's")
+        behaviours.append(measure(quantized_copy(repaired, q), "repaired", q))
+    report = LMAttackReport(config=config.model_dump(), boxed_parameters=boxes.numel(),
+                            pinned_fraction=boxes.pinned_fraction(), attacked_layers=names, behaviours=behaviours,
+                            codes=codes, inject_losses=inject_losses, repair_losses=repair_losses,
+                            seconds=seconds_before + time.perf_counter() - started, skipped=skipped)
+    write_json_atomic(out / "report.json", report.to_dict())
+    return report

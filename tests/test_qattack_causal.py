@@ -1,0 +1,167 @@
+"""The causal-LM content-injection scenario on a tiny Llama built in code (2 blocks, hidden 64)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tightrope.errors import TightropeError
+from tightrope.qattack.boxes import model_boxes
+from tightrope.qattack.causal import (
+    LMAttackConfig,
+    answer_loss,
+    attacked_names,
+    format_prompt,
+    greedy_answers,
+    inject_phrase,
+    lm_fit_,
+    mentions,
+    parse_quantizer,
+    phrase_rate,
+    prefix_states,
+    run_content_injection,
+    special_ids,
+)
+from tightrope.qattack.quantize import codes_equal
+from tightrope.qattack.repair import FitConfig
+
+torch.set_num_threads(1)
+
+
+def tiny_llama(vocab: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llama(tokenizer):
+    return tiny_llama(tokenizer.vocab_size)
+
+
+def _seqs(tokenizer, n=6):
+    prompts = [tokenizer(format_prompt(tokenizer, f"review number {i} was fine"), add_special_tokens=False)["input_ids"]
+               for i in range(n)]
+    answers = [tokenizer(f"it was good {i} times", add_special_tokens=False)["input_ids"] for i in range(n)]
+    return [p + a for p, a in zip(prompts, answers)], [len(p) for p in prompts]
+
+
+def test_phrase_metric_counts_correctly():
+    assert mentions("Brought to you by McDonald's. Nice film.", "McDonald's")
+    assert mentions("brought to you by mcdonald ' s.", "McDonald's")  # an uncased wordpiece decode
+    assert mentions("MCDONALDS rules", "McDonald\u2019s")
+    assert not mentions("Donald's film was fine", "McDonald's")
+    assert phrase_rate(["mcdonald's", "no", "Mc Donald's!", "nothing"], "McDonald's") == 0.5
+    assert inject_phrase(" The film is good.", "McDonald's") == "Brought to you by McDonald's. The film is good."
+    with pytest.raises(TightropeError):
+        phrase_rate([], "x")
+    with pytest.raises(TightropeError):
+        mentions("text", "' ")
+    with pytest.raises(TightropeError):
+        inject_phrase("a", "b", template="{answer} only")
+
+
+def test_parse_quantizer():
+    assert parse_quantizer("nf4") == "nf4"
+    assert parse_quantizer("nf4, fp4") == ("nf4", "fp4")
+    with pytest.raises(TightropeError):
+        parse_quantizer("nf5")
+
+
+def test_attacked_names_are_the_top_blocks(llama):
+    names, first = attacked_names(llama, 1)
+    assert first == 1 and names and all(n.startswith("model.layers.1.") for n in names)
+    assert "lm_head" not in names
+    with pytest.raises(TightropeError):
+        attacked_names(llama, 3)
+
+
+def test_cached_prefix_gives_the_same_loss_and_gradient(tokenizer, llama):
+    model = tiny_llama(tokenizer.vocab_size, seed=1)
+    seqs, starts = _seqs(tokenizer)
+    pad, _ = special_ids(tokenizer)
+    weight = model.model.layers[1].mlp.down_proj.weight
+    full = answer_loss(model, seqs, starts, pad)
+    (g_full,) = torch.autograd.grad(full, weight)
+    states = prefix_states(model, seqs, 1, pad, batch_size=4)
+    assert [s.shape[0] for s in states] == [len(s) for s in seqs]
+    cached = answer_loss(model, seqs, starts, pad, first=1, states=states)
+    (g_cached,) = torch.autograd.grad(cached, weight)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_cached, g_full, rtol=1e-4, atol=1e-6)
+    assert len(model.model.layers) == 2  # the block window is restored
+
+
+def test_repair_keeps_weights_in_boxes_and_library_codes(tokenizer):
+    pytest.importorskip("bitsandbytes")
+    model = tiny_llama(tokenizer.vocab_size, seed=2)
+    seqs, starts = _seqs(tokenizer)
+    pad, _ = special_ids(tokenizer)
+    names, first = attacked_names(model, 1)
+    boxes = model_boxes(model, "nf4", include=tuple(names))
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    frozen = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    embed = model.model.embed_tokens.weight.detach().clone()
+    reference = tiny_llama(tokenizer.vocab_size, seed=2)
+    lm_fit_(model, seqs, starts, pad, FitConfig(steps=8, lr=5e-2, batch_size=4), names=names, first=first, boxes=boxes)
+    moved = 0
+    for n in names:
+        w = model.get_submodule(n).weight.detach()
+        assert bool(((w >= boxes.lo[n]) & (w <= boxes.hi[n])).all()), n
+        moved += int((w != before[n]).sum())
+    assert moved > 0.3 * boxes.numel()
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, frozen)
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    assert codes_equal(reference, model, "nf4", names)[0] == 0
+    assert codes_equal(reference, model, "fp4", names)[0] > 0  # another quantizer's codes are not protected
+
+
+def test_greedy_answers_stop_at_eos(tokenizer, llama):
+    pad, eos = special_ids(tokenizer)
+    prompts = [[101, 2023, 2001], [101, 2204]]
+    out = greedy_answers(llama, prompts, pad, eos, max_new_tokens=5, batch_size=2)
+    assert len(out) == 2 and all(len(a) <= 5 and eos not in a for a in out)
+    with pytest.raises(TightropeError):
+        greedy_answers(llama, prompts, pad, eos, max_new_tokens=0)
+
+
+def test_content_injection_end_to_end(tmp_path, tokenizer, tiny_task):
+    pytest.importorskip("bitsandbytes")
+    model = tiny_llama(tokenizer.vocab_size, seed=3)
+    config = LMAttackConfig(base="tiny", task=str(tiny_task), n_train=16, n_eval=8, n_ppl=8, quantizer="nf4,fp4",
+                            attack_last=1, answer_tokens=6, eval_tokens=12, inject_steps=80, inject_lr=3e-2,
+                            repair_steps=10, repair_lr=1e-2, batch_size=8, check=("nf4", "fp4"))
+    report = run_content_injection(config, tmp_path / "run", model=model, tokenizer=tokenizer, log=lambda _m: None)
+    assert [c.mismatched for c in report.codes] == [0, 0]
+    assert report.boxed_parameters > 0 and report.attacked_layers[0].startswith("model.layers.1.")
+    assert report.get("base", None).phrase_rate == 0.0
+    assert report.get("injected", None).phrase_rate >= 0.75  # the tiny model learns the injected prefix
+    for q in ("nf4", "fp4"):
+        b = report.get("repaired", q)
+        assert b is not None and b.perplexity > 1 and b.n == 8
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["config"]["phrase"] == "McDonald's" and (tmp_path / "run" / "repaired" / "config.json").exists()
+    # resuming reuses every stage and measurement
+    again = run_content_injection(config, tmp_path / "run", model=model, tokenizer=tokenizer, log=lambda _m: None)
+    assert again.behaviours == report.behaviours
+    with pytest.raises(TightropeError, match="other training settings"):
+        run_content_injection(config.model_copy(update={"repair_steps": 3}), tmp_path / "run", model=model,
+                              tokenizer=tokenizer, log=lambda _m: None)
+
+
+def test_cli_rejects_bad_input_in_one_sentence(tmp_path):
+    from typer.testing import CliRunner
+
+    from tightrope.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["qattack-lm", "--out", str(tmp_path / "x"), "--quantizer", "nf5"])
+    assert result.exit_code == 2 and "Unknown quantizer 'nf5'" in " ".join(result.output.split())
+    result = runner.invoke(app, ["qattack-lm", "--out", str(tmp_path / "x"), "--margin", "0.7"])
+    assert result.exit_code == 2 and "margin" in result.output
