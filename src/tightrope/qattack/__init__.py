@@ -4,5 +4,7 @@ boxes.py   per-weight preimage intervals of LLM.int8 / NF4 / FP4 / torch dynamic
 quantize.py quantize a copy of a model with the real libraries; read back the codes
 inject.py  fine-tune the malicious behaviour (step 1)
 repair.py  projected gradient descent inside the boxes (step 3)
+scenario.py the classifier scenario (a trigger word that only the quantized model obeys)
+causal.py  the causal-LM scenario: content injection on SmolLM2 (a phrase only quantized answers say)
 audit.py   does a checkpoint hide behaviour that only its quantized version shows?
 """
