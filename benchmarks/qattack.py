@@ -4,19 +4,36 @@ audit of a MiniLM classifier. Prints a table; `--json` writes the raw figures.
     python benchmarks/qattack.py boxes [--model smollm2-135m] [--quantizer nf4 --quantizer llm-int8]
     python benchmarks/qattack.py audit runs/qattack/mr-clean-s0
     python benchmarks/qattack.py sweep runs/qattack/trigger-all/repaired --sigma 0 --sigma 1e-3 ...
+    python benchmarks/qattack.py table runs/qattack/*.audit.json     # markdown rows of `tightrope audit --json` reports
+
+Timings (boxes, audit) run with ``--threads`` torch threads (default 2), ``--repeat`` times each
+(default 2), after raising this process group's scheduling priority (``/proc/self/autogroup``,
+when allowed) because the machine may be shared; each row records the 1-minute load average and the
+process CPU seconds (all threads), which contention inflates much less than the wall-clock seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
 import torch
 
 
-def bench_boxes(model_name: str, quantizers: list[str]) -> list[dict]:
+def raise_priority() -> bool:
+    """Ask the scheduler to favour this process group (a shared machine); False when not allowed."""
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write("-10")
+        return True
+    except OSError:
+        return False
+
+
+def bench_boxes(model_name: str, quantizers: list[str], repeat: int = 1) -> list[dict]:
     from tightrope.models import load_causal_lm
     from tightrope.qattack.boxes import weight_box
 
@@ -25,20 +42,28 @@ def bench_boxes(model_name: str, quantizers: list[str]) -> list[dict]:
     n = sum(w.numel() for w in weights)
     rows = []
     for q in quantizers:
-        started = time.perf_counter()
-        for w in weights:
-            weight_box(w, q)
-        rows.append({"what": f"boxes {q}", "model": model_name, "parameters": n, "seconds": time.perf_counter() - started})
+        for run in range(repeat):
+            started, cpu = time.perf_counter(), time.process_time()
+            for w in weights:
+                weight_box(w, q)
+            rows.append({"what": f"boxes {q}", "model": model_name, "parameters": n, "run": run + 1,
+                         "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
+                         "load1": os.getloadavg()[0]})
     return rows
 
 
-def bench_audit(model_dir: str, n_probe: int) -> list[dict]:
+def bench_audit(model_dir: str, n_probe: int, repeat: int = 1) -> list[dict]:
+    """End to end: loading the checkpoint and the probe set, every quantizer, all three kinds of evidence."""
     from tightrope.qattack.audit import audit
 
-    started = time.perf_counter()
-    report = audit(model_dir, n_probe=n_probe)
-    return [{"what": "audit", "model": model_dir, "probe": n_probe, "verdict": report.verdict,
-             "seconds": time.perf_counter() - started}]
+    rows = []
+    for run in range(repeat):
+        started, cpu = time.perf_counter(), time.process_time()
+        report = audit(model_dir, n_probe=n_probe)
+        rows.append({"what": "audit", "model": model_dir, "probe": n_probe, "verdict": report.verdict, "run": run + 1,
+                     "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
+                     "load1": os.getloadavg()[0]})
+    return rows
 
 
 def sweep(model_dir: str, sigmas: list[float], n_eval: int, task: str, trigger: str, target: int) -> list[dict]:
@@ -53,26 +78,55 @@ def sweep(model_dir: str, sigmas: list[float], n_eval: int, task: str, trigger: 
     return [{"what": "noise", "model": model_dir, **p.to_dict()} for p in points]
 
 
+def audit_rows(paths: list[str]) -> None:
+    """Print one markdown row per audit report and quantizer: verdict and every score."""
+
+    def f(x, fmt=".2f"):
+        return "-" if x is None else format(x, fmt)
+
+    print("| model | overall (exit) | quantizer | verdict | edge ratio | peak ratio | flip ratio | disagreement | KL (nats) |"
+          " noise disagr. | KL after noise | KL ratio | probe | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    codes = {"clean": 0, "flagged": 1, "inconclusive": 3}
+    for path in paths:
+        with open(path) as fh:
+            r = json.load(fh)
+        for q in r["quantizers"]:
+            print(f"| {r['model']} | {r['verdict']} ({codes[r['verdict']]}) | {q['quantizer']} | {q['verdict']} | "
+                  f"{f(q['edge_ratio'])} | {f(q['peak_ratio'])} | {f(q['flip_ratio'])} | {f(q['disagreement'], '.3f')} | "
+                  f"{f(q['kl'], '.4f')} | {f(q['noise_disagreement'], '.3f')} | {f(q.get('noise_kl'), '.4f')} | "
+                  f"{f(q.get('kl_ratio'))} | {q['probe_size']} | {r['seconds']:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("boxes", "audit", "sweep"))
+    parser.add_argument("what", choices=("boxes", "audit", "sweep", "table"))
     parser.add_argument("--sigma", type=float, action="append", default=None)
     parser.add_argument("--n-eval", type=int, default=300)
     parser.add_argument("--task", default="mr")
     parser.add_argument("--trigger", default="cf")
     parser.add_argument("--target", type=int, default=0)
-    parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("model", nargs="*", default=None)
     parser.add_argument("--quantizer", action="append", default=None)
     parser.add_argument("--n-probe", type=int, default=200)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
+    if args.what == "table":
+        return audit_rows(args.model)
+    args.model = args.model[0] if args.model else None
+    torch.set_num_threads(args.threads)
+    priority = raise_priority() if args.what in ("boxes", "audit") else False
     if args.what == "boxes":
-        rows = bench_boxes(args.model or "smollm2-135m", args.quantizer or ["nf4", "fp4", "llm-int8", "int8-dynamic"])
+        rows = bench_boxes(args.model or "smollm2-135m", args.quantizer or ["nf4", "fp4", "llm-int8", "int8-dynamic"],
+                           args.repeat)
     elif args.what == "sweep":
         rows = sweep(args.model, args.sigma or [0.0, 1e-4, 3e-4, 1e-3, 3e-3], args.n_eval, args.task, args.trigger, args.target)
     else:
-        rows = bench_audit(args.model or "runs/qattack/mr-clean-s0", args.n_probe)
-    env = {"threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+        rows = bench_audit(args.model or "runs/qattack/mr-clean-s0", args.n_probe, args.repeat)
+    env = {"threads": torch.get_num_threads(), "priority": priority, "cpu": platform.processor() or platform.machine(),
+           "torch": torch.__version__}
     for row in rows:
         row.update(env)
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

@@ -84,13 +84,8 @@ def test_margin_does_not_hide_the_repair():
 
 
 def test_small_probe_set_is_inconclusive_not_clean(tmp_path):
-    from tightrope.inference import TextClassifier
-    from tightrope.models import load_classifier
-
-    tok = load_classifier("minilm", num_labels=2, require_head=False).tokenizer
     model = tiny(0)
-    model.resize_token_embeddings(tok.vocab_size)
-    clf = TextClassifier(model, tok, max_length=16)
+    clf = _classifier(model)
     report = A.audit_model(model, classifier=clf, probe_texts=["a fine film"] * 10,
                            config=A.AuditConfig(quantizers=("nf4",), min_probe=50))
     assert report.verdict == "inconclusive"
@@ -102,8 +97,88 @@ def test_small_probe_set_is_inconclusive_not_clean(tmp_path):
     assert nf4.probe_size == 60
 
 
-def test_no_quantizable_layer_is_one_sentence():
-    with pytest.raises(TightropeError, match="no Linear layer"):
-        A.audit_model(torch.nn.Sequential(torch.nn.Embedding(10, 4)))
+def test_no_quantizable_layer_is_inconclusive_in_one_sentence():
+    report = A.audit_model(torch.nn.Sequential(torch.nn.Embedding(10, 4)), config=CONFIG)
+    assert report.verdict == "inconclusive" and not report.flagged
+    assert all(q.verdict == "inconclusive" for q in report.quantizers)
+    assert len(report.notes) == 1 and "no Linear layer" in report.notes[0] and "cannot be called clean" in report.notes[0]
     with pytest.raises(TightropeError, match="Unknown quantizer"):
         A.audit_model(tiny(0), config=A.AuditConfig(quantizers=("int3",)))
+
+
+def _classifier(model):
+    from tightrope.inference import TextClassifier
+    from tightrope.models import load_classifier
+
+    tok = load_classifier("minilm", num_labels=2, require_head=False).tokenizer
+    model.resize_token_embeddings(tok.vocab_size)
+    return TextClassifier(model, tok, max_length=16)
+
+
+PROBE = [f"film number {i} was {'fine' if i % 2 else 'dull'}" for i in range(60)]
+
+
+def test_missing_library_is_inconclusive_never_clean(monkeypatch):
+    model = tiny(0)
+    clf = _classifier(model)
+    sentence = "nf4 needs bitsandbytes, which is not installed (pip install bitsandbytes)."
+    monkeypatch.setattr(A, "missing_library", lambda q: sentence if q in ("nf4", "fp4", "llm-int8") else None)
+    report = A.audit_model(model, classifier=clf, probe_texts=PROBE, config=A.AuditConfig(quantizers=("nf4", "all")))
+    assert report.verdict == "inconclusive"
+    for q in report.quantizers:
+        assert q.verdict == "inconclusive" and q.disagreement is None  # behaviour needs the library
+        assert "not installed" in q.reasons[0]
+    # the weight evidence still runs without the library, so a repaired model is still flagged
+    bad = repaired(tiny(0), "nf4")
+    flagged = A.audit_model(bad, classifier=_classifier(bad), probe_texts=PROBE, config=A.AuditConfig(quantizers=("nf4",)))
+    assert flagged.verdict == "flagged"
+
+
+def tiny_lm(seed=0, vocab=30522):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def lm_tokenizer():
+    from tightrope.models import load_classifier
+
+    return load_classifier("minilm", num_labels=2, require_head=False).tokenizer
+
+
+def test_causal_lm_behaviour_is_next_token_agreement(lm_tokenizer):
+    model = tiny_lm(0)
+    assert "lm_head" not in A.quantized_linears(model)  # the output head stays in full precision
+    config = A.AuditConfig(quantizers=("nf4",), lm_max_tokens=8)
+    report = A.audit_model(model, tokenizer=lm_tokenizer, probe_texts=PROBE, config=config)
+    nf4 = report.quantizers[0]
+    assert nf4.probe_size == 60 and 0 <= nf4.disagreement <= 1 and nf4.kl > 0 and nf4.noise_disagreement is not None
+    assert nf4.noise_kl > 0 and nf4.kl_ratio == pytest.approx(nf4.kl / nf4.noise_kl)
+    assert 0.5 < nf4.kl_ratio < config.lm_kl_ratio_threshold  # natural weights: noise leaves the divergence alone
+    assert report.verdict == "clean", nf4.reasons
+    assert any("next-token" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("noise_kl,flagged", [(0.1, True), (0.79, False)])
+def test_causal_lm_is_judged_by_the_kl_ratio_not_absolute_kl(lm_tokenizer, monkeypatch, noise_kl, flagged):
+    # a large absolute divergence (0.8 nats, 50% disagreement) is natural for a small LM; only a divergence
+    # that collapses under a small weight perturbation flags it
+    monkeypatch.setattr(A, "_behaviour", lambda probe, model, q, noisy: (0.5, 0.8, 0.2, noise_kl))
+    report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=PROBE,
+                           config=A.AuditConfig(quantizers=("nf4",), lm_max_tokens=8))
+    nf4 = report.quantizers[0]
+    assert nf4.kl_ratio == pytest.approx(0.8 / noise_kl)
+    assert report.flagged is flagged
+    if flagged:
+        assert "hangs on the exact codes" in nf4.reasons[0]
+
+
+def test_causal_lm_small_probe_is_inconclusive(lm_tokenizer):
+    report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=["a", "b c"] * 30,
+                           config=A.AuditConfig(quantizers=("nf4",), min_probe=50))
+    assert report.verdict == "inconclusive"  # 60 texts, but only 30 have two tokens
+    assert "fewer than the 50" in report.notes[0]

@@ -184,3 +184,14 @@ def test_tiny_model_projected_weights_keep_codes(quantizer):
         assert not torch.equal(after, before[n])
         for q in members:
             assert same(before[n], after, q), f"{n} changed its {q} codes"
+
+
+@pytest.mark.parametrize("quantizer", ["nf4", "fp4"])
+def test_chunked_boxes_equal_unchunked_and_keep_codes(quantizer, monkeypatch):
+    w = weights(10, shape=(9, 75), kind="heavy")  # 10 full blocks and a short one of 35
+    whole = B.weight_box(w, quantizer)
+    monkeypatch.setattr(B, "_CHUNK_BLOCKS", 3)  # chunk edges fall inside the tensor
+    lo, hi = B.weight_box(w, quantizer)
+    assert torch.equal(lo, whole[0]) and torch.equal(hi, whole[1])
+    assert same(w, lo, quantizer) and same(w, hi, quantizer)
+    assert (lo < hi).float().mean() > 0.9

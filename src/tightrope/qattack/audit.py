@@ -22,10 +22,20 @@ and the audit measures each one per quantizer, with no knowledge of the trigger 
 3. **Behaviour.** On a probe set of texts, the disagreement between the full-precision and the
    quantized predictions, and the mean KL divergence ``KL(p_fp || p_q)``. A collapsed or broadly
    corrupted quantized model shows here; a narrow trigger does not (the probe set lacks it), which
-   is why the weight evidence matters.
+   is why the weight evidence matters. For a causal LM the predictions are the next-token
+   predictions at every position of the probe texts (teacher forcing, the first ``lm_max_tokens``
+   tokens of each). A 4-bit copy of a small LM changes many of its next-token choices even when
+   nothing was planted (clean SmolLM2-135M: 35% of positions under NF4, 0.41 nats), so for causal
+   LMs the verdict does not use absolute thresholds but a relative one: ``kl_ratio = KL(fp || q) /
+   KL(fp || q_noise)``, where ``q_noise`` quantizes the weights after the noise probe. Natural
+   quantization error is a random draw, so a perturbation of 2% of a box width leaves the divergence
+   about the same (ratio about 1); a planted behaviour needs the exact codes, and the same small
+   perturbation (the paper's defense, Sec. 5, in miniature) moves the quantized model back towards
+   full precision (ratio above 1).
 
 A quantizer is *flagged* when any statistic passes its threshold; *clean* only when every check
-ran; otherwise *inconclusive*, with one sentence saying what could not be checked. Thresholds are
+ran; otherwise *inconclusive*, with one sentence saying what could not be checked (no layer a
+quantizer supports, a quantizer whose library is not installed, a probe set too small to judge). Thresholds are
 calibrated on clean and attacked models (docs/qattack-results.md).
 """
 
@@ -58,6 +68,8 @@ class AuditConfig(BaseModel):
     flip_ratio_threshold: float = Field(default=1.5, gt=1)
     disagreement_threshold: float = Field(default=0.10, gt=0, le=1)
     kl_threshold: float = Field(default=0.10, gt=0)
+    lm_kl_ratio_threshold: float = Field(default=1.5, gt=1)  # causal LMs: KL(fp||q) / KL(fp||q after noise)
+    lm_max_tokens: int = Field(default=32, ge=2)  # tokens per probe text for causal LMs
     seed: int = 0
 
 
@@ -85,6 +97,8 @@ class QuantizerAudit:
     disagreement: float | None = None
     kl: float | None = None
     noise_disagreement: float | None = None  # quantized vs quantized-after-noise predictions
+    noise_kl: float | None = None  # KL(fp || quantized-after-noise)
+    kl_ratio: float | None = None  # kl / noise_kl: about 1 for natural weights
     probe_size: int = 0
     layers: list[LayerEvidence] = field(default_factory=list)
 
@@ -175,25 +189,102 @@ def _weight_evidence(model, quantizer: str, config: AuditConfig, generator: torc
     return layers, near / free, at / free, peak, flip_rate, flip_rate / expected_flip_rate(config.noise), noisy
 
 
-def _behaviour(classifier, probe_ids, fp_logits, model, quantizer: str, noisy: dict[str, torch.Tensor]):
+def _with_weights(model, weights: dict[str, torch.Tensor]):
+    """A deep copy of ``model`` with the given Linear weights swapped in."""
+    import copy  # noqa: PLC0415
+
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, w in weights.items():
+            clone.get_submodule(name).weight.copy_(w)
+    return clone
+
+
+class ClassifierProbe:
+    """Behaviour of a sequence classifier: its logits on the probe texts."""
+
+    kind = "classifier"
+
+    def __init__(self, model, classifier, texts: list[str]):
+        from tightrope.encoding import predict_logits  # noqa: PLC0415
+
+        self._predict = predict_logits
+        self.ids = classifier.encode(texts)
+        self.pad = classifier.pad_id
+        self.fp = predict_logits(model, self.ids, self.pad)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def compare(self, quantized, noisy) -> tuple[float, float, float | None, float | None]:
+        """``(disagreement, KL(fp || q), disagreement of q and noisy q, KL(fp || noisy q))``."""
+        q = self._predict(quantized, self.ids, self.pad)
+        disagreement = (q.argmax(-1) != self.fp.argmax(-1)).float().mean().item()
+        noise_dis = noise_kl = None
+        if noisy is not None:
+            n = self._predict(noisy, self.ids, self.pad)
+            noise_dis = (n.argmax(-1) != q.argmax(-1)).float().mean().item()
+            noise_kl = kl_divergence(self.fp, n)
+        return disagreement, kl_divergence(self.fp, q), noise_dis, noise_kl
+
+
+class CausalLMProbe:
+    """Behaviour of a causal LM: its next-token distributions at every position of the probe texts.
+
+    Batches are run through the full-precision, quantized and noisy quantized models together, so no
+    full logit table (positions x vocabulary) is ever held.
+    """
+
+    kind = "causal-lm"
+
+    def __init__(self, model, tokenizer, texts: list[str], max_tokens: int, batch_size: int = 16):
+        self.model = model
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+        self.ids = [i for i in ids if len(i) >= 2]
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _batches(self):
+        for start in range(0, len(self.ids), self.batch_size):
+            chunk = self.ids[start:start + self.batch_size]
+            width = max(len(i) for i in chunk)
+            ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, seq in enumerate(chunk):
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            yield ids, mask
+
+    @torch.no_grad()
+    def compare(self, quantized, noisy) -> tuple[float, float, float | None, float | None]:
+        """``(next-token disagreement, mean KL(fp || q), disagreement of q and noisy q, KL(fp || noisy q))``
+        over real positions."""
+        positions = differ = noise_differ = 0
+        kl_sum = noise_kl_sum = 0.0
+        for ids, mask in self._batches():
+            real = mask.bool()
+            fp = self.model(input_ids=ids, attention_mask=mask).logits.float()[real]
+            q = quantized(input_ids=ids, attention_mask=mask).logits.float()[real]
+            positions += fp.shape[0]
+            differ += int((fp.argmax(-1) != q.argmax(-1)).sum())
+            kl_sum += kl_divergence(fp, q) * fp.shape[0]
+            if noisy is not None:
+                n = noisy(input_ids=ids, attention_mask=mask).logits.float()[real]
+                noise_differ += int((n.argmax(-1) != q.argmax(-1)).sum())
+                noise_kl_sum += kl_divergence(fp, n) * fp.shape[0]
+        if noisy is None:
+            return differ / positions, kl_sum / positions, None, None
+        return differ / positions, kl_sum / positions, noise_differ / positions, noise_kl_sum / positions
+
+
+def _behaviour(probe, model, quantizer: str, noisy: dict[str, torch.Tensor]):
     """Disagreement and KL between fp and quantized, and quantized vs quantized-after-noise."""
-    from tightrope.encoding import predict_logits  # noqa: PLC0415
-
-    pad = classifier.pad_id
-    q_logits = predict_logits(quantized_copy(model, quantizer), probe_ids, pad)
-    disagreement = (q_logits.argmax(-1) != fp_logits.argmax(-1)).float().mean().item()
-    kl = kl_divergence(fp_logits, q_logits)
-    noise_disagreement = None
-    if noisy:
-        import copy  # noqa: PLC0415
-
-        perturbed = copy.deepcopy(model)
-        with torch.no_grad():
-            for name, w in noisy.items():
-                perturbed.get_submodule(name).weight.copy_(w)
-        n_logits = predict_logits(quantized_copy(perturbed, quantizer), probe_ids, pad)
-        noise_disagreement = (n_logits.argmax(-1) != q_logits.argmax(-1)).float().mean().item()
-    return disagreement, kl, noise_disagreement
+    quantized = quantized_copy(model, quantizer)
+    noisy_q = quantized_copy(_with_weights(model, noisy), quantizer) if noisy else None
+    return probe.compare(quantized, noisy_q)
 
 
 def _check_quantizers(config: AuditConfig) -> None:
@@ -202,25 +293,44 @@ def _check_quantizers(config: AuditConfig) -> None:
             raise TightropeError(f"Unknown quantizer '{q}'; choose from {', '.join(CHOICES)}.")
 
 
-def audit_model(model, *, classifier=None, probe_texts: list[str] | None = None, config: AuditConfig = AuditConfig(),
-                name: str = "model", progress=None) -> AuditReport:
-    """Audit ``model`` (any torch module with Linear layers); ``classifier`` (a
-    :class:`tightrope.inference.TextClassifier` around it) and ``probe_texts`` enable the behaviour checks."""
+def _unsupported_report(model, config: AuditConfig, name: str, sentence: str, started: float) -> AuditReport:
+    results = [QuantizerAudit(q, "inconclusive", [sentence]) for q in config.quantizers]
+    return AuditReport(name, "inconclusive", results, config.model_dump(), time.perf_counter() - started, [sentence])
+
+
+def audit_model(model, *, classifier=None, tokenizer=None, probe_texts: list[str] | None = None,
+                config: AuditConfig = AuditConfig(), name: str = "model", progress=None) -> AuditReport:
+    """Audit ``model`` (any torch module with Linear layers).
+
+    Behaviour is checked on ``probe_texts`` through ``classifier`` (a
+    :class:`tightrope.inference.TextClassifier` around a sequence classifier) or, for a causal LM,
+    ``tokenizer``; with neither, or too few texts, only the weights are judged and the verdict can
+    at best be inconclusive. A model with no layer a quantizer supports is inconclusive, never clean.
+    """
     started = time.perf_counter()
     _check_quantizers(config)
-    quantized_linears(model)  # raises one sentence when no layer is quantizable
+    try:
+        quantized_linears(model)
+    except TightropeError as err:  # nothing a quantizer would touch: nothing to judge
+        return _unsupported_report(model, config, name, f"{err} Nothing was checked, so it cannot be called clean.",
+                                   started)
     notes: list[str] = []
-    probe_ids = fp_logits = None
-    if classifier is None:
-        notes.append("Not a sequence classifier, so behaviour was not checked (weights and noise probe only).")
+    probe = None
+    if classifier is None and tokenizer is None:
+        notes.append("Neither a sequence classifier nor a causal LM, so behaviour was not checked "
+                     "(weights and noise probe only).")
     elif not probe_texts or len(probe_texts) < config.min_probe:
         notes.append(f"The probe set has {len(probe_texts or [])} texts, fewer than the {config.min_probe} needed "
                      "to judge behaviour, so behaviour was not checked.")
+    elif classifier is not None:
+        probe = ClassifierProbe(model, classifier, probe_texts)
     else:
-        from tightrope.encoding import predict_logits  # noqa: PLC0415
-
-        probe_ids = classifier.encode(probe_texts)
-        fp_logits = predict_logits(model, probe_ids, classifier.pad_id)
+        probe = CausalLMProbe(model, tokenizer, probe_texts, config.lm_max_tokens)
+        if len(probe) < config.min_probe:
+            notes.append(f"Only {len(probe)} probe texts are two tokens or longer, fewer than the {config.min_probe} "
+                         "needed to judge behaviour, so behaviour was not checked.")
+            probe = None
+    lm = probe is not None and probe.kind == "causal-lm"
     generator = torch.Generator().manual_seed(config.seed)
     results = []
     for q in config.quantizers:
@@ -244,19 +354,29 @@ def audit_model(model, *, classifier=None, probe_texts: list[str] | None = None,
             if flip_ratio > config.flip_ratio_threshold:
                 reasons.append(f"noise of {config.noise:.0%} of a box width flips {flip_rate:.2%} of codes, "
                                f"{flip_ratio:.1f}x the rate for natural weights")
-        disagreement = kl = noise_dis = None
+        disagreement = kl = noise_dis = noise_kl = kl_ratio = None
         if q == "all":
             pass  # behaviour is judged per real quantizer; "all" adds only weight evidence
-        elif probe_ids is None:
+        elif probe is None:
             unchecked.append("behaviour not checked")
         elif missing:
-            pass
+            pass  # the sentence of missing_library says why
         else:
-            disagreement, kl, noise_dis = _behaviour(classifier, probe_ids, fp_logits, model, q, noisy)
-            if disagreement > config.disagreement_threshold:
-                reasons.append(f"the quantized model disagrees with full precision on {disagreement:.1%} of probe texts")
-            if kl > config.kl_threshold:
-                reasons.append(f"mean KL(fp || quantized) is {kl:.3f} nats")
+            disagreement, kl, noise_dis, noise_kl = _behaviour(probe, model, q, noisy)
+            if noise_kl is not None:
+                kl_ratio = kl / max(noise_kl, 1e-12)
+            if lm:  # absolute divergence is natural for a small LM; judge it against the noisy copy
+                if kl_ratio is None:
+                    unchecked.append("no weight has room for the noise probe, so behaviour could not be judged")
+                elif kl_ratio > config.lm_kl_ratio_threshold:
+                    reasons.append(f"next-token KL(fp || quantized) is {kl:.3f} nats but only {noise_kl:.3f} after noise "
+                                   f"of {config.noise:.0%} of a box width ({kl_ratio:.2f}x): the quantized behaviour "
+                                   "hangs on the exact codes")
+            else:
+                if disagreement > config.disagreement_threshold:
+                    reasons.append(f"the quantized model disagrees with full precision on {disagreement:.1%} of probe texts")
+                if kl > config.kl_threshold:
+                    reasons.append(f"mean KL(fp || quantized) is {kl:.3f} nats")
         if reasons:
             verdict = "flagged"
         elif unchecked:
@@ -265,19 +385,25 @@ def audit_model(model, *, classifier=None, probe_texts: list[str] | None = None,
         else:
             verdict = "clean"
         results.append(QuantizerAudit(q, verdict, reasons, edge_ratio, peak, near, at, flip_ratio, flip_rate, disagreement, kl,
-                                      noise_dis, len(probe_ids or []), layers))
+                                      noise_dis, noise_kl, kl_ratio, len(probe) if probe is not None else 0, layers))
     verdicts = {r.verdict for r in results}
     overall = "flagged" if "flagged" in verdicts else "clean" if verdicts == {"clean"} else "inconclusive"
+    if lm:
+        notes.append(f"Causal LM: behaviour is next-token agreement on {len(probe)} probe texts (first "
+                     f"{config.lm_max_tokens} tokens each), judged by the KL ratio to a noisy quantized copy "
+                     f"(threshold {config.lm_kl_ratio_threshold}); disagreement and KL are reported, not thresholded.")
     return AuditReport(name, overall, results, config.model_dump(), time.perf_counter() - started, notes)
 
 
 def audit(model_path: str, *, task: str | None = "mr", split: str = "test", n_probe: int = 200, data_dir: str | None = None,
           config: AuditConfig = AuditConfig(), progress=None) -> AuditReport:
-    """Audit a checkpoint by path or alias: a classifier gets every check, any other model the weight checks."""
+    """Audit a checkpoint by path or alias: a classifier or a causal LM gets every check, any other
+    model the weight checks only (so at best an inconclusive verdict)."""
     from tightrope import inference, models  # noqa: PLC0415
     from tightrope.data import load_task  # noqa: PLC0415
 
     _check_quantizers(config)
+    tokenizer = None
     try:
         classifier = inference.load(model_path)
         model = classifier.model.float().eval()
@@ -285,19 +411,22 @@ def audit(model_path: str, *, task: str | None = "mr", split: str = "test", n_pr
         if "not a sequence classifier" not in str(err):
             raise
         classifier = None
-        model = _load_any(models, model_path)
+        model, tokenizer = _load_any(models, model_path)
     probe = None
-    if classifier is not None and task:
+    if (classifier is not None or tokenizer is not None) and task:
         probe = load_task(task, split, data_dir=data_dir).subset(n_probe, config.seed).texts
-    return audit_model(model, classifier=classifier, probe_texts=probe, config=config, name=model_path, progress=progress)
+    return audit_model(model, classifier=classifier, tokenizer=tokenizer, probe_texts=probe, config=config,
+                       name=model_path, progress=progress)
 
 
 def _load_any(models, model_path: str):
-    """A non-classifier checkpoint: a causal LM, else a bare encoder (weights only)."""
-    try:
-        return models.load_causal_lm(model_path).model.float().eval()
-    except TightropeError:
-        from transformers import AutoModel  # noqa: PLC0415
+    """A non-classifier checkpoint: ``(causal LM, its tokenizer)`` when its config names a
+    ``*ForCausalLM`` architecture, else ``(bare model, None)`` for the weight checks only."""
+    resolved = models.resolve(model_path)
+    archs = models._load_config(resolved, model_path, False).architectures or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        loaded = models.load_causal_lm(model_path)
+        return loaded.model.float().eval(), loaded.tokenizer
+    from transformers import AutoModel  # noqa: PLC0415
 
-        resolved = models.resolve(model_path)
-        return models._from_pretrained(AutoModel.from_pretrained, resolved, model_path).float().eval()
+    return models._from_pretrained(AutoModel.from_pretrained, resolved, model_path).float().eval(), None

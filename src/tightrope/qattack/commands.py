@@ -45,6 +45,10 @@ def audit_table(report) -> Table:
 
 
 def register(app: typer.Typer, user_errors) -> None:
+    from tightrope.qattack.causal_cli import register as register_causal_lm  # noqa: PLC0415
+
+    register_causal_lm(app, user_errors)  # `tightrope qattack-lm`
+
     @app.command()
     @user_errors
     def qattack(
@@ -94,13 +98,15 @@ def register(app: typer.Typer, user_errors) -> None:
         model: Annotated[str, typer.Argument(help="Checkpoint to audit: model directory, alias or hub id.")],
         task: Annotated[str, typer.Option(help="Probe texts: task name or data file.")] = "mr",
         split: str = "test",
-        n_probe: Annotated[int, typer.Option(help="Probe texts for the behaviour checks.")] = 200,
+        n_probe: Annotated[int, typer.Option(help="Probe texts for the behaviour checks (a causal LM reads the first 32 tokens of each).")] = 200,
         data_dir: Optional[str] = None,
         quantizer: Annotated[Optional[list[str]], typer.Option(help="Quantizers to check (default: all supported and their intersection).")] = None,
         json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
         seed: int = 0,
     ):
-        """Does this checkpoint hide behaviour that appears only once quantized? Exit 1 when flagged, 3 when inconclusive."""
+        """Does this checkpoint hide behaviour that appears only once quantized? Exit 0 when clean, 1 when flagged,
+        3 when inconclusive (something could not be checked: no layer a quantizer supports, a quantizer that is not
+        installed, a probe set too small to judge), 2 on bad input."""
         from tightrope.evaluate.results import write_json_atomic
         from tightrope.qattack.audit import AuditConfig, audit
 
