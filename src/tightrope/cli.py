@@ -51,6 +51,9 @@ def _validation_error(err) -> TightropeError:
     return TightropeError(f"Invalid value for {where}: {first['msg']}.")
 
 
+_DEFENSE = "Defense"
+
+
 @app.command()
 @user_errors
 def train(
@@ -73,10 +76,31 @@ def train(
     patience: Annotated[Optional[int], typer.Option(help="Early stopping after N evaluations without improvement.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Write a resumable checkpoint every N steps.")] = 50,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a model's own Python code to run. Only for models you trust.")] = False,
+    defense: Annotated[Optional[str], typer.Option(help="none, pgd (Madry PGD-K), fast (FGSM + random start), freelb, or a2t (discrete word swaps, Yoo and Qi 2021).", rich_help_panel=_DEFENSE)] = None,
+    epsilon: Annotated[Optional[float], typer.Option(help="Radius of the embedding perturbation [default: 0.02].", rich_help_panel=_DEFENSE)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Ascent steps of pgd / freelb [default: 3].", rich_help_panel=_DEFENSE)] = None,
+    step_size: Annotated[Optional[float], typer.Option(help="Ascent step [default: 2.5 eps/steps; fast 1.25 eps; freelb 0.1].", rich_help_panel=_DEFENSE)] = None,
+    norm: Annotated[Optional[str], typer.Option(help="linf or l2 (per example) [default: linf].", rich_help_panel=_DEFENSE)] = None,
+    mix: Annotated[Optional[float], typer.Option(help="Weight of adversarial examples in the loss [default: 1; a2t 0.5].", rich_help_panel=_DEFENSE)] = None,
+    adv_share: Annotated[Optional[float], typer.Option(help="a2t: share of each batch attacked [default: 0.5].", rich_help_panel=_DEFENSE)] = None,
+    query_budget: Annotated[Optional[int], typer.Option(help="a2t: candidate texts scored per attacked text [default: 100].", rich_help_panel=_DEFENSE)] = None,
+    max_candidates: Annotated[Optional[int], typer.Option(help="a2t: synonyms tried per word [default: 20].", rich_help_panel=_DEFENSE)] = None,
+    max_share: Annotated[Optional[float], typer.Option(help="a2t: share of words an attack may change [default: 0.1, at least 4 words].", rich_help_panel=_DEFENSE)] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Fine-tuned teacher for a*CE + (1-a)*KD (may use its own tokenizer).", rich_help_panel=_DEFENSE)] = None,
+    alpha: Annotated[Optional[float], typer.Option("--a", help="Weight a of cross-entropy against distillation [default: 0.5].", rich_help_panel=_DEFENSE)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature T [default: 2].", rich_help_panel=_DEFENSE)] = None,
+    order: Annotated[Optional[str], typer.Option(help="Steps in order, e.g. prune,train,quantize; quantize before train = QAT. With more than train, the model goes to OUT/model.", rich_help_panel=_DEFENSE)] = None,
+    prune_sparsity: Annotated[Optional[float], typer.Option(help="Magnitude pruning share for the prune step.", rich_help_panel=_DEFENSE)] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="int8 (LLM.int8), int8-dynamic, nf4 or fp4, for the quantize step.", rich_help_panel=_DEFENSE)] = None,
+    noise_sigma: Annotated[Optional[float], typer.Option(help="Gaussian weight noise for the noise step.", rich_help_panel=_DEFENSE)] = None,
+    noise_relative: Annotated[bool, typer.Option(help="Sigma in units of each layer's quantization step.", rich_help_panel=_DEFENSE)] = False,
 ):
     """Fine-tune a sequence classifier and write a model directory with card.json.
 
     Example: tightrope train --model minilm --task imdb --max-length 256 --n-train 10000 --out runs/minilm-imdb
+
+    With a defense: tightrope train --model minilm --task imdb --defense fast --epsilon 0.02 --teacher runs/mpnet-imdb
+    --order prune,train,quantize --prune-sparsity 0.3 --quantize int8-dynamic --out runs/hardened
     """
     from pydantic import ValidationError
 
@@ -92,9 +116,48 @@ def train(
         )
     except ValidationError as err:
         raise _validation_error(err) from None
+    given = {"kind": defense, "epsilon": epsilon, "steps": steps, "step_size": step_size, "norm": norm, "mix": mix,
+             "adv_share": adv_share, "query_budget": query_budget, "max_candidates": max_candidates,
+             "max_share": max_share, "teacher": teacher, "a": alpha, "temperature": temperature}
+    given = {k: v for k, v in given.items() if v is not None}
+    pipeline = {"prune_sparsity": prune_sparsity, "quantize": quantize, "noise_sigma": noise_sigma}
+    if given or order is not None or noise_relative or any(v is not None for v in pipeline.values()):
+        _train_with_defense(config, given, out, order=order or "train", noise_relative=noise_relative, **pipeline)
+        return
     card = run_training(config, out)
     best = card["metrics"]["best_validation_accuracy"]
     out_console.print(f"[green]wrote[/] {out}  (validation accuracy {best:.4f}, {card['train_seconds']:.0f} s)")
+
+
+def _train_with_defense(config, given: dict, out: Path, **pipeline) -> None:
+    """The defended branch of ``train`` (tightrope.defenses.run): warnings first, then the long run."""
+    import warnings
+
+    from pydantic import ValidationError
+
+    from tightrope.defenses.config import DefenseConfig
+    from tightrope.defenses.run import harden, prepare
+
+    try:
+        defense = DefenseConfig(**given)
+    except ValidationError as err:
+        raise _validation_error(err) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded, objective = prepare(config, defense)
+    for w in caught:
+        console.print(f"[yellow]warning:[/] {w.message}")
+    result = harden(loaded, objective, config, defense, out, **pipeline)
+    best = (result.card.get("metrics") or {}).get("best_validation_accuracy")
+    where = f"{result.model_dir}" + (f" and {out / 'pipeline.json'}" if result.pipeline else "")
+    accuracy = f"  (validation accuracy {best:.4f})" if best is not None else ""
+    out_console.print(f"[green]wrote[/] {where}{accuracy}")
+    quantize = pipeline.get("quantize")
+    if quantize:
+        from tightrope.defenses.run import quant_config
+
+        out_console.print(f"quantize it for shipping with the {quant_config(quantize).method} config "
+                          "(the same weights give the same quantized model)")
 
 
 @app.command("eval")

@@ -1,8 +1,12 @@
-"""One validated description of a defense, shared by the CLI (``tightrope harden``) and study files.
+"""One validated description of a defense, shared by the CLI (``tightrope train --defense``) and study files.
 
 ``DefenseConfig(kind="pgd", epsilon=0.02, teacher="runs/bert-imdb", a=0.5)`` names everything a
 training run needs; :func:`build_objective` turns it into the objective ``(model, batch) -> loss``
 that :func:`tightrope.train.train` takes.
+
+A setting that the chosen defense would ignore is refused with a sentence (an ``epsilon`` with the
+discrete ``a2t`` defense, a query budget with ``pgd``, ``a`` without a teacher), never dropped
+silently: :func:`build_objective` checks the fields that were set explicitly.
 """
 
 from __future__ import annotations
@@ -20,13 +24,20 @@ class DefenseConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["none", "pgd", "fast", "freelb"] = "none"
+    kind: Literal["none", "pgd", "fast", "freelb", "a2t"] = "none"
     epsilon: float = Field(default=0.02, ge=0)  # 0 is refused with a sentence by the attack itself
     steps: int = Field(default=3, ge=1)  # PGD-K / FreeLB ascent steps (fast: always 1)
     step_size: float | None = Field(default=None, gt=0)
     norm: Literal["linf", "l2"] = "linf"
-    mix: float = Field(default=1.0, ge=0, le=1)  # share of the loss on adversarial examples
+    mix: float | None = Field(default=None, ge=0, le=1)  # weight of adversarial examples (default 1; a2t 0.5)
     init_magnitude: float = Field(default=0.1, ge=0)  # FreeLB only
+    # a2t (discrete, Yoo and Qi 2021): share of each batch attacked, and the attack's budget
+    adv_share: float = Field(default=0.5, gt=0, le=1)
+    query_budget: int = Field(default=100, ge=1)  # candidate texts scored per attacked example
+    max_candidates: int = Field(default=20, ge=1)  # counter-fitted neighbours tried per word
+    max_share: float = Field(default=0.1, gt=0, le=1)  # share of words an attack may change
+    min_words: int = Field(default=4, ge=0)  # ... but at least this many (A2T's min_threshold)
+    min_cos: float = Field(default=0.5, ge=-1, le=1)  # cosine of a synonym to the original word
     teacher: str | None = None  # a fine-tuned classifier: directory, alias or hub id
     a: float = Field(default=0.5, ge=0, le=1)  # weight of CE in a*CE + (1-a)*KD
     temperature: float = Field(default=2.0, gt=0)
@@ -48,8 +59,35 @@ class Supervised:
         return {"defense": "none", "criterion": getattr(self.criterion, "__name__", type(self.criterion).__name__)}
 
 
-def build_objective(config: DefenseConfig, *, student_labels: list[str] | None = None, student_tokenizer=None):
-    """The training objective that ``config`` describes (loads the teacher, if any)."""
+EMBEDDING_FIELDS = ("epsilon", "steps", "step_size", "norm", "init_magnitude")
+A2T_FIELDS = ("adv_share", "query_budget", "max_candidates", "max_share", "min_words", "min_cos")
+OWN_FIELDS = {"none": (), "pgd": ("epsilon", "steps", "step_size", "norm", "mix"),
+              "fast": ("epsilon", "step_size", "norm", "mix"), "freelb": EMBEDDING_FIELDS,
+              "a2t": ("mix", *A2T_FIELDS)}
+
+
+def check_fields(config: DefenseConfig) -> None:
+    """Refuse, in one sentence, attack settings that ``config.kind`` would ignore."""
+    stray = [f for f in (*EMBEDDING_FIELDS, *A2T_FIELDS, "mix")
+             if f in config.model_fields_set and f not in OWN_FIELDS[config.kind]]
+    if stray:
+        flags = ", ".join("--" + f.replace("_", "-") for f in dict.fromkeys(stray))
+        if config.kind == "none":
+            raise TightropeError(f"{flags} set an adversarial attack, but no defense is chosen; "
+                                 "name one with --defense (pgd, fast, freelb or a2t).")
+        raise TightropeError(f"The {config.kind} defense does not use {flags}; drop them or choose a defense that does.")
+    if config.teacher is None and {"a", "temperature"} & config.model_fields_set:
+        raise TightropeError("a and temperature weigh the distillation loss, which needs a --teacher.")
+
+
+def build_objective(config: DefenseConfig, *, student_labels: list[str] | None = None, student_tokenizer=None,
+                    max_length: int | None = None, truncation: str = "head"):
+    """The training objective that ``config`` describes (loads the teacher, if any).
+
+    ``max_length`` / ``truncation`` are the training run's tokenization, with which the ``a2t``
+    defense re-tokenises its adversarial texts (``student_tokenizer`` is required for it).
+    """
+    check_fields(config)
     criterion: Criterion = cross_entropy
     if config.teacher is not None:
         from tightrope import inference  # noqa: PLC0415
@@ -58,22 +96,31 @@ def build_objective(config: DefenseConfig, *, student_labels: list[str] | None =
         teacher = inference.load(config.teacher)
         criterion = Distillation(teacher, a=config.a, temperature=config.temperature, student_labels=student_labels,
                                  student_tokenizer=student_tokenizer)
-    elif config.a != 0.5 or config.temperature != 2.0:
-        raise TightropeError("a and temperature weigh the distillation loss, which needs a --teacher.")
+    mix = config.mix if config.mix is not None else (0.5 if config.kind == "a2t" else 1.0)
     if config.kind == "none":
         objective = Supervised(criterion)
     elif config.kind == "fast":
         objective = DEFENSES["fast"](epsilon=config.epsilon, step_size=config.step_size, norm=config.norm,
-                                     mix=config.mix, criterion=criterion)
+                                     mix=mix, criterion=criterion)
+    elif config.kind == "a2t":
+        from tightrope.defenses.a2t import A2TTraining  # noqa: PLC0415
+
+        if student_tokenizer is None:
+            raise TightropeError("The a2t defense re-tokenises adversarial texts, so it needs the student's tokenizer.")
+        objective = A2TTraining(student_tokenizer, adv_share=config.adv_share, mix=mix,
+                                max_candidates=config.max_candidates, min_cos=config.min_cos,
+                                max_share=config.max_share, min_words=config.min_words,
+                                query_budget=config.query_budget, max_length=max_length, truncation=truncation,
+                                criterion=criterion)
     elif config.kind == "freelb":
-        if config.mix != 1.0:
+        if mix != 1.0:
             raise TightropeError("FreeLB averages the loss over its own ascent steps; it takes no mix ratio.")
         objective = DEFENSES["freelb"](epsilon=config.epsilon, steps=config.steps,
                                        step_size=config.step_size or 0.1, init_magnitude=config.init_magnitude,
                                        norm=config.norm, criterion=criterion)
     else:
         objective = DEFENSES["pgd"](epsilon=config.epsilon, steps=config.steps, step_size=config.step_size,
-                                    norm=config.norm, mix=config.mix, criterion=criterion)
+                                    norm=config.norm, mix=mix, criterion=criterion)
     if config.fake_quant is not None:
         from tightrope.defenses.fakequant import QuantAware  # noqa: PLC0415
 
@@ -81,4 +128,4 @@ def build_objective(config: DefenseConfig, *, student_labels: list[str] | None =
     return objective
 
 
-__all__ = ["DefenseConfig", "Supervised", "build_objective"]
+__all__ = ["DefenseConfig", "Supervised", "build_objective", "check_fields"]

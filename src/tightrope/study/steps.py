@@ -251,11 +251,15 @@ def defense_objective(method: str, params: dict, source_dir: str, label_names: l
         if key in ("distill", "distillation"):
             return lambda model, batch: criterion(
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
+    from tightrope.defenses.a2t import A2TTraining  # noqa: PLC0415
+
+    a2t = lambda **kw: A2TTraining(kw.pop("tokenizer", source_dir), **kw)  # noqa: E731 - the student's tokenizer
     classes = {"pgd": adversarial.PGDTraining, "pgdtraining": adversarial.PGDTraining,
                "freelb": adversarial.FreeLB, "fast": adversarial.FastAdversarial,
-               "fastadversarial": adversarial.FastAdversarial, "fgsm": adversarial.FastAdversarial}
+               "fastadversarial": adversarial.FastAdversarial, "fgsm": adversarial.FastAdversarial,
+               "a2t": a2t, "a2ttraining": a2t}
     if key not in classes:
-        raise TightropeError(f"Unknown defense '{method}'; choose one of pgd, freelb, fast, distill.")
+        raise TightropeError(f"Unknown defense '{method}'; choose one of pgd, freelb, fast, a2t, distill.")
     try:
         return classes[key](criterion=criterion, **params)
     except TypeError as err:
