@@ -49,7 +49,7 @@ from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
 from tightrope.qattack.boxes import CHOICES, QUANTIZERS, ModelBoxes, model_boxes, project_, quantized_linears
 from tightrope.qattack.quantize import codes_equal, missing_library, quantized_copy
-from tightrope.qattack.repair import FitConfig
+from tightrope.qattack.repair import FitConfig, projected_step_
 
 INSTRUCTIONS = (
     "Summarize this review in one sentence: {review}",
@@ -312,14 +312,7 @@ def lm_fit_(model: nn.Module, seqs: list[list[int]], starts: list[int], pad_id: 
             pick, order = order[: config.batch_size], order[config.batch_size :]
             loss = answer_loss(model, [seqs[i] for i in pick], [starts[i] for i in pick], pad_id, first=first,
                                states=None if states is None else [states[i] for i in pick])
-            if not torch.isfinite(loss):
-                raise TightropeError(f"The loss became {loss.item()} at step {step}; lower the learning rate.")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if boxes is not None:
-                project_(model, boxes)  # the "P" of PGD
+            projected_step_(model, loss, params, optimizer, config.grad_clip, boxes, step)
             losses.append(loss.item())
             if log is not None:
                 log(f"{label} step {step + 1}/{config.steps} loss {loss.item():.4f}")

@@ -81,14 +81,7 @@ def fit_(model: nn.Module, ids: list[list[int]], labels: list[int], pad_id: int,
             torch.manual_seed(config.seed * 7919 + step)  # dropout, reproducibly
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = F.cross_entropy(logits, target)
-            if not torch.isfinite(loss):
-                raise TightropeError(f"The loss became {loss.item()} at step {step}; lower the learning rate.")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if boxes is not None:
-                project_(model, boxes)  # the "P" of PGD
+            projected_step_(model, loss, params, optimizer, config.grad_clip, boxes, step)
             losses.append(loss.item())
             bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
     for p in model.parameters():
@@ -102,3 +95,16 @@ def repair_(model: nn.Module, boxes: ModelBoxes, ids: list[list[int]], labels: l
     """Projected gradient descent on clean data inside ``boxes`` (in place); returns the losses."""
     return fit_(model, ids, labels, pad_id, config, boxes=boxes, train_unquantized=train_unquantized,
                 label="repair (PGD)", progress=progress)
+
+
+def projected_step_(model, loss, params, optimizer, grad_clip: float, boxes, step: int) -> None:
+    """One step of projected gradient descent: descend, then put every weight back in its box (the
+    "P" of PGD, Egashira et al. 2024 step 3). Shared by the classifier and causal-LM repairs."""
+    if not torch.isfinite(loss):
+        raise TightropeError(f"The loss became {loss.item()} at step {step}; lower the learning rate.")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if boxes is not None:
+        project_(model, boxes)
