@@ -305,6 +305,10 @@ def ort_session(blob: bytes, threads: int | None = None):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
+    # ONNX Runtime's intra-op threads spin-wait after each run by default; on a small CPU that time
+    # is taken from torch (tokenisation, other models of the same process, other sessions), which
+    # made interleaved benchmarks and attacks slower, so the threads sleep instead.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
 
 
