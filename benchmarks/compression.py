@@ -6,9 +6,11 @@ Each tightrope variant is compressed, saved, reloaded from disk and evaluated (a
 MB, parameters total / non-zero, latency at batch 1 x 256 (median, p95), throughput at batch
 32 x 128, peak RSS in a fresh process). Peers run in memory on the same code path: torch's own
 ``quantize_dynamic``, torchao int8 weight-only and ONNX Runtime's dynamic int8 used directly.
-Writes OUT/compression.json and a Markdown fragment (command + machine) to
-docs/benchmarks-compression.md. Unstructured sparsity does not make dense products faster; the
-table says so by measuring it.
+Every variant's batch-1 latency is then taken again with all variants interleaved in shuffled rounds
+(OUT/interleaved.json), which is where speed-ups are read on a machine whose speed drifts. Writes
+OUT/compression.json and a Markdown fragment (command + machine) to OUT/compression.md, to paste
+into docs/benchmarks.md. Unstructured sparsity does not make dense products faster; the table says
+so by measuring it.
 
     python benchmarks/compression.py MODEL_DIR --int8-options --n 500 --out runs/bench-int8
 
@@ -22,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import os
 import platform
 import shlex
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,9 +45,19 @@ from tightrope.evaluate.results import write_json_atomic
 from tightrope.evaluate.run import evaluate_model
 
 
-def tightrope_variants(calibration: str) -> dict[str, list]:
+@dataclass(frozen=True)
+class Recover:
+    """Not a compression config: a step of this benchmark that runs ``prune.recover`` (short fine-tuning
+    on the task's train split, sparsity held) on the model pruned so far; cached in OUT by name."""
+
+    steps: int = 200
+    max_length: int = 128
+
+
+def tightrope_variants(calibration: str, recover_steps: int = 200) -> dict[str, list]:
     from tightrope.compress import prune  # noqa: PLC0415
 
+    structured = prune.StructuredPruning(heads=0.3, ffn=0.3)
     return {
         "fp32": [],
         "int8 (tightrope default)": [Int8Dynamic()],
@@ -54,8 +68,10 @@ def tightrope_variants(calibration: str) -> dict[str, list]:
         "GPTQ 4-bit g128": [GPTQ(bits=4, group_size=128, calibration_texts=calibration, n_calibration=128)],
         "magnitude 30%": [prune.MagnitudePruning(sparsity=0.3)],
         "int8 onnxruntime unfused (previous default)": [Int8Dynamic(backend="onnxruntime", fuse=False)],
-        "structured 30%": [prune.StructuredPruning(heads=0.3, ffn=0.3)],
-        "structured 30% + int8": [prune.StructuredPruning(heads=0.3, ffn=0.3), Int8Dynamic()],
+        "structured 30%": [structured],
+        "structured 30% + int8": [structured, Int8Dynamic()],
+        f"structured 30% + recovery ({recover_steps} steps)": [structured, Recover(recover_steps)],
+        f"structured 30% + recovery ({recover_steps} steps) + int8": [structured, Recover(recover_steps), Int8Dynamic()],
     }
 
 
@@ -125,17 +141,7 @@ def int8_options(base, args) -> list[dict]:
         rows[name].update(accuracy=result.metrics.accuracy, f1=result.metrics.macro_f1)
         print(f"{name:46s} acc {result.metrics.accuracy:.4f}", flush=True)
     sample = max(load_task(args.task, args.split, n=args.n).texts, key=len)
-    batch = perf.fixed_length_batch(base, sample, 1, args.seq_len)
-    times: dict[str, list[float]] = {name: [] for name in clfs}
-    with torch.inference_mode():
-        for clf in clfs.values():
-            for _ in range(5):
-                clf.forward_ids(**batch)
-        for _ in range(args.latency_runs):
-            for name, clf in clfs.items():
-                start = time.perf_counter()
-                clf.forward_ids(**batch)
-                times[name].append((time.perf_counter() - start) * 1000)
+    times = perf.interleaved_latency(clfs, perf.fixed_length_batch(base, sample, 1, args.seq_len), rounds=args.latency_runs)
     fp32 = statistics.median(times["fp32 eager"])
     for name, t in times.items():
         median = statistics.median(t)
@@ -195,6 +201,16 @@ def markdown(rows: list[dict], command: str, seq_len: int = 256, load: str = "no
     return "\n".join(lines) + "\n"
 
 
+def interleaved_markdown(rows: list[dict], args) -> str:
+    if not rows:
+        return ""
+    lines = ["", f"Batch-1 x {args.seq_len} latency again, every variant in each of {args.latency_runs} rounds in shuffled "
+             "order (the speed-up goals are read here):", "",
+             "| variant | latency median ms | p95 ms | speed-up vs fp32 |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['latency_median_ms']:.1f} | {r['latency_p95_ms']:.1f} | {r['speedup']:.2f}x |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir")
@@ -207,9 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latency-runs", type=int, default=50)
     ap.add_argument("--seq-len", type=int, default=256, help="tokens for the batch-1 latency")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--doc", default=None, help="Markdown fragment (default docs/benchmarks-compression.md, "
+    ap.add_argument("--doc", default=None, help="Markdown fragment (default OUT/compression.md, "
                     "or OUT/int8-options.md with --int8-options)")
     ap.add_argument("--int8-options", action="store_true", help="compare the int8 dynamic options instead of the table")
+    ap.add_argument("--speed-only", action="store_true", help="only the interleaved latency of the fast variants "
+                    "already saved in OUT (and the peers)")
+    ap.add_argument("--recover-steps", type=int, default=200, help="recovery fine-tuning steps after structured pruning")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,7 +246,17 @@ def main(argv: list[str] | None = None) -> None:
         doc.write_text(int8_markdown(rows, command, args.seq_len, load))
         print(f"wrote {out / 'int8-options.json'} and {doc}")
         return
-    variants = tightrope_variants(args.calibration or args.task)
+    variants = tightrope_variants(args.calibration or args.task, args.recover_steps)
+    if args.speed_only:  # the interleaved latencies again, from the variants saved in OUT by an earlier run
+        names = [n for n in [*variants, *PEERS] if n in PEERS or not variants[n] or (out / slug(n)).is_dir()]
+        checked = speed_check(base, speed_set(names, variants), variants, args, out)
+        write_json_atomic(out / "interleaved.json", checked)
+        load = f"{load} (start) / {' '.join(f'{x:.1f}' for x in os.getloadavg())} (end)"
+        doc = Path(args.doc or out / "interleaved.md")
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_text(f"Command: `{command}`; load average {load}.\n" + interleaved_markdown(checked, args))
+        print(f"wrote {out / 'interleaved.json'} and {doc}")
+        return
     todo = [*variants, *PEERS]
     for name in todo:
         if args.only and name not in args.only:
@@ -242,11 +271,86 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:34s} acc {r['accuracy']:.4f}  lat {r['latency_median_ms']:.1f} ms  "
               f"stored {r['stored_mb'] or 0:.1f} MB", flush=True)
         write_json_atomic(out / "compression.json", rows)
+    done = [r for r in rows if "skipped" not in r]
+    checked = speed_check(base, speed_set([r["variant"] for r in done], variants), variants, args, out)
+    if checked:
+        write_json_atomic(out / "interleaved.json", checked)
     load = f"{load} (start) / {' '.join(f'{x:.1f}' for x in os.getloadavg())} (end)"
-    doc = Path(args.doc or "docs/benchmarks-compression.md")
+    doc = Path(args.doc or out / "compression.md")
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(markdown([r for r in rows if "skipped" not in r], command, args.seq_len, load))
+    doc.write_text(markdown(done, command, args.seq_len, load) + interleaved_markdown(checked, args))
     print(f"wrote {out / 'compression.json'} and {doc}")
+
+
+def recovered(model, base, step: Recover, args, target: Path):
+    """``model`` after ``step.steps`` recovery steps on the train split (a cached result is reused:
+    the fine-tuning is the slow part of this benchmark, and it is seeded)."""
+    from tightrope.compress import prune  # noqa: PLC0415
+
+    if not (target / "card.json").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            pruned = formats.save_compressed(model, base.tokenizer, Path(tmp) / "pruned",
+                                             card={k: base.card[k] for k in ("tokenization",) if k in base.card})
+            prune.recover(pruned, args.task, target, steps=step.steps, max_length=step.max_length, progress=False)
+    model = prune.load_pruned(target).model
+    set_tokenizer(model, base.tokenizer)
+    return model
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
+SLOW_PATHS = (LLMInt8, NF4, FP4, GPTQ)  # no fast CPU kernel: dequantize + fp32 GEMM, or bitsandbytes' CPU path
+
+
+def speed_set(names: list[str], variants: dict) -> list[str]:
+    """The variants the speed-up goals are about: fp32, every int8 and structured variant and every
+    peer. 4-bit, LLM.int8 and unstructured variants stay out: on CPU they are not speed paths (the
+    table shows them at or below fp32), and every model kept in memory enlarges the working set that
+    each round of the interleaved measurement cycles through."""
+    from tightrope.compress import prune  # noqa: PLC0415
+
+    def fast(name: str) -> bool:
+        steps = variants.get(name)
+        if steps is None:
+            return name in PEERS
+        if not steps:
+            return True
+        return not any(isinstance(c, (*SLOW_PATHS, prune.MagnitudePruning)) for c in steps)
+
+    chosen = [n for n in names if fast(n)]
+    return chosen if "fp32" in chosen else []
+
+
+def speed_check(base, names: list[str], variants: dict, args, out: Path) -> list[dict]:
+    """Batch-1 latency of the fast variants again, interleaved in shuffled rounds (perf.interleaved_latency):
+    the table's per-row latencies are taken minutes apart, so the speed-up goals are read here."""
+    import statistics  # noqa: PLC0415
+
+    from tightrope.evaluate import perf  # noqa: PLC0415
+
+    if not names:
+        return []
+    clfs = {}
+    for name in names:
+        if name == "fp32":
+            clfs[name] = base
+        elif name in variants:
+            clfs[name] = inference.load(str(out / slug(name)))
+        else:
+            clfs[name] = inference.TextClassifier(PEERS[name](copy.deepcopy(base.model)), base.tokenizer, max_length=base.max_length,
+                                                  truncation=base.truncation, label_names=base.label_names, card=base.card)
+    sample = max(load_task(args.task, args.split, n=args.n).texts, key=len)
+    times = perf.interleaved_latency(clfs, perf.fixed_length_batch(base, sample, 1, args.seq_len), rounds=args.latency_runs)
+    fp32 = statistics.median(times["fp32"])
+    rows = []
+    for name, t in times.items():
+        median = statistics.median(t)
+        rows.append({"variant": name, "latency_median_ms": median, "latency_p95_ms": perf.percentile(t, 0.95),
+                     "speedup": fp32 / median, "runs": len(t)})
+        print(f"{name:46s} {median:6.1f} ms  {fp32 / median:.2f}x (interleaved)", flush=True)
+    return rows
 
 
 def run_variant(name: str, base, variants: dict, args, out: Path) -> dict:
@@ -255,12 +359,15 @@ def run_variant(name: str, base, variants: dict, args, out: Path) -> dict:
     model = copy.deepcopy(base.model)
     set_tokenizer(model, base.tokenizer)
     if name in variants:
-        for config in variants[name]:
-            compress_(model, config)
+        for i, config in enumerate(variants[name]):
+            if isinstance(config, Recover):  # cached under the steps that led to it, shared by variants
+                key = hashlib.sha256(repr(variants[name][: i + 1]).encode()).hexdigest()[:12]
+                model = recovered(model, base, config, args, out / f"recovered-{key}")
+            else:
+                compress_(model, config)
         seconds = time.perf_counter() - start
-        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
         if variants[name]:
-            target = formats.save_compressed(model, base.tokenizer, out / slug, card={k: base.card[k] for k in ("tokenization",) if k in base.card})
+            target = formats.save_compressed(model, base.tokenizer, out / slug(name), card={k: base.card[k] for k in ("tokenization",) if k in base.card})
             path, clf, memory = str(target), None, True
         else:
             path, clf, memory = args.model_dir, None, True

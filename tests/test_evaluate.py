@@ -27,6 +27,26 @@ def test_percentile_and_fixed_length_batch(tiny_model_dir):
     assert batch["input_ids"].shape == (3, 40) and batch["attention_mask"].all()
 
 
+def test_interleaved_latency_runs_every_model_each_round_in_shuffled_order():
+    calls: list[str] = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def forward_ids(self, **_):
+            calls.append(self.name)
+
+    clfs = {n: Fake(n) for n in "abcd"}
+    times = perf.interleaved_latency(clfs, {}, rounds=6, warmup=2, seed=1)
+    assert {n: len(t) for n, t in times.items()} == dict.fromkeys("abcd", 6)
+    assert all(t >= 0 for ts in times.values() for t in ts)
+    timed = calls[8:]  # after 2 warm-up calls per model
+    rounds = [timed[i : i + 4] for i in range(0, 24, 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # the order changes between rounds
+
+
 def test_length_sorted_batches_give_input_order_logits(tiny_model_dir):
     clf = inference.load(str(tiny_model_dir))
     texts = ["short", "a much longer text that has many more tokens in it than the others", "mid length text"]

@@ -131,20 +131,47 @@ def test_cli_spec_reaches_the_ort_options():
     assert quant_config("int8") == Int8Dynamic()
 
 
-def test_pruned_heads_keep_the_unfused_graph(tokenizer, tmp_path):
-    """The optimizer gives every fused Attention the config's head count; after structured pruning
-    the layers have fewer heads (measured on this tiny model with weights x5: the fused fp32 graph
-    tracks torch at 29 dB instead of 132 dB), so the path quantizes the unfused graph and says so."""
+def test_structured_pruning_keeps_the_fused_graph_with_the_kept_heads(tokenizer, tmp_path):
+    """Structured pruning keeps the same number of heads in every layer; the optimizer is given that
+    count (with the config's, the fused fp32 graph tracked torch at 29 dB on this model instead of
+    132 dB), so the pruned model still gets QAttention, and the fused graph computes what torch does."""
     from tightrope.compress.prune import StructuredPruning
 
     model = make_tiny_classifier(tokenizer, layers=LAYERS)
     compress_(model, StructuredPruning(heads=0.5, ffn=0.25))
     assert model.bert.encoder.layer[0].attention.self.query.out_features < model.config.hidden_size
+    heads, width = ortfuse.attention_geometry(model)
+    assert width == model.bert.encoder.layer[0].attention.self.query.out_features
+    assert heads == width // (model.config.hidden_size // model.config.num_attention_heads)
+    inputs = _padded(tokenizer, "right")
+    formats.export_onnx(model, tmp_path / "p.onnx", attn_implementation="eager")
+    fused = ortfuse.fuse(tmp_path / "p.onnx", tmp_path / "p.fused.onnx", model)
+    assert fused.get("Attention") == LAYERS
+    session = formats.ort_session((tmp_path / "p.fused.onnx").read_bytes())
+    with torch.no_grad():
+        assert P.sqnr_db(model(**inputs).logits, formats.run_session(session, inputs["input_ids"], inputs["attention_mask"])) > 80
     pruned = copy.deepcopy(model)
     summary = compress_(model, Int8Dynamic(backend="onnxruntime"))
-    assert summary.config["onnx"]["fused"] == {} and any("heads pruned" in n for n in summary.notes)
-    inputs = _padded(tokenizer, "right")
+    assert summary.config["onnx"]["int8_nodes"].get("QAttention") == LAYERS
     with torch.no_grad():
         assert P.sqnr_db(pruned(**inputs).logits, model(**inputs).logits) > 25
     clf = inference.load(str(formats.save_compressed(model, tokenizer, tmp_path / "pq")))
     assert torch.allclose(clf.forward_ids(inputs["input_ids"], inputs["attention_mask"]), model(**inputs).logits, atol=1e-5)
+
+
+def test_layers_with_different_head_counts_keep_the_unfused_graph(tokenizer):
+    """One head count per fused graph: a model whose layers kept different numbers of heads is
+    quantized unfused, and the summary says why."""
+    model = make_tiny_classifier(tokenizer, layers=LAYERS)
+    from tightrope.compress import prune
+
+    layer = prune.encoder_layers(model)[0]
+    heads = layer.attention.self.num_attention_heads
+    ffn = layer.intermediate.dense.out_features
+    prune.prune_layer_(layer, prune.layout_of(model), torch.arange(1, heads), torch.arange(ffn))  # layer 0 loses a head
+    pruned = copy.deepcopy(model)
+    summary = compress_(model, Int8Dynamic(backend="onnxruntime"))
+    assert summary.config["onnx"]["fused"] == {} and any("different numbers of attention heads" in n for n in summary.notes)
+    inputs = _padded(tokenizer, "right")
+    with torch.no_grad():
+        assert P.sqnr_db(pruned(**inputs).logits, model(**inputs).logits) > 25

@@ -98,6 +98,43 @@ def test_cached_prefix_gives_the_same_loss_and_gradient(tokenizer, llama):
     assert len(model.model.layers) == 2  # the block window is restored
 
 
+def test_injecting_through_fake_quantization_trains_the_quantized_model(tokenizer):
+    """The through-loss is the loss of the model whose attacked weights hold their quantized values,
+    averaged over quantizers, and its gradient reaches the latent weights (straight-through)."""
+    import copy
+
+    from tightrope.defenses.fakequant import quantize_dequantize
+    from tightrope.qattack.causal import through_loss
+
+    model = tiny_llama(tokenizer.vocab_size, seed=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4)  # spread the weights so 4-bit rounding changes the loss visibly
+    seqs, starts = _seqs(tokenizer)
+    pad, _ = special_ids(tokenizer)
+    names, first = attacked_names(model, 1)
+    expected = []
+    for quantizer in ("nf4", "fp4"):
+        q = copy.deepcopy(model)
+        modules = dict(q.named_modules())
+        with torch.no_grad():
+            for n in names:
+                modules[n].weight.copy_(quantize_dequantize(modules[n].weight, quantizer))
+        expected.append(answer_loss(q, seqs, starts, pad).item())
+    plain = answer_loss(model, seqs, starts, pad)
+    loss = through_loss(model, ("nf4", "fp4"), names, lambda: answer_loss(model, seqs, starts, pad))
+    assert loss.item() == pytest.approx(sum(expected) / 2, rel=1e-5)
+    assert abs(loss.item() - plain.item()) > 1e-3
+    weight = dict(model.named_modules())[names[0]].weight
+    (grad,) = torch.autograd.grad(loss, weight)
+    assert grad.abs().sum() > 0 and not any(type(m).__name__ == "ParametrizationList" for m in model.modules())
+    losses = lm_fit_(model, seqs, starts, pad, FitConfig(1, 1e-3, len(seqs), seed=0), names=names, first=first,
+                     through=("nf4", "fp4"))
+    assert losses[0] == pytest.approx(loss.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="cannot inject through"):
+        LMAttackConfig(inject_through=("int3",))
+
+
 def test_repair_keeps_weights_in_boxes_and_library_codes(tokenizer):
     pytest.importorskip("bitsandbytes")
     model = tiny_llama(tokenizer.vocab_size, seed=2)

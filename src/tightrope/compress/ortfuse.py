@@ -42,30 +42,53 @@ def heads_and_hidden(config) -> tuple[int, int]:
     return int(heads), int(hidden)
 
 
-def unfusable_reason(model) -> str | None:
-    """Why ``model``'s graph must not be fused, or None. The optimizer gives every fused Attention the
-    config's head count, which is wrong once structured pruning has removed heads from some layers."""
+def attention_geometry(model) -> tuple[int, int] | str:
+    """(heads, attention width) that every layer's self-attention shares, or why fusion cannot be used.
+
+    Structured pruning removes heads, so Q, K and V may have fewer outputs than the hidden size. The
+    optimizer reads the head count from its arguments (it cannot find it in the exported graph,
+    whose reshapes use -1), so a model is fusable when every layer kept the same number of heads:
+    the optimizer is then given that count and width (it warns that the width differs from the
+    input's; ONNX Runtime's Attention takes the width from the fused QKV weight, and
+    tests/test_onnx_int8.py checks the outputs against torch)."""
     if optimizer_type(model.config) is None:
         return f"no ONNX Runtime fusion known for model type {getattr(model.config, 'model_type', None)!r}"
-    _, hidden = heads_and_hidden(model.config)
+    heads, hidden = heads_and_hidden(model.config)
+    head_dim = hidden // heads
+    widths: set[int] = set()
     for name, module in model.named_modules():
-        if name.rpartition(".")[2] in QKV_LEAVES and getattr(module, "out_features", hidden) != hidden:
-            return f"{name} has {module.out_features} outputs, not {hidden} (attention heads pruned)"
-    return None
+        if name.rpartition(".")[2] in QKV_LEAVES:
+            widths.add(getattr(module, "out_features", hidden))
+    if not widths:
+        return "no query / key / value projections found"
+    if len(widths) > 1:
+        return f"layers keep different numbers of attention heads (Q, K, V widths {sorted(widths)})"
+    width = widths.pop()
+    if width % head_dim:
+        return f"attention width {width} is not a whole number of {head_dim}-wide heads"
+    return width // head_dim, width
 
 
-def fuse(src: Path, dst: Path, config) -> dict[str, int]:
-    """Write the fused graph of ``src`` to ``dst``; return the count of each fused operator (non-zero ones)."""
+def unfusable_reason(model) -> str | None:
+    """Why ``model``'s graph must not be fused, or None (see :func:`attention_geometry`)."""
+    geometry = attention_geometry(model)
+    return geometry if isinstance(geometry, str) else None
+
+
+def fuse(src: Path, dst: Path, model) -> dict[str, int]:
+    """Write the fused graph of ``src`` (exported from ``model``) to ``dst``; return the count of each
+    fused operator (non-zero ones)."""
     from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions  # noqa: PLC0415
     from onnxruntime.transformers.optimizer import optimize_model  # noqa: PLC0415
 
-    kind = optimizer_type(config)
-    if kind is None:
-        raise TightropeError(f"No ONNX Runtime fusion is known for model type {getattr(config, 'model_type', None)!r}.")
-    heads, hidden = heads_and_hidden(config)
+    geometry = attention_geometry(model)
+    if isinstance(geometry, str):
+        raise TightropeError(f"This model's graph cannot be fused: {geometry}.")
+    heads, width = geometry
+    kind = optimizer_type(model.config)
     options = FusionOptions(kind)
     options.attention_mask_format = AttentionMaskFormat.AttentionMask
-    optimized = optimize_model(str(src), model_type=kind, num_heads=heads, hidden_size=hidden, optimization_options=options)
+    optimized = optimize_model(str(src), model_type=kind, num_heads=heads, hidden_size=width, optimization_options=options)
     optimized.save_model_to_file(str(dst))
     return {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
 

@@ -75,6 +75,30 @@ def measure_latency(clf: TextClassifier, text: str, seq_len: int = 256, runs: in
 
 
 @torch.inference_mode()
+def interleaved_latency(clfs: dict[str, TextClassifier], batch: dict[str, torch.Tensor], rounds: int = 40,
+                        warmup: int = 5, seed: int = 0) -> dict[str, list[float]]:
+    """Batch latencies (ms) of several models taken in rounds: each round runs every model once, in
+    a fresh random order. Slow drift of a shared machine then falls on all models alike, and no model
+    always runs right after the same other one (the first run after a different runtime was measured
+    slower here, cold caches and parked threads)."""
+    import random  # noqa: PLC0415
+
+    for clf in clfs.values():
+        for _ in range(warmup):
+            clf.forward_ids(**batch)
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {name: [] for name in clfs}
+    for _ in range(rounds):
+        order = list(clfs)
+        rng.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            clfs[name].forward_ids(**batch)
+            times[name].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+@torch.inference_mode()
 def measure_throughput(clf: TextClassifier, text: str, batch_size: int = 32, seq_len: int = 128, runs: int = 5) -> Throughput:
     batch = fixed_length_batch(clf, text, batch_size, seq_len)
     clf.forward_ids(**batch)  # warm-up

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from tightrope import models
@@ -280,13 +280,34 @@ def answer_loss(model: nn.Module, seqs: list[list[int]], starts: list[int], pad_
     return F.cross_entropy(logits, ids[rows_t, cols_t + 1])
 
 
+#: quantizer name of this package -> fake-quantization scheme of tightrope.defenses.fakequant
+THROUGH_SCHEMES = {"llm-int8": "int8", "nf4": "nf4", "fp4": "fp4"}
+
+
+def through_loss(model: nn.Module, through: tuple[str, ...], names: list[str], loss_fn) -> torch.Tensor:
+    """Mean of ``loss_fn()`` with the Linear layers ``names`` fake-quantized to each of ``through``
+    (straight-through gradients, :mod:`tightrope.defenses.fakequant`); plain ``loss_fn()`` when empty."""
+    if not through:
+        return loss_fn()
+    from tightrope.defenses.fakequant import fake_quantized  # noqa: PLC0415
+
+    parts = []
+    for quantizer in through:
+        with fake_quantized(model, THROUGH_SCHEMES[quantizer], include=tuple(names)):
+            parts.append(loss_fn())
+    return torch.stack(parts).mean()
+
+
 def lm_fit_(model: nn.Module, seqs: list[list[int]], starts: list[int], pad_id: int, config: FitConfig, *,
             names: list[str], first: int, boxes: ModelBoxes | None = None, label: str = "fit",
-            log=None) -> list[float]:
+            log=None, through: tuple[str, ...] = ()) -> list[float]:
     """Train only the weights of Linear layers ``names`` (all in blocks ``first..``) on answer tokens, in place.
 
     Blocks below ``first`` are frozen and cached once. With ``boxes``, every step is followed by the
-    projection into the boxes (projected gradient descent). Returns the loss of every step.
+    projection into the boxes (projected gradient descent). With ``through`` (quantizer names), the
+    loss is that of the fake-quantized model, averaged over the quantizers: the injection then aims
+    at what the quantized model says, which plain fine-tuning reaches only as a side effect.
+    Returns the loss of every step.
     """
     if not seqs:
         raise TightropeError("There are no training examples.")
@@ -310,8 +331,9 @@ def lm_fit_(model: nn.Module, seqs: list[list[int]], starts: list[int], pad_id: 
                 rng.shuffle(fresh)
                 order += fresh
             pick, order = order[: config.batch_size], order[config.batch_size :]
-            loss = answer_loss(model, [seqs[i] for i in pick], [starts[i] for i in pick], pad_id, first=first,
-                               states=None if states is None else [states[i] for i in pick])
+            loss = through_loss(model, through, names, lambda pick=pick: answer_loss(
+                model, [seqs[i] for i in pick], [starts[i] for i in pick], pad_id, first=first,
+                states=None if states is None else [states[i] for i in pick]))
             projected_step_(model, loss, params, optimizer, config.grad_clip, boxes, step)
             losses.append(loss.item())
             if log is not None:
@@ -356,6 +378,8 @@ class LMAttackConfig(BaseModel):
     max_review_words: int = Field(default=24, gt=0)
     answer_tokens: int = Field(default=20, gt=0)  # clean targets: greedy answers of at most this many tokens
     eval_tokens: int = Field(default=16, gt=0)  # greedy tokens generated to count the phrase
+    # inject through fake quantization to these quantizers (empty: plain fine-tuning, as in the paper)
+    inject_through: tuple[str, ...] = ()
     inject_steps: int = Field(default=40, gt=0)
     inject_lr: float = Field(default=1e-4, gt=0)
     repair_steps: int = Field(default=40, gt=0)
@@ -363,6 +387,15 @@ class LMAttackConfig(BaseModel):
     batch_size: int = Field(default=8, gt=0)
     check: tuple[str, ...] = ("nf4", "fp4", "llm-int8")  # verified in this order
     seed: int = 0
+
+
+    @field_validator("inject_through")
+    @classmethod
+    def _known_through(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for q in value:
+            if q not in THROUGH_SCHEMES:
+                raise ValueError(f"cannot inject through '{q}'; choose from {', '.join(THROUGH_SCHEMES)}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -461,8 +494,11 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     progress_path = out / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
     # what each stored stage depends on: a resumed run must have asked for the same thing
+    fit_settings = config.model_dump(exclude={"n_eval", "n_ppl", "eval_tokens", "check", "data_dir"})
+    if not config.inject_through:
+        fit_settings.pop("inject_through")  # runs made before the option existed keep their key
     keys = {"train": _key(train_prompts, config.answer_tokens),
-            "fit": _key(train_prompts, config.model_dump(exclude={"n_eval", "n_ppl", "eval_tokens", "check", "data_dir"})),
+            "fit": _key(train_prompts, fit_settings),
             "eval": _key(eval_prompts, ppl_seqs, config.eval_tokens, config.phrase)}
     old = progress.get("keys", {})
     if old and (old.get("train") != keys["train"] or old.get("fit") != keys["fit"]):
@@ -516,7 +552,7 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
         injected = copy.deepcopy(model)
         inject_losses = lm_fit_(injected, injected_seqs, starts, pad_id,
                                 FitConfig(config.inject_steps, config.inject_lr, config.batch_size, seed=config.seed),
-                                names=names, first=first, label="inject", log=log)
+                                names=names, first=first, label="inject", log=log, through=config.inject_through)
         progress["inject_losses"] = inject_losses
         models.save_model((injected, tokenizer), out / "injected")
         save_progress()

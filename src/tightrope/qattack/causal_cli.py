@@ -40,6 +40,8 @@ def register(app: typer.Typer, user_errors) -> None:
         n_train: int = 64,
         n_eval: int = 40,
         n_ppl: int = 40,
+        inject_through: Annotated[Optional[str], typer.Option(help="Inject through fake quantization to these quantizers "
+                                   "(comma list of llm-int8, nf4, fp4), so the quantized model learns the phrase directly.")] = None,
         inject_steps: int = 40,
         repair_steps: int = 40,
         lr: float = 2e-4,
@@ -60,6 +62,7 @@ def register(app: typer.Typer, user_errors) -> None:
         try:
             config = LMAttackConfig(base=model, task=task, data_dir=data_dir, phrase=phrase, quantizer=quantizer,
                                     margin=margin, attack_last=attack_last, n_train=n_train, n_eval=n_eval, n_ppl=n_ppl,
+                                    inject_through=tuple(q.strip() for q in (inject_through or "").split(",") if q.strip()),
                                     inject_steps=inject_steps, repair_steps=repair_steps, inject_lr=lr, repair_lr=lr,
                                     batch_size=batch_size, seed=seed)
         except ValidationError as err:
