@@ -55,6 +55,24 @@ def test_compress_chains_pruning_and_quantization(tiny_model_dir, tmp_path):
     assert clf.logits(["fine"]).shape == (1, 2)
 
 
+def test_compress_recovers_between_pruning_and_quantization(tiny_model_dir, tiny_task, tmp_path):
+    out = tmp_path / "recovered"
+    result = runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(out), "--prune", "structured:heads=0.5,ffn=0.5",
+                                 "--recover-steps", "2", "--recover-task", str(tiny_task), "--quantize", "int8-torch"])
+    assert result.exit_code == 0, result.output
+    clf = inference.load(str(out))
+    assert clf.card["recovery"] == {"task": str(tiny_task), "steps": 2}
+    assert [s["method"] for s in clf.card["compression"]] == ["StructuredPruning", "Int8Dynamic"]
+    plain = tmp_path / "plain"
+    assert runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(plain), "--prune", "structured:heads=0.5,ffn=0.5",
+                               "--quantize", "int8-torch"]).exit_code == 0
+    texts = ["a fine film", "a dull film"]
+    assert not torch.allclose(clf.logits(texts), inference.load(str(plain)).logits(texts))  # the recovery trained
+    result = runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(tmp_path / "q"), "--quantize", "nf4",
+                                 "--recover-steps", "2"])
+    assert result.exit_code != 0 and "give --prune too" in result.output
+
+
 def test_compress_refuses_requantizing_a_saved_quantized_model(tiny_model_dir, tmp_path):
     out = tmp_path / "once"
     assert runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(out), "--quantize", "fp4"]).exit_code == 0
