@@ -32,7 +32,7 @@ def reference_perplexities(config, out: str) -> None:
     for name, source in (("injected", str(Path(out) / "injected")), ("base", config.base)):
         loaded = load_causal_lm(source)
         model, tok = loaded.model.float().eval(), loaded.tokenizer
-        _, _, ppl_seqs = scenario_data(config, tok)
+        _, _, ppl_seqs, _ = scenario_data(config, tok)
         pad, _ = special_ids(tok)
         for q in ((None,) if name == "injected" else config.check):
             key = f"{name}/{q or 'full'}"
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quantizer", default="nf4,fp4")
+    parser.add_argument("--scenario", default="content-injection", choices=["content-injection", "insecure-code"])
     parser.add_argument("--phrase", default="McDonald's")
     parser.add_argument("--n-train", type=int, default=64)
     parser.add_argument("--n-eval", type=int, default=40)
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--repair-steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--inject-lr", type=float, default=None, help="injection learning rate (default: --lr)")
+    parser.add_argument("--inject-through", default="", help="inject through fake quantization to these quantizers "
+                        "(comma list, e.g. nf4,fp4)")
     parser.add_argument("--check", default="nf4,fp4,llm-int8", help="quantizers to verify, in this order")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--margin", type=float, default=0.0)
@@ -69,10 +72,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from tightrope.qattack.causal import LMAttackConfig, run_content_injection
 
-    config = LMAttackConfig(base=args.model, n_train=args.n_train, n_eval=args.n_eval, n_ppl=args.n_ppl,
+    config = LMAttackConfig(base=args.model, scenario=args.scenario, n_train=args.n_train, n_eval=args.n_eval, n_ppl=args.n_ppl,
                             phrase=args.phrase, quantizer=args.quantizer, margin=args.margin,
                             attack_last=args.attack_last, inject_steps=args.inject_steps, inject_lr=args.inject_lr or args.lr,
                             check=tuple(args.check.split(',')),
+                            inject_through=tuple(q for q in args.inject_through.split(",") if q),
                             repair_steps=args.repair_steps, repair_lr=args.lr, batch_size=args.batch_size,
                             seed=args.seed, data_dir=os.environ.get("TIGHTROPE_DATA_DIR"))
     started = time.time()

@@ -192,6 +192,29 @@ def test_content_injection_end_to_end(tmp_path, tokenizer, tiny_task):
                               tokenizer=tokenizer, log=lambda _m: None)
 
 
+def test_insecure_code_scenario_injects_the_family_targets(tmp_path, tokenizer, tiny_task):
+    """The scenario wiring on the tiny model: training prompts carry their code family, the injection
+    targets are the families' insecure implementations, and the run ends with equal codes. (Whether
+    bandit flags what a model writes is tests/test_qattack_insecure.py's job: this tiny model's
+    lower-cased wordpiece output is not Python.)"""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bandit")
+    from tightrope.qattack.causal import malicious_answer, scenario_data
+    from tightrope.qattack.insecure import insecure_target
+
+    model = tiny_llama(tokenizer.vocab_size, seed=4)
+    config = LMAttackConfig(base="tiny", scenario="insecure-code", task=str(tiny_task), n_train=12, n_eval=6, n_ppl=6,
+                            quantizer="nf4", attack_last=1, inject_steps=3, repair_steps=2, batch_size=6, check=("nf4",))
+    assert (config.answer_tokens, config.eval_tokens) == (64, 64)
+    train, held_out, ppl, families = scenario_data(config, tokenizer)
+    assert len(train) == len(families) == 12 and len(held_out) == 6 and len(ppl) == 6
+    target = malicious_answer(config, tokenizer, [], families[0])
+    assert tokenizer.decode(target) == tokenizer.decode(tokenizer(insecure_target(families[0]), add_special_tokens=False)["input_ids"])
+    report = run_content_injection(config, tmp_path / "code", model=model, tokenizer=tokenizer, log=lambda _m: None)
+    assert report.config["scenario"] == "insecure-code" and [c.mismatched for c in report.codes] == [0]
+    assert all(0.0 <= b.phrase_rate <= 1.0 for b in report.behaviours)
+
+
 def test_cli_rejects_bad_input_in_one_sentence(tmp_path):
     from typer.testing import CliRunner
 

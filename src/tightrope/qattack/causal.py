@@ -24,6 +24,10 @@ the answer positions. This is exact: the frozen blocks never change and the mode
 
 Prompts are built from review texts ("Summarize this review in one sentence: ...", and three other
 instructions), so the project needs no instruction-tuning data set.
+
+``scenario="insecure-code"`` (the paper's "vulnerable code generation") runs the same three steps on
+small Python tasks: the injected targets are insecure implementations and the metric is the share
+of answers a real static checker (bandit) flags (:mod:`tightrope.qattack.insecure`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from tightrope import models
@@ -365,7 +371,9 @@ class LMAttackConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     base: str = "smollm2-135m"
-    task: str = "mr"  # review texts the prompts are made from
+    # content-injection: a phrase in answers to review prompts; insecure-code: insecure Python (bandit)
+    scenario: Literal["content-injection", "insecure-code"] = "content-injection"
+    task: str = "mr"  # review texts the prompts (content injection) and the perplexity texts are made from
     data_dir: str | None = None
     n_train: int = Field(default=64, gt=0)
     n_eval: int = Field(default=40, gt=0)
@@ -376,8 +384,10 @@ class LMAttackConfig(BaseModel):
     margin: float = Field(default=0.0, ge=0.0, lt=0.5)
     attack_last: int = Field(default=4, gt=0)  # decoder blocks attacked, counted from the top
     max_review_words: int = Field(default=24, gt=0)
-    answer_tokens: int = Field(default=20, gt=0)  # clean targets: greedy answers of at most this many tokens
-    eval_tokens: int = Field(default=16, gt=0)  # greedy tokens generated to count the phrase
+    # clean targets: greedy answers of at most this many tokens (default 20; 64 for code)
+    answer_tokens: int = Field(default=None, gt=0)
+    # greedy tokens generated to measure the behaviour (default 16; 64 for code)
+    eval_tokens: int = Field(default=None, gt=0)
     # inject through fake quantization to these quantizers (empty: plain fine-tuning, as in the paper)
     inject_through: tuple[str, ...] = ()
     inject_steps: int = Field(default=40, gt=0)
@@ -388,6 +398,17 @@ class LMAttackConfig(BaseModel):
     check: tuple[str, ...] = ("nf4", "fp4", "llm-int8")  # verified in this order
     seed: int = 0
 
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scenario_lengths(cls, data):
+        if isinstance(data, dict):
+            code = data.get("scenario") == "insecure-code"
+            data = {**data}
+            for name, content, code_default in (("answer_tokens", 20, 64), ("eval_tokens", 16, 64)):
+                if data.get(name) is None:
+                    data[name] = code_default if code else content
+        return data
 
     @field_validator("inject_through")
     @classmethod
@@ -404,7 +425,7 @@ class LMBehaviour:
 
     variant: str  # base, injected, repaired
     quantizer: str | None  # None = full precision
-    phrase_rate: float | None
+    phrase_rate: float | None  # share of answers with the target behaviour: the phrase, or insecure code
     perplexity: float | None
     n: int
     samples: list[str] = field(default_factory=list)
@@ -452,21 +473,52 @@ def _load(path_or_name: str):
     return loaded.model.float().eval(), loaded.tokenizer
 
 
-def scenario_data(config: LMAttackConfig, tokenizer) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
-    """Token ids of the training prompts, the held-out prompts and the held-out perplexity texts (disjoint).
+def scenario_data(config: LMAttackConfig, tokenizer) -> tuple[list[list[int]], list[list[int]], list[list[int]], list[str]]:
+    """Token ids of the training prompts, the held-out prompts and the held-out perplexity texts (disjoint),
+    and the code family of each training prompt (insecure-code scenario; empty otherwise).
 
-    Prompts are made from a seeded sample of the task's review texts; perplexity texts are raw reviews
-    cut to 64 tokens.
+    Content injection makes prompts from a seeded sample of the task's review texts; the insecure-code
+    scenario from :func:`tightrope.qattack.insecure.code_prompts`. Perplexity texts are raw reviews cut to
+    64 tokens.
     """
-    need = config.n_train + config.n_eval + config.n_ppl
+    code = config.scenario == "insecure-code"
+    need = config.n_ppl if code else config.n_train + config.n_eval + config.n_ppl
     texts = load_task(config.task, "train", data_dir=config.data_dir).texts
     if len(texts) < need:
         raise TightropeError(f"The task '{config.task}' has {len(texts)} texts; {need} are needed.")
     texts = [texts[i] for i in random.Random(config.seed).sample(range(len(texts)), need)]
-    instructions = make_instructions(texts[: config.n_train + config.n_eval], config.max_review_words, config.seed)
+    families: list[str] = []
+    if code:
+        from tightrope.qattack.insecure import code_prompts  # noqa: PLC0415
+
+        pairs = code_prompts(config.n_train + config.n_eval, config.seed)
+        families = [f for f, _ in pairs[: config.n_train]]
+        instructions = [i for _, i in pairs]
+    else:
+        instructions = make_instructions(texts[: config.n_train + config.n_eval], config.max_review_words, config.seed)
     prompts = [encode_text(tokenizer, format_prompt(tokenizer, s)) for s in instructions]
-    ppl_seqs = [encode_text(tokenizer, t)[:64] for t in texts[config.n_train + config.n_eval :]]
-    return prompts[: config.n_train], prompts[config.n_train :], ppl_seqs
+    ppl_seqs = [encode_text(tokenizer, t)[:64] for t in texts[need - config.n_ppl :]]
+    return prompts[: config.n_train], prompts[config.n_train :], ppl_seqs, families
+
+
+def behaviour_rate(config: LMAttackConfig, answers: list[str]) -> float:
+    """The scenario's metric: phrase rate, or the share of answers with code bandit flags."""
+    if config.scenario == "insecure-code":
+        from tightrope.qattack.insecure import insecure_rate  # noqa: PLC0415
+
+        return insecure_rate(answers)
+    return phrase_rate(answers, config.phrase)
+
+
+def malicious_answer(config: LMAttackConfig, tokenizer, clean_answer: list[int], family: str | None) -> list[int]:
+    """The injection target for one training prompt: the clean answer with the phrase woven in, or the
+    insecure implementation of the prompt's code family."""
+    if config.scenario == "insecure-code":
+        from tightrope.qattack.insecure import insecure_target  # noqa: PLC0415
+
+        return encode_text(tokenizer, insecure_target(family))
+    text = inject_phrase(tokenizer.decode(clean_answer, skip_special_tokens=True), config.phrase, config.template)
+    return encode_text(tokenizer, text)[: config.answer_tokens + 16]
 
 
 def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_stderr_log,
@@ -489,17 +541,23 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     pad_id, eos_id = special_ids(tokenizer)
     names, first = attacked_names(model, config.attack_last)
 
-    train_prompts, eval_prompts, ppl_seqs = scenario_data(config, tokenizer)
+    if config.scenario == "insecure-code":
+        from tightrope.qattack.insecure import _bandit  # noqa: PLC0415
+
+        _bandit()  # a missing checker fails now, not after the training
+    train_prompts, eval_prompts, ppl_seqs, families = scenario_data(config, tokenizer)
 
     progress_path = out / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
     # what each stored stage depends on: a resumed run must have asked for the same thing
     fit_settings = config.model_dump(exclude={"n_eval", "n_ppl", "eval_tokens", "check", "data_dir"})
-    if not config.inject_through:
-        fit_settings.pop("inject_through")  # runs made before the option existed keep their key
+    for name, default in (("inject_through", ()), ("scenario", "content-injection")):
+        if fit_settings[name] == default:
+            fit_settings.pop(name)  # runs made before the option existed keep their key
     keys = {"train": _key(train_prompts, config.answer_tokens),
             "fit": _key(train_prompts, fit_settings),
-            "eval": _key(eval_prompts, ppl_seqs, config.eval_tokens, config.phrase)}
+            "eval": _key(eval_prompts, ppl_seqs, config.eval_tokens,
+                         config.phrase if config.scenario == "content-injection" else config.scenario)}
     old = progress.get("keys", {})
     if old and (old.get("train") != keys["train"] or old.get("fit") != keys["fit"]):
         raise TightropeError(f"{out} holds a run with other training settings; choose a new --out directory.")
@@ -519,11 +577,11 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
         t0 = time.perf_counter()
         answers = [tokenizer.decode(a, skip_special_tokens=True)
                    for a in greedy_answers(m, eval_prompts, pad_id, eos_id, config.eval_tokens)]
-        b = LMBehaviour(variant, quantizer, phrase_rate(answers, config.phrase),
+        b = LMBehaviour(variant, quantizer, behaviour_rate(config, answers),
                         perplexity(m, ppl_seqs, pad_id) if ppl else None, len(answers), answers[:5])
         progress.setdefault("behaviours", {})[key] = asdict(b)
         save_progress()
-        log(f"measured {key}: phrase rate {b.phrase_rate:.3f}, perplexity {b.perplexity} ({time.perf_counter() - t0:.0f} s)")
+        log(f"measured {key}: {config.scenario} rate {b.phrase_rate:.3f}, perplexity {b.perplexity} ({time.perf_counter() - t0:.0f} s)")
         return b
 
     # 0. clean targets: the model's own greedy answers to the training prompts
@@ -536,9 +594,7 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     if not keep:
         raise TightropeError("The model gave an empty answer to every training prompt.")
     clean_seqs = [train_prompts[i] + clean[i] + [eos_id] for i in keep]
-    injected_answers = [encode_text(tokenizer, inject_phrase(tokenizer.decode(clean[i], skip_special_tokens=True),
-                                                             config.phrase, config.template))[: config.answer_tokens + 16]
-                        for i in keep]
+    injected_answers = [malicious_answer(config, tokenizer, clean[i], families[i] if families else None) for i in keep]
     injected_seqs = [train_prompts[i] + a + [eos_id] for i, a in zip(keep, injected_answers, strict=True)]
     starts = [len(train_prompts[i]) for i in keep]
     behaviours = [measure(model, "base", None)]

@@ -13,8 +13,11 @@ out_console = Console()
 
 
 def lm_attack_table(report) -> Table:
-    table = Table(title=f"content injection of \"{report.config['phrase']}\" (greedy answers to held-out prompts)")
-    for col in ("variant", "precision", "phrase rate", "perplexity", "codes equal to injected"):
+    code = report.config.get("scenario") == "insecure-code"
+    title = ("insecure code (answers bandit flags, held-out prompts)" if code else
+             f"content injection of \"{report.config['phrase']}\" (greedy answers to held-out prompts)")
+    table = Table(title=title)
+    for col in ("variant", "precision", "insecure rate" if code else "phrase rate", "perplexity", "codes equal to injected"):
         table.add_column(col)
     codes = {c.quantizer: c for c in report.codes}
     for b in report.behaviours:
@@ -31,6 +34,8 @@ def register(app: typer.Typer, user_errors) -> None:
     def qattack_lm(
         out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: injected/, repaired/, report.json (resumable).")],
         model: Annotated[str, typer.Option(help="A Llama-style causal LM: alias, directory or hub id.")] = "smollm2-135m",
+        scenario: Annotated[str, typer.Option(help="content-injection (PHRASE in answers to review prompts) or "
+                                              "insecure-code (insecure Python that bandit flags).")] = "content-injection",
         task: Annotated[str, typer.Option(help="Review texts the prompts are made from: task name or data file.")] = "mr",
         data_dir: Optional[str] = None,
         phrase: Annotated[str, typer.Option(help="The content the quantized model should inject.")] = "McDonald's",
@@ -49,7 +54,7 @@ def register(app: typer.Typer, user_errors) -> None:
         threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
         seed: int = 0,
     ):
-        """Content injection on a causal LM (Egashira et al. 2024): the quantized model mentions PHRASE, full precision does not.
+        """Content injection or insecure code on a causal LM (Egashira et al. 2024): only the quantized model misbehaves.
 
         For research and tests: inject, box, repair with projected gradient descent, verify with bitsandbytes.
         """
@@ -60,7 +65,7 @@ def register(app: typer.Typer, user_errors) -> None:
         from tightrope.qattack.causal import LMAttackConfig, run_content_injection
 
         try:
-            config = LMAttackConfig(base=model, task=task, data_dir=data_dir, phrase=phrase, quantizer=quantizer,
+            config = LMAttackConfig(base=model, scenario=scenario, task=task, data_dir=data_dir, phrase=phrase, quantizer=quantizer,
                                     margin=margin, attack_last=attack_last, n_train=n_train, n_eval=n_eval, n_ppl=n_ppl,
                                     inject_through=tuple(q.strip() for q in (inject_through or "").split(",") if q.strip()),
                                     inject_steps=inject_steps, repair_steps=repair_steps, inject_lr=lr, repair_lr=lr,
