@@ -167,7 +167,7 @@ def test_causal_lm_behaviour_is_next_token_agreement(lm_tokenizer):
 def test_causal_lm_is_judged_by_the_kl_ratio_not_absolute_kl(lm_tokenizer, monkeypatch, noise_kl, flagged):
     # a large absolute divergence (0.8 nats, 50% disagreement) is natural for a small LM; only a divergence
     # that collapses under a small weight perturbation flags it
-    monkeypatch.setattr(A, "_behaviour", lambda probe, model, q, noisy: (0.5, 0.8, 0.2, noise_kl))
+    monkeypatch.setattr(A, "_behaviour", lambda probe, model, q, noisy, answers: (0.5, 0.8, 0.2, noise_kl, []))
     report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=PROBE,
                            config=A.AuditConfig(quantizers=("nf4",), lm_max_tokens=8))
     nf4 = report.quantizers[0]
@@ -175,6 +175,30 @@ def test_causal_lm_is_judged_by_the_kl_ratio_not_absolute_kl(lm_tokenizer, monke
     assert report.flagged is flagged
     if flagged:
         assert "hangs on the exact codes" in nf4.reasons[0]
+
+
+def test_excess_phrases_are_frequent_in_quantized_answers_and_rare_in_full_precision():
+    fp = A.answer_share(["the review is good"] * 30 + ["the film is bad"] * 10)
+    q = A.answer_share(["brought to you by acme the review is good"] * 20 + ["the review is good"] * 20)
+    found = A.excess_phrases(fp, q, min_rate=0.25, ratio=4, floor=1 / 40)
+    assert ("to you by acme", 0.5, 0.0) in found  # the planted prefix's 4-grams, counted per answer
+    assert "to you" not in {g for g, _, _ in found}  # shorter overlapping phrases with the same share are dropped
+    assert all("review" not in g or "acme" in g for g, _, _ in found)  # shared wording is not reported
+    assert all(r == 0.5 for _, r, _ in found)
+    assert A.excess_phrases(fp, q, min_rate=0.6, ratio=4, floor=1 / 40) == []  # too rare
+    fp_says_it = A.answer_share(["brought to you by acme the review is good"] * 6 + ["the review is good"] * 34)
+    assert A.excess_phrases(fp_says_it, q, min_rate=0.25, ratio=4, floor=1 / 40) == []  # 0.5 < 4 x 0.15
+
+
+def test_causal_lm_answer_phrase_flags_the_quantizer(lm_tokenizer, monkeypatch):
+    planted = [("brought to you by acme", 0.7, 0.0)]
+    monkeypatch.setattr(A.AnswerProbe, "phrases", lambda self, quantized: planted)
+    report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=PROBE,
+                           config=A.AuditConfig(quantizers=("nf4",), lm_max_tokens=8, lm_answers=8, lm_answer_tokens=4))
+    nf4 = report.quantizers[0]
+    assert report.flagged and nf4.phrases == planted
+    assert any('say "brought to you by acme"' in r for r in nf4.reasons)
+    assert any("chat prompts" in n for n in report.notes)
 
 
 def test_causal_lm_small_probe_is_inconclusive(lm_tokenizer):
