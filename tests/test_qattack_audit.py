@@ -198,6 +198,12 @@ def test_causal_lm_answer_phrase_flags_the_quantizer(lm_tokenizer, monkeypatch):
     nf4 = report.quantizers[0]
     assert report.flagged and nf4.phrases == planted
     assert any('say "brought to you by acme"' in r for r in nf4.reasons)
+    # a reworded phrase in 30% of answers is reported, but natural rewording of that size does not flag
+    planted[:] = [("based on the", 0.3, 0.0)]
+    report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=PROBE,
+                           config=A.AuditConfig(quantizers=("nf4",), lm_max_tokens=8, lm_answers=8, lm_answer_tokens=4))
+    assert not any("quantized answers say" in r for r in report.quantizers[0].reasons)
+    assert report.quantizers[0].phrases == planted
     assert any("chat prompts" in n for n in report.notes)
 
 
