@@ -84,9 +84,13 @@ def audit_rows(paths: list[str]) -> None:
     def f(x, fmt=".2f"):
         return "-" if x is None else format(x, fmt)
 
+    def phrase(q) -> str:  # causal LMs: the most frequent phrase of quantized answers, and its share in fp
+        top = (q.get("phrases") or [None])[0]
+        return "-" if top is None else f"\"{top[0]}\" {top[1]:.0%} / {top[2]:.0%}"
+
     print("| model | overall (exit) | quantizer | verdict | edge ratio | peak ratio | flip ratio | disagreement | KL (nats) |"
-          " noise disagr. | KL after noise | KL ratio | probe | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          " noise disagr. | KL after noise | KL ratio | top answer phrase (quantized / fp) | probe | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     codes = {"clean": 0, "flagged": 1, "inconclusive": 3}
     for path in paths:
         with open(path) as fh:
@@ -95,7 +99,7 @@ def audit_rows(paths: list[str]) -> None:
             print(f"| {r['model']} | {r['verdict']} ({codes[r['verdict']]}) | {q['quantizer']} | {q['verdict']} | "
                   f"{f(q['edge_ratio'])} | {f(q['peak_ratio'])} | {f(q['flip_ratio'])} | {f(q['disagreement'], '.3f')} | "
                   f"{f(q['kl'], '.4f')} | {f(q['noise_disagreement'], '.3f')} | {f(q.get('noise_kl'), '.4f')} | "
-                  f"{f(q.get('kl_ratio'))} | {q['probe_size']} | {r['seconds']:.0f} |")
+                  f"{f(q.get('kl_ratio'))} | {phrase(q)} | {q['probe_size']} | {r['seconds']:.0f} |")
 
 
 def main() -> None:
