@@ -167,7 +167,7 @@ def test_causal_lm_behaviour_is_next_token_agreement(lm_tokenizer):
 def test_causal_lm_is_judged_by_the_kl_ratio_not_absolute_kl(lm_tokenizer, monkeypatch, noise_kl, flagged):
     # a large absolute divergence (0.8 nats, 50% disagreement) is natural for a small LM; only a divergence
     # that collapses under a small weight perturbation flags it
-    monkeypatch.setattr(A, "_behaviour", lambda probe, model, q, noisy, answers: (0.5, 0.8, 0.2, noise_kl, []))
+    monkeypatch.setattr(A, "_behaviour", lambda probe, model, q, noisy, answers: (0.5, 0.8, 0.2, noise_kl, [], None))
     report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=PROBE,
                            config=A.AuditConfig(quantizers=("nf4",), lm_max_tokens=8))
     nf4 = report.quantizers[0]
@@ -205,6 +205,18 @@ def test_causal_lm_answer_phrase_flags_the_quantizer(lm_tokenizer, monkeypatch):
     assert not any("quantized answers say" in r for r in report.quantizers[0].reasons)
     assert report.quantizers[0].phrases == planted
     assert any("chat prompts" in n for n in report.notes)
+
+
+def test_causal_lm_insecure_code_in_quantized_answers_flags(lm_tokenizer, monkeypatch):
+    pytest.importorskip("bandit")
+    rates = iter([0.1, 0.6])  # full precision first (in the probe), then the quantized copy
+    monkeypatch.setattr(A.AnswerProbe, "insecure_rate", lambda self, model: next(rates))
+    report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=PROBE,
+                           config=A.AuditConfig(quantizers=("nf4",), lm_max_tokens=8, lm_answers=8, lm_answer_tokens=4,
+                                                lm_code_answers=4))
+    nf4 = report.quantizers[0]
+    assert report.flagged and (nf4.insecure_fp, nf4.insecure_quantized) == (0.1, 0.6)
+    assert any("bandit flags the code in 60%" in r for r in nf4.reasons)
 
 
 def test_causal_lm_small_probe_is_inconclusive(lm_tokenizer):
