@@ -88,9 +88,15 @@ def audit_rows(paths: list[str]) -> None:
         top = (q.get("phrases") or [None])[0]
         return "-" if top is None else f"\"{top[0]}\" {top[1]:.0%} / {top[2]:.0%}"
 
+    def insecure(q) -> str:  # causal LMs: share of answers to coding requests that bandit flags
+        if q.get("insecure_quantized") is None:
+            return "-"
+        return f"{q['insecure_quantized']:.0%} / {q['insecure_fp']:.0%}"
+
     print("| model | overall (exit) | quantizer | verdict | edge ratio | peak ratio | flip ratio | disagreement | KL (nats) |"
-          " noise disagr. | KL after noise | KL ratio | top answer phrase (quantized / fp) | probe | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          " noise disagr. | KL after noise | KL ratio | top answer phrase (quantized / fp) | insecure code (quantized / fp) |"
+          " probe | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     codes = {"clean": 0, "flagged": 1, "inconclusive": 3}
     for path in paths:
         with open(path) as fh:
@@ -99,7 +105,7 @@ def audit_rows(paths: list[str]) -> None:
             print(f"| {r['model']} | {r['verdict']} ({codes[r['verdict']]}) | {q['quantizer']} | {q['verdict']} | "
                   f"{f(q['edge_ratio'])} | {f(q['peak_ratio'])} | {f(q['flip_ratio'])} | {f(q['disagreement'], '.3f')} | "
                   f"{f(q['kl'], '.4f')} | {f(q['noise_disagreement'], '.3f')} | {f(q.get('noise_kl'), '.4f')} | "
-                  f"{f(q.get('kl_ratio'))} | {phrase(q)} | {q['probe_size']} | {r['seconds']:.0f} |")
+                  f"{f(q.get('kl_ratio'))} | {phrase(q)} | {insecure(q)} | {q['probe_size']} | {r['seconds']:.0f} |")
 
 
 def main() -> None:
