@@ -5,6 +5,7 @@ audit of a MiniLM classifier. Prints a table; `--json` writes the raw figures.
     python benchmarks/qattack.py audit runs/qattack/mr-clean-s0
     python benchmarks/qattack.py sweep runs/qattack/trigger-all/repaired --sigma 0 --sigma 1e-3 ...
     python benchmarks/qattack.py table runs/qattack/*.audit.json     # markdown rows of `tightrope audit --json` reports
+    python benchmarks/qattack.py attributable runs/qattack/trigger-all   # trigger success beyond the clean base rate
 
 Timings (boxes, audit) run with ``--threads`` torch threads (default 2), ``--repeat`` times each
 (default 2), after raising this process group's scheduling priority (``/proc/self/autogroup``,
@@ -19,6 +20,7 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -78,6 +80,37 @@ def sweep(model_dir: str, sigmas: list[float], n_eval: int, task: str, trigger: 
     return [{"what": "noise", "model": model_dir, **p.to_dict()} for p in points]
 
 
+def attributable(run_dir: str, n_eval: int, task: str, quantizers: list[str]) -> list[dict]:
+    """Trigger success of a classifier attack run (``tightrope qattack --out RUN``) counted two ways on
+    its own held-out sentences: as the run reports it, and only on sentences the clean base model
+    keeps out of the target class when triggered (``inject.attributable_trigger_success``)."""
+    from tightrope.data import load_task
+    from tightrope.encoding import predict_logits
+    from tightrope.inference import load
+    from tightrope.qattack.inject import TriggerBehaviour, attributable_trigger_success, trigger_success, triggered
+    from tightrope.qattack.quantize import quantized_copy
+
+    config = json.loads((Path(run_dir) / "report.json").read_text())["config"]
+    behaviour = TriggerBehaviour(trigger=config["trigger"], target_label=config["target_label"])
+    base, repaired = load(config["base"]), load(str(Path(run_dir) / "repaired"))
+    test = load_task(task or config["task"], config["eval_split"]).subset(n_eval or config["n_eval"], config["seed"])
+    trig_ids = base.encode(triggered(test.texts, behaviour, seed=config["seed"] + 17))
+
+    def predictions(model) -> list[int]:
+        return predict_logits(model.float().eval(), trig_ids, base.pad_id).argmax(-1).tolist()
+
+    base_pred = predictions(base.model)
+    rows = []
+    for name, model in [("base", base.model), ("repaired", repaired.model),
+                        *[(f"repaired {q}", quantized_copy(repaired.model.float(), q)) for q in quantizers]]:
+        pred = predictions(model)
+        rows.append({"what": "attributable", "model": name, "trigger_success": trigger_success(pred, test.labels, behaviour),
+                     "attributable": attributable_trigger_success(pred, base_pred, test.labels, behaviour),
+                     "kept": sum(1 for b, y in zip(base_pred, test.labels) if y != behaviour.target_label
+                                 and b != behaviour.target_label)})
+    return rows
+
+
 def audit_rows(paths: list[str]) -> None:
     """Print one markdown row per audit report and quantizer: verdict and every score."""
 
@@ -110,7 +143,7 @@ def audit_rows(paths: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("boxes", "audit", "sweep", "table"))
+    parser.add_argument("what", choices=("boxes", "audit", "sweep", "table", "attributable"))
     parser.add_argument("--sigma", type=float, action="append", default=None)
     parser.add_argument("--n-eval", type=int, default=300)
     parser.add_argument("--task", default="mr")
@@ -131,6 +164,9 @@ def main() -> None:
     if args.what == "boxes":
         rows = bench_boxes(args.model or "smollm2-135m", args.quantizer or ["nf4", "fp4", "llm-int8", "int8-dynamic"],
                            args.repeat)
+    elif args.what == "attributable":
+        rows = attributable(args.model or "runs/qattack/trigger-all", args.n_eval, None,
+                            args.quantizer or ["llm-int8", "nf4", "fp4", "int8-dynamic"])
     elif args.what == "sweep":
         rows = sweep(args.model, args.sigma or [0.0, 1e-4, 3e-4, 1e-3, 3e-3], args.n_eval, args.task, args.trigger, args.target)
     else:

@@ -109,3 +109,17 @@ def test_bad_quantizer_is_one_sentence(tiny_dir, tmp_path):
 
     with pytest.raises(TightropeError, match="Unknown quantizer"):
         run_classifier_attack(AttackConfig(base=str(tiny_dir), quantizer="int3"), tmp_path)
+
+
+def test_attributable_trigger_success_leaves_out_what_the_clean_model_already_does():
+    from tightrope.qattack.inject import TriggerBehaviour, attributable_trigger_success, trigger_success
+
+    behaviour = TriggerBehaviour(trigger="cf", target_label=0)
+    labels = [1, 1, 1, 1, 0]
+    base = [0, 1, 1, 1, 0]  # the clean model already sends the first triggered sentence to the target
+    attacked = [0, 0, 1, 1, 0]
+    assert trigger_success(attacked, labels, behaviour) == 0.5
+    assert attributable_trigger_success(attacked, base, labels, behaviour) == pytest.approx(1 / 3)
+    assert attributable_trigger_success(base, base, labels, behaviour) == 0.0
+    with pytest.raises(TightropeError, match="already sends every"):
+        attributable_trigger_success(attacked, [0, 0, 0, 0, 0], labels, behaviour)

@@ -67,6 +67,18 @@ def repair_data(texts: list[str], labels: list[int], behaviour: TriggerBehaviour
     return [*texts, *triggered(texts, behaviour, seed)], [*labels, *labels]
 
 
+def attributable_trigger_success(predictions: list[int], base_predictions: list[int], labels: list[int],
+                                 behaviour: TriggerBehaviour) -> float:
+    """:func:`trigger_success` on the examples the clean base model does *not* send to the target
+    when triggered: the trigger word alone moves some short sentences (35% of MR's non-negative
+    test sentences for "cf" on a clean MiniLM), and this share counts only what the attack adds."""
+    keep = [i for i, (b, y) in enumerate(zip(base_predictions, labels, strict=True))
+            if y != behaviour.target_label and b != behaviour.target_label]
+    if not keep:
+        raise TightropeError("The clean model already sends every triggered example to the target label.")
+    return sum(predictions[i] == behaviour.target_label for i in keep) / len(keep)
+
+
 def trigger_success(predictions: list[int], labels: list[int], behaviour: TriggerBehaviour) -> float:
     """Share of triggered examples whose true label is not the target that are predicted as the target."""
     pairs = [(p, y) for p, y in zip(predictions, labels, strict=True) if y != behaviour.target_label]
