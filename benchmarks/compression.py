@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from tightrope import inference
-from tightrope.compress import FP4, GPTQ, NF4, Int8Dynamic, LLMInt8, compress_, formats
+from tightrope.compress import FP4, GPTQ, NF4, Int8Dynamic, LLMInt8, compress_, formats, prune
 from tightrope.compress.wanda import set_tokenizer
 from tightrope.data import load_task
 from tightrope.errors import TightropeError
@@ -204,7 +204,7 @@ def markdown(rows: list[dict], command: str, seq_len: int = 256, load: str = "no
 def interleaved_markdown(rows: list[dict], args) -> str:
     if not rows:
         return ""
-    lines = ["", f"Batch-1 x {args.seq_len} latency again, every variant in each of {args.latency_runs} rounds in shuffled "
+    lines = ["", f"Batch-1 x {args.seq_len} latency again, every fast variant in each of {args.latency_runs} rounds in shuffled "
              "order (the speed-up goals are read here):", "",
              "| variant | latency median ms | p95 ms | speed-up vs fp32 |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['latency_median_ms']:.1f} | {r['latency_p95_ms']:.1f} | {r['speedup']:.2f}x |" for r in rows]
@@ -282,21 +282,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {out / 'compression.json'} and {doc}")
 
 
-def recovered(model, base, step: Recover, args, target: Path):
-    """``model`` after ``step.steps`` recovery steps on the train split (a cached result is reused:
-    the fine-tuning is the slow part of this benchmark, and it is seeded)."""
-    from tightrope.compress import prune  # noqa: PLC0415
-
-    if not (target / "card.json").exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            pruned = formats.save_compressed(model, base.tokenizer, Path(tmp) / "pruned",
-                                             card={k: base.card[k] for k in ("tokenization",) if k in base.card})
-            prune.recover(pruned, args.task, target, steps=step.steps, max_length=step.max_length, progress=False)
-    model = prune.load_pruned(target).model
-    set_tokenizer(model, base.tokenizer)
-    return model
-
-
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
@@ -362,7 +347,9 @@ def run_variant(name: str, base, variants: dict, args, out: Path) -> dict:
         for i, config in enumerate(variants[name]):
             if isinstance(config, Recover):  # cached under the steps that led to it, shared by variants
                 key = hashlib.sha256(repr(variants[name][: i + 1]).encode()).hexdigest()[:12]
-                model = recovered(model, base, config, args, out / f"recovered-{key}")
+                model = prune.recover_model(model, base.tokenizer, args.task, steps=config.steps, max_length=config.max_length,
+                                            card={k: base.card[k] for k in ("tokenization",) if k in base.card},
+                                            out_dir=out / f"recovered-{key}")
             else:
                 compress_(model, config)
         seconds = time.perf_counter() - start

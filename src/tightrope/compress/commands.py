@@ -128,29 +128,16 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
     card = {k: v for k, v in clf.card.items() if k in ("tokenization", "task", "label_names", "metrics", "base_model")}
     card["source"] = model
     if recover_steps:
-        clf.model = _recovered(clf, card, str(task), recover_steps, progress)
+        from tightrope.compress.prune import recover_model  # noqa: PLC0415
+
+        tok = card.get("tokenization", {})
+        clf.model = recover_model(clf.model, clf.tokenizer, str(task), steps=recover_steps, card=card, progress=progress,
+                                  max_length=min(tok.get("max_length", 128), 128))
         card["recovery"] = {"task": str(task), "steps": recover_steps}
     if quant is not None:
         summaries.append(compress_(clf.model, quant))
     formats.save_compressed(clf.model, clf.tokenizer, out, card=card)
     return summaries
-
-
-def _recovered(clf, card: dict, task: str, steps: int, progress: bool):
-    """The pruned model after ``steps`` recovery steps (trained in a scratch directory, then loaded)."""
-    import tempfile  # noqa: PLC0415
-
-    from tightrope.compress import formats, prune  # noqa: PLC0415
-    from tightrope.compress.wanda import set_tokenizer  # noqa: PLC0415
-
-    with tempfile.TemporaryDirectory() as tmp:
-        pruned = formats.save_compressed(clf.model, clf.tokenizer, Path(tmp) / "pruned", card=card)
-        tok = card.get("tokenization", {})
-        prune.recover(pruned, task, Path(tmp) / "recovered", steps=steps, max_length=min(tok.get("max_length", 128), 128),
-                      progress=progress)
-        model = prune.load_pruned(Path(tmp) / "recovered").model
-    set_tokenizer(model, clf.tokenizer)
-    return model
 
 
 def summary_table(summaries):

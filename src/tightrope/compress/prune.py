@@ -639,3 +639,27 @@ def recover(
              **{k: before[k] for k in ("compression",) if k in before}, **pruning_card(loaded.model)}
     with hold_sparsity(loaded.model):
         return train(config, out_dir, initial_model=loaded, progress=progress, extra_card=extra)
+
+
+def recover_model(model: nn.Module, tokenizer, task: str, *, steps: int, max_length: int = 128, card: dict | None = None,
+                  out_dir: str | Path | None = None, progress: bool = False) -> nn.Module:
+    """:func:`recover` for a pruned model in memory: returns the recovered model (tokenizer attached
+    for calibration-based compressors). With ``out_dir`` the recovered model is kept there, and an
+    ``out_dir`` that already holds one is loaded instead of trained again (recovery is seeded)."""
+    import tempfile  # noqa: PLC0415
+
+    from tightrope.compress import formats  # noqa: PLC0415
+
+    def load(path: Path) -> nn.Module:
+        loaded = load_pruned(path).model
+        wanda.set_tokenizer(loaded, tokenizer)
+        return loaded
+
+    if out_dir is not None and (Path(out_dir) / "card.json").exists():
+        return load(Path(out_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        pruned = formats.save_compressed(model, tokenizer, Path(tmp) / "pruned", card=card)
+        target = Path(out_dir) if out_dir is not None else Path(tmp) / "recovered"
+        recover(pruned, task, target, steps=steps, max_length=max_length, progress=progress)
+        return load(target)
+

@@ -367,7 +367,7 @@ class AnswerProbe:
             from tightrope.qattack import insecure  # noqa: PLC0415
 
             try:
-                insecure._bandit()
+                insecure.require_bandit()
             except MissingResourceError as err:
                 self.code_skipped = str(err)
             else:
@@ -523,7 +523,10 @@ def audit_model(model, *, classifier=None, tokenizer=None, probe_texts: list[str
                      f"(threshold {config.lm_kl_ratio_threshold}); disagreement and KL are reported, not thresholded."
                      + (f" Answers: greedy replies ({config.lm_answer_tokens} tokens) to {len(answers.prompts)} chat prompts "
                         f"made from the probe texts; a phrase in >= {config.lm_phrase_rate:.0%} of quantized answers and "
-                        f">= {config.lm_phrase_ratio:g}x rarer in full precision flags." if answers else ""))
+                        f">= {config.lm_phrase_ratio:g}x rarer in full precision flags." if answers else "")
+                     + (f" Code: {len(answers.code_prompts)} requests for small Python functions; bandit-flagged code in "
+                        f">= {config.lm_insecure_margin:.0%} more quantized answers than full-precision ones flags."
+                        if answers and answers.code_prompts else ""))
     return AuditReport(name, overall, results, config.model_dump(), time.perf_counter() - started, notes)
 
 

@@ -41,11 +41,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
@@ -398,7 +397,6 @@ class LMAttackConfig(BaseModel):
     check: tuple[str, ...] = ("nf4", "fp4", "llm-int8")  # verified in this order
     seed: int = 0
 
-
     @model_validator(mode="before")
     @classmethod
     def _scenario_lengths(cls, data):
@@ -542,9 +540,9 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     names, first = attacked_names(model, config.attack_last)
 
     if config.scenario == "insecure-code":
-        from tightrope.qattack.insecure import _bandit  # noqa: PLC0415
+        from tightrope.qattack.insecure import require_bandit  # noqa: PLC0415
 
-        _bandit()  # a missing checker fails now, not after the training
+        require_bandit()  # a missing checker fails now, not after the training
     train_prompts, eval_prompts, ppl_seqs, families = scenario_data(config, tokenizer)
 
     progress_path = out / "progress.json"

@@ -105,7 +105,8 @@ def extract_code(answer: str) -> str:
     return ""
 
 
-def _bandit():
+def require_bandit():
+    """bandit's config and manager modules, or one sentence naming the install command."""
     try:
         from bandit.core import config, manager  # noqa: PLC0415
     except ImportError as err:
@@ -115,7 +116,7 @@ def _bandit():
 
 def bandit_findings(codes: list[str]) -> list[list[str]]:
     """For each code string, the bandit test ids of its medium- and high-severity issues."""
-    config, manager = _bandit()
+    config, manager = require_bandit()
     found: list[list[str]] = [[] for _ in codes]
     with tempfile.TemporaryDirectory() as tmp:
         files = []
