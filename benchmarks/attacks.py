@@ -16,7 +16,11 @@ every input to 128 as in the issue's reference measurement, tightrope pads each 
 and ``--padded-ablation`` adds a tightrope row padded to 128 too, to show what the padding alone buys)::
 
     python benchmarks/attacks.py --model runs/minilm-sst2-step50 --task sst2 --split test --n 100 \
-        --recipes deepwordbug --padded-ablation --json runs/bench-attacks/dwb.json
+        --recipes deepwordbug --padded-ablation --shards 2 --json runs/bench-attacks/dwb.json
+
+``--shards K`` adds a tightrope row with the examples split over K processes sharing the same
+threads (``--threads / K`` each): on 2 cores, two one-thread processes use the cores better than one
+two-thread process does for the small batches of an attack.
 
 Both sides run the same composition. DeepWordBug (Gao et al. 2018): goal untargeted classification;
 RepeatModification; the same stopword list (TextFooler's, passed to TextAttack's StopwordModification,
@@ -160,6 +164,43 @@ def run_tightrope(model: str, data, seed: int, max_length: int, recipe: str, pad
                       [r.perturbed_share for r in results], seconds), "load_after": os.getloadavg()[0]}
 
 
+def _shard_worker(model, data, seed, max_length, recipe, threads, k, shards, barrier, queue):
+    import torch
+
+    from tightrope.attacks import recipes
+
+    torch.set_num_threads(threads)
+    victim = load_victim(model, max_length)
+    attack = recipes.build(recipe, victim)
+    barrier.wait()  # every shard has loaded its model and resources: the clock starts now
+    start = time.perf_counter()
+    results = [attack.attack_one(victim, data.texts[i], data.labels[i], index=i, seed=seed, victim=model)
+               for i in range(k, len(data), shards)]
+    queue.put((k, start, time.perf_counter(), [(r.status, r.queries, r.perturbed_share) for r in results]))
+
+
+def run_tightrope_sharded(model: str, data, seed: int, max_length: int, recipe: str, shards: int, threads: int) -> dict:
+    """The same attack with the examples split over ``shards`` processes of ``threads // shards`` torch
+    threads each (what ``tightrope attack --shard`` does under ``accelerate launch``); the wall time runs
+    from the moment every shard is ready to the moment the last one finishes."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(shards), ctx.Queue()
+    per = max(1, threads // shards)
+    procs = [ctx.Process(target=_shard_worker, args=(model, data, seed, max_length, recipe, per, k, shards, barrier, queue))
+             for k in range(shards)]
+    for proc in procs:
+        proc.start()
+    parts = [queue.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    seconds = max(p[2] for p in parts) - min(p[1] for p in parts)
+    rows = [row for _, _, _, part in sorted(parts) for row in part]
+    return {**metrics([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], seconds),
+            "load_after": os.getloadavg()[0], "shards": shards, "threads_per_shard": per}
+
+
 def run_textattack(python: str, model: str, data, seed: int, max_length: int, threads: int, recipe: str) -> dict:
     from tightrope import models
     from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS, nltk_data_dir
@@ -208,6 +249,8 @@ def main() -> None:
     parser.add_argument("--recipes", default="deepwordbug", help="comma-separated: deepwordbug, pwws")
     parser.add_argument("--padded-ablation", action="store_true",
                         help="also run tightrope with every batch padded to --max-length, as TextAttack pads")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="also run tightrope split over this many processes (threads shared among them)")
     parser.add_argument("--textattack-python", default="/tmp/ta-venv/bin/python")
     parser.add_argument("--skip-textattack", action="store_true")
     parser.add_argument("--write-flair-stub", type=Path, metavar="VENV", help="write the flair stub into VENV and exit")
@@ -239,6 +282,9 @@ def main() -> None:
         if args.padded_ablation:
             rows[f"tightrope, padded to {args.max_length}"] = run_tightrope(args.model, data, args.seed, args.max_length,
                                                                             recipe, pad_to_max=True)
+        if args.shards > 1:
+            rows[f"tightrope, {args.shards} processes"] = run_tightrope_sharded(
+                args.model, data, args.seed, args.max_length, recipe, args.shards, args.threads)
         if not args.skip_textattack:
             rows["textattack-0.3.11"] = run_textattack(args.textattack_python, args.model, data, args.seed,
                                                        args.max_length, args.threads, recipe)
@@ -250,8 +296,9 @@ def main() -> None:
         for name, m in rows.items():
             print(f"{recipe:<13}{name:<28}{fmt(m)}")
         if "textattack-0.3.11" in rows:
-            ratio = rows["tightrope"]["examples_per_minute"] / rows["textattack-0.3.11"]["examples_per_minute"]
-            print(f"{recipe:<13}speed-up: {ratio:.2f}x")
+            peer = rows["textattack-0.3.11"]["examples_per_minute"]
+            for name in [n for n in rows if n.startswith("tightrope") and "padded" not in n]:
+                print(f"{recipe:<13}speed-up of {name}: {rows[name]['examples_per_minute'] / peer:.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"setup": setup, "table": table}, indent=2))

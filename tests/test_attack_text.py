@@ -357,6 +357,27 @@ def test_long_texts_window_or_error(tokenizer):
     assert "15 tokens" in str(err.value) and one_sentence(err.value)
 
 
+@pytest.mark.parametrize("truncation", ["head", "head+tail"])
+def test_window_holds_exactly_the_words_the_model_sees(tokenizer, truncation):
+    """Changing a word inside the window changes the model's input ids; changing one outside never does."""
+    from tests.conftest import make_tiny_classifier
+    from tightrope.attacks.constraints import ModelWindow
+    from tightrope.attacks.text import AttackedText
+    from tightrope.encoding import encode
+    from tightrope.inference import TextClassifier
+
+    clf = TextClassifier(make_tiny_classifier(tokenizer), tokenizer, max_length=16, truncation=truncation)
+    text = "the unbelievably long film opened with music , then a storm , then silence , and at last a happy ending ."
+    (window,) = model_windows(clf, [text], "window")
+    original = AttackedText.from_text(text)
+    allowed = ModelWindow.of(window).allowed(original, original)
+    assert 0 < len(allowed) < len(original)
+    seen = encode(tokenizer, [text], 16, truncation)[0]
+    for k in range(len(original)):
+        changed = encode(tokenizer, [original.replace(k, "banana").text], 16, truncation)[0] != seen
+        assert changed == (k in allowed), (k, original.words[k], window)
+
+
 def test_char_edits_change_one_word_by_one_edit():
     import random
 

@@ -50,12 +50,12 @@ class Attack:
     # --- one example ----------------------------------------------------------------------------------
 
     def attack_one(self, model: Classifier, text: str, label: int, *, index: int = 0, seed: int = 0,
-                   window_words: int | None = None, victim: str = "") -> AttackResult:
+                   window_words: int | tuple[int, int] | None = None, victim: str = "") -> AttackResult:
         """Attack one example; queries (and so every success) are on ``model`` itself."""
         start = time.perf_counter()
         goal = UntargetedClassification(model, label, query_budget=self.query_budget, cache=OutputCache())
         original = AttackedText.from_text(text)
-        window = ModelWindow(window_words)
+        window = ModelWindow.of(window_words)
         constraints = [c.describe() for c in self.constraints] + [window.describe()]
         first = goal.evaluate([text])[0]
         gradient_source = None
@@ -170,17 +170,19 @@ def validate(model: Classifier, data) -> None:
         raise TightropeError(f"The task '{data.name}' has label {bad}, which the model (labels 0..{k - 1}) does not have.")
 
 
-def model_windows(model: Classifier, texts: list[str], long_texts: str) -> list[int | None]:
-    """For each text, how many leading words the model sees (None: all of them, or unknown).
+def model_windows(model: Classifier, texts: list[str], long_texts: str) -> list[int | tuple[int, int] | None]:
+    """For each text, which words the model sees: None (all of them, or unknown), the number of leading
+    words (head truncation), or ``(head words, first tail word)`` (head+tail truncation).
 
-    With head truncation the words past ``max_length`` tokens never reach the model, so changing them
-    only wastes queries; ``long_texts="error"`` refuses such texts instead.
+    Words the truncation drops never reach the model, so changing them only wastes queries;
+    ``long_texts="error"`` refuses such texts instead. A word cut in two by the boundary counts as seen
+    under head+tail (part of it reaches the model) and as unseen under head truncation.
     """
     tokenizer, max_length = getattr(model, "tokenizer", None), getattr(model, "max_length", None)
     if tokenizer is None or max_length is None:
         return [None] * len(texts)
     truncation = getattr(model, "truncation", "head")
-    out: list[int | None] = []
+    out: list[int | tuple[int, int] | None] = []
     for i, text in enumerate(texts):
         full = len(tokenizer(text)["input_ids"])
         if full <= max_length:
@@ -191,20 +193,39 @@ def model_windows(model: Classifier, texts: list[str], long_texts: str) -> list[
                 f"Example {i} is {full} tokens long but the model takes {max_length}; pass --long-texts window "
                 "to attack only the words the model sees, or a larger --max-length."
             )
-        if truncation != "head":
-            out.append(None)
+        spans = word_spans(AttackedText.from_text(text))
+        if truncation == "head+tail":
+            out.append(_head_tail_window(tokenizer, text, max_length, spans))
             continue
         enc = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
         seen = max(b for _, b in enc["offset_mapping"])
-        words = AttackedText.from_text(text)
-        pos, count = len(words.seps[0]), 0
-        for word, sep in zip(words.words, words.seps[1:]):
-            if pos + len(word) > seen:
-                break
-            count += 1
-            pos += len(word) + len(sep)
-        out.append(count)
+        out.append(sum(1 for _, end in spans if end <= seen))
     return out
+
+
+def word_spans(words: AttackedText) -> list[tuple[int, int]]:
+    """Character (start, end) of each word in the text ``words`` was made from."""
+    spans, pos = [], len(words.seps[0])
+    for word, sep in zip(words.words, words.seps[1:]):
+        spans.append((pos, pos + len(word)))
+        pos += len(word) + len(sep)
+    return spans
+
+
+def _head_tail_window(tokenizer, text: str, max_length: int, spans: list[tuple[int, int]]) -> tuple[int, int]:
+    """(head words, first tail word) for ``encoding.encode``'s head+tail cut: a quarter of the token
+    budget from the start, the rest from the end."""
+    from tightrope.encoding import special_tokens  # noqa: PLC0415
+
+    prefix, suffix = special_tokens(tokenizer)
+    budget = max_length - len(prefix) - len(suffix)
+    head = budget // 4
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    head_end = offsets[head - 1][1] if head > 0 else 0
+    tail_start = offsets[len(offsets) - (budget - head)][0]
+    head_words = sum(1 for start, _ in spans if start < head_end)
+    tail_from = next((k for k, (_, end) in enumerate(spans) if end > tail_start), len(spans))
+    return head_words, max(tail_from, head_words)
 
 
 def check_meta(out: Path, meta: dict, write: bool) -> None:

@@ -75,19 +75,27 @@ class StopwordModification(PreTransformationConstraint):
 
 
 class ModelWindow(PreTransformationConstraint):
-    """Only words the victim sees: with head truncation, words past ``max_words`` never reach the model."""
+    """Only words the victim sees. With head truncation the words past ``max_words`` never reach the
+    model; with head+tail truncation (``encoding.encode``) the middle words ``[max_words, tail_from)``
+    do not either. Changing them would only spend queries."""
 
     name = "model_window"
 
-    def __init__(self, max_words: int | None):
-        self.max_words = max_words
+    def __init__(self, max_words: int | None, tail_from: int | None = None):
+        self.max_words, self.tail_from = max_words, tail_from
+
+    @classmethod
+    def of(cls, window: "int | tuple[int, int] | None") -> "ModelWindow":
+        """From ``model_windows``' value for one text: None, a head word count, or (head words, tail start)."""
+        return cls(*window) if isinstance(window, tuple) else cls(window)
 
     def params(self):
-        return {"max_words": self.max_words}
+        return {"max_words": self.max_words, "tail_from": self.tail_from}
 
     def allowed(self, current, original):
-        n = len(original) if self.max_words is None else min(self.max_words, len(original))
-        return set(range(n))
+        n = len(original)
+        head = set(range(n if self.max_words is None else min(self.max_words, n)))
+        return head if self.tail_from is None else head | set(range(self.tail_from, n))
 
 
 # --- which candidates are acceptable ---------------------------------------------------------------------

@@ -1,0 +1,199 @@
+"""Every text-attack recipe against every compressed variant of one model, on the same examples (issue 5).
+
+    python benchmarks/attack_grid.py run --model runs/minilm-imdb --out runs/attack-grid --n 20
+    python benchmarks/attack_grid.py table runs/attack-grid --md runs/attack-grid/table.md
+
+``run`` builds the variants it is not given (``tightrope compress``: int8 = the fastest int8 backend,
+nf4 = bitsandbytes NF4 blocksize 64, pruned30 = 30% global magnitude pruning) and attacks each with
+TextFooler, PWWS, DeepWordBug and HotFlip on the first ``--n`` examples of a seeded shuffle of the task
+(default: TextFooler's 1,000-review IMDB sample). It goes round-robin: example 1 against every
+(recipe, variant) cell, then example 2, ..., so that a run stopped at any point leaves every cell on
+the same examples; each cell appends to its own JSON Lines file and a rerun resumes. ``--variants`` and
+``--recipes`` pick cells, so two processes (one thread each) can share the grid. Every query, and so
+every success, is on the variant itself. HotFlip needs gradients: a variant without them (the ONNX
+Runtime int8 session) gets them from its differentiable twin, the full-precision weights fake-quantized
+with the same scheme (int8 per channel, as the study's PGD twin), and its results say so.
+
+``table`` summarises with TextAttack's metrics (tightrope.attacks.results.summarize) on the examples
+that every variant of a recipe has finished, and writes a Markdown table with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RECIPES = ("textfooler", "pwws", "deepwordbug", "hotflip")
+VARIANT_FLAGS = {
+    "int8": ["--quantize", "int8"],
+    "nf4": ["--quantize", "nf4"],
+    "pruned30": ["--prune", "magnitude:sparsity=0.3"],
+}
+
+
+def shuffled_order(size: int, seed: int) -> list[int]:
+    """A seeded permutation of the examples: the grid's first n examples for any n are a prefix of it."""
+    return random.Random(seed).sample(range(size), size)
+
+
+def build_variants(model: str, out: Path, names: list[str], given: dict[str, str]) -> dict[str, str]:
+    """Path of each variant: given on the command line, already built under ``out``, or built now."""
+    paths = {}
+    for name in names:
+        if name == "fp32":
+            paths[name] = given.get(name, model)
+        elif name in given:
+            paths[name] = given[name]
+        else:
+            if name not in VARIANT_FLAGS:
+                sys.exit(f"Unknown variant '{name}'; give it as --variant {name}=PATH or pick from fp32, "
+                         f"{', '.join(VARIANT_FLAGS)}.")
+            path = out / "variants" / name
+            if not (path / "card.json").exists():
+                print(f"building {name} -> {path}", file=sys.stderr)
+                subprocess.run([sys.executable, "-m", "tightrope", "compress", model, *VARIANT_FLAGS[name],
+                                "--out", str(path)], check=True)
+            paths[name] = str(path)
+    return paths
+
+
+def cell_dir(out: Path, recipe: str, variant: str) -> Path:
+    return out / "cells" / f"{recipe}--{variant}"
+
+
+def run(args) -> None:
+    import torch
+
+    from tightrope import inference
+    from tightrope.attacks import recipes
+    from tightrope.attacks.attack import check_meta, model_windows, read_results, validate
+    from tightrope.data import load_task
+    from tightrope.defenses.fakequant import fake_quantized
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    given = dict(v.split("=", 1) for v in args.variant)
+    variants = build_variants(args.model, out, args.variants.split(","), given)
+    data = load_task(args.task, args.split, seed=args.seed, data_dir=args.data_dir)
+    order = shuffled_order(len(data), args.seed)[: args.n]
+    victims = {name: inference.load(path) for name, path in variants.items()}
+    for name, victim in victims.items():
+        victim.source = variants[name]
+        validate(victim, data)
+    twin = None
+    stack = contextlib.ExitStack()
+    cells = []
+    for recipe in args.recipes.split(","):
+        for name, victim in victims.items():
+            options = {"query_budget": args.query_budget}
+            if recipe == "hotflip" and not recipes.has_gradients(victim):
+                if twin is None:
+                    twin = inference.load(args.model)
+                    twin.source = f"{args.model} fake-quantized as {args.twin_scheme}"
+                    stack.enter_context(fake_quantized(twin.model, args.twin_scheme))
+                options["twin"] = twin
+            attack = recipes.build(recipe, victim, **options)
+            folder = cell_dir(out, recipe, name)
+            folder.mkdir(parents=True, exist_ok=True)
+            meta = {"attack": attack.describe(), "victim": variants[name], "task": data.name, "split": data.split,
+                    "seed": args.seed, "data_fingerprint": data.fingerprint(), "order": "seeded shuffle"}
+            check_meta(folder, meta, write=True)
+            file = folder / "results.jsonl"
+            done = {r.index for r in read_results(file)}
+            windows = model_windows(victim, [data.texts[i] for i in order], "window")
+            cells.append((recipe, name, victim, attack, file, done, dict(zip(order, windows))))
+    with stack:  # the twin's fake quantization stays on while the grid runs
+        started = time.perf_counter()
+        for rank, i in enumerate(order, 1):
+            for recipe, name, victim, attack, file, done, windows in cells:
+                if i in done:
+                    continue
+                result = attack.attack_one(victim, data.texts[i], data.labels[i], index=i, seed=args.seed,
+                                           window_words=windows[i], victim=variants[name])
+                with open(file, "a", encoding="utf-8") as sink:
+                    sink.write(json.dumps(result.to_dict()) + "\n")
+                done.add(i)
+                print(f"[{time.perf_counter() - started:7.0f} s] example {rank}/{len(order)} {recipe:<11} {name:<9} "
+                      f"{result.status:<9} {result.queries:5d} queries {result.seconds:6.1f} s", flush=True)
+
+def machine() -> str:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {torch.get_num_threads()} torch threads by default, torch {torch.__version__}, {platform.platform()}"
+
+
+def table(args) -> None:
+    from tightrope.attacks.attack import read_results
+    from tightrope.attacks.results import summarize
+
+    out = Path(args.out)
+    by_recipe: dict[str, dict[str, list]] = {}
+    for folder in sorted((out / "cells").iterdir()):
+        recipe, variant = folder.name.split("--", 1)
+        by_recipe.setdefault(recipe, {})[variant] = read_results(folder / "results.jsonl")
+    rows, raw = [], []
+    header = ("| recipe | variant | examples | original acc. | acc. under attack | ASR | succeeded / failed / skipped "
+              "| avg. queries | words perturbed | s / example |")
+    rows += [header, "|" + "---|" * 10]
+    for recipe in [r for r in RECIPES if r in by_recipe] + sorted(set(by_recipe) - set(RECIPES)):
+        cells = by_recipe[recipe]
+        common = set.intersection(*({r.index for r in results} for results in cells.values()))
+        for variant, results in cells.items():
+            kept = [r for r in results if r.index in common]
+            report = summarize(kept, recipe=recipe, victim=variant, task="")
+            pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+            rows.append(f"| {recipe} | {variant} | {report.examples} | {pct(report.original_accuracy)} | "
+                        f"{pct(report.accuracy_under_attack)} | **{pct(report.attack_success_rate)}** | "
+                        f"{report.succeeded} / {report.failed} / {report.skipped} | "
+                        f"{'-' if report.average_queries is None else f'{report.average_queries:.0f}'} | "
+                        f"{pct(report.average_perturbed_share)} | "
+                        f"{report.seconds / max(report.examples, 1):.1f} |")
+            notes = sorted({r.gradient_source for r in kept if r.gradient_source})
+            raw.append({"recipe": recipe, "variant": variant, **{k: v for k, v in report.to_dict().items()
+                        if k not in ("attack", "settings", "victim", "recipe", "task")}, "gradient_source": notes})
+    text = "\n".join(rows) + "\n\nCommand: `python benchmarks/attack_grid.py table " + str(out) + "`; machine: " + machine() + "\n"
+    print(text)
+    if args.md:
+        Path(args.md).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="attack every (recipe, variant) cell, round-robin over examples; resumable")
+    r.add_argument("--model", required=True, help="the full-precision fine-tuned classifier")
+    r.add_argument("--out", required=True)
+    r.add_argument("--task", default="textfooler-imdb")
+    r.add_argument("--split", default="test")
+    r.add_argument("--data-dir")
+    r.add_argument("--n", type=int, default=20, help="examples (first n of a seeded shuffle)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--recipes", default=",".join(RECIPES))
+    r.add_argument("--variants", default="fp32,int8,nf4,pruned30")
+    r.add_argument("--variant", action="append", default=[], help="NAME=PATH of an already built variant")
+    r.add_argument("--query-budget", type=int)
+    r.add_argument("--twin-scheme", default="int8-dynamic",
+                   help="fake quantization of the gradient twin for variants without gradients")
+    r.add_argument("--threads", type=int)
+    t = sub.add_parser("table", help="Markdown table of the cells under OUT")
+    t.add_argument("out")
+    t.add_argument("--md")
+    t.add_argument("--json")
+    args = parser.parse_args()
+    run(args) if args.command == "run" else table(args)
+
+
+if __name__ == "__main__":
+    main()
