@@ -58,7 +58,7 @@ def build_variants(model: str, out: Path, names: list[str], given: dict[str, str
             path = out / "variants" / name
             if not (path / "card.json").exists():
                 print(f"building {name} -> {path}", file=sys.stderr)
-                subprocess.run([sys.executable, "-m", "tightrope", "compress", model, *VARIANT_FLAGS[name],
+                subprocess.run([sys.executable, "-m", "tightrope.cli", "compress", model, *VARIANT_FLAGS[name],
                                 "--out", str(path)], check=True)
             paths[name] = str(path)
     return paths
@@ -80,14 +80,19 @@ def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    bad = [v for v in args.variant if "=" not in v]
+    if bad:
+        sys.exit(f"--variant takes NAME=PATH, not '{bad[0]}'.")
     given = dict(v.split("=", 1) for v in args.variant)
     variants = build_variants(args.model, out, args.variants.split(","), given)
     data = load_task(args.task, args.split, seed=args.seed, data_dir=args.data_dir)
     order = shuffled_order(len(data), args.seed)[: args.n]
     victims = {name: inference.load(path) for name, path in variants.items()}
+    windows = {}  # which words each variant sees, per example (the same for every recipe)
     for name, victim in victims.items():
         victim.source = variants[name]
         validate(victim, data)
+        windows[name] = dict(zip(order, model_windows(victim, [data.texts[i] for i in order], "window")))
     twin = None
     stack = contextlib.ExitStack()
     cells = []
@@ -108,21 +113,21 @@ def run(args) -> None:
             check_meta(folder, meta, write=True)
             file = folder / "results.jsonl"
             done = {r.index for r in read_results(file)}
-            windows = model_windows(victim, [data.texts[i] for i in order], "window")
-            cells.append((recipe, name, victim, attack, file, done, dict(zip(order, windows))))
+            cells.append((recipe, name, victim, attack, file, done))
     with stack:  # the twin's fake quantization stays on while the grid runs
         started = time.perf_counter()
         for rank, i in enumerate(order, 1):
-            for recipe, name, victim, attack, file, done, windows in cells:
+            for recipe, name, victim, attack, file, done in cells:
                 if i in done:
                     continue
                 result = attack.attack_one(victim, data.texts[i], data.labels[i], index=i, seed=args.seed,
-                                           window_words=windows[i], victim=variants[name])
+                                           window_words=windows[name][i], victim=variants[name])
                 with open(file, "a", encoding="utf-8") as sink:
                     sink.write(json.dumps(result.to_dict()) + "\n")
                 done.add(i)
                 print(f"[{time.perf_counter() - started:7.0f} s] example {rank}/{len(order)} {recipe:<11} {name:<9} "
                       f"{result.status:<9} {result.queries:5d} queries {result.seconds:6.1f} s", flush=True)
+
 
 def machine() -> str:
     import torch

@@ -50,6 +50,23 @@ def encode(tokenizer, texts: list[str], max_length: int, truncation: Truncation 
     return out
 
 
+def encode_with_offsets(tokenizer, texts: list[str], max_length: int, truncation: Truncation = "head"):
+    """Token ids exactly as :func:`tightrope.encoding.encode` gives them, plus each token's character
+    span in its text (``None`` for special tokens), so that tokens can be traced back to words."""
+    prefix, suffix = special_tokens(tokenizer)
+    budget = max_length - len(prefix) - len(suffix)
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    all_ids, all_spans = [], []
+    for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"]):
+        keep = list(range(len(ids)))
+        if len(ids) > budget:
+            head = budget if truncation == "head" else budget // 4
+            keep = keep[:head] + (keep[len(ids) - (budget - head):] if budget > head else [])
+        all_ids.append(prefix + [ids[k] for k in keep] + suffix)
+        all_spans.append([None] * len(prefix) + [tuple(offsets[k]) for k in keep] + [None] * len(suffix))
+    return all_ids, all_spans
+
+
 def collate(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch of id lists to its longest member."""
     width = max(len(s) for s in sequences)

@@ -17,8 +17,9 @@ from tightrope.attacks.constraints import CandidateConstraint, Constraint, Model
 from tightrope.attacks.goal import Classifier, OutputCache, QueryBudgetExhausted, UntargetedClassification
 from tightrope.attacks.results import AttackReport, AttackResult, TransferResult, summarize
 from tightrope.attacks.search import Search, SearchState
-from tightrope.attacks.text import AttackedText
+from tightrope.attacks.text import AttackedText, word_tokens
 from tightrope.attacks.words import Transformation, WordSwapGradient
+from tightrope.encoding import encode_with_offsets
 from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
 
@@ -193,39 +194,22 @@ def model_windows(model: Classifier, texts: list[str], long_texts: str) -> list[
                 f"Example {i} is {full} tokens long but the model takes {max_length}; pass --long-texts window "
                 "to attack only the words the model sees, or a larger --max-length."
             )
-        spans = word_spans(AttackedText.from_text(text))
+        words = AttackedText.from_text(text)
         if truncation == "head+tail":
-            out.append(_head_tail_window(tokenizer, text, max_length, spans))
+            out.append(_head_tail_window(tokenizer, words, text, max_length))
             continue
         enc = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
         seen = max(b for _, b in enc["offset_mapping"])
-        out.append(sum(1 for _, end in spans if end <= seen))
+        out.append(sum(1 for _, end in words.spans() if end <= seen))
     return out
 
 
-def word_spans(words: AttackedText) -> list[tuple[int, int]]:
-    """Character (start, end) of each word in the text ``words`` was made from."""
-    spans, pos = [], len(words.seps[0])
-    for word, sep in zip(words.words, words.seps[1:]):
-        spans.append((pos, pos + len(word)))
-        pos += len(word) + len(sep)
-    return spans
-
-
-def _head_tail_window(tokenizer, text: str, max_length: int, spans: list[tuple[int, int]]) -> tuple[int, int]:
-    """(head words, first tail word) for ``encoding.encode``'s head+tail cut: a quarter of the token
-    budget from the start, the rest from the end."""
-    from tightrope.encoding import special_tokens  # noqa: PLC0415
-
-    prefix, suffix = special_tokens(tokenizer)
-    budget = max_length - len(prefix) - len(suffix)
-    head = budget // 4
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    head_end = offsets[head - 1][1] if head > 0 else 0
-    tail_start = offsets[len(offsets) - (budget - head)][0]
-    head_words = sum(1 for start, _ in spans if start < head_end)
-    tail_from = next((k for k, (_, end) in enumerate(spans) if end > tail_start), len(spans))
-    return head_words, max(tail_from, head_words)
+def _head_tail_window(tokenizer, words: AttackedText, text: str, max_length: int) -> tuple[int, int]:
+    """(head words, first tail word): the words that own a token of ``encoding.encode``'s head+tail cut."""
+    _, spans = encode_with_offsets(tokenizer, [text], max_length, "head+tail")
+    seen = sorted(word_tokens(words, spans[0]))
+    head = next((k for k, w in enumerate(seen) if w != k), len(seen))  # the unbroken run from word 0
+    return head, seen[head] if head < len(seen) else len(words)
 
 
 def check_meta(out: Path, meta: dict, write: bool) -> None:

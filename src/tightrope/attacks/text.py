@@ -51,5 +51,27 @@ class AttackedText:
         start = max(0, min(index - half, len(self.words) - size))
         return " ".join(self.words[start:start + size])
 
+    def spans(self) -> list[tuple[int, int]]:
+        """Character (start, end) of each word in ``text``."""
+        out, pos = [], len(self.seps[0])
+        for word, sep in zip(self.words, self.seps[1:]):
+            out.append((pos, pos + len(word)))
+            pos += len(word) + len(sep)
+        return out
+
     def diff(self, other: "AttackedText") -> list[int]:
         return [i for i, (a, b) in enumerate(zip(self.words, other.words)) if a != b]
+
+
+def word_tokens(text: AttackedText, spans: list) -> dict[int, list[int]]:
+    """For each word index of ``text``, the token positions whose span overlaps the word."""
+    bounds = text.spans()
+    out: dict[int, list[int]] = {}
+    w = 0
+    order = sorted((s[0], s[1], t) for t, s in enumerate(spans) if s is not None and s[1] > s[0])
+    for a, b, t in order:  # tokens in text order (head+tail keeps text order too)
+        while w < len(bounds) and bounds[w][1] <= a:
+            w += 1
+        if w < len(bounds) and bounds[w][0] < b and a < bounds[w][1]:
+            out.setdefault(w, []).append(t)
+    return out

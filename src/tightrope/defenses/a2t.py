@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from tightrope.attacks.embedding import logits_from_embeddings, word_embeddings
-from tightrope.attacks.text import AttackedText
+from tightrope.attacks.text import AttackedText, word_tokens
 from tightrope.attacks.words import recover_case
-from tightrope.encoding import Truncation, collate, encode, special_tokens
+from tightrope.encoding import Truncation, collate, encode, encode_with_offsets, special_tokens
 from tightrope.errors import TightropeError
 
 
@@ -64,40 +64,6 @@ class A2TExample:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def encode_with_offsets(tokenizer, texts: list[str], max_length: int, truncation: Truncation = "head"):
-    """Token ids exactly as :func:`tightrope.encoding.encode` gives them, plus each token's character
-    span in its text (``None`` for special tokens), so that tokens can be traced back to words."""
-    prefix, suffix = special_tokens(tokenizer)
-    budget = max_length - len(prefix) - len(suffix)
-    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    all_ids, all_spans = [], []
-    for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"]):
-        keep = list(range(len(ids)))
-        if len(ids) > budget:
-            head = budget if truncation == "head" else budget // 4
-            keep = keep[:head] + (keep[len(ids) - (budget - head):] if budget > head else [])
-        all_ids.append(prefix + [ids[k] for k in keep] + suffix)
-        all_spans.append([None] * len(prefix) + [tuple(offsets[k]) for k in keep] + [None] * len(suffix))
-    return all_ids, all_spans
-
-
-def word_tokens(text: AttackedText, spans: list) -> dict[int, list[int]]:
-    """For each word index of ``text``, the token positions whose span overlaps the word."""
-    bounds, pos = [], len(text.seps[0])
-    for word, sep in zip(text.words, text.seps[1:]):
-        bounds.append((pos, pos + len(word)))
-        pos += len(word) + len(sep)
-    out: dict[int, list[int]] = {}
-    w = 0
-    order = sorted((s[0], s[1], t) for t, s in enumerate(spans) if s is not None and s[1] > s[0])
-    for a, b, t in order:  # tokens in text order (head+tail keeps text order too)
-        while w < len(bounds) and bounds[w][1] <= a:
-            w += 1
-        if w < len(bounds) and bounds[w][0] < b and a < bounds[w][1]:
-            out.setdefault(w, []).append(t)
-    return out
 
 
 class A2TTraining:
