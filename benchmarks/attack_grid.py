@@ -148,8 +148,8 @@ def table(args) -> None:
         by_recipe.setdefault(recipe, {})[variant] = read_results(folder / "results.jsonl")
     rows, raw = [], []
     header = ("| recipe | variant | examples | original acc. | acc. under attack | ASR | succeeded / failed / skipped "
-              "| avg. queries | words perturbed | s / example |")
-    rows += [header, "|" + "---|" * 10]
+              "| avg. queries | model calls | words perturbed | s / example |")
+    rows += [header, "|" + "---|" * 11]
     for recipe in [r for r in RECIPES if r in by_recipe] + sorted(set(by_recipe) - set(RECIPES)):
         cells = by_recipe[recipe]
         common = set.intersection(*({r.index for r in results} for results in cells.values()))
@@ -161,6 +161,7 @@ def table(args) -> None:
                         f"{pct(report.accuracy_under_attack)} | **{pct(report.attack_success_rate)}** | "
                         f"{report.succeeded} / {report.failed} / {report.skipped} | "
                         f"{'-' if report.average_queries is None else f'{report.average_queries:.0f}'} | "
+                        f"{'-' if report.average_model_queries is None else f'{report.average_model_queries:.0f}'} | "
                         f"{pct(report.average_perturbed_share)} | "
                         f"{report.seconds / max(report.examples, 1):.1f} |")
             notes = sorted({r.gradient_source for r in kept if r.gradient_source})

@@ -15,8 +15,11 @@ Run (first N sentences of the split; both sides truncate at 128 tokens; TextAtta
 every input to 128 as in the issue's reference measurement, tightrope pads each batch to its longest text,
 and ``--padded-ablation`` adds a tightrope row padded to 128 too, to show what the padding alone buys)::
 
-    python benchmarks/attacks.py --model runs/minilm-sst2-step50 --task sst2 --split test --n 100 \
-        --recipes deepwordbug --padded-ablation --shards 2 --json runs/bench-attacks/dwb.json
+    python benchmarks/attacks.py --model runs/minilm-sst2 --task sst2 --split test --n 100 \
+        --recipes deepwordbug --shards 2 --seeds 3 --json runs/bench-attacks/dwb.json
+
+``--seeds K`` runs every row under K seeds and pools them: DeepWordBug's character edits are random on
+both sides, and one seed's success rate moves by several examples in a hundred.
 
 ``--shards K`` adds a tightrope row with the examples split over K processes sharing the same
 threads (``--threads / K`` each): on 2 cores, two one-thread processes use the cores better than one
@@ -122,6 +125,30 @@ def metrics(statuses: list[str], queries: list[int], shares: list[float], second
             "average_queries": sum(attacked) / len(attacked) if attacked else None,
             "average_perturbed_share": sum(wins) / len(wins) if wins else None,
             "seconds": seconds, "examples_per_minute": 60 * len(statuses) / seconds}
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One row from the same attack run under several seeds: counts and seconds add up, averages are
+    weighted as if the runs were one long run (DeepWordBug's edits are random, so one seed's ASR moves
+    by a few examples)."""
+    if len(runs) == 1:
+        return runs[0]
+    won, lost, skipped = (sum(r[k] for r in runs) for k in ("succeeded", "failed", "skipped"))
+    examples, seconds = sum(r["examples"] for r in runs), sum(r["seconds"] for r in runs)
+
+    def weighted(key: str, weight) -> float | None:
+        pairs = [(r[key], weight(r)) for r in runs if r[key] is not None and weight(r)]
+        total = sum(w for _, w in pairs)
+        return sum(v * w for v, w in pairs) / total if total else None
+
+    return {"examples": examples, "succeeded": won, "failed": lost, "skipped": skipped,
+            "original_accuracy": (examples - skipped) / examples,
+            "attack_success_rate": won / (won + lost) if won + lost else None,
+            "average_queries": weighted("average_queries", lambda r: r["succeeded"] + r["failed"]),
+            "average_perturbed_share": weighted("average_perturbed_share", lambda r: r["succeeded"]),
+            "seconds": seconds, "examples_per_minute": 60 * examples / seconds,
+            "per_seed": [{k: r[k] for k in ("succeeded", "failed", "skipped", "attack_success_rate",
+                                            "examples_per_minute")} for r in runs]}
 
 
 def load_victim(model: str, max_length: int, pad_to_max: bool = False):
@@ -244,6 +271,9 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--n", type=int, default=100, help="the first N examples of the split")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run every row under seeds SEED .. SEED+K-1 and pool them (random edits: one seed's "
+                             "ASR moves by a few examples)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--recipes", default="deepwordbug", help="comma-separated: deepwordbug, pwws")
@@ -274,22 +304,26 @@ def main() -> None:
     full = load_task(args.task, args.split)
     data = TaskData(full.name, full.split, full.texts[: args.n], full.labels[: args.n], full.label_names)
     setup = {"model": args.model, "task": f"{args.task}:{args.split}", "examples": len(data), "threads": args.threads,
+             "seeds": list(range(args.seed, args.seed + args.seeds)),
              "max_length": args.max_length, "torch": torch.__version__, "load_before": os.getloadavg()}
     table: dict[str, dict[str, dict]] = {}
+    seeds = range(args.seed, args.seed + args.seeds)
     for recipe in recipe_names:
         rows = table.setdefault(recipe, {})
-        rows["tightrope"] = run_tightrope(args.model, data, args.seed, args.max_length, recipe)
+        rows["tightrope"] = pooled([run_tightrope(args.model, data, s, args.max_length, recipe) for s in seeds])
         if args.padded_ablation:
-            rows[f"tightrope, padded to {args.max_length}"] = run_tightrope(args.model, data, args.seed, args.max_length,
-                                                                            recipe, pad_to_max=True)
+            rows[f"tightrope, padded to {args.max_length}"] = pooled(
+                [run_tightrope(args.model, data, s, args.max_length, recipe, pad_to_max=True) for s in seeds])
         if args.shards > 1:
-            rows[f"tightrope, {args.shards} processes"] = run_tightrope_sharded(
-                args.model, data, args.seed, args.max_length, recipe, args.shards, args.threads)
+            rows[f"tightrope, {args.shards} processes"] = pooled(
+                [run_tightrope_sharded(args.model, data, s, args.max_length, recipe, args.shards, args.threads)
+                 for s in seeds])
         if not args.skip_textattack:
-            rows["textattack-0.3.11"] = run_textattack(args.textattack_python, args.model, data, args.seed,
-                                                       args.max_length, args.threads, recipe)
+            rows["textattack-0.3.11"] = pooled(
+                [run_textattack(args.textattack_python, args.model, data, s, args.max_length, args.threads, recipe)
+                 for s in seeds])
     setup["load_after"] = os.getloadavg()
-    print(f"{setup['task']} first {len(data)}, {args.threads} threads, max length {args.max_length}, "
+    print(f"{setup['task']} first {len(data)}, seeds {setup['seeds']}, {args.threads} threads, max length {args.max_length}, "
           f"load average {setup['load_before'][0]:.1f} before / {setup['load_after'][0]:.1f} after")
     print(f"{'recipe':<13}{'implementation':<28}{'ex/min':>9}{'ASR':>8}{'queries':>9}{'perturbed':>11}{'orig acc':>10}")
     for recipe, rows in table.items():

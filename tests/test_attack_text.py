@@ -191,8 +191,25 @@ def test_candidates_for_a_position_go_in_one_batch():
     model = BowClassifier()
     attack = embedding_attack(similarity=None)
     res = attack.attack_one(model, "good nice excellent great plot", 1)
-    assert res.queries == sum(model.calls)  # nothing cached is counted twice
-    assert max(model.calls) > 1 and len(model.calls) < res.queries
+    assert res.model_queries == sum(model.calls)  # the model never scores a text twice
+    assert max(model.calls) > 1 and len(model.calls) < res.model_queries <= res.queries
+
+
+def test_queries_count_cache_hits_as_textattack_does():
+    """TextAttack's num_queries grows by every text submitted (GoalFunction.get_results); the model,
+    behind the cache, scores each distinct text once."""
+    from tightrope.attacks.goal import QueryBudgetExhausted, UntargetedClassification
+
+    model = BowClassifier()
+    goal = UntargetedClassification(model, 1)
+    goal.evaluate(["good plot", "bad plot", "good plot"])
+    goal.evaluate(["bad plot"])
+    assert (goal.queries, goal.model_queries, sum(model.calls)) == (4, 2, 2)
+    budget = UntargetedClassification(BowClassifier(), 1, query_budget=3)
+    budget.evaluate(["good plot", "good plot"])
+    with pytest.raises(QueryBudgetExhausted):
+        budget.evaluate(["good plot", "bad plot"])  # one text left: TextAttack truncates the list, the search stops
+    assert budget.queries == 3 and budget.model_queries == 1  # "bad plot" was never scored
 
 
 def test_query_budget_stops_the_search():

@@ -83,6 +83,18 @@ def test_out_dir_holding_another_study_is_refused(tmp_path):
         run_steps(diamond(), other, identity={"name": "one", "fingerprint": "1"}, progress=False)
 
 
+def test_an_edited_study_takes_its_folder_over_only_with_update(tmp_path):
+    run_steps(diamond(), tmp_path, identity={"name": "one", "fingerprint": "1"}, progress=False)
+    CALLS.clear()
+    with pytest.raises(TightropeError, match="--update"):
+        run_steps(diamond(b_value=5), tmp_path, identity={"name": "one", "fingerprint": "2"}, progress=False)
+    with pytest.raises(TightropeError, match="holds a different study"):  # another study's name: never
+        run_steps(diamond(), tmp_path, identity={"name": "two", "fingerprint": "2"}, progress=False, update=True)
+    run_steps(diamond(b_value=5), tmp_path, identity={"name": "one", "fingerprint": "2"}, progress=False, update=True)
+    assert CALLS == ["b", "d"]  # only what the edit changed ran again
+    run_steps(diamond(b_value=5), tmp_path, identity={"name": "one", "fingerprint": "2"}, progress=False)  # now its own
+
+
 def test_full_disk_leaves_no_corrupt_result(tmp_path, monkeypatch):
     # the runner writes through tightrope.atomic, which calls os.fsync
 

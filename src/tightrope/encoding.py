@@ -43,7 +43,7 @@ def encode(tokenizer, texts: list[str], max_length: int, truncation: Truncation 
     budget = max_length - len(prefix) - len(suffix)
     head = budget // 4
     out = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+    for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]:  # truncated below
         if len(ids) > budget:
             ids = ids[:head] + ids[len(ids) - (budget - head):]
         out.append(prefix + ids + suffix)

@@ -81,7 +81,7 @@ class Attack:
             original_true_prob=float(first.probs[label]), perturbed_true_prob=float(out.probs[label]),
             queries=goal.queries, words=len(original), words_perturbed=len(changed), modified_indices=changed,
             budget_exhausted=exhausted, recipe=self.name, victim=victim, constraints=constraints,
-            gradient_source=gradient_source, seconds=time.perf_counter() - start,
+            gradient_source=gradient_source, seconds=time.perf_counter() - start, model_queries=goal.model_queries,
         )
 
     # --- a dataset -----------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def model_windows(model: Classifier, texts: list[str], long_texts: str) -> list[
     truncation = getattr(model, "truncation", "head")
     out: list[int | tuple[int, int] | None] = []
     for i, text in enumerate(texts):
-        full = len(tokenizer(text)["input_ids"])
+        full = len(tokenizer(text, verbose=False)["input_ids"])  # the full length, on purpose
         if full <= max_length:
             out.append(None)
             continue

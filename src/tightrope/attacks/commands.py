@@ -47,7 +47,7 @@ def register(app: typer.Typer, user_errors) -> None:
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for results.jsonl and summary.json; a rerun resumes.")] = None,
         seed: int = 0,
         data_dir: Optional[str] = None,
-        query_budget: Annotated[Optional[int], typer.Option(help="Model queries allowed per example.")] = None,
+        query_budget: Annotated[Optional[int], typer.Option(help="Queries allowed per example, counted as TextAttack counts them (cache hits included).")] = None,
         max_length: Annotated[Optional[int], typer.Option(help="Override the model card's max length.")] = None,
         long_texts: Annotated[str, typer.Option(help="window: change only words the model sees; error: refuse longer texts.")] = "window",
         twin: Annotated[Optional[str], typer.Option(help="Differentiable twin for gradient steps (hotflip) when the model has none.")] = None,
@@ -95,12 +95,14 @@ def register(app: typer.Typer, user_errors) -> None:
             report = attack.run(victim, data, out=out, seed=seed, long_texts=long_texts, shard=shard, progress=update)
 
         table = Table(title=f"{recipe} against {model} on {data.name}:{data.split} ({report.examples} examples)")
-        for col in ("orig. acc", "acc. under attack", "ASR", "succeeded/failed/skipped", "avg queries", "perturbed words"):
+        for col in ("orig. acc", "acc. under attack", "ASR", "succeeded/failed/skipped", "avg queries", "model calls",
+                    "perturbed words"):
             table.add_column(col, justify="right")
         fmt = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
         table.add_row(fmt(report.original_accuracy), fmt(report.accuracy_under_attack), fmt(report.attack_success_rate),
                       f"{report.succeeded}/{report.failed}/{report.skipped}",
                       "-" if report.average_queries is None else f"{report.average_queries:.1f}",
+                      "-" if report.average_model_queries is None else f"{report.average_model_queries:.1f}",
                       fmt(report.average_perturbed_share))
         out_console.print(table)
         results = _load_results(out) if out else []

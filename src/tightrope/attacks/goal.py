@@ -2,8 +2,11 @@
 
 As in TextAttack (Morris et al. 2020, ``UntargetedClassification``): an example succeeds once the
 victim's arg-max differs from the ground-truth label; the score to maximise is ``1 - p(y_true)``.
-Every distinct text costs one query; repeated texts come from the cache for free, as in TextAttack,
-where ``num_queries`` counts model calls on texts not seen before.
+Queries are counted as TextAttack counts them (``GoalFunction.get_results``: ``num_queries +=
+len(attacked_text_list)``): every text the search submits, cache hits included, and the query budget
+applies to that count. The model itself sees each distinct text once (the cache); ``model_queries``
+counts those, the attack's real cost. The two differ where a search scores a text twice, as PWWS does
+(its saliency pass scores every swap, and the greedy pass asks for them again).
 """
 
 from __future__ import annotations
@@ -46,23 +49,29 @@ class UntargetedClassification:
         self.query_budget = query_budget
         self.cache = cache if cache is not None else OutputCache()
         self.batch_size = batch_size
-        self.queries = 0
+        self.queries = 0  # TextAttack's num_queries: texts submitted, cache hits included
+        self.model_queries = 0  # distinct texts the model scored
 
     def probs(self, texts: list[str]) -> torch.Tensor:
-        """Softmax outputs for ``texts``: unseen texts go to the model in one call, the rest from the cache."""
-        unseen = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        """Softmax outputs for ``texts``: unseen texts go to the model in one call, the rest from the cache.
+
+        Over the budget, the texts it still allows are scored and counted (as TextAttack truncates the
+        list), then the search stops: the example counts as failed.
+        """
+        allowed = list(texts)
+        if self.query_budget is not None:
+            left = self.query_budget - self.queries
+            if left <= 0:
+                raise QueryBudgetExhausted
+            allowed = allowed[:left]
+        unseen = list(dict.fromkeys(t for t in allowed if t not in self.cache))
         if unseen:
-            if self.query_budget is not None:
-                left = self.query_budget - self.queries
-                if left <= 0:
-                    raise QueryBudgetExhausted
-                unseen = unseen[:left]  # spend what is left, then stop
             logits = self.model.logits(unseen, batch_size=self.batch_size)
             for text, row in zip(unseen, torch.softmax(logits.float(), dim=-1)):
                 self.cache.put(text, row)
-            self.queries += len(unseen)
-        missing = [t for t in texts if t not in self.cache]
-        if missing:
+            self.model_queries += len(unseen)
+        self.queries += len(allowed)
+        if len(allowed) < len(texts) or any(t not in self.cache for t in texts):
             raise QueryBudgetExhausted
         return torch.stack([self.cache.get(t) for t in texts])
 

@@ -2,7 +2,9 @@
 (textattack/metrics/attack_metrics): skipped = the victim already misclassified the example;
 original accuracy = (total - skipped) / total; accuracy under attack = failed / total;
 attack success rate = succeeded / (succeeded + failed); average queries over the attacked (not skipped)
-examples; average perturbed share over the successful attacks. Raw fractions; only reports round.
+examples (a query is a text submitted to the goal function, cache hits included, as TextAttack counts
+it; ``average_model_queries`` counts the distinct texts the model really scored); average perturbed
+share over the successful attacks. Raw fractions; only reports round.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class AttackResult:
     perturbed_prediction: int
     original_true_prob: float
     perturbed_true_prob: float
-    queries: int
+    queries: int  # TextAttack's count: texts submitted to the goal function, cache hits included
     words: int
     words_perturbed: int
     modified_indices: list[int]
@@ -34,6 +36,7 @@ class AttackResult:
     constraints: list[dict]  # the exact constraint set this example ran under
     gradient_source: str | None = None  # for gradient-guided steps: "victim" or the differentiable twin
     seconds: float = 0.0
+    model_queries: int | None = None  # distinct texts the model scored (None in records before session 5)
 
     @property
     def perturbed_share(self) -> float:
@@ -60,6 +63,7 @@ class AttackReport:
     accuracy_under_attack: float
     attack_success_rate: float | None
     average_queries: float | None
+    average_model_queries: float | None
     average_perturbed_share: float | None
     average_words: float
     budget_exhausted: int
@@ -70,6 +74,11 @@ class AttackReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _mean(values: list) -> float | None:
+    """Mean of ``values``, or None when there are none or any is missing (old records)."""
+    return sum(values) / len(values) if values and None not in values else None
 
 
 def summarize(results: list[AttackResult], *, recipe: str, victim: str, task: str, attack: dict | None = None,
@@ -94,6 +103,7 @@ def summarize(results: list[AttackResult], *, recipe: str, victim: str, task: st
         accuracy_under_attack=failed / total if total else 0.0,
         attack_success_rate=succeeded / (succeeded + failed) if succeeded + failed else None,
         average_queries=sum(r.queries for r in attacked) / len(attacked) if attacked else None,
+        average_model_queries=_mean([r.model_queries for r in attacked]),
         average_perturbed_share=sum(r.perturbed_share for r in wins) / len(wins) if wins else None,
         average_words=sum(r.words for r in results) / total if total else 0.0,
         budget_exhausted=sum(r.budget_exhausted for r in results),

@@ -264,7 +264,7 @@ class CausalLMProbe:
 
     def __init__(self, model, tokenizer, texts: list[str], max_tokens: int, batch_size: int = 16):
         self.model = model
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+        ids = [tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens] for t in texts]
         self.ids = [i for i in ids if len(i) >= 2]
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.batch_size = batch_size

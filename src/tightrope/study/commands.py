@@ -27,16 +27,20 @@ def register(app: typer.Typer, user_errors) -> None:
         study: Annotated[Path, typer.Argument(help="Study file (YAML).")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (an interrupted run resumes there).")],
         report: Annotated[bool, typer.Option(help="Write report.html and report.md at the end.")] = True,
+        update: Annotated[bool, typer.Option(help="The study file was edited since OUT was run: reuse every step whose "
+                                                  "settings did not change, run the new ones.")] = False,
     ):
         """Run a whole study: baseline, defenses, compression, attacks, evaluation, report.
 
         Example: tightrope run studies/quickstart.yaml --out runs/quickstart
+
+        After adding a model or an attack to the study file: tightrope run studies/quickstart.yaml --out runs/quickstart --update
         """
         from tightrope.study.plan import run_study  # noqa: PLC0415
         from tightrope.study.spec import load_spec  # noqa: PLC0415
 
         spec = load_spec(study)  # every key is checked before any work starts
-        run_study(spec, out, report=report)
+        run_study(spec, out, report=report, update=update)
         if report and (out / "report.html").exists():
             out_console.print(f"[green]report[/] {out / 'report.html'}  (and {out / 'report.md'})")
         else:

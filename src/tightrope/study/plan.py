@@ -135,12 +135,16 @@ def identity(spec: StudySpec) -> dict:
     return {"kind": "tightrope.study", "name": spec.name, "fingerprint": spec.fingerprint()}
 
 
-def run_study(spec: StudySpec, out: str | Path, *, progress: bool = True, report: bool = True) -> RunResult:
-    """Run a whole study under ``out`` (resuming a previous run of the same study) and write its report."""
+def run_study(spec: StudySpec, out: str | Path, *, progress: bool = True, report: bool = True,
+              update: bool = False) -> RunResult:
+    """Run a whole study under ``out`` (resuming a previous run of the same study) and write its report.
+
+    ``update=True`` lets an edited study (same name) take over its earlier run directory, reusing every
+    step whose settings did not change."""
     out = Path(out)
     steps, producer = plan_study(spec)
     preflight(spec)
-    result = run_steps(steps, out, identity=identity(spec), progress=progress)
+    result = run_steps(steps, out, identity=identity(spec), progress=progress, update=update)
     write_result(out / "spec.json", {**spec.model_dump(mode="json"), "_producers": producer})
     if report:
         from tightrope.report.render import render_report  # noqa: PLC0415

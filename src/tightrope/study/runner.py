@@ -160,8 +160,12 @@ class RunResult:
         return self.records[name].result
 
 
-def claim_run_dir(root: Path, identity: dict) -> None:
-    """Mark ``root`` as this study's run directory, refusing a folder that holds another one."""
+def claim_run_dir(root: Path, identity: dict, *, update: bool = False) -> None:
+    """Mark ``root`` as this study's run directory, refusing a folder that holds another one.
+
+    ``update=True`` accepts an edited version of the same study (same name, other settings): steps are
+    keyed by their own settings, so unchanged ones are reused and only new or changed ones run.
+    """
     root.mkdir(parents=True, exist_ok=True)
     marker = root / "study.json"
     if marker.exists():
@@ -169,10 +173,14 @@ def claim_run_dir(root: Path, identity: dict) -> None:
             held = json.loads(marker.read_text())
         except json.JSONDecodeError:
             held = None
-        if held != identity:
-            name = (held or {}).get("name", "unknown") if isinstance(held, dict) else "unknown"
+        if held == identity:
+            return
+        name = (held or {}).get("name", "unknown") if isinstance(held, dict) else "unknown"
+        if not (update and name == identity.get("name")):
+            hint = " (or pass --update if you edited this study)" if name == identity.get("name") else ""
             raise TightropeError(f"{root} holds a different study ('{name}', other settings); choose another "
-                                 "--out or delete that folder.")
+                                 f"--out{hint} or delete that folder.")
+        write_result(marker, identity)
         return
     if any(p for p in root.iterdir() if not p.name.startswith(".")):
         raise TightropeError(f"{root} is not empty and holds no tightrope study; choose another --out.")
@@ -180,18 +188,19 @@ def claim_run_dir(root: Path, identity: dict) -> None:
 
 
 def run_steps(steps: list[Step], root: str | Path, *, identity: dict | None = None, progress: bool = True,
-              manifest: bool = True, on_step: Callable[[StepRecord], None] | None = None) -> RunResult:
+              manifest: bool = True, on_step: Callable[[StepRecord], None] | None = None,
+              update: bool = False) -> RunResult:
     """Run ``steps`` in order under ``root``, reusing every finished step; returns all results.
 
     ``identity`` (when given) is written to ``study.json`` on the first run and must match on later
-    ones. Each step is computed under its own lock file (the OS frees it on kill), so several
+    ones (``update=True``: or be an edited version of the same study). Each step is computed under its own lock file (the OS frees it on kill), so several
     processes (search workers) can share one run directory: a step two of them need is computed
     once, and the other waits and reuses it. ``manifest=False`` leaves ``run.json`` alone.
     """
     root = Path(root)
     keys = plan_keys(steps)  # every check that can fail does so before any work starts
     if identity is not None:
-        claim_run_dir(root, identity)
+        claim_run_dir(root, identity, update=update)
     root.mkdir(parents=True, exist_ok=True)
     records: dict[str, StepRecord] = {}
     for step in steps:
