@@ -14,6 +14,10 @@ every success, is on the variant itself. HotFlip needs gradients: a variant with
 Runtime int8 session) gets them from its differentiable twin, the full-precision weights fake-quantized
 with the same scheme (int8 per channel, as the study's PGD twin), and its results say so.
 
+``transfer`` evaluates the adversarial texts each recipe crafted on one variant (default: fp32) on every
+other variant, on the same examples (tightrope.attacks.attack.transfer): does an attack found on the
+full-precision model still fool its compressed versions?
+
 ``table`` summarises with TextAttack's metrics (tightrope.attacks.results.summarize) on the examples
 that every variant of a recipe has finished, and writes a Markdown table with the machine it ran on.
 """
@@ -66,6 +70,15 @@ def build_variants(model: str, out: Path, names: list[str], given: dict[str, str
 
 def cell_dir(out: Path, recipe: str, variant: str) -> Path:
     return out / "cells" / f"{recipe}--{variant}"
+
+
+def read_cells(out: Path) -> dict[str, dict[str, Path]]:
+    """The grid's cell folders, recipe -> variant -> folder."""
+    cells: dict[str, dict[str, Path]] = {}
+    for folder in sorted((out / "cells").iterdir()):
+        recipe, variant = folder.name.split("--", 1)
+        cells.setdefault(recipe, {})[variant] = folder
+    return cells
 
 
 def run(args) -> None:
@@ -137,19 +150,28 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads by default, torch {torch.__version__}, {platform.platform()}"
 
 
+def interval(won: int, attacked: int) -> str:
+    """Wilson 95% interval of a success rate (scipy, which scikit-learn brings): with tens of examples
+    per cell the interval, not the point estimate, says what the grid can tell apart."""
+    if not attacked:
+        return "-"
+    from scipy.stats import binomtest
+
+    ci = binomtest(won, attacked).proportion_ci(confidence_level=0.95, method="wilson")
+    return f"{ci.low:.0%}-{ci.high:.0%}"
+
+
 def table(args) -> None:
     from tightrope.attacks.attack import read_results
     from tightrope.attacks.results import summarize
 
     out = Path(args.out)
-    by_recipe: dict[str, dict[str, list]] = {}
-    for folder in sorted((out / "cells").iterdir()):
-        recipe, variant = folder.name.split("--", 1)
-        by_recipe.setdefault(recipe, {})[variant] = read_results(folder / "results.jsonl")
+    by_recipe = {recipe: {variant: read_results(folder / "results.jsonl") for variant, folder in variants.items()}
+                 for recipe, variants in read_cells(out).items()}
     rows, raw = [], []
-    header = ("| recipe | variant | examples | original acc. | acc. under attack | ASR | succeeded / failed / skipped "
+    header = ("| recipe | variant | examples | original acc. | acc. under attack | ASR | ASR 95% CI | succeeded / failed / skipped "
               "| avg. queries | model calls | words perturbed | s / example |")
-    rows += [header, "|" + "---|" * 11]
+    rows += [header, "|" + "---|" * 12]
     for recipe in [r for r in RECIPES if r in by_recipe] + sorted(set(by_recipe) - set(RECIPES)):
         cells = by_recipe[recipe]
         common = set.intersection(*({r.index for r in results} for results in cells.values()))
@@ -159,6 +181,7 @@ def table(args) -> None:
             pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
             rows.append(f"| {recipe} | {variant} | {report.examples} | {pct(report.original_accuracy)} | "
                         f"{pct(report.accuracy_under_attack)} | **{pct(report.attack_success_rate)}** | "
+                        f"{interval(report.succeeded, report.succeeded + report.failed)} | "
                         f"{report.succeeded} / {report.failed} / {report.skipped} | "
                         f"{'-' if report.average_queries is None else f'{report.average_queries:.0f}'} | "
                         f"{'-' if report.average_model_queries is None else f'{report.average_model_queries:.0f}'} | "
@@ -168,6 +191,41 @@ def table(args) -> None:
             raw.append({"recipe": recipe, "variant": variant, **{k: v for k, v in report.to_dict().items()
                         if k not in ("attack", "settings", "victim", "recipe", "task")}, "gradient_source": notes})
     text = "\n".join(rows) + "\n\nCommand: `python benchmarks/attack_grid.py table " + str(out) + "`; machine: " + machine() + "\n"
+    print(text)
+    if args.md:
+        Path(args.md).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=2))
+
+
+def transfer_table(args) -> None:
+    from tightrope import inference
+    from tightrope.attacks.attack import read_results, transfer
+
+    out = Path(args.out)
+    cells = read_cells(out)
+    models: dict[str, object] = {}  # each variant loaded once, from the path its cells attacked
+    rows = ["| recipe | crafted on | evaluated on | examples | transferable | transfer success | accuracy under transfer |",
+            "|---|---|---|---|---|---|---|"]
+    raw = []
+    for recipe in [r for r in RECIPES if r in cells]:
+        if args.source not in cells[recipe]:
+            continue
+        results = read_results(cells[recipe][args.source] / "results.jsonl")
+        for variant, folder in cells[recipe].items():
+            if variant == args.source or not results:
+                continue
+            if variant not in models:
+                models[variant] = inference.load(json.loads((folder / "attack.json").read_text())["victim"])
+            (res,) = transfer(results, {variant: models[variant]})
+            rate = "-" if res.transfer_success_rate is None else f"{res.transfer_success_rate:.1%}"
+            won = round((res.transfer_success_rate or 0) * res.transferable)
+            rows.append(f"| {recipe} | {args.source} | {variant} | {res.examples} | {res.transferable} | **{rate}** "
+                        f"({won} / {res.transferable}), {interval(won, res.transferable)} | "
+                        f"{res.accuracy_under_transfer:.1%} |")
+            raw.append({"recipe": recipe, **res.to_dict()})
+    text = ("\n".join(rows) + "\n\nCommand: `python benchmarks/attack_grid.py transfer " + str(out)
+            + f" --source {args.source}`; machine: " + machine() + "\n")
     print(text)
     if args.md:
         Path(args.md).write_text(text)
@@ -197,8 +255,13 @@ def main() -> None:
     t.add_argument("out")
     t.add_argument("--md")
     t.add_argument("--json")
+    x = sub.add_parser("transfer", help="adversarial texts crafted on one variant, evaluated on the others")
+    x.add_argument("out")
+    x.add_argument("--source", default="fp32", help="the variant the texts were crafted on")
+    x.add_argument("--md")
+    x.add_argument("--json")
     args = parser.parse_args()
-    run(args) if args.command == "run" else table(args)
+    {"run": run, "table": table, "transfer": transfer_table}[args.command](args)
 
 
 if __name__ == "__main__":
