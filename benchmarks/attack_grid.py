@@ -219,9 +219,8 @@ def transfer_table(args) -> None:
                 models[variant] = inference.load(json.loads((folder / "attack.json").read_text())["victim"])
             (res,) = transfer(results, {variant: models[variant]})
             rate = "-" if res.transfer_success_rate is None else f"{res.transfer_success_rate:.1%}"
-            won = round((res.transfer_success_rate or 0) * res.transferable)
             rows.append(f"| {recipe} | {args.source} | {variant} | {res.examples} | {res.transferable} | **{rate}** "
-                        f"({won} / {res.transferable}), {interval(won, res.transferable)} | "
+                        f"({res.fooled} / {res.transferable}), {interval(res.fooled, res.transferable)} | "
                         f"{res.accuracy_under_transfer:.1%} |")
             raw.append({"recipe": recipe, **res.to_dict()})
     text = ("\n".join(rows) + "\n\nCommand: `python benchmarks/attack_grid.py transfer " + str(out)

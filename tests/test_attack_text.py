@@ -266,9 +266,9 @@ def test_transfer_to_the_same_and_to_a_robust_model():
     wins = sum(r.status == "succeeded" for r in results)
     robust = BowClassifier({**WEIGHTS, "fine": 2.0, "decent": 2.0, "mediocre": -2.0, "poor": -2.0})
     same, robust = transfer(results, {"same": BowClassifier(), "robust": robust})
-    assert same.transfer_success_rate == 1.0 and same.transferable == wins
+    assert same.transfer_success_rate == 1.0 and same.transferable == same.fooled == wins
     assert same.accuracy_under_transfer == pytest.approx(1 - wins / len(data))
-    assert robust.transfer_success_rate < 1.0
+    assert robust.transfer_success_rate < 1.0 and robust.fooled < robust.transferable
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------

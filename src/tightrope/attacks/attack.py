@@ -270,5 +270,6 @@ def transfer(results: list[AttackResult], targets: dict[str, Classifier], batch_
             original_accuracy=sum(c == y for c, y in zip(clean, labels)) / len(results),
             accuracy_under_transfer=sum(a == y for a, y in zip(adv, labels)) / len(results),
             transfer_success_rate=fooled / len(eligible) if eligible else None, transferable=len(eligible),
+            fooled=fooled,
         ))
     return out

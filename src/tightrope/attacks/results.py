@@ -129,6 +129,7 @@ class TransferResult:
     accuracy_under_transfer: float
     transfer_success_rate: float | None
     transferable: int
+    fooled: int = 0  # of the transferable examples, those the target misclassifies once perturbed
 
     def to_dict(self) -> dict:
         return asdict(self)
