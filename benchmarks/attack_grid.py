@@ -74,6 +74,8 @@ def cell_dir(out: Path, recipe: str, variant: str) -> Path:
 
 def read_cells(out: Path) -> dict[str, dict[str, Path]]:
     """The grid's cell folders, recipe -> variant -> folder."""
+    if not (out / "cells").is_dir():
+        sys.exit(f"{out} holds no grid cells; run `python benchmarks/attack_grid.py run --out {out} ...` first.")
     cells: dict[str, dict[str, Path]] = {}
     for folder in sorted((out / "cells").iterdir()):
         recipe, variant = folder.name.split("--", 1)
@@ -204,6 +206,9 @@ def transfer_table(args) -> None:
 
     out = Path(args.out)
     cells = read_cells(out)
+    if not any(args.source in variants for variants in cells.values()):
+        known = sorted({v for variants in cells.values() for v in variants})
+        sys.exit(f"No cell of {out} was attacked as '{args.source}'; --source is one of {', '.join(known)}.")
     models: dict[str, object] = {}  # each variant loaded once, from the path its cells attacked
     rows = ["| recipe | crafted on | evaluated on | examples | transferable | transfer success | accuracy under transfer |",
             "|---|---|---|---|---|---|---|"]

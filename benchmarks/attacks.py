@@ -124,29 +124,17 @@ def metrics(statuses: list[str], queries: list[int], shares: list[float], second
             "attack_success_rate": won / (won + lost) if won + lost else None,
             "average_queries": sum(attacked) / len(attacked) if attacked else None,
             "average_perturbed_share": sum(wins) / len(wins) if wins else None,
-            "seconds": seconds, "examples_per_minute": 60 * len(statuses) / seconds}
+            "seconds": seconds, "examples_per_minute": 60 * len(statuses) / seconds,
+            "rows": [list(r) for r in zip(statuses, queries, shares)]}  # per example, for pooling and re-analysis
 
 
 def pooled(runs: list[dict]) -> dict:
-    """One row from the same attack run under several seeds: counts and seconds add up, averages are
-    weighted as if the runs were one long run (DeepWordBug's edits are random, so one seed's ASR moves
-    by a few examples)."""
+    """One row from the same attack run under several seeds, as if it were one long run (DeepWordBug's
+    edits are random, so one seed's ASR moves by a few examples); each seed's own figures are kept."""
     if len(runs) == 1:
         return runs[0]
-    won, lost, skipped = (sum(r[k] for r in runs) for k in ("succeeded", "failed", "skipped"))
-    examples, seconds = sum(r["examples"] for r in runs), sum(r["seconds"] for r in runs)
-
-    def weighted(key: str, weight) -> float | None:
-        pairs = [(r[key], weight(r)) for r in runs if r[key] is not None and weight(r)]
-        total = sum(w for _, w in pairs)
-        return sum(v * w for v, w in pairs) / total if total else None
-
-    return {"examples": examples, "succeeded": won, "failed": lost, "skipped": skipped,
-            "original_accuracy": (examples - skipped) / examples,
-            "attack_success_rate": won / (won + lost) if won + lost else None,
-            "average_queries": weighted("average_queries", lambda r: r["succeeded"] + r["failed"]),
-            "average_perturbed_share": weighted("average_perturbed_share", lambda r: r["succeeded"]),
-            "seconds": seconds, "examples_per_minute": 60 * examples / seconds,
+    rows = [row for run in runs for row in run["rows"]]
+    return {**metrics(*map(list, zip(*rows)), sum(r["seconds"] for r in runs)),
             "per_seed": [{k: r[k] for k in ("succeeded", "failed", "skipped", "attack_success_rate",
                                             "examples_per_minute")} for r in runs]}
 
@@ -286,6 +274,8 @@ def main() -> None:
     parser.add_argument("--write-flair-stub", type=Path, metavar="VENV", help="write the flair stub into VENV and exit")
     parser.add_argument("--json", type=Path, help="write the table as JSON here")
     args = parser.parse_args()
+    if args.seeds < 1 or args.shards < 1 or args.n < 1:
+        parser.error("--seeds, --shards and --n must be at least 1")
     if args.write_flair_stub:
         write_flair_stub(args.write_flair_stub)
         return

@@ -158,6 +158,25 @@ def test_hotflip_candidates_follow_the_first_order_gain(tokenizer):
     assert all(gain(best) >= gain(t) - 1e-5 for t in others)
 
 
+def test_hotflip_takes_gradients_on_the_tokens_a_head_tail_model_sees(tokenizer):
+    """With head+tail truncation the gradient is taken on the head and tail tokens the model reads, so
+    words at the end of a long text get candidates and middle words, which the model never sees, none."""
+    from tests.conftest import make_tiny_classifier
+    from tightrope.encoding import encode
+    from tightrope.inference import TextClassifier
+
+    clf = TextClassifier(make_tiny_classifier(tokenizer), tokenizer, max_length=16, truncation="head+tail")
+    swap = WordSwapGradient(clf, top_n=1)
+    swap.label = 1
+    text = AttackedText.from_text(" ".join(["movie"] * 40 + ["great"]))
+    ids, single = swap._token_positions(text)
+    assert ids == encode(tokenizer, [text.text], 16, "head+tail")[0]
+    last = len(text.words) - 1
+    assert last in single and 20 not in single  # the final word is read, a middle one is not
+    swap.prepare(text, [last, 20])
+    assert swap.candidates(text, last, None) and swap.candidates(text, 20, None) == []
+
+
 def test_hotflip_uses_a_twin_for_gradients_and_queries_the_victim(tokenizer):
     from tests.conftest import make_tiny_classifier
     from tightrope.inference import TextClassifier

@@ -9,7 +9,8 @@ from functools import lru_cache
 
 import torch
 
-from tightrope.attacks.text import AttackedText
+from tightrope.attacks.text import AttackedText, word_tokens
+from tightrope.encoding import encode_with_offsets
 
 
 def recover_case(template: str, word: str) -> str:
@@ -115,23 +116,12 @@ class WordSwapGradient(Transformation):
         return {"top_n": self.top_n, "gradient_source": self.twin.source or "victim"}
 
     def _token_positions(self, text: AttackedText) -> tuple[list[int], dict[int, int]]:
-        """Input ids of the text and, for each single-token word, its token position."""
-        string, spans, pos = text.text, [], len(text.seps[0])
-        for word, sep in zip(text.words, text.seps[1:]):
-            spans.append((pos, pos + len(word)))
-            pos += len(word) + len(sep)
-        enc = self.twin.tokenizer(string, truncation=True, max_length=self.twin.max_length, return_offsets_mapping=True)
-        by_word: dict[int, list[int]] = {}
-        w = 0
-        for t, (a, b) in enumerate(enc["offset_mapping"]):
-            if b <= a:
-                continue  # a special token
-            while w < len(spans) and spans[w][1] <= a:
-                w += 1
-            if w < len(spans) and spans[w][0] <= a and b <= spans[w][1]:
-                by_word.setdefault(w, []).append(t)
-        single = {w: toks[0] for w, toks in by_word.items() if len(toks) == 1}
-        return enc["input_ids"], single
+        """Input ids of the text exactly as the twin encodes it (its max length and truncation, head+tail
+        included) and, for each word that is one token of them, its token position."""
+        (ids,), (spans,) = encode_with_offsets(self.twin.tokenizer, [text.text], self.twin.max_length,
+                                               getattr(self.twin, "truncation", "head"))
+        by_word = word_tokens(text, spans)
+        return ids, {w: toks[0] for w, toks in by_word.items() if len(toks) == 1}
 
     def prepare(self, text, indices):
         key = text.text
