@@ -6,8 +6,9 @@ Each tightrope variant is compressed, saved, reloaded from disk and evaluated (a
 MB, parameters total / non-zero, latency at batch 1 x 256 (median, p95), throughput at batch
 32 x 128, peak RSS in a fresh process). Peers run in memory on the same code path: torch's own
 ``quantize_dynamic``, torchao int8 weight-only and ONNX Runtime's dynamic int8 used directly.
-Every variant's batch-1 latency is then taken again with all variants interleaved in shuffled rounds
-(OUT/interleaved.json), which is where speed-ups are read on a machine whose speed drifts. Writes
+Every fast variant's batch-1 latency is then taken again, each variant in its own process, visited in
+shuffled interleaved rounds (OUT/interleaved.json; ``perf.isolated_latency`` says why processes),
+which is where speed-ups are read on a machine whose speed drifts. Writes
 OUT/compression.json and a Markdown fragment (command + machine) to OUT/compression.md, to paste
 into docs/benchmarks.md. Unstructured sparsity does not make dense products faster; the table says
 so by measuring it.
@@ -15,15 +16,16 @@ so by measuring it.
     python benchmarks/compression.py MODEL_DIR --int8-options --n 500 --out runs/bench-int8
 
 measures the int8 dynamic options instead (graph fusion, per channel / per tensor, reduced range,
-backend): accuracy on the same examples, and batch-1 latency taken *interleaved* (each round runs
-fp32 eager and every option once), so that load from other jobs on a shared machine falls on all
-of them alike. Writes OUT/int8-options.json and the Markdown fragment OUT/int8-options.md.
+backend): accuracy on the same examples, and batch-1 latency taken *interleaved* (each round visits
+fp32 eager and every option once, each in its own process), so that load from other jobs on a shared
+machine falls on all of them alike. Writes OUT/int8-options.json and the Markdown fragment OUT/int8-options.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import os
 import platform
@@ -121,14 +123,28 @@ INT8_OPTIONS = {
 }
 
 
+def build_int8_option(model_dir: str, name: str):
+    """One int8 option of ``model_dir``, built in a latency worker's process."""
+    clf = inference.load(model_dir)
+    compress_(clf.model, INT8_OPTIONS[name])
+    return clf
+
+
+def build_peer(model_dir: str, name: str):
+    """A peer applied to ``model_dir``, built in a latency worker's process."""
+    base = inference.load(model_dir)
+    return inference.TextClassifier(PEERS[name](base.model), base.tokenizer, max_length=base.max_length,
+                                    truncation=base.truncation, label_names=base.label_names, card=base.card)
+
+
 def int8_options(base, args) -> list[dict]:
     """Accuracy of each int8 option, then interleaved batch-1 latency of fp32 eager and all options."""
     import statistics  # noqa: PLC0415
 
     from tightrope.evaluate import perf  # noqa: PLC0415
 
-    clfs = {"fp32 eager": base}
     rows: dict[str, dict] = {"fp32 eager": {"variant": "fp32 eager"}}
+    clfs = {"fp32 eager": base}
     for name, config in INT8_OPTIONS.items():
         model = copy.deepcopy(base.model)
         summary = compress_(model, config)
@@ -140,8 +156,11 @@ def int8_options(base, args) -> list[dict]:
                                 progress=False)
         rows[name].update(accuracy=result.metrics.accuracy, f1=result.metrics.macro_f1)
         print(f"{name:46s} acc {result.metrics.accuracy:.4f}", flush=True)
+    del clfs  # the latencies are taken in fresh processes, each building its own option
+    builders = {"fp32 eager": functools.partial(inference.load, args.model_dir)}
+    builders |= {name: functools.partial(build_int8_option, args.model_dir, name) for name in INT8_OPTIONS}
     sample = max(load_task(args.task, args.split, n=args.n).texts, key=len)
-    times = perf.interleaved_latency(clfs, perf.fixed_length_batch(base, sample, 1, args.seq_len), rounds=args.latency_runs)
+    times = perf.isolated_latency(builders, sample, seq_len=args.seq_len, rounds=args.latency_runs, runs=args.runs_per_turn)
     fp32 = statistics.median(times["fp32 eager"])
     for name, t in times.items():
         median = statistics.median(t)
@@ -204,8 +223,9 @@ def markdown(rows: list[dict], command: str, seq_len: int = 256, load: str = "no
 def interleaved_markdown(rows: list[dict], args) -> str:
     if not rows:
         return ""
-    lines = ["", f"Batch-1 x {args.seq_len} latency again, every fast variant in each of {args.latency_runs} rounds in shuffled "
-             "order (the speed-up goals are read here):", "",
+    lines = ["", f"Batch-1 x {args.seq_len} latency again, every fast variant in its own process, visited in each of "
+             f"{args.latency_runs} rounds in shuffled order, {args.runs_per_turn} timed runs a visit (the speed-up goals are "
+             "read here):", "",
              "| variant | latency median ms | p95 ms | speed-up vs fp32 |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['latency_median_ms']:.1f} | {r['latency_p95_ms']:.1f} | {r['speedup']:.2f}x |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -220,7 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibration", default=None, help="task for GPTQ calibration (default: --task)")
     ap.add_argument("--out", default="runs/bench-compression")
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
-    ap.add_argument("--latency-runs", type=int, default=50)
+    ap.add_argument("--latency-runs", type=int, default=50, help="runs per variant for the table's latency; rounds "
+                    "of the interleaved measurement")
+    ap.add_argument("--runs-per-turn", type=int, default=3, help="back-to-back timed runs at each visit of a variant "
+                    "in the interleaved measurement")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens for the batch-1 latency")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--doc", default=None, help="Markdown fragment (default OUT/compression.md, "
@@ -292,8 +315,8 @@ SLOW_PATHS = (LLMInt8, NF4, FP4, GPTQ)  # no fast CPU kernel: dequantize + fp32 
 def speed_set(names: list[str], variants: dict) -> list[str]:
     """The variants the speed-up goals are about: fp32, every int8 and structured variant and every
     peer. 4-bit, LLM.int8 and unstructured variants stay out: on CPU they are not speed paths (the
-    table shows them at or below fp32), and every model kept in memory enlarges the working set that
-    each round of the interleaved measurement cycles through."""
+    table shows them at or below fp32), and each one would add a process and minutes to the
+    interleaved measurement."""
     from tightrope.compress import prune  # noqa: PLC0415
 
     def fast(name: str) -> bool:
@@ -309,25 +332,25 @@ def speed_set(names: list[str], variants: dict) -> list[str]:
 
 
 def speed_check(base, names: list[str], variants: dict, args, out: Path) -> list[dict]:
-    """Batch-1 latency of the fast variants again, interleaved in shuffled rounds (perf.interleaved_latency):
-    the table's per-row latencies are taken minutes apart, so the speed-up goals are read here."""
+    """Batch-1 latency of the fast variants again, each in its own process, interleaved in shuffled
+    rounds (perf.isolated_latency): the table's per-row latencies are taken minutes apart, so the
+    speed-up goals are read here."""
     import statistics  # noqa: PLC0415
 
     from tightrope.evaluate import perf  # noqa: PLC0415
 
     if not names:
         return []
-    clfs = {}
+    builders = {}
     for name in names:
         if name == "fp32":
-            clfs[name] = base
+            builders[name] = functools.partial(inference.load, args.model_dir)
         elif name in variants:
-            clfs[name] = inference.load(str(out / slug(name)))
+            builders[name] = functools.partial(inference.load, str(out / slug(name)))
         else:
-            clfs[name] = inference.TextClassifier(PEERS[name](copy.deepcopy(base.model)), base.tokenizer, max_length=base.max_length,
-                                                  truncation=base.truncation, label_names=base.label_names, card=base.card)
+            builders[name] = functools.partial(build_peer, args.model_dir, name)
     sample = max(load_task(args.task, args.split, n=args.n).texts, key=len)
-    times = perf.interleaved_latency(clfs, perf.fixed_length_batch(base, sample, 1, args.seq_len), rounds=args.latency_runs)
+    times = perf.isolated_latency(builders, sample, seq_len=args.seq_len, rounds=args.latency_runs, runs=args.runs_per_turn)
     fp32 = statistics.median(times["fp32"])
     rows = []
     for name, t in times.items():

@@ -1,9 +1,11 @@
+import functools
 import json
 
 import pytest
 import torch
 
 from tightrope import inference
+from tightrope.errors import TightropeError
 from tightrope.evaluate import perf
 from tightrope.evaluate.metrics import classification_metrics
 from tightrope.evaluate.results import EvalResult, write_json_atomic
@@ -27,24 +29,24 @@ def test_percentile_and_fixed_length_batch(tiny_model_dir):
     assert batch["input_ids"].shape == (3, 40) and batch["attention_mask"].all()
 
 
-def test_interleaved_latency_runs_every_model_each_round_in_shuffled_order():
-    calls: list[str] = []
+def test_round_orders_visit_every_model_once_a_round_in_a_changing_seeded_order():
+    orders = perf.round_orders(list("abcd"), rounds=6, seed=1)
+    assert len(orders) == 6 and all(sorted(o) == list("abcd") for o in orders)
+    assert len({tuple(o) for o in orders}) > 1  # the order changes between rounds
+    assert orders == perf.round_orders(list("abcd"), rounds=6, seed=1)
 
-    class Fake:
-        def __init__(self, name):
-            self.name = name
 
-        def forward_ids(self, **_):
-            calls.append(self.name)
+def test_isolated_latency_times_each_model_in_its_own_process(tiny_model_dir):
+    builders = {name: functools.partial(inference.load, str(tiny_model_dir)) for name in ("a", "b")}
+    times = perf.isolated_latency(builders, "a good film", seq_len=16, rounds=3, runs=2, warmup=1, threads=1, gap_s=0)
+    assert {n: len(t) for n, t in times.items()} == {"a": 6, "b": 6}
+    assert all(t > 0 for ts in times.values() for t in ts)
 
-    clfs = {n: Fake(n) for n in "abcd"}
-    times = perf.interleaved_latency(clfs, {}, rounds=6, warmup=2, seed=1)
-    assert {n: len(t) for n, t in times.items()} == dict.fromkeys("abcd", 6)
-    assert all(t >= 0 for ts in times.values() for t in ts)
-    timed = calls[8:]  # after 2 warm-up calls per model
-    rounds = [timed[i : i + 4] for i in range(0, 24, 4)]
-    assert all(sorted(r) == list("abcd") for r in rounds)
-    assert len({tuple(r) for r in rounds}) > 1  # the order changes between rounds
+
+def test_isolated_latency_names_a_model_that_cannot_be_built(tmp_path):
+    builders = {"missing": functools.partial(inference.load, str(tmp_path / "nowhere"))}
+    with pytest.raises(TightropeError, match="Could not run 'missing' for the latency measurement"):
+        perf.isolated_latency(builders, "a good film", seq_len=16, rounds=1, threads=1)
 
 
 def test_length_sorted_batches_give_input_order_logits(tiny_model_dir):

@@ -11,16 +11,20 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import random
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tightrope.encoding import special_tokens
+from tightrope.errors import TightropeError
 from tightrope.inference import TextClassifier
 
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".bin", ".pt", ".gguf", ".data")
@@ -75,27 +79,101 @@ def measure_latency(clf: TextClassifier, text: str, seq_len: int = 256, runs: in
 
 
 @torch.inference_mode()
-def interleaved_latency(clfs: dict[str, TextClassifier], batch: dict[str, torch.Tensor], rounds: int = 40,
-                        warmup: int = 5, seed: int = 0) -> dict[str, list[float]]:
-    """Batch latencies (ms) of several models taken in rounds: each round runs every model once, in
-    a fresh random order. Slow drift of a shared machine then falls on all models alike, and no model
-    always runs right after the same other one (the first run after a different runtime was measured
-    slower here, cold caches and parked threads)."""
-    import random  # noqa: PLC0415
-
-    for clf in clfs.values():
-        for _ in range(warmup):
-            clf.forward_ids(**batch)
+def round_orders(names: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
+    """The order of each round: every name once, shuffled afresh each round (seeded)."""
     rng = random.Random(seed)
-    times: dict[str, list[float]] = {name: [] for name in clfs}
+    orders = []
     for _ in range(rounds):
-        order = list(clfs)
+        order = list(names)
         rng.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            clfs[name].forward_ids(**batch)
-            times[name].append((time.perf_counter() - start) * 1000)
-    return times
+        orders.append(order)
+    return orders
+
+
+def _latency_worker(conn, build: Callable[[], TextClassifier], text: str, seq_len: int, threads: int, warmup: int) -> None:
+    """One model in its own process: build it, warm it up, then time ``runs`` back-to-back forward
+    passes each time the parent asks, until it sends None."""
+    try:
+        torch.set_num_threads(threads)
+        clf = build()
+        batch = fixed_length_batch(clf, text, 1, seq_len)
+        with torch.inference_mode():
+            for _ in range(warmup):
+                clf.forward_ids(**batch)
+    except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it as one sentence
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+        return
+    conn.send(("ready", None))
+    with torch.inference_mode():
+        while (runs := conn.recv()) is not None:
+            clf.forward_ids(**batch)  # not timed: wakes this runtime's threads after its idle turn
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                clf.forward_ids(**batch)
+                times.append((time.perf_counter() - start) * 1000)
+            conn.send(("times", times))
+
+
+def _receive(conn, proc, name: str):
+    while not conn.poll(1.0):
+        if not proc.is_alive():
+            raise TightropeError(f"The latency worker of {name!r} died (exit code {proc.exitcode}).")
+    kind, payload = conn.recv()
+    if kind == "error":
+        raise TightropeError(f"Could not run {name!r} for the latency measurement: {payload}")
+    return payload
+
+
+def isolated_latency(builders: dict[str, Callable[[], TextClassifier]], text: str, seq_len: int = 256, rounds: int = 20,
+                     runs: int = 3, warmup: int = 5, threads: int | None = None, gap_s: float = 0.05, seed: int = 0,
+                     progress: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Batch-1 latencies (ms) of several models, each in its own process, taken in interleaved rounds.
+
+    Each round visits every model once in a fresh random order (:func:`round_orders`), so the slow
+    drift of a shared machine falls on all of them alike; at each visit the model runs once untimed
+    and then ``runs`` times back to back. ``builders`` are picklable zero-argument callables (e.g.
+    ``functools.partial(inference.load, path)``) run in the worker.
+
+    Why processes: with several runtimes in one process, each one's idle threads perturb the next
+    one's timing. After a forward pass torch's OpenMP workers spin-wait for a while before they
+    sleep, and on a 2-core machine that spinning takes a core from an ONNX Runtime session run right
+    after; measured here on MiniLM at 1 x 256, in one process, interleaving fp32 eager with the int8
+    session gave 1.44x, with three more ONNX Runtime sessions in the rounds 1.92x, with
+    ``OMP_WAIT_POLICY=PASSIVE`` 1.86x: the ratio depended on the neighbours, not on the models. In
+    separate processes, with ``gap_s`` of quiet between visits, no model shares threads with another.
+    """
+    ctx = mp.get_context("spawn")
+    threads = threads or torch.get_num_threads()
+    workers: dict[str, tuple] = {}
+    try:
+        for name, build in builders.items():
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_latency_worker, args=(child, build, text, seq_len, threads, warmup), daemon=True)
+            proc.start()
+            child.close()
+            workers[name] = (proc, parent)
+            _receive(parent, proc, name)  # built one at a time: loading does not overlap the others
+        times: dict[str, list[float]] = {name: [] for name in builders}
+        for order in round_orders(list(builders), rounds, seed):
+            for name in order:
+                time.sleep(gap_s)
+                proc, conn = workers[name]
+                conn.send(runs)
+                times[name].extend(_receive(conn, proc, name))
+            if progress is not None:
+                progress()
+        return times
+    finally:
+        for proc, conn in workers.values():
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for proc, _ in workers.values():
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
 
 
 @torch.inference_mode()
