@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
                     "already saved in OUT (and the peers)")
     ap.add_argument("--recover-steps", type=int, default=200, help="recovery fine-tuning steps after structured pruning")
     args = ap.parse_args(argv)
+    if args.latency_runs < 1 or args.runs_per_turn < 1:
+        ap.error("--latency-runs and --runs-per-turn must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -43,6 +43,13 @@ def test_isolated_latency_times_each_model_in_its_own_process(tiny_model_dir):
     assert all(t > 0 for ts in times.values() for t in ts)
 
 
+def test_isolated_latency_refuses_nothing_to_measure_and_zero_runs(tiny_model_dir):
+    with pytest.raises(TightropeError, match="No models"):
+        perf.isolated_latency({}, "a good film")
+    with pytest.raises(TightropeError, match="at least 1"):
+        perf.isolated_latency({"a": functools.partial(inference.load, str(tiny_model_dir))}, "a good film", runs=0)
+
+
 def test_isolated_latency_names_a_model_that_cannot_be_built(tmp_path):
     builders = {"missing": functools.partial(inference.load, str(tmp_path / "nowhere"))}
     with pytest.raises(TightropeError, match="Could not run 'missing' for the latency measurement"):

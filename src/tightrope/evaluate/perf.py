@@ -78,7 +78,6 @@ def measure_latency(clf: TextClassifier, text: str, seq_len: int = 256, runs: in
     return Latency(1, seq_len, statistics.median(times), percentile(times, 0.95), runs, torch.get_num_threads())
 
 
-@torch.inference_mode()
 def round_orders(names: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
     """The order of each round: every name once, shuffled afresh each round (seeded)."""
     rng = random.Random(seed)
@@ -126,8 +125,8 @@ def _receive(conn, proc, name: str):
 
 
 def isolated_latency(builders: dict[str, Callable[[], TextClassifier]], text: str, seq_len: int = 256, rounds: int = 20,
-                     runs: int = 3, warmup: int = 5, threads: int | None = None, gap_s: float = 0.05, seed: int = 0,
-                     progress: Callable[[], None] | None = None) -> dict[str, list[float]]:
+                     runs: int = 3, warmup: int = 5, threads: int | None = None, gap_s: float = 0.05,
+                     seed: int = 0) -> dict[str, list[float]]:
     """Batch-1 latencies (ms) of several models, each in its own process, taken in interleaved rounds.
 
     Each round visits every model once in a fresh random order (:func:`round_orders`), so the slow
@@ -143,6 +142,10 @@ def isolated_latency(builders: dict[str, Callable[[], TextClassifier]], text: st
     ``OMP_WAIT_POLICY=PASSIVE`` 1.86x: the ratio depended on the neighbours, not on the models. In
     separate processes, with ``gap_s`` of quiet between visits, no model shares threads with another.
     """
+    if not builders:
+        raise TightropeError("No models were given to measure.")
+    if rounds < 1 or runs < 1:
+        raise TightropeError(f"Rounds and runs per visit must be at least 1, not {rounds} and {runs}.")
     ctx = mp.get_context("spawn")
     threads = threads or torch.get_num_threads()
     workers: dict[str, tuple] = {}
@@ -161,8 +164,6 @@ def isolated_latency(builders: dict[str, Callable[[], TextClassifier]], text: st
                 proc, conn = workers[name]
                 conn.send(runs)
                 times[name].extend(_receive(conn, proc, name))
-            if progress is not None:
-                progress()
         return times
     finally:
         for proc, conn in workers.values():
