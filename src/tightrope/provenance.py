@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from importlib import metadata
 
 LIBRARIES = ("tightrope", "torch", "transformers", "accelerate", "bitsandbytes", "onnxruntime", "numpy")
@@ -28,7 +29,19 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": device,
         "libraries": {name: v for name in LIBRARIES if (v := _version(name))},
+        "bitsandbytes_4bit": _bnb_4bit_path(),
     }
+
+
+def _bnb_4bit_path() -> str:
+    """Which 4-bit dequantization this process ran: bitsandbytes' CPU kernel where its known-answer
+    check passed, tightrope's reference where it failed (tightrope.compress.bnb4); "not used" when
+    no 4-bit layer was built."""
+    if "tightrope.compress.bnb4" not in sys.modules:
+        return "not used"
+    from tightrope.compress import bnb4  # noqa: PLC0415 - only once a 4-bit layer imported it
+
+    return bnb4.kernel_check().path
 
 
 def _cpu_name() -> str:

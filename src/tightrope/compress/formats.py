@@ -126,16 +126,10 @@ def _empty_module(record: dict, tensors: dict[str, torch.Tensor], name: str) -> 
             mod.bias = nn.Parameter(bias, requires_grad=False)
         return mod.eval()
     if kind == "bnb-4bit":
-        mod = bnb.nn.Linear4bit(record["in"], record["out"], bias=record["bias"], compute_dtype=torch.float32,
-                                compress_statistics=record["double_quant"], quant_type=record["quant_type"])
-        prefix = f"{name}.weight."
-        stats = {k[len(f"{name}."):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        mod.weight = bnb.nn.Params4bit.from_prequantized(tensors[f"{name}.weight"], stats, requires_grad=False,
-                                                         device="cpu", module=mod)
-        mod.weight.logical_numel = record["in"] * record["out"]
-        if bias is not None:
-            mod.bias = nn.Parameter(bias, requires_grad=False)
-        return mod.eval()
+        from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is imported only where used
+
+        return bnb4.from_prequantized(record["in"], record["out"], bias, record["quant_type"], record["double_quant"],
+                                      tensors, name)
     raise TightropeError(f"The saved module {name} has the unknown quantized kind '{kind}'.")
 
 

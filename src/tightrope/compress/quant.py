@@ -305,15 +305,10 @@ def int8_state(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_bnb_4bit(module: nn.Module) -> torch.Tensor:
-    bnb = _bnb()
-    data = module.weight.data
-    state = module.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # noqa: PLC0415
+    """The fp32 weight of a bitsandbytes 4-bit layer, by the path :func:`bnb4.kernel_check` chose."""
+    from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is imported only where used
 
-        data, state = _convert_weight_packed_for_cpu_inverse(data.clone(), state)
-        module.weight.data, module.weight.quant_state = data, state
-    return bnb.functional.dequantize_4bit(data, state).float()
+    return bnb4.weight_of(module)
 
 
 def _nonzero(p: torch.Tensor) -> int:
@@ -420,20 +415,14 @@ def _llm_int8(model: nn.Module, config: LLMInt8) -> CompressionSummary:
 def _bnb_4bit(model: nn.Module, config: NF4) -> CompressionSummary:
     _refuse_requantize(model, config)
     bnb = _bnb()
+    from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is imported only where used
+
     chosen = select_modules(model, config)
     for name, lin in chosen.items():
-        mod = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=torch.float32,
-                                compress_statistics=config.double_quant, quant_type=config.quant_type)
-        mod.weight = bnb.nn.Params4bit(lin.weight.data.detach().clone(), requires_grad=False, quant_type=config.quant_type,
-                                       blocksize=config.blocksize, compress_statistics=config.double_quant)
-        if lin.bias is not None:
-            mod.bias = nn.Parameter(lin.bias.data.detach().clone(), requires_grad=False)
-        mod = mod.to("cpu").eval()
-        mod.weight.logical_numel = lin.in_features * lin.out_features
-        _set_submodule(model, name, mod)
+        _set_submodule(model, name, bnb4.linear_4bit(lin, config.quant_type, config.blocksize, config.double_quant))
     return _summary(model, config, chosen, False, [
         f"bitsandbytes {bnb.__version__}; {config.quant_type}, blocksize {config.blocksize}, "
-        f"double quantization {'on' if config.double_quant else 'off'}"])
+        f"double quantization {'on' if config.double_quant else 'off'}", bnb4.kernel_check().line()])
 
 
 @register_handler(Affine)

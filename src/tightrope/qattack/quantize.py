@@ -52,19 +52,17 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _bnb_linear(linear: nn.Linear, quantizer: str) -> nn.Module:
+    if quantizer in ("nf4", "fp4"):
+        from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is imported only where used
+
+        return bnb4.linear_4bit(linear, quantizer, blocksize=64)
     import bitsandbytes as bnb  # noqa: PLC0415
 
-    bias = linear.bias is not None
-    weight = linear.weight.detach().float().contiguous().clone()
-    if quantizer == "llm-int8":
-        new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
-                                  threshold=6.0)
-        new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-    else:
-        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=torch.float32,
-                                quant_type=quantizer)
-        new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quantizer, blocksize=64)
-    if bias:
+    new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              has_fp16_weights=False, threshold=6.0)
+    new.weight = bnb.nn.Int8Params(linear.weight.detach().float().contiguous().clone(), requires_grad=False,
+                                   has_fp16_weights=False)
+    if linear.bias is not None:
         new.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
     return new.to("cpu")  # moving the parameters is what makes bitsandbytes quantize them
 
