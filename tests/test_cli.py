@@ -56,3 +56,56 @@ def test_eval_writes_json(tmp_path, tiny_model_dir, tiny_task):
     code, out = _run("eval", tiny_model_dir, "--task", tiny_task, "--no-speed", "--no-memory", "--json", tmp_path / "r.json")
     assert code == 0, out
     assert (tmp_path / "r.json").exists()
+
+
+@pytest.fixture
+def truncated_model_dir(tmp_path, tiny_model_dir):
+    import shutil
+
+    broken = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    return broken
+
+
+@pytest.mark.parametrize("command", [["eval", "{model}", "--task", "{task}"], ["audit", "{model}"],
+                                     ["compress", "{model}", "--quantize", "int8", "--out", "{tmp}/out"]],
+                         ids=lambda c: c[0])
+def test_a_truncated_safetensors_file_is_one_sentence(tmp_path, truncated_model_dir, tiny_task, command):
+    args = [a.format(model=truncated_model_dir, task=tiny_task, tmp=tmp_path) for a in command]
+    code, out = _run(*args)
+    assert code == 2, out
+    assert "not a complete safetensors file" in out and "Traceback" not in out
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("command", [["compress", "{model}", "--quantize", "int8"], ["train", "--model", "{model}"],
+                                     ["attack", "{model}", "--recipe", "deepwordbug"], ["run", "studies/quickstart.yaml"]],
+                         ids=lambda c: c[0])
+def test_out_naming_an_existing_file_is_one_sentence(tmp_path, tiny_model_dir, command):
+    existing = tmp_path / "a-file"
+    existing.write_text("keep me")
+    code, out = _run(*[a.format(model=tiny_model_dir) for a in command], "--out", existing)
+    assert code == 2 and "is an existing file; give a folder" in out and "Traceback" not in out
+    assert existing.read_text() == "keep me"
+
+
+def test_third_party_output_is_quiet_unless_verbose(tmp_path, tiny_model_dir, tiny_task):
+    import logging
+    import warnings
+
+    from tightrope import quiet
+
+    code, out = _run("eval", tiny_model_dir, "--task", tiny_task, "--no-speed", "--no-memory")
+    assert code == 0, out
+    assert "Loading weights" not in out and "it/s]" not in out and "Warning" not in out
+    assert logging.getLogger("bitsandbytes").getEffectiveLevel() == logging.ERROR
+    with warnings.catch_warnings(record=True) as caught:
+        quiet.configure(verbose=False)
+        warnings.warn_explicit("third-party noise", UserWarning, "x.py", 1, module="transformers.modeling_utils")
+        warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="tightrope.defenses.distill")
+    assert [str(w.message) for w in caught] == ["ours"]
+    quiet.configure(verbose=True)
+    assert logging.getLogger("tightrope").getEffectiveLevel() == logging.DEBUG

@@ -28,12 +28,22 @@ console = Console(stderr=True)
 out_console = Console()
 
 
+@app.callback()
+def _global_options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show third-party progress bars, warnings and logs.")] = False,
+):
+    from tightrope.quiet import configure
+
+    configure(verbose)
+
+
 def user_errors(fn):
     """Show a TightropeError as one red sentence and exit 2, never as a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _check_out_is_a_folder(kwargs.get("out"))
             return fn(*args, **kwargs)
         except TightropeError as err:
             console.print(f"[bold red]error:[/] {err}")
@@ -43,6 +53,12 @@ def user_errors(fn):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _check_out_is_a_folder(out) -> None:
+    """Every command's ``--out`` is a folder; an existing file there is refused before any work."""
+    if out is not None and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
+        raise TightropeError(f"--out {out} is an existing file; give a folder (it is created if missing).")
 
 
 def _validation_error(err) -> TightropeError:

@@ -96,6 +96,8 @@ def _wrap(loaded: models.LoadedModel, card: dict) -> TextClassifier:
 def load(name_or_path: str, *, max_length: int | None = None, trust_remote_code: bool = False) -> TextClassifier:
     """Load any model variant for inference: a tightrope model directory, a hub classifier, an alias."""
     path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        models.check_weights(path)
     card = read_card(path) if path.is_dir() else {}
     fmt = card.get("format", "torch")
     if fmt != "torch" and fmt not in LOADERS:

@@ -75,8 +75,24 @@ def _check_source(name_or_path: str, resolved: str) -> None:
                     "convert them to safetensors first."
                 )
             raise TightropeError(f"{resolved} holds no .safetensors weights.")
+        check_weights(path)
     elif _looks_like_path(name_or_path) or name_or_path.startswith((".", "/", "~")):
         raise TightropeError(f"The model path {name_or_path} does not exist.")
+
+
+def check_weights(path: str | Path) -> None:
+    """Refuse, in one sentence, a model directory whose safetensors files are truncated or damaged
+    (safetensors reads the header and checks that it covers the file exactly; no tensor is loaded)."""
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415 - light, but only for local directories
+
+    for file in sorted(Path(path).expanduser().glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise TightropeError(f"{file} is not a complete safetensors file ({reason}); it may be truncated: "
+                                 "copy or save it again.") from None
 
 
 def _remote_code_guard(resolved: str, trust_remote_code: bool) -> None:

@@ -15,6 +15,7 @@ Both loaders are registered with :func:`tightrope.inference.register_format`.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -305,6 +306,8 @@ def ort_session(blob: bytes, threads: int | None = None):
     # benchmarks and attacks slower. ``force_spinning_stop`` parks the threads when a run returns and
     # keeps the spinning inside it (turning spinning off altogether cost ~10% latency here).
     opts.add_session_config_entry("session.force_spinning_stop", "1")
+    if not logging.getLogger("onnxruntime").isEnabledFor(logging.WARNING):  # tightrope.quiet without --verbose
+        opts.log_severity_level = 3
     return ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
 
 
