@@ -252,7 +252,7 @@ def main() -> None:
     r.add_argument("--variants", default="fp32,int8,nf4,pruned30")
     r.add_argument("--variant", action="append", default=[], help="NAME=PATH of an already built variant")
     r.add_argument("--query-budget", type=int)
-    r.add_argument("--twin-scheme", default="int8-dynamic",
+    r.add_argument("--twin-scheme", default="int8",
                    help="fake quantization of the gradient twin for variants without gradients")
     r.add_argument("--threads", type=int)
     t = sub.add_parser("table", help="Markdown table of the cells under OUT")

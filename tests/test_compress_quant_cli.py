@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from tightrope import inference
 from tightrope.cli import app
-from tightrope.compress.commands import parse_spec, quant_config
+from tightrope.compress.specs import parse_spec, quant_config
 from tightrope.compress.quant import GPTQ, NF4, Affine, Int8Dynamic
 from tightrope.errors import TightropeError
 
@@ -87,3 +87,28 @@ def test_compress_unknown_method_and_bad_pattern_exit_2(tiny_model_dir, tmp_path
     result = runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(tmp_path / "y"), "--quantize", "nf4",
                                  "--include", "decoder.*"])
     assert result.exit_code == 2 and "match no" in result.output
+
+
+def test_one_name_per_scheme_across_consumers():
+    """compress, train's quantize step, fake quantization and the relative noise step read one table."""
+    from tightrope.compress.specs import QUANT_SCHEMES
+    from tightrope.defenses import fakequant, noise
+    from tightrope.defenses.run import QUANT_CHOICES
+    from tightrope.qattack.causal import THROUGH_SCHEMES
+
+    assert QUANT_CHOICES == tuple(QUANT_SCHEMES)
+    assert set(noise.STEP_SCHEMES) <= set(QUANT_SCHEMES)
+    assert {"llm-int8", "int8", "int8-tensor", "nf4", "fp4"} <= set(fakequant.QDQ) and set(fakequant.QDQ) <= set(QUANT_SCHEMES) | {
+        n for n in fakequant.QDQ if n.startswith(("nf4-b", "fp4-b", "affine"))}
+    assert set(THROUGH_SCHEMES.values()) <= set(QUANT_SCHEMES)
+
+
+@pytest.mark.parametrize("old", ["int8-dynamic", "int8-llm"])
+def test_old_spellings_are_refused_with_the_new_name(old):
+    from tightrope.defenses.fakequant import fake_quantize
+    from tightrope.errors import TightropeError
+
+    with pytest.raises(TightropeError, match="is now called"):
+        quant_config(old)
+    with pytest.raises(TightropeError, match="is now called"):
+        fake_quantize(torch.zeros(2, 2), old)

@@ -20,7 +20,7 @@ def weight():
 def test_int8_dynamic_matches_torch_quantizer(weight):
     scale = weight.abs().amax(dim=1) / 127.5
     real = torch.quantize_per_channel(weight, scale, torch.zeros(48, dtype=torch.long), 0, torch.qint8).dequantize()
-    assert torch.equal(fake_quantize(weight, "int8-dynamic"), real)
+    assert torch.equal(fake_quantize(weight, "int8"), real)
 
 
 def test_int8_tensor_matches_torch_quantizer(weight):
@@ -40,7 +40,7 @@ def test_4bit_matches_bitsandbytes(weight, kind):
 
 def test_int8_matches_llm_int8_reference(weight):
     q, scale = P.quantize_rowwise_absmax_int8(weight)
-    assert torch.equal(fake_quantize(weight, "int8"), P.dequantize_rowwise_absmax_int8(q, scale))
+    assert torch.equal(fake_quantize(weight, "llm-int8"), P.dequantize_rowwise_absmax_int8(q, scale))
 
 
 @pytest.mark.parametrize("scheme", sorted(QDQ))
@@ -79,7 +79,7 @@ def test_quant_aware_objective_trains_the_latent_weights(tokenizer, inner):
     model = make_tiny_classifier(tokenizer)
     enc = tokenizer(POSITIVE[:4], padding=True, return_tensors="pt")
     batch = {**enc, "labels": torch.tensor([1, 1, 0, 0])}
-    loss = QuantAware(inner() if inner else None, scheme="int8")(model, batch)
+    loss = QuantAware(inner() if inner else None, scheme="llm-int8")(model, batch)
     loss.backward()
     layer = model.bert.encoder.layer[0].attention.self.query
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0

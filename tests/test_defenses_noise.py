@@ -40,7 +40,7 @@ def test_same_seed_same_noise_other_seed_other_noise(tokenizer):
 
 def test_step_of_int8_and_nf4():
     w = torch.tensor([[1.0, -2.54, 0.5], [0.1, 0.2, -0.3]])
-    assert torch.allclose(quantization_step(w, "int8"), torch.tensor([[2.54 / 127] * 3, [0.3 / 127] * 3]))
+    assert torch.allclose(quantization_step(w, "llm-int8"), torch.tensor([[2.54 / 127] * 3, [0.3 / 127] * 3]))
     w4 = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
     _, absmax = P.quantize_blockwise(w4, P.NF4_CODE, 64)
     step = quantization_step(w4, "nf4")
@@ -52,7 +52,7 @@ def test_relative_noise_scales_with_each_layer_step(tokenizer):
     with torch.no_grad():
         model.bert.encoder.layer[0].attention.self.query.weight.mul_(100)  # a layer with a 100x wider range
     before = _weights(model)
-    add_weight_noise_(model, 0.5, relative=True, scheme="int8", seed=0)
+    add_weight_noise_(model, 0.5, relative=True, scheme="llm-int8", seed=0)
     big = "bert.encoder.layer.0.attention.self.query.weight"
     small = "bert.encoder.layer.0.attention.self.key.weight"
     d_big = (model.get_parameter(big) - before[big]).std() / quantization_step(before[big]).mean()

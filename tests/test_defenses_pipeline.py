@@ -48,7 +48,7 @@ def test_quantize_before_train_means_quantization_aware_training(tiny_model_dir,
                           progress=False)
     train_step = result.steps[2]
     assert result.steps[1]["deferred"] and train_step["quantization_aware"] and "export" in train_step
-    assert result.train_card["defense"]["fake_quant"] == "int8-dynamic"
+    assert result.train_card["defense"]["fake_quant"] == "int8"
     zeros = _encoder_zeros(load_file(tmp_path / "run" / "train" / "model.safetensors"))
     assert sum(int(z.sum()) for z in zeros.values()) > 0
 
@@ -78,6 +78,6 @@ def test_orders_parse_and_missing_settings_are_named(tiny_model_dir):
 def test_noise_before_quantization_in_the_pipeline(tiny_model_dir, tmp_path):
     loaded = models.load_classifier(str(tiny_model_dir), require_head=False)
     before = loaded.model.bert.encoder.layer[0].output.dense.weight.detach().clone()
-    result = run_pipeline(loaded, "noise", tmp_path, noise={"sigma": 0.5, "relative": True, "scheme": "int8"})
+    result = run_pipeline(loaded, "noise", tmp_path, noise={"sigma": 0.5, "relative": True, "scheme": "llm-int8"})
     assert result.steps[0]["summary"]["relative"]
     assert not torch.equal(loaded.model.bert.encoder.layer[0].output.dense.weight, before)

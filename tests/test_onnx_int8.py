@@ -124,7 +124,7 @@ def test_a_head_exported_as_gemm_stays_fp32_and_is_reported(tokenizer):
 
 
 def test_cli_spec_reaches_the_ort_options():
-    from tightrope.compress.commands import quant_config
+    from tightrope.compress.specs import quant_config
 
     assert quant_config("int8-ort:fuse=false,per_channel=false,reduce_range=true") == Int8Dynamic(
         backend="onnxruntime", fuse=False, per_channel=False, reduce_range=True)

@@ -107,7 +107,7 @@ def train(
     temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature T [default: 2].", rich_help_panel=_DEFENSE)] = None,
     order: Annotated[Optional[str], typer.Option(help="Steps in order, e.g. prune,train,quantize; quantize before train = QAT. With more than train, the model goes to OUT/model.", rich_help_panel=_DEFENSE)] = None,
     prune_sparsity: Annotated[Optional[float], typer.Option(help="Magnitude pruning share for the prune step.", rich_help_panel=_DEFENSE)] = None,
-    quantize: Annotated[Optional[str], typer.Option(help="int8 (LLM.int8), int8-dynamic, nf4 or fp4, for the quantize step.", rich_help_panel=_DEFENSE)] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="A scheme of tightrope compress for the quantize step: int8 (dynamic int8), llm-int8, nf4, fp4, nf4:blocksize=128, ...", rich_help_panel=_DEFENSE)] = None,
     noise_sigma: Annotated[Optional[float], typer.Option(help="Gaussian weight noise for the noise step.", rich_help_panel=_DEFENSE)] = None,
     noise_relative: Annotated[bool, typer.Option(help="Sigma in units of each layer's quantization step.", rich_help_panel=_DEFENSE)] = False,
 ):
@@ -116,7 +116,7 @@ def train(
     Example: tightrope train --model minilm --task imdb --max-length 256 --n-train 10000 --out runs/minilm-imdb
 
     With a defense: tightrope train --model minilm --task imdb --defense fast --epsilon 0.02 --teacher runs/mpnet-imdb
-    --order prune,train,quantize --prune-sparsity 0.3 --quantize int8-dynamic --out runs/hardened
+    --order prune,train,quantize --prune-sparsity 0.3 --quantize int8 --out runs/hardened
     """
     from pydantic import ValidationError
 

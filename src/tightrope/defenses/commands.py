@@ -46,7 +46,7 @@ def register(app: typer.Typer, user_errors) -> None:
         """Deprecated alias of `tightrope train --defense ...` (same options; it forwards there).
 
         Example: tightrope train --model minilm --task imdb --defense fast --epsilon 0.02 --teacher runs/mpnet-imdb
-        --order prune,train,quantize --prune-sparsity 0.3 --quantize int8-dynamic --out runs/hardened
+        --order prune,train,quantize --prune-sparsity 0.3 --quantize int8 --out runs/hardened
         """
         from rich.console import Console  # noqa: PLC0415
 
@@ -69,7 +69,7 @@ def register(app: typer.Typer, user_errors) -> None:
         out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the noised model.")],
         sigma: Annotated[float, typer.Option(help="Standard deviation (absolute, or in quantization steps).")] = 1e-3,
         relative: Annotated[bool, typer.Option(help="Sigma in units of each layer's quantization step.")] = False,
-        scheme: Annotated[str, typer.Option(help="Quantizer whose step a relative sigma uses: int8, int8-dynamic, int8-tensor, nf4, fp4.")] = "int8",
+        scheme: Annotated[str, typer.Option(help="Quantizer whose step a relative sigma uses: llm-int8, int8 (dynamic), int8-tensor, nf4, fp4.")] = "llm-int8",
         seed: int = 0,
     ):
         """Add Gaussian noise to the weights before quantization (Egashira et al. 2024's defense)."""

@@ -16,8 +16,8 @@ dict, checkpoints and optimizer never see it.
 
 Schemes (the format each one matches, bit for bit):
 
-- ``int8``          LLM.int8() weights, row-wise absmax on the fp16 cast (bitsandbytes ``Linear8bitLt``)
-- ``int8-dynamic``  torch.ao dynamic int8, symmetric per output channel (``quantize_dynamic`` per-channel)
+- ``llm-int8``      LLM.int8() weights, row-wise absmax on the fp16 cast (bitsandbytes ``Linear8bitLt``)
+- ``int8``          dynamic int8, symmetric per output channel (``quantize_dynamic`` per-channel)
 - ``int8-tensor``   torch.ao dynamic int8, symmetric per tensor (``quantize_dynamic`` default)
 - ``nf4`` / ``fp4`` bitsandbytes 4-bit, block-wise absmax, blocks of 64 (QLoRA)
 """
@@ -33,6 +33,7 @@ from torch.nn.utils import parametrize
 
 from tightrope.compress import primitives as P
 from tightrope.compress.api import CompressionConfig, select_modules
+from tightrope.compress.specs import RENAMED
 from tightrope.errors import TightropeError
 
 
@@ -58,8 +59,8 @@ def _four_bit(kind: str, blocksize: int = 64) -> Callable[[torch.Tensor], torch.
 
 #: scheme name -> reference quantize-dequantize function (weight -> fp32 weight of the same shape).
 QDQ: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "int8": _int8_llm,
-    "int8-dynamic": _int8_dynamic,
+    "llm-int8": _int8_llm,
+    "int8": _int8_dynamic,
     "int8-tensor": _int8_tensor,
     "nf4": _four_bit("nf4"),
     "fp4": _four_bit("fp4"),
@@ -71,10 +72,18 @@ def register_scheme(name: str, qdq: Callable[[torch.Tensor], torch.Tensor]) -> N
     QDQ[name] = qdq
 
 
-def quantize_dequantize(w: torch.Tensor, scheme: str) -> torch.Tensor:
-    """The values the real quantizer of ``scheme`` gives ``w`` after dequantization (fp32, no grad)."""
+def check_scheme(scheme: str) -> None:
+    """Refuse an unknown scheme, or an old spelling with its new name (:data:`tightrope.compress.specs.RENAMED`)."""
+    if scheme in RENAMED:
+        raise TightropeError(f"The fake-quantization scheme '{scheme}' is now called '{RENAMED[scheme]}'; "
+                             "'int8' means dynamic int8 everywhere, LLM.int8() is 'llm-int8'.")
     if scheme not in QDQ:
         raise TightropeError(f"Unknown fake-quantization scheme '{scheme}'; known: {', '.join(QDQ)}.")
+
+
+def quantize_dequantize(w: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The values the real quantizer of ``scheme`` gives ``w`` after dequantization (fp32, no grad)."""
+    check_scheme(scheme)
     with torch.no_grad():
         return QDQ[scheme](w.detach()).to(w.dtype).reshape(w.shape)
 
@@ -101,8 +110,7 @@ class FakeQuantize(nn.Module):
 
     def __init__(self, scheme: str):
         super().__init__()
-        if scheme not in QDQ:
-            raise TightropeError(f"Unknown fake-quantization scheme '{scheme}'; known: {', '.join(QDQ)}.")
+        check_scheme(scheme)
         self.scheme = scheme
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -141,10 +149,9 @@ class QuantAware:
     ship; the latent fp32 weights are updated through the STE.
     """
 
-    def __init__(self, objective: Callable | None = None, scheme: str = "int8", include: tuple[str, ...] = (),
+    def __init__(self, objective: Callable | None = None, scheme: str = "llm-int8", include: tuple[str, ...] = (),
                  exclude: tuple[str, ...] = ()):
-        if scheme not in QDQ:
-            raise TightropeError(f"Unknown fake-quantization scheme '{scheme}'; known: {', '.join(QDQ)}.")
+        check_scheme(scheme)
         from tightrope.train import cross_entropy_objective  # noqa: PLC0415
 
         self.objective = objective or cross_entropy_objective

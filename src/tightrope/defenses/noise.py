@@ -9,8 +9,8 @@ at little cost in utility (they report sigma about 1e-3 on Phi-2).
 Sigma is either absolute, or relative to each layer's quantization step Delta, so that
 ``sigma = 0.5`` means "half a rounding bin" whatever a layer's range:
 
-- ``int8``          Delta = absmax_row / 127 (LLM.int8() row-wise absmax)
-- ``int8-dynamic``  Delta = absmax_row / 127.5 (torch.ao symmetric per channel)
+- ``llm-int8``      Delta = absmax_row / 127 (LLM.int8() row-wise absmax)
+- ``int8``          Delta = absmax_row / 127.5 (dynamic int8, symmetric per channel)
 - ``int8-tensor``   Delta = absmax / 127.5 (per tensor)
 - ``nf4`` / ``fp4`` Delta = absmax_block * mean spacing of the code values (NF4: 2/15); the codes
                     are not uniform, so this is the average bin width of each block of 64
@@ -28,15 +28,15 @@ from tightrope.compress import primitives as P
 from tightrope.compress.api import CompressionConfig, select_modules
 from tightrope.errors import TightropeError
 
-STEP_SCHEMES = ("int8", "int8-dynamic", "int8-tensor", "nf4", "fp4")
+STEP_SCHEMES = ("llm-int8", "int8", "int8-tensor", "nf4", "fp4")
 
 
-def quantization_step(w: torch.Tensor, scheme: str = "int8", blocksize: int = 64) -> torch.Tensor:
+def quantization_step(w: torch.Tensor, scheme: str = "llm-int8", blocksize: int = 64) -> torch.Tensor:
     """The rounding-bin width Delta of each weight under ``scheme``, with ``w``'s shape (fp32)."""
     w = w.detach().float()
-    if scheme == "int8":
+    if scheme == "llm-int8":
         return (w.abs().amax(dim=1, keepdim=True) / 127.0).expand_as(w)
-    if scheme == "int8-dynamic":
+    if scheme == "int8":
         return (w.abs().amax(dim=1, keepdim=True) / 127.5).expand_as(w)
     if scheme == "int8-tensor":
         return (w.abs().amax() / 127.5).expand_as(w)
@@ -67,7 +67,7 @@ class NoiseSummary:
 
 @torch.no_grad()
 def add_weight_noise_(model: nn.Module, sigma: float, relative: bool = False, seed: int = 0, *,
-                      scheme: str = "int8", include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> NoiseSummary:
+                      scheme: str = "llm-int8", include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> NoiseSummary:
     """Add N(0, sigma_l^2) noise to every selected Linear weight, in place, before quantization.
 
     ``sigma_l = sigma`` (absolute) or ``sigma * Delta`` with Delta the weight's quantization step

@@ -61,9 +61,9 @@ def scheme_for(config: CompressionConfig) -> str:
     from tightrope.compress import quant  # noqa: PLC0415
 
     if isinstance(config, quant.LLMInt8):
-        return "int8"
+        return "llm-int8"
     if isinstance(config, quant.Int8Dynamic):
-        return "int8-dynamic" if config.per_channel else "int8-tensor"
+        return "int8" if config.per_channel else "int8-tensor"
     if isinstance(config, quant.NF4):  # FP4 subclasses NF4
         kind, blocksize = config.quant_type, config.blocksize
         if config.double_quant:

@@ -3,7 +3,7 @@ runs. Two calls, so that a front can show the warnings of the first before the l
 
     loaded, objective = prepare(train_config, DefenseConfig(kind="fast", epsilon=0.02, teacher="runs/mpnet-imdb"))
     result = harden(loaded, objective, train_config, defense, "runs/hardened", order="prune,train,quantize",
-                    prune_sparsity=0.3, quantize="int8-dynamic")
+                    prune_sparsity=0.3, quantize="int8")
 
 Where the model goes: with the order ``train`` alone, the model directory is ``out`` itself (as a
 plain ``tightrope train``); with more steps, ``out/model`` holds the model that ships (hardened
@@ -18,20 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tightrope.compress.specs import QUANT_SCHEMES, quant_config
 from tightrope.errors import TightropeError
 
-QUANT_CHOICES = ("int8", "int8-dynamic", "nf4", "fp4")
-
-
-def quant_config(name: str):
-    """A quantization config for a short name (the formats fake quantization reproduces exactly)."""
-    from tightrope.compress import quant  # noqa: PLC0415
-
-    table = {"int8": lambda: quant.LLMInt8(), "int8-dynamic": lambda: quant.Int8Dynamic(),
-             "nf4": lambda: quant.NF4(), "fp4": lambda: quant.FP4()}
-    if name not in table:
-        raise TightropeError(f"Unknown quantization '{name}'; choose one of {', '.join(QUANT_CHOICES)}.")
-    return table[name]()
+QUANT_CHOICES = tuple(QUANT_SCHEMES)  # the same names as tightrope compress (tightrope.compress.specs)
 
 
 @dataclass(frozen=True)

@@ -286,7 +286,7 @@ def answer_loss(model: nn.Module, seqs: list[list[int]], starts: list[int], pad_
 
 
 #: quantizer name of this package -> fake-quantization scheme of tightrope.defenses.fakequant
-THROUGH_SCHEMES = {"llm-int8": "int8", "nf4": "nf4", "fp4": "fp4"}
+THROUGH_SCHEMES = {"llm-int8": "llm-int8", "nf4": "nf4", "fp4": "fp4"}  # boxes name -> fake-quantization scheme
 
 
 def through_loss(model: nn.Module, through: tuple[str, ...], names: list[str], loss_fn) -> torch.Tensor:
