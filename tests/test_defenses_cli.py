@@ -61,13 +61,9 @@ def test_train_with_a_defense_alone_writes_the_model_in_out(tiny_model_dir, tiny
     assert not (tmp_path / "run" / "pipeline.json").exists()
 
 
-def test_harden_is_a_deprecated_alias_that_forwards_to_train(tiny_model_dir, tiny_task, tmp_path):
-    result = _train(tiny_model_dir, tiny_task, tmp_path / "run", "--defense", "fast", "--epsilon", "0.01",
-                    command="harden")
-    assert result.exit_code == 0, result.output
-    assert "deprecated" in _flat(result)
-    card = json.loads((tmp_path / "run" / "card.json").read_text())
-    assert card["defense"]["kind"] == "fast" and card["defense"]["epsilon"] == 0.01
+def test_the_removed_harden_alias_is_no_command():
+    result = CliRunner().invoke(app, ["harden", "--help"])
+    assert result.exit_code != 0
 
 
 def test_train_help_groups_the_defense_options():

@@ -14,7 +14,7 @@ import typer
 
 from tightrope.errors import TightropeError
 
-from tightrope.compress.specs import QUANT_SCHEMES, parse_spec, prune_config, quant_config  # noqa: F401 - the specs users type
+from tightrope.compress.specs import prune_config, quant_config
 
 
 def compress_model(model: str, out: Path, *, quantize: str | None = None, prune: list[str] | None = None,
