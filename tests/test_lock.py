@@ -7,6 +7,7 @@ pip-sync removes anything else; ``scripts/lock.sh`` is the one way to change the
 from __future__ import annotations
 
 import re
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -82,7 +83,10 @@ def test_the_assets_lock_follows_assets_txt():
 
 def test_the_environment_is_the_lock():
     """What pip freeze would show equals the locks (a fresh `bash scripts/setup.sh` gives exactly this)."""
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # What pip freeze reads: the environment's site-packages, not copies vendored inside a package
+    # (setuptools puts its own _vendor folder, with dist-info of older packaging and wheel, on sys.path).
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions(path=site)}
     expected = {**pins(LOCK), **pins(ASSETS)}
     wrong = {n: (installed.get(n), v) for n, v in expected.items() if installed.get(n) != v}
     extra = sorted(n for n in installed if n not in expected and not NOT_LOCKED.match(n))
