@@ -184,3 +184,24 @@ def test_optimum_loads_the_bundle(tmp_path, tokenizer):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["class"] == "ORTModelForSequenceClassification"
     np.testing.assert_allclose(np.array(result["logits"]), Bundle(tmp_path / "b").logits(texts), atol=1e-5)
+
+
+def test_fp32_bundle_computes_the_torch_model(tmp_path, tokenizer):
+    src = _model_dir(tmp_path, tokenizer)
+    card = export_bundle(str(src), tmp_path / "fp32", precision="fp32")
+    assert card["precision"] == "fp32" and card["word_embeddings"]["storage"] == "fp32"
+    clf = inference.load(str(src))
+    np.testing.assert_allclose(Bundle(tmp_path / "fp32").logits(TEXTS), clf.logits(TEXTS).numpy(), atol=1e-4)
+
+
+def test_export_command_writes_the_bundle(tmp_path, tokenizer):
+    from typer.testing import CliRunner
+
+    from tightrope.cli import app
+
+    src = _model_dir(tmp_path, tokenizer)
+    result = CliRunner().invoke(app, ["export", str(src), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "model.onnx" in result.output and Bundle(tmp_path / "b").predict(["great"])[0]["label"]
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "Traceback" not in result.output and not (tmp_path / "c").exists()

@@ -136,10 +136,26 @@ def int8_word_embeddings_(model_proto) -> dict:
             "max_abs_error": float(err.max()), "max_error_in_steps": float((err / scale[:, None]).max())}
 
 
-def _source_graph(model: str):
+def _fp32_graph(model) -> tuple[bytes, dict]:
+    """The fp32 graph of a PyTorch model, fused by ONNX Runtime's transformer optimizer where it can be
+    (the same graph the int8 path quantizes), and the fusion counts."""
+    from tightrope.compress import formats, ortfuse  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, fused = Path(tmp) / "model.onnx", Path(tmp) / "model.fused.onnx"
+        if ortfuse.unfusable_reason(model) is None:
+            formats.export_onnx(model, raw, attn_implementation="eager")
+            fusions = ortfuse.fuse(raw, fused, model)
+            return fused.read_bytes(), fusions
+        formats.export_onnx(model, raw)
+        return raw.read_bytes(), {}
+
+
+def _source_graph(model: str, precision: str = "int8"):
     """``(graph bytes, tokenizer, config, card, compression history)`` of the int8 ONNX Runtime
     variant of ``model``: read from an ``onnx-int8`` directory, or built from a PyTorch model (fp32
-    or structurally pruned) by the existing fused int8 path."""
+    or structurally pruned) by the existing fused int8 path. ``precision="fp32"`` builds the fused
+    fp32 graph instead (for comparison)."""
     from tightrope import inference  # noqa: PLC0415
     from tightrope.compress import Int8Dynamic, compress_, formats, quant  # noqa: PLC0415
 
@@ -149,6 +165,8 @@ def _source_graph(model: str):
     clf = inference.load(model)
     card = dict(clf.card)
     fmt = card.get("format", "torch")
+    if fmt == formats.ONNX_FORMAT and precision == "fp32":
+        raise TightropeError(f"{model} is already int8; an fp32 bundle is made from the fp32 model.")
     if fmt == formats.ONNX_FORMAT:
         from transformers import AutoConfig  # noqa: PLC0415
 
@@ -159,6 +177,9 @@ def _source_graph(model: str):
     history = list(card.get("compression") or [])
     if history:
         clf.model._tightrope_compression = history
+    if precision == "fp32":
+        blob, fusions = _fp32_graph(clf.model)
+        return blob, clf.tokenizer, clf.model.config, card, history + [{"method": "fp32 ONNX export", "fused": fusions}]
     compress_(clf.model, Int8Dynamic(backend="onnxruntime"))
     return quant.onnx_bytes(clf.model), clf.tokenizer, clf.model.config, card, getattr(clf.model, "_tightrope_compression", history)
 
@@ -169,16 +190,22 @@ def bundle_sizes(path: str | Path) -> dict[str, int]:
     return {**files, "total": sum(files.values())}
 
 
-def export_bundle(model: str, out: str | Path, *, embeddings: Literal["int8", "fp32"] = "int8") -> dict:
+def export_bundle(model: str, out: str | Path, *, embeddings: Literal["int8", "fp32"] = "int8",
+                  precision: Literal["int8", "fp32"] = "int8") -> dict:
     """Write the ONNX Runtime bundle of ``model`` to ``out`` (atomically: a temp folder renamed at the
-    end) and return its card. ``embeddings="fp32"`` keeps the word-embedding table as exported."""
+    end) and return its card. ``embeddings="fp32"`` keeps the word-embedding table as exported;
+    ``precision="fp32"`` ships the fused fp32 graph (embeddings fp32 too), the baseline to compare with."""
     import onnx  # noqa: PLC0415
     import onnxruntime  # noqa: PLC0415
 
     if embeddings not in EMBEDDING_CHOICES:
         raise TightropeError(f"--embeddings takes {' or '.join(EMBEDDING_CHOICES)}, not '{embeddings}'.")
+    if precision not in EMBEDDING_CHOICES:
+        raise TightropeError(f"--precision takes {' or '.join(EMBEDDING_CHOICES)}, not '{precision}'.")
+    if precision == "fp32":
+        embeddings = "fp32"
     out = Path(out).expanduser()
-    blob, tokenizer, config, source_card, history = _source_graph(model)
+    blob, tokenizer, config, source_card, history = _source_graph(model, precision)
     if not getattr(tokenizer, "is_fast", False):
         raise TightropeError(f"{model} has a slow (Python) tokenizer; a bundle needs a fast one with a tokenizer.json.")
     proto = onnx.load_from_string(blob)
@@ -195,7 +222,7 @@ def export_bundle(model: str, out: str | Path, *, embeddings: Literal["int8", "f
                  "source": str(model), "tokenization": tok,
                  "pad_id": int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
                  "label_names": [config.id2label[i] for i in range(config.num_labels)],
-                 "compression": history, "word_embeddings": {"storage": embeddings, **record},
+                 "precision": precision, "compression": history, "word_embeddings": {"storage": embeddings, **record},
                  "runtime": {"onnxruntime": onnxruntime.__version__, "inputs": ["input_ids", "attention_mask"],
                              "outputs": ["logits"]}})
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ def register(app: typer.Typer, user_errors) -> None:
         model: Annotated[str, typer.Argument(help="A fine-tuned classifier: fp32 or pruned model directory, or an int8 ONNX Runtime one.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (replaced whole, never half-written).")],
         embeddings: Annotated[str, typer.Option(help="int8 (per-row quantized gather) or fp32 word embeddings.")] = "int8",
+        precision: Annotated[str, typer.Option(help="int8, or fp32 for an unquantized baseline bundle.")] = "int8",
     ):
         """Write the ONNX Runtime bundle that ships: int8 graph, tokenizer, config.json, card.json.
 
@@ -32,7 +33,7 @@ def register(app: typer.Typer, user_errors) -> None:
         """
         from tightrope.compress.export import export_bundle  # noqa: PLC0415
 
-        card = export_bundle(model, out, embeddings=embeddings)
+        card = export_bundle(model, out, embeddings=embeddings, precision=precision)
         sizes = card["sizes"]
         files = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items() if k != "total")
         typer.echo(f"wrote {out}: {sizes['total'] / 1e6:.2f} MB ({files})")
