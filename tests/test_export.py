@@ -86,8 +86,8 @@ def test_int8_embeddings_are_a_quarter_of_the_table(tmp_path, tokenizer):
     card = export_bundle(str(src), tmp_path / "int8")
     emb = card["word_embeddings"]
     saved = bundle_sizes(tmp_path / "fp32")["model.onnx"] - bundle_sizes(tmp_path / "int8")["model.onnx"]
-    assert saved > 0.99 * (emb["fp32_bytes"] - emb["int8_bytes"])
-    assert emb["int8_bytes"] == emb["rows"] * emb["width"] + 4 * emb["rows"]
+    assert saved > 0.99 * (emb["fp32_bytes"] - emb["quantized_bytes"])
+    assert emb["quantized_bytes"] == emb["rows"] * emb["width"] + 4 * emb["rows"]
     graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
     assert "EmbedLayerNormalization" not in ops and "LayerNormalization" in ops
@@ -131,7 +131,7 @@ def test_export_refuses_what_it_cannot_ship_and_leaves_nothing(tmp_path, tokeniz
     with pytest.raises(TightropeError, match="already a bundle"):
         export_bundle(str(tmp_path / "b"), tmp_path / "again")
     with pytest.raises(TightropeError, match="--embeddings"):
-        export_bundle(str(src), tmp_path / "x", embeddings="int4")
+        export_bundle(str(src), tmp_path / "x", embeddings="int2")
     assert not (tmp_path / "again").exists() and not (tmp_path / "x").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
 
@@ -205,3 +205,52 @@ def test_export_command_writes_the_bundle(tmp_path, tokenizer):
     assert "model.onnx" in result.output and Bundle(tmp_path / "b").predict(["great"])[0]["label"]
     result = CliRunner().invoke(app, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "Traceback" not in result.output and not (tmp_path / "c").exists()
+
+
+def test_int4_rows_pack_two_codes_per_byte():
+    from tightrope.compress.export import pack_int4, unpack_int4
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(-7, 8, size=(20, 6)).astype(np.int8)
+    packed = pack_int4(q)
+    assert packed.dtype == np.uint8 and packed.shape == (20, 3)
+    np.testing.assert_array_equal(unpack_int4(packed), q)
+    with pytest.raises(TightropeError, match="even width"):
+        pack_int4(q[:, :5])
+
+
+def test_int4_bundle_unpacks_exactly_what_was_packed(tmp_path, tokenizer):
+    """The graph's 4-bit gather gives exactly unpack(codes) * scale for each token; end to end, the
+    int4 bundle computes the in-process int8 model whose word embeddings were set to their 4-bit
+    values, up to float rounding of the decomposed embedding LayerNorm that dynamic int8 activation
+    quantization can amplify (at most 4e-4 here, measured; the test allows 2e-3; labels equal)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx.utils import extract_model
+
+    from tightrope.compress.export import pack_int4, unpack_int4
+
+    src = _model_dir(tmp_path, tokenizer)
+    card = export_bundle(str(src), tmp_path / "b4", embeddings="int4")
+    assert card["word_embeddings"]["bits"] == 4
+    clf = inference.load(str(src))
+    emb = clf.model.bert.embeddings.word_embeddings
+    q, scale = quantize_rows(emb.weight.detach().numpy(), bits=4)
+    expected_rows = unpack_int4(pack_int4(q)).astype(np.float32) * scale[:, None]
+    graph = onnx.load(str(tmp_path / "b4" / "model.onnx")).graph
+    ids_name = next(n for n in graph.node if n.name == "tightrope/word_embeddings/Gather_rows").input[1]
+    extract_model(str(tmp_path / "b4" / "model.onnx"), str(tmp_path / "gather.onnx"), [ids_name],
+                  ["tightrope/word_embeddings/word"])
+    ids = np.array([[101, 2023, 3185, 2001, 6919, 102], [0, 1, 2, 30000, 30521, 7]], dtype=np.int32)
+    (word,) = ort.InferenceSession(str(tmp_path / "gather.onnx")).run(None, {ids_name: ids})
+    np.testing.assert_array_equal(word, expected_rows[ids])
+    with torch.no_grad():
+        emb.weight.copy_(torch.from_numpy(expected_rows))
+    compress_(clf.model, Int8Dynamic(backend="onnxruntime"))
+    ref = clf.logits(TEXTS).numpy()
+    out = Bundle(tmp_path / "b4").logits(TEXTS)
+    np.testing.assert_allclose(out, ref, atol=2e-3)
+    assert (out.argmax(1) == ref.argmax(1)).all()
+    b8 = tmp_path / "b8"
+    export_bundle(str(src), b8)
+    assert bundle_sizes(tmp_path / "b4")["model.onnx"] < bundle_sizes(b8)["model.onnx"]

@@ -21,7 +21,7 @@ def register(app: typer.Typer, user_errors) -> None:
     def export(
         model: Annotated[str, typer.Argument(help="A fine-tuned classifier: fp32 or pruned model directory, or an int8 ONNX Runtime one.")],
         out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (replaced whole, never half-written).")],
-        embeddings: Annotated[str, typer.Option(help="int8 (per-row quantized gather) or fp32 word embeddings.")] = "int8",
+        embeddings: Annotated[str, typer.Option(help="Word embeddings: int8 (per-row quantized gather), int4 (two codes per byte) or fp32.")] = "int8",
         precision: Annotated[str, typer.Option(help="int8, or fp32 for an unquantized baseline bundle.")] = "int8",
     ):
         """Write the ONNX Runtime bundle that ships: int8 graph, tokenizer, config.json, card.json.
