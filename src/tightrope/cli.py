@@ -221,13 +221,23 @@ COMMAND_MODULES = (
     "tightrope.defenses.commands",
     "tightrope.qattack.commands",
     "tightrope.study.commands",
+    "tightrope.serving.commands",
 )
+# Commands that run without torch: when one of them is invoked, only its module is registered, so
+# that the other areas' packages (which import torch) are never imported on a serving machine.
+TORCH_FREE_COMMANDS = {"predict": "tightrope.serving.commands", "serve": "tightrope.serving.commands"}
+
+
+def _invoked_command(argv: list[str]) -> str | None:
+    """The command word of a `tightrope ...` command line (its first argument that is not an option)."""
+    return next((a for a in argv[1:] if not a.startswith("-")), None)
 
 
 def _register_area_commands() -> None:
     import importlib
 
-    for name in COMMAND_MODULES:
+    light = TORCH_FREE_COMMANDS.get(_invoked_command(sys.argv) or "")
+    for name in (light,) if light else COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:

@@ -15,7 +15,6 @@ Both loaders are registered with :func:`tightrope.inference.register_format`.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -291,24 +290,12 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 17, attn_implementati
 
 
 def ort_session(blob: bytes, threads: int | None = None):
-    """A CPU InferenceSession: all graph optimizations, sequential execution, ``threads`` intra-op
-    threads (torch's thread count by default) and one inter-op thread."""
-    import onnxruntime as ort  # noqa: PLC0415
+    """A CPU InferenceSession with the options every tightrope ONNX Runtime path shares
+    (:func:`tightrope.serving.bundle.session_options`), ``threads`` intra-op threads (torch's thread
+    count by default)."""
+    from tightrope.serving.bundle import ort_session as _session  # noqa: PLC0415
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    # ONNX Runtime's intra-op threads spin-wait between operators (fast hand-offs inside one run) and
-    # by default keep spinning after the run returns; on a small CPU that idle spinning is taken from
-    # torch (tokenisation, other models of the same process, other sessions), which made interleaved
-    # benchmarks and attacks slower. ``force_spinning_stop`` parks the threads when a run returns and
-    # keeps the spinning inside it (turning spinning off altogether cost ~10% latency here).
-    opts.add_session_config_entry("session.force_spinning_stop", "1")
-    if not logging.getLogger("onnxruntime").isEnabledFor(logging.WARNING):  # tightrope.quiet without --verbose
-        opts.log_severity_level = 3
-    return ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+    return _session(blob, threads or torch.get_num_threads())
 
 
 def run_session(session, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
