@@ -39,11 +39,12 @@ class DefenseConfig(BaseModel):
     min_words: int = Field(default=4, ge=0)  # ... but at least this many (A2T's min_threshold)
     min_cos: float = Field(default=0.5, ge=-1, le=1)  # cosine of a synonym to the original word
     # canonical (synonym encoding, Wang et al. 2021; word recognition, Pruthi et al. 2019): the neighbour
-    # sets clustered (TextFooler's: 50 counter-fitted neighbours with cosine >= 0.5, plus PWWS's WordNet
-    # synonyms) and the recogniser's vocabulary (0: no word recognition)
+    # sets clustered (TextFooler's 50 counter-fitted neighbours, kept from cosine 0.95 up, and optionally
+    # PWWS's WordNet synonyms; see tightrope.defenses.canonical for why not cosine 0.5) and the
+    # recogniser's vocabulary (0: no word recognition)
     synonym_neighbours: int = Field(default=50, ge=1)
-    synonym_min_cos: float = Field(default=0.5, ge=-1, le=1)
-    synonym_wordnet: bool = True
+    synonym_min_cos: float = Field(default=0.95, ge=-1, le=1)
+    synonym_wordnet: bool = False
     spelling_vocab: int = Field(default=50_000, ge=0)
     teacher: str | None = None  # a fine-tuned classifier: directory, alias or hub id
     a: float = Field(default=0.5, ge=0, le=1)  # weight of CE in a*CE + (1-a)*KD
