@@ -92,7 +92,7 @@ def train(
     patience: Annotated[Optional[int], typer.Option(help="Early stopping after N evaluations without improvement.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Write a resumable checkpoint every N steps.")] = 50,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a model's own Python code to run. Only for models you trust.")] = False,
-    defense: Annotated[Optional[str], typer.Option(help="none, pgd (Madry PGD-K), fast (FGSM + random start), freelb, or a2t (discrete word swaps, Yoo and Qi 2021).", rich_help_panel=_DEFENSE)] = None,
+    defense: Annotated[Optional[str], typer.Option(help="none, pgd (Madry PGD-K), fast (FGSM + random start), freelb, a2t (discrete word swaps, Yoo and Qi 2021), or canonical (synonym encoding + word recognition, Wang et al. 2021; saved with the model and applied to every input).", rich_help_panel=_DEFENSE)] = None,
     epsilon: Annotated[Optional[float], typer.Option(help="Radius of the embedding perturbation [default: 0.02].", rich_help_panel=_DEFENSE)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Ascent steps of pgd / freelb [default: 3].", rich_help_panel=_DEFENSE)] = None,
     step_size: Annotated[Optional[float], typer.Option(help="Ascent step [default: 2.5 eps/steps; fast 1.25 eps; freelb 0.1].", rich_help_panel=_DEFENSE)] = None,
@@ -102,6 +102,10 @@ def train(
     query_budget: Annotated[Optional[int], typer.Option(help="a2t: candidate texts scored per attacked text [default: 100].", rich_help_panel=_DEFENSE)] = None,
     max_candidates: Annotated[Optional[int], typer.Option(help="a2t: synonyms tried per word [default: 20].", rich_help_panel=_DEFENSE)] = None,
     max_share: Annotated[Optional[float], typer.Option(help="a2t: share of words an attack may change [default: 0.1, at least 4 words].", rich_help_panel=_DEFENSE)] = None,
+    synonym_neighbours: Annotated[Optional[int], typer.Option(help="canonical: counter-fitted neighbours per word clustered [default: 50, TextFooler's].", rich_help_panel=_DEFENSE)] = None,
+    synonym_min_cos: Annotated[Optional[float], typer.Option(help="canonical: least cosine of a clustered neighbour [default: 0.95; TextFooler's 0.5 chains every word into a few clusters].", rich_help_panel=_DEFENSE)] = None,
+    synonym_wordnet: Annotated[Optional[bool], typer.Option("--synonym-wordnet/--no-synonym-wordnet", help="canonical: also cluster WordNet synonyms (PWWS's) [default: off; they chain into giant clusters].", rich_help_panel=_DEFENSE)] = None,
+    spelling_vocab: Annotated[Optional[int], typer.Option(help="canonical: words known to the misspelling recogniser, most frequent first; 0 turns it off [default: 50000].", rich_help_panel=_DEFENSE)] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Fine-tuned teacher for a*CE + (1-a)*KD (may use its own tokenizer).", rich_help_panel=_DEFENSE)] = None,
     alpha: Annotated[Optional[float], typer.Option("--a", help="Weight a of cross-entropy against distillation [default: 0.5].", rich_help_panel=_DEFENSE)] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature T [default: 2].", rich_help_panel=_DEFENSE)] = None,
@@ -134,7 +138,8 @@ def train(
         raise _validation_error(err) from None
     given = {"kind": defense, "epsilon": epsilon, "steps": steps, "step_size": step_size, "norm": norm, "mix": mix,
              "adv_share": adv_share, "query_budget": query_budget, "max_candidates": max_candidates,
-             "max_share": max_share, "teacher": teacher, "a": alpha, "temperature": temperature}
+             "max_share": max_share, "synonym_neighbours": synonym_neighbours, "synonym_min_cos": synonym_min_cos,
+             "synonym_wordnet": synonym_wordnet, "spelling_vocab": spelling_vocab, "teacher": teacher, "a": alpha, "temperature": temperature}
     given = {k: v for k, v in given.items() if v is not None}
     pipeline = {"prune_sparsity": prune_sparsity, "quantize": quantize, "noise_sigma": noise_sigma}
     if given or order is not None or noise_relative or any(v is not None for v in pipeline.values()):

@@ -4,6 +4,12 @@ A :class:`TextClassifier` pairs a model with its tokenizer and the tokenization 
 with (max length, truncation). Compressed formats that are not plain PyTorch modules (an ONNX
 Runtime session, say) register a loader under the ``format`` named in their ``card.json``, so that
 evaluation and attacks treat every variant alike and always query the variant itself.
+
+A model may carry an input transform (a defense that rewrites the text before tokenization, such as
+the synonym encoding of :mod:`tightrope.defenses.canonical`): its card names it under
+``input_transform``, :func:`load` loads it from the model directory, and :meth:`TextClassifier.encode`
+applies it, so every command that queries the model (eval, attack, report, study, search) goes
+through it. Writers of derived models keep it with :func:`transform_card` / :func:`transform_files`.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ class TextClassifier:
     """A sequence classifier with its tokenizer; ``forward_ids`` is the only model-specific part."""
 
     def __init__(self, model, tokenizer, *, max_length: int = 256, truncation: Truncation = "head",
-                 label_names: list[str] | None = None, source: str = "", card: dict | None = None):
+                 label_names: list[str] | None = None, source: str = "", card: dict | None = None,
+                 input_transform: Callable[[list[str]], list[str]] | None = None):
         self.model = model
+        self.input_transform = input_transform
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.truncation = truncation
@@ -41,6 +49,8 @@ class TextClassifier:
         return len(self.label_names)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.input_transform is not None:
+            texts = self.input_transform(list(texts))
         return encode(self.tokenizer, texts, self.max_length, self.truncation)
 
     def forward_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -110,7 +120,25 @@ def load(name_or_path: str, *, max_length: int | None = None, trust_remote_code:
         clf = LOADERS[fmt](path, card)
     if max_length is not None:
         clf.max_length = max_length
+    if path.is_dir() and card.get("input_transform"):
+        from tightrope.defenses.canonical import load_transform  # noqa: PLC0415
+
+        clf.input_transform = load_transform(path, card)
     return clf
+
+
+def transform_card(clf_or_transform) -> dict:
+    """``{"input_transform": entry}`` for the card of a model derived from ``clf`` (empty if it has none)."""
+    transform = getattr(clf_or_transform, "input_transform", clf_or_transform)
+    entry = getattr(transform, "card_entry", None)
+    return {"input_transform": entry()} if callable(entry) else {}
+
+
+def transform_files(clf_or_transform) -> dict:
+    """The files (name -> JSON payload) that the input transform of ``clf`` needs in a model directory."""
+    transform = getattr(clf_or_transform, "input_transform", clf_or_transform)
+    files = getattr(transform, "files", None)
+    return files() if callable(files) else {}
 
 
 def _import_format_plugins() -> None:

@@ -99,6 +99,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def input_transform_of(objective):
+    """The input transform an objective carries (``objective.input_transform``; wrappers such as
+    fake quantization expose their inner objective as ``.objective``), or None."""
+    while objective is not None:
+        transform = getattr(objective, "input_transform", None)
+        if transform is not None:
+            return transform
+        objective = getattr(objective, "objective", None)
+    return None
+
+
 def cross_entropy_objective(model, batch) -> torch.Tensor:
     return F.cross_entropy(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                            batch["labels"])
@@ -162,8 +173,12 @@ def train(
     )
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = loaded.model, loaded.tokenizer
-    train_ids = encode(tokenizer, train_data.texts, config.max_length, config.truncation)
-    eval_ids = encode(tokenizer, eval_data.texts, config.max_length, config.truncation)
+    # A defense that rewrites the input (tightrope.defenses.canonical) trains on rewritten texts and is
+    # saved with the model, whose TextClassifier then applies it at inference.
+    transform = input_transform_of(objective)
+    prepared = (lambda texts: transform(list(texts))) if transform is not None else list  # noqa: E731
+    train_ids = encode(tokenizer, prepared(train_data.texts), config.max_length, config.truncation)
+    eval_ids = encode(tokenizer, prepared(eval_data.texts), config.max_length, config.truncation)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     steps_per_epoch = math.ceil(len(train_ids) / config.batch_size)
@@ -273,8 +288,14 @@ def train(
         "environment": environment(),
         **(extra_card or {}),
     }
+    files = {}
+    if transform is not None:
+        from tightrope.inference import transform_card, transform_files  # noqa: PLC0415
+
+        card.update(transform_card(transform))
+        files = transform_files(transform)
     if accelerator.is_main_process:
-        models.save_model((final, tokenizer), out / ".final", extra={"card.json": card})
+        models.save_model((final, tokenizer), out / ".final", extra={**files, "card.json": card})
         # card.json last: its presence marks a finished run.
         for item in sorted((out / ".final").iterdir(), key=lambda p: p.name == "card.json"):
             target = out / item.name

@@ -46,6 +46,7 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
     summaries = [compress_(clf.model, c) for c in prune_configs]
     card = {k: v for k, v in clf.card.items() if k in ("tokenization", "task", "label_names", "metrics", "base_model")}
     card["source"] = model
+    card.update(inference.transform_card(clf))  # a defense applied to the input stays with the model
     if recover_steps:
         from tightrope.compress.prune import recover_model  # noqa: PLC0415
 
@@ -55,7 +56,7 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
         card["recovery"] = {"task": str(task), "steps": recover_steps}
     if quant is not None:
         summaries.append(compress_(clf.model, quant))
-    formats.save_compressed(clf.model, clf.tokenizer, out, card=card)
+    formats.save_compressed(clf.model, clf.tokenizer, out, card=card, files=inference.transform_files(clf))
     return summaries
 
 

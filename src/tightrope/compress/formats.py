@@ -148,11 +148,13 @@ def _finish(tmp: Path, out: Path) -> Path:
     return out
 
 
-def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, card: dict | None = None) -> Path:
+def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, card: dict | None = None,
+                    files: dict | None = None) -> Path:
     """Write a compressed model so that :func:`tightrope.inference.load` reloads it.
 
     Quantized models get the ``tightrope-quant`` (or ``onnx-int8``) format; a model that is only
-    pruned is written by the pruning module's saver (its own format).
+    pruned is written by the pruning module's saver (its own format). ``files`` (name -> JSON payload)
+    go beside card.json: the resources of an input transform (:func:`tightrope.inference.transform_files`).
     """
     out = Path(out_dir)
     card = {"kind": "tightrope.model", "created_by": "tightrope compress", **(card or {})}
@@ -171,7 +173,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, card: dict
     if blob is None and not records:
         if prune is None:  # pragma: no cover
             raise TightropeError("Nothing to save: the model holds no quantized module.")
-        return prune.save_pruned(model, tokenizer, out, card)
+        return prune.save_pruned(model, tokenizer, out, card, files=files)
     tmp = _atomic_dir(out)
     try:
         tokenizer.save_pretrained(tmp)
@@ -187,6 +189,8 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, card: dict
             card["quantized"] = records
             if structure is not None:
                 card["structure"] = structure
+        for name, payload in (files or {}).items():
+            (tmp / name).write_text(json.dumps(payload))
         (tmp / "card.json").write_text(json.dumps(card, indent=2, default=str))
         return _finish(tmp, out)
     finally:

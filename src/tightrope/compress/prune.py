@@ -485,10 +485,12 @@ def pruning_card(model: nn.Module) -> dict:
     return card
 
 
-def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, card: dict | None = None) -> Path:
-    """Write a pruned model (safetensors + config + tokenizer + card.json that records how it was made)."""
+def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, card: dict | None = None,
+                files: dict | None = None) -> Path:
+    """Write a pruned model (safetensors + config + tokenizer + card.json that records how it was made;
+    ``files``: other JSON files for the directory, such as an input transform's table)."""
     full = {"kind": "tightrope.model", "created_by": "tightrope compress", **(card or {}), **pruning_card(model)}
-    return models.save_model((model, tokenizer), out_dir, extra={"card.json": full})
+    return models.save_model((model, tokenizer), out_dir, extra={**(files or {}), "card.json": full})
 
 
 def load_pruned(path: str | Path) -> models.LoadedModel:

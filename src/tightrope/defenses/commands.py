@@ -30,7 +30,7 @@ def register(app: typer.Typer, user_errors) -> None:
         summary = add_weight_noise_(clf.model, sigma, relative=relative, seed=seed, scheme=scheme)
         card = {**clf.card, "kind": "tightrope.model", "noise": summary.to_dict()}
         card.setdefault("tokenization", {"max_length": clf.max_length, "truncation": clf.truncation})
-        models.save_model((clf.model, clf.tokenizer), out, extra={"card.json": card})
+        models.save_model((clf.model, clf.tokenizer), out, extra={**inference.transform_files(clf), "card.json": card})
         typer.echo(f"wrote {out}: {len(summary.modules)} layers, mean |change| {summary.mean_abs_change:.2e}")
 
 

@@ -24,7 +24,7 @@ class DefenseConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["none", "pgd", "fast", "freelb", "a2t"] = "none"
+    kind: Literal["none", "pgd", "fast", "freelb", "a2t", "canonical"] = "none"
     epsilon: float = Field(default=0.02, ge=0)  # 0 is refused with a sentence by the attack itself
     steps: int = Field(default=3, ge=1)  # PGD-K / FreeLB ascent steps (fast: always 1)
     step_size: float | None = Field(default=None, gt=0)
@@ -38,6 +38,14 @@ class DefenseConfig(BaseModel):
     max_share: float = Field(default=0.1, gt=0, le=1)  # share of words an attack may change
     min_words: int = Field(default=4, ge=0)  # ... but at least this many (A2T's min_threshold)
     min_cos: float = Field(default=0.5, ge=-1, le=1)  # cosine of a synonym to the original word
+    # canonical (synonym encoding, Wang et al. 2021; word recognition, Pruthi et al. 2019): the neighbour
+    # sets clustered (TextFooler's 50 counter-fitted neighbours, kept from cosine 0.95 up, and optionally
+    # PWWS's WordNet synonyms; see tightrope.defenses.canonical for why not cosine 0.5) and the
+    # recogniser's vocabulary (0: no word recognition)
+    synonym_neighbours: int = Field(default=50, ge=1)
+    synonym_min_cos: float = Field(default=0.95, ge=-1, le=1)
+    synonym_wordnet: bool = False
+    spelling_vocab: int = Field(default=50_000, ge=0)
     teacher: str | None = None  # a fine-tuned classifier: directory, alias or hub id
     a: float = Field(default=0.5, ge=0, le=1)  # weight of CE in a*CE + (1-a)*KD
     temperature: float = Field(default=2.0, gt=0)
@@ -61,20 +69,21 @@ class Supervised:
 
 EMBEDDING_FIELDS = ("epsilon", "steps", "step_size", "norm", "init_magnitude")
 A2T_FIELDS = ("adv_share", "query_budget", "max_candidates", "max_share", "min_words", "min_cos")
+CANONICAL_FIELDS = ("synonym_neighbours", "synonym_min_cos", "synonym_wordnet", "spelling_vocab")
 OWN_FIELDS = {"none": (), "pgd": ("epsilon", "steps", "step_size", "norm", "mix"),
               "fast": ("epsilon", "step_size", "norm", "mix"), "freelb": EMBEDDING_FIELDS,
-              "a2t": ("mix", *A2T_FIELDS)}
+              "a2t": ("mix", *A2T_FIELDS), "canonical": CANONICAL_FIELDS}
 
 
 def check_fields(config: DefenseConfig) -> None:
     """Refuse, in one sentence, attack settings that ``config.kind`` would ignore."""
-    stray = [f for f in (*EMBEDDING_FIELDS, *A2T_FIELDS, "mix")
+    stray = [f for f in (*EMBEDDING_FIELDS, *A2T_FIELDS, *CANONICAL_FIELDS, "mix")
              if f in config.model_fields_set and f not in OWN_FIELDS[config.kind]]
     if stray:
         flags = ", ".join("--" + f.replace("_", "-") for f in dict.fromkeys(stray))
         if config.kind == "none":
-            raise TightropeError(f"{flags} set an adversarial attack, but no defense is chosen; "
-                                 "name one with --defense (pgd, fast, freelb or a2t).")
+            raise TightropeError(f"{flags} set a defense, but no defense is chosen; "
+                                 "name one with --defense (pgd, fast, freelb, a2t or canonical).")
         raise TightropeError(f"The {config.kind} defense does not use {flags}; drop them or choose a defense that does.")
     if config.teacher is None and {"a", "temperature"} & config.model_fields_set:
         raise TightropeError("a and temperature weigh the distillation loss, which needs a --teacher.")
@@ -112,6 +121,11 @@ def build_objective(config: DefenseConfig, *, student_labels: list[str] | None =
                                 max_share=config.max_share, min_words=config.min_words,
                                 query_budget=config.query_budget, max_length=max_length, truncation=truncation,
                                 criterion=criterion)
+    elif config.kind == "canonical":
+        from tightrope.defenses.canonical import SynonymEncodingTraining  # noqa: PLC0415
+
+        objective = SynonymEncodingTraining(config.synonym_neighbours, config.synonym_min_cos, config.synonym_wordnet,
+                                            config.spelling_vocab, criterion=criterion)
     elif config.kind == "freelb":
         if mix != 1.0:
             raise TightropeError("FreeLB averages the loss over its own ascent steps; it takes no mix ratio.")

@@ -88,7 +88,12 @@ def harden(loaded, objective, train_config, defense, out: str | Path, *, order: 
                  "defense": defense_card,
                  "tokenization": {"max_length": train_config.max_length, "truncation": train_config.truncation},
                  **pruning_card(loaded.model)})
-    model_dir = models.save_model(loaded, out / "model", extra={"card.json": card})
+    from tightrope.inference import transform_card, transform_files  # noqa: PLC0415
+    from tightrope.train import input_transform_of  # noqa: PLC0415
+
+    transform = input_transform_of(objective)  # an input defense (canonical) is part of the model that ships
+    card.update(transform_card(transform))
+    model_dir = models.save_model(loaded, out / "model", extra={**transform_files(transform), "card.json": card})
     write_json_atomic(out / "pipeline.json", result.to_dict())
     return HardenResult(model_dir, card, result.to_dict())
 

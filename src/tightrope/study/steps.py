@@ -160,9 +160,12 @@ def compress_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
 def _save_compressed(clf, out: Path, summaries: list[dict]) -> None:
     formats = _require("tightrope.compress.formats", "saving compressed models")
     # Keep what the source's card says about tokenization and data, so the variant is used as trained.
+    from tightrope.inference import transform_card, transform_files  # noqa: PLC0415
+
     card = {k: clf.card[k] for k in ("tokenization", "data", "base_model", "config") if k in clf.card}
     card["source_model"] = clf.source
-    formats.save_compressed(clf.model, clf.tokenizer, out, card)
+    card.update(transform_card(clf))  # a defense applied to the input stays with the model
+    formats.save_compressed(clf.model, clf.tokenizer, out, card, files=transform_files(clf))
 
 
 def _is_quantization(config) -> bool:
@@ -253,13 +256,15 @@ def defense_objective(method: str, params: dict, source_dir: str, label_names: l
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
     from tightrope.defenses.a2t import A2TTraining  # noqa: PLC0415
 
+    from tightrope.defenses.canonical import SynonymEncodingTraining  # noqa: PLC0415
+
     a2t = lambda **kw: A2TTraining(kw.pop("tokenizer", source_dir), **kw)  # noqa: E731 - the student's tokenizer
-    classes = {"pgd": adversarial.PGDTraining, "pgdtraining": adversarial.PGDTraining,
+    classes = {"canonical": SynonymEncodingTraining, "synonymencoding": SynonymEncodingTraining,"pgd": adversarial.PGDTraining, "pgdtraining": adversarial.PGDTraining,
                "freelb": adversarial.FreeLB, "fast": adversarial.FastAdversarial,
                "fastadversarial": adversarial.FastAdversarial, "fgsm": adversarial.FastAdversarial,
                "a2t": a2t, "a2ttraining": a2t}
     if key not in classes:
-        raise TightropeError(f"Unknown defense '{method}'; choose one of pgd, freelb, fast, a2t, distill.")
+        raise TightropeError(f"Unknown defense '{method}'; choose one of pgd, freelb, fast, a2t, canonical, distill.")
     try:
         return classes[key](criterion=criterion, **params)
     except TypeError as err:
@@ -297,6 +302,9 @@ def _defend_in_pipeline(inputs: dict, config, objective, deps: dict, ctx: StepCo
         raise TightropeError(f"defense pipeline: the source model {source} is already compressed; "
                              "start from a full-precision model.")
     loaded = models.LoadedModel(clf.model, clf.tokenizer, source, source)
+    from tightrope.train import input_transform_of  # noqa: PLC0415
+
+    clf.input_transform = input_transform_of(objective) or clf.input_transform  # saved with the model
     configs = {key: compression_config(p[key]["method"], p[key].get("params", {}), f"pipeline.{key}",
                                        inputs.get("defaults"))
                for key in ("prune", "quantize") if p.get(key)}

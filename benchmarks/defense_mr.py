@@ -1,0 +1,207 @@
+"""Synonym-encoding defense on MR, measured adaptively (docs/results.md, "Synonym encoding on MR").
+
+Steps (each resumable; run from the repository root with $TIGHTROPE_DATA_DIR set):
+
+    python benchmarks/defense_mr.py prepare --out runs/defense-mr
+        writes runs/defense-mr/mr-train.jsonl.gz: MR's train split (tightrope's seeded carve) minus every
+        sentence of TextFooler's MR attack sample, so that no attacked sentence was trained on
+        (90% of the sample lies in MR's train carve otherwise).
+    python benchmarks/defense_mr.py coverage --out runs/defense-mr
+        how the synonym encoding's settings cluster the vocabulary (largest cluster, share of
+        TextFooler's and PWWS's (word, candidate) pairs that share a code) on 300 MR training sentences.
+    python benchmarks/defense_mr.py attack --out runs/defense-mr --n 100 MODEL_DIR...
+        TextFooler, PWWS and DeepWordBug on a seeded subset of N sentences of TextFooler's MR sample (the
+        same sentences for every model: ``load_task("textfooler-mr", "test", n=N, seed=0)``, as
+        ``tightrope attack --task textfooler-mr --n N``), each attack querying the loaded model, whose
+        TextClassifier applies the model's own input transform: the attack targets the whole defended
+        pipeline. The transform's call count is recorded beside each attack (transform.json).
+    python benchmarks/defense_mr.py table --out runs/defense-mr MODEL_DIR...
+        clean accuracy on MR's test carve (1,066 sentences) and the ASR of each recipe with Wilson 95%
+        intervals, as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import sys
+from pathlib import Path
+
+RECIPES = ("textfooler", "pwws", "deepwordbug")
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^a-z]", "", text.lower())
+
+
+def prepare(out: Path) -> Path:
+    from tightrope.data import load_task
+
+    train = load_task("mr", "train")
+    sample = {_norm(t) for t in load_task("textfooler-mr", "test").texts}
+    keep = [(t, y) for t, y in zip(train.texts, train.labels) if _norm(t) not in sample]
+    out.mkdir(parents=True, exist_ok=True)
+    file = out / "mr-train.jsonl.gz"
+    with gzip.open(file, "wt", encoding="utf-8") as f:
+        for text, label in keep:
+            f.write(json.dumps({"text": text, "label": label}) + "\n")
+    print(f"wrote {file}: {len(keep)} of {len(train)} train sentences ({len(train) - len(keep)} in the attack sample dropped)")
+    return file
+
+
+def _label(model: str) -> str:
+    return Path(model).name
+
+
+def attack(models: list[str], out: Path, n: int, recipes_: list[str], threads: int) -> None:
+    import torch
+
+    from tightrope import inference
+    from tightrope.attacks import recipes
+    from tightrope.data import load_task
+    from tightrope.evaluate.results import write_json_atomic
+
+    torch.set_num_threads(threads)
+    data = load_task("textfooler-mr", "test", n=n, seed=0)
+    for recipe in recipes_:
+        for model in models:
+            folder = out / "attacks" / _label(model) / recipe
+            if (folder / "summary.json").exists() and json.loads((folder / "summary.json").read_text())["examples"] >= n:
+                continue
+            victim = inference.load(model)
+            victim.source = victim.source or model
+            transform = victim.input_transform
+            before = (transform.calls, transform.texts) if transform is not None else None
+            report = recipes.build(recipe, victim).run(victim, data, out=folder, seed=0)
+            write_json_atomic(folder / "summary.json", report.to_dict())
+            if transform is not None:
+                write_json_atomic(folder / "transform.json", {"calls": transform.calls - before[0],
+                                                              "texts": transform.texts - before[1]})
+            print(f"{recipe} on {model}: ASR {report.attack_success_rate:.3f} "
+                  f"({report.succeeded}/{report.succeeded + report.failed}), {report.seconds:.0f} s", flush=True)
+
+
+def wilson(won: int, attacked: int) -> tuple[float, float]:
+    from scipy.stats import binomtest
+
+    if attacked == 0:
+        return float("nan"), float("nan")
+    ci = binomtest(won, attacked).proportion_ci(confidence_level=0.95, method="wilson")
+    return ci.low, ci.high
+
+
+def clean(model: str, out: Path, threads: int) -> dict:
+    """Accuracy and macro-F1 on MR's test carve, and the time of the transform beside the model's."""
+    import time
+
+    import torch
+
+    from tightrope import inference
+    from tightrope.data import load_task
+    from tightrope.evaluate.metrics import classification_metrics
+
+    file = out / "clean" / f"{_label(model)}.json"
+    if file.exists():
+        return json.loads(file.read_text())
+    torch.set_num_threads(threads)
+    data = load_task("mr", "test")
+    clf = inference.load(model)
+    t0 = time.perf_counter()
+    transformed = clf.input_transform(list(data.texts)) if clf.input_transform is not None else list(data.texts)
+    t1 = time.perf_counter()
+    transform, clf.input_transform = clf.input_transform, None
+    ids = clf.encode(transformed)
+    logits = clf.logits_of_ids(ids, 64)
+    t2 = time.perf_counter()
+    clf.input_transform = transform
+    metrics = classification_metrics(data.labels, logits.argmax(-1).tolist(), list(data.label_names)).summary()
+    result = {"model": model, "examples": len(data), **metrics,
+              "transform_ms_per_text": 1000 * (t1 - t0) / len(data), "model_ms_per_text": 1000 * (t2 - t1) / len(data)}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def table(models: list[str], out: Path, recipes_: list[str], threads: int) -> None:
+    head = ["model", "clean acc. (MR test)", "macro-F1"] + [f"{r} ASR (95% CI)" for r in recipes_] + \
+        ["strongest", "transform ms/text", "model ms/text"]
+    rows = []
+    for model in models:
+        c = clean(model, out, threads)
+        cells = [f"`{_label(model)}`", f"{c['accuracy']:.1%}", f"{c['macro_f1']:.3f}"]
+        best = None
+        for recipe in recipes_:
+            file = out / "attacks" / _label(model) / recipe / "summary.json"
+            if not file.exists():
+                cells.append("-")
+                continue
+            r = json.loads(file.read_text())
+            won, attacked = r["succeeded"], r["succeeded"] + r["failed"]
+            lo, hi = wilson(won, attacked)
+            asr = won / attacked if attacked else float("nan")
+            calls = out / "attacks" / _label(model) / recipe / "transform.json"
+            through = f", {json.loads(calls.read_text())['texts']:,} texts through the transform" if calls.exists() else ""
+            cells.append(f"{asr:.1%} ({lo:.1%}-{hi:.1%}), {won}/{attacked}{through}")
+            best = max(best or (asr, recipe), (asr, recipe))
+        cells.append(f"{best[1]} {best[0]:.1%}" if best else "-")
+        cells += [f"{c['transform_ms_per_text']:.3f}", f"{c['model_ms_per_text']:.2f}"]
+        rows.append(cells)
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+
+
+def coverage(out: Path) -> None:
+    """Cluster statistics of the synonym encoding for a grid of settings (MR training sentences only)."""
+    import collections
+
+    from tightrope.attacks.recipes import default_embedding
+    from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS
+    from tightrope.attacks.text import AttackedText
+    from tightrope.attacks.words import wordnet_synonyms
+    from tightrope.data import load_task
+    from tightrope.defenses.canonical import build
+
+    embedding = default_embedding()
+    train = load_task(str(out / "mr-train.jsonl.gz"), "train").subset(300, 1)
+    words = list(dict.fromkeys(w.lower() for t in train.texts for w in AttackedText.from_text(t).words
+                               if w.lower() not in TEXTFOOLER_STOPWORDS))
+    near = embedding.neighbours(words, 50, 0.5)  # TextFooler's candidate sets
+    print("| min cosine | WordNet | largest clusters | TextFooler pairs sharing a code | PWWS pairs sharing a code |"
+          " good / bad / great / terrible / film / funny / boring |")
+    print("|---|---|---|---|---|---|")
+    for min_cos, wordnet in [(0.5, False), (0.5, True), (0.9, False), (0.95, False), (0.95, True)]:
+        enc = build(neighbours=50, min_cos=min_cos, wordnet=wordnet, embedding=embedding)
+        code = enc.canonical_word
+        sizes = sorted((len(m) for m in enc.clusters().values()), reverse=True)[:3]
+        tf = [code(u) == code(w) for w, cands in zip(words, near) for u, _ in cands]
+        pw = [code(u) == code(w) for w in words for u in wordnet_synonyms(w)]
+        examples = " / ".join(code(w) for w in ("good", "bad", "great", "terrible", "film", "funny", "boring"))
+        print(f"| {min_cos} | {'yes' if wordnet else 'no'} | {', '.join(f'{s:,}' for s in sizes)} | "
+              f"{sum(tf) / len(tf):.1%} | {sum(pw) / max(1, len(pw)):.1%} | {examples} |", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=("prepare", "coverage", "attack", "table"))
+    parser.add_argument("models", nargs="*")
+    parser.add_argument("--out", type=Path, default=Path("runs/defense-mr"))
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.step == "prepare":
+        prepare(args.out)
+    elif args.step == "coverage":
+        coverage(args.out)
+    elif args.step == "attack":
+        attack(args.models, args.out, args.n, args.recipes.split(","), args.threads)
+    else:
+        table(args.models, args.out, args.recipes.split(","), args.threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Synonym encoding: an input transform that maps every word of a synonym cluster to one representative,
+with a character-level word-recognition step in front of it. It is part of the saved model.
+
+Synonym encoding (SEM): Wang, Wang, Zhang, Yu and Hopcroft, "Natural Language Adversarial Defense through
+Synonym Encoding", UAI 2021. A word-substitution attack swaps a word for one of its synonyms; if every
+synonym of a cluster is encoded as the same word before the model sees it, the swap changes nothing the
+model can see. SEM's Algorithm 1 (synonym encoding) builds the encoding greedily over words in order of
+frequency::
+
+    E[w] <- NONE for every word w
+    for w_i in W, most frequent first:
+        if E[w_i] = NONE:
+            if some synonym u of w_i (u in Syn(w_i, delta, k)) is already encoded:
+                E[w_i] <- E[u*], u* the closest encoded synonym of w_i
+            else:
+                E[w_i] <- w_i
+            for u in Syn(w_i, delta, k) with E[u] = NONE:
+                E[u] <- E[w_i]
+
+``Syn(w, delta, k)`` are the ``k`` nearest words of ``w`` within distance ``delta`` in counter-fitted
+embeddings (the paper: Euclidean delta = 0.5, k = 10, i.e. cosine >= 0.875 on unit vectors). tightrope
+takes the attacker's own neighbour sets: TextFooler's (:mod:`tightrope.attacks.recipes`) ``neighbours``
+= 50 nearest counter-fitted GloVe words, kept where the attack itself could use them (neither word a
+TextFooler stopword, parts of speech compatible as the attack's ``PartOfSpeech`` constraint checks)
+and where the cosine is at least ``min_cos``; with ``wordnet`` on, PWWS's WordNet synonyms
+(:func:`tightrope.attacks.words.wordnet_synonyms`) are added after them, nearest first by counter-fitted
+cosine. The classifier is then fine-tuned on encoded text (the paper's training on E(x)).
+
+Why ``min_cos`` defaults to 0.95 and ``wordnet`` to off, not TextFooler's 0.5 and PWWS's synonyms:
+Algorithm 1 gives a word the code of its closest encoded synonym, so codes travel along chains of
+neighbours. On the 65,000-word counter-fitted GloVe 50d vocabulary with TextFooler's cosine >= 0.5,
+every word chains into a handful of clusters (the largest holds 52,690 words; "good", "bad" and
+"film" all become "the"); WordNet's senses chain just as far (with WordNet at cosine >= 0.95 the
+largest cluster still holds 9,386 words and "good", "great" and "terrible" share one code). At
+cosine >= 0.95 without WordNet the largest cluster holds about 200 words and sentiment survives
+("good", "best" -> "well"; "bad", "worst" -> "bad"; "boring" -> "bore"), at the price of covering
+only part of the attacker's candidates (measured on MR training sentences: about 17% of TextFooler's
+(word, candidate) pairs share a code). These figures come from MR training sentences, never from an
+attack sample.
+
+Word recognition: Pruthi, Dhingra and Lipton, "Combating Adversarial Misspellings with Robust Word
+Recognition", ACL 2019, place a word recogniser in front of the classifier so that DeepWordBug-style
+character edits (swap, substitute, delete, insert one character) are undone. tightrope's recogniser is
+the dictionary one of that paper's backoff family, not its semi-character RNN: a word outside the
+vocabulary (the ``spelling_vocab`` most frequent GloVe words) is replaced by the most frequent vocabulary
+word at Damerau-Levenshtein distance 1 (the four edits of DeepWordBug; candidates generated as in
+Norvig's corrector), and passed through unchanged when there is none.
+
+Inference cost: one dictionary lookup per word (and, for an unknown word, about 54 x length lookups of
+its edits); no extra model call. The transform counts its calls (``calls``, ``texts``) so that a test
+can assert that an attack went through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from tightrope.attacks.text import WORD
+from tightrope.attacks.words import recover_case
+from tightrope.errors import MissingResourceError, TightropeError
+
+KIND = "synonym-encoding"
+FILE = "input_transform.json"
+FORMAT_VERSION = 1
+LETTERS = string.ascii_lowercase
+
+
+def sem_encoding(words: Iterable[str], synonyms: Callable[[str], list[str]]) -> dict[str, str]:
+    """SEM's Algorithm 1: ``words`` most frequent first; ``synonyms(w)`` nearest first. Returns E, the
+    representative of every word that was reached (words that are their own representative included)."""
+    code: dict[str, str] = {}
+    for word in words:
+        if word in code:
+            continue
+        near = synonyms(word)
+        encoded = next((u for u in near if u in code), None)  # nearest first, so the closest encoded one
+        code[word] = code[encoded] if encoded is not None else word
+        for u in near:
+            code.setdefault(u, code[word])
+    return code
+
+
+def edits1(word: str) -> set[str]:
+    """Every string one delete, adjacent transposition, substitution or insertion away (Norvig)."""
+    splits = [(word[:i], word[i:]) for i in range(len(word) + 1)]
+    deletes = [a + b[1:] for a, b in splits if b]
+    swaps = [a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1]
+    subs = [a + c + b[1:] for a, b in splits if b for c in LETTERS]
+    inserts = [a + c + b for a, b in splits for c in LETTERS]
+    return set(deletes + swaps + subs + inserts)
+
+
+class SynonymEncoding:
+    """The input transform: word recognition (optional), then the synonym encoding, word by word.
+
+    ``table`` maps a lower-case word to its representative (only words that change are stored);
+    ``vocabulary`` lists the recogniser's known words, most frequent first (empty: no recognition).
+    """
+
+    def __init__(self, table: dict[str, str], vocabulary: list[str] | None = None, params: dict | None = None):
+        self.table = dict(table)
+        self.vocabulary = list(vocabulary or [])
+        self.rank = {w: i for i, w in enumerate(self.vocabulary)}
+        self.params = dict(params or {})
+        self.calls = 0  # calls of the transform (one per batch of texts)
+        self.texts = 0  # texts transformed
+        self._memo: dict[str, str] = {}
+
+    # --- the transform ------------------------------------------------------------------------------
+
+    def recognise(self, word: str) -> str:
+        """A word outside the vocabulary -> the most frequent vocabulary word one edit away (else itself)."""
+        if not self.rank or word in self.rank or word in self.table or not word.isalpha():
+            return word
+        best = min((e for e in edits1(word) if e in self.rank), key=self.rank.__getitem__, default=None)
+        return best if best is not None else word
+
+    def canonical_word(self, word: str) -> str:
+        low = word.lower()
+        out = self._memo.get(low)
+        if out is None:
+            recognised = self.recognise(low)
+            out = self.table.get(recognised, recognised)
+            if len(self._memo) > 500_000:
+                self._memo.clear()
+            self._memo[low] = out
+        return word if out == low else recover_case(word, out)
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        self.calls += 1
+        self.texts += len(texts)
+        return [WORD.sub(lambda m: self.canonical_word(m.group()), text) for text in texts]
+
+    def clusters(self) -> dict[str, list[str]]:
+        """Representative -> its members (the representative first)."""
+        out: dict[str, list[str]] = {}
+        for word, rep in self.table.items():
+            out.setdefault(rep, [rep]).append(word)
+        return out
+
+    # --- saving with the model -----------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        return {"kind": KIND, "version": FORMAT_VERSION, "params": self.params,
+                "clusters": self.clusters(), "vocabulary": self.vocabulary}
+
+    @classmethod
+    def from_json(cls, payload: dict, where: str = "the input transform") -> "SynonymEncoding":
+        if not isinstance(payload, dict) or payload.get("kind") != KIND or "clusters" not in payload:
+            raise TightropeError(f"{where} is not a synonym-encoding table; the model directory is damaged.")
+        table = {m: rep for rep, members in payload["clusters"].items() for m in members if m != rep}
+        return cls(table, payload.get("vocabulary") or [], payload.get("params") or {})
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def card_entry(self) -> dict:
+        """What card.json records: kind, file, content hash, parameters, sizes, citations."""
+        return {"kind": KIND, "file": FILE, "sha256_16": self.digest(), "params": self.params,
+                "clusters": len(self.clusters()), "encoded_words": len(self.table),
+                "spelling_vocabulary": len(self.vocabulary),
+                "citations": ["Wang et al., Natural Language Adversarial Defense through Synonym Encoding, UAI 2021",
+                              "Pruthi et al., Combating Adversarial Misspellings with Robust Word Recognition, ACL 2019"]}
+
+    def files(self) -> dict[str, dict]:
+        """The files that go into a model directory beside card.json (for ``models.save_model(extra=...)``)."""
+        return {FILE: self.to_json()}
+
+    @classmethod
+    def load(cls, model_dir: str | Path, entry: dict) -> "SynonymEncoding":
+        file = Path(model_dir) / entry.get("file", FILE)
+        if not file.exists():
+            raise MissingResourceError(
+                f"The model in {model_dir} applies a synonym encoding, but its table {file.name} is missing; "
+                "copy it from the model it was made from, or retrain with --defense canonical.")
+        try:
+            payload = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TightropeError(f"{file} is not valid JSON; the model directory is damaged.") from err
+        transform = cls.from_json(payload, str(file))
+        if entry.get("sha256_16") and entry["sha256_16"] != transform.digest():
+            raise TightropeError(f"{file} does not match the table its card.json records; the model directory is damaged.")
+        return transform
+
+
+# --- building the table from the attacks' resources ----------------------------------------------------
+
+
+def build(neighbours: int = 50, min_cos: float = 0.95, wordnet: bool = False, spelling_vocab: int = 50_000,
+          embedding=None, progress: Callable[[str], None] | None = None) -> SynonymEncoding:
+    """The synonym encoding over the counter-fitted vocabulary (and WordNet), cached on disk as JSON."""
+    from tightrope import assets  # noqa: PLC0415
+
+    if neighbours < 1 or not -1.0 <= min_cos <= 1.0 or spelling_vocab < 0:
+        raise TightropeError("The synonym encoding needs neighbours >= 1, -1 <= min_cos <= 1 and spelling_vocab >= 0.")
+    if embedding is None:
+        from tightrope.attacks.recipes import default_embedding  # noqa: PLC0415
+
+        embedding = default_embedding()
+    params = {"neighbours": neighbours, "min_cos": min_cos, "wordnet": wordnet, "spelling_vocab": spelling_vocab,
+              "attack_filters": "TextFooler stopwords, WordNet part-of-speech compatibility",
+              "embedding": embedding.description.get("source"), "embedding_key": embedding.description.get("key")}
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    # cached only for an embedding that names its own content (the counter-fitted one does)
+    cache = assets.cache_dir() / "synonym-encoding" / f"{key}.json" if embedding.description.get("key") else None
+    if cache is not None and cache.exists():
+        return SynonymEncoding.from_json(json.loads(cache.read_text()))
+    import torch  # noqa: PLC0415
+
+    from tightrope.attacks.constraints import PartOfSpeech  # noqa: PLC0415
+    from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS as STOP  # noqa: PLC0415
+
+    pos = PartOfSpeech(allow_verb_noun_swap=True)  # TextFooler's setting
+    usable = lambda w, u: u not in STOP and pos.compatible(w, u)  # noqa: E731 - a swap the attack could make
+    words = embedding.words
+    near: dict[str, list[str]] = {}
+    unit = embedding.vectors
+    k = min(neighbours, len(words) - 1)
+    for start in range(0, len(words), 2048):
+        cos = unit[start:start + 2048] @ unit.T
+        cos[torch.arange(cos.shape[0]), torch.arange(start, start + cos.shape[0])] = -2.0
+        top, idx = cos.topk(k, dim=1)
+        for row, (c, j) in enumerate(zip(top.tolist(), idx.tolist())):
+            w = words[start + row]
+            near[w] = [] if w in STOP else [words[i] for ci, i in zip(c, j) if ci >= min_cos and usable(w, words[i])]
+        if progress:
+            progress(f"neighbours {min(start + 2048, len(words))}/{len(words)}")
+    order = list(words)
+    if wordnet:
+        from tightrope.attacks.words import wordnet_synonyms  # noqa: PLC0415
+
+        index = embedding.index
+        for w in words:
+            extra = [u for u in wordnet_synonyms(w) if u not in near[w] and w not in STOP and usable(w, u)]
+            # by counter-fitted cosine where both have vectors, else after them in WordNet's order
+            extra.sort(key=lambda u: -float(unit[index[w]] @ unit[index[u]]) if u in index else 2.0)
+            near[w] = near[w] + extra
+        seen = set(order)
+        order += [u for w in words for u in near[w] if u not in seen and not seen.add(u)]
+    code = sem_encoding(order, lambda w: near.get(w, []))
+    vocabulary = [w for w in words if w.isalpha()][:spelling_vocab]
+    transform = SynonymEncoding({w: r for w, r in code.items() if w != r}, vocabulary, params)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(transform.to_json()))
+        tmp.replace(cache)
+    return transform
+
+
+class SynonymEncodingTraining:
+    """The ``canonical`` defense: plain training (or distillation) on synonym-encoded text.
+
+    The objective itself is the criterion; the transform rides along as ``input_transform``, which
+    :func:`tightrope.train.train` applies to every training and validation text and saves with the model.
+    """
+
+    name = "canonical"
+
+    def __init__(self, synonym_neighbours: int = 50, synonym_min_cos: float = 0.95, synonym_wordnet: bool = False,
+                 spelling_vocab: int = 50_000, criterion=None, transform: SynonymEncoding | None = None):
+        from tightrope.defenses.adversarial import cross_entropy  # noqa: PLC0415
+
+        self.criterion = criterion or cross_entropy
+        self.input_transform = transform or build(synonym_neighbours, synonym_min_cos, synonym_wordnet, spelling_vocab)
+
+    def __call__(self, model, batch):
+        return self.criterion(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
+
+    def describe(self) -> dict:
+        return {"defense": "canonical", "input_transform": self.input_transform.card_entry(),
+                "criterion": getattr(self.criterion, "__name__", type(self.criterion).__name__)}
+
+
+def load_transform(model_dir: str | Path, card: dict):
+    """The input transform a model's card names (None when it has none)."""
+    entry = card.get("input_transform")
+    if not entry:
+        return None
+    if entry.get("kind") != KIND:
+        raise TightropeError(f"The model in {model_dir} names an input transform '{entry.get('kind')}' "
+                             "that this tightrope does not know.")
+    return SynonymEncoding.load(model_dir, entry)
+
+
+__all__ = ["FILE", "KIND", "SynonymEncoding", "SynonymEncodingTraining", "build", "edits1", "load_transform",
+           "sem_encoding"]

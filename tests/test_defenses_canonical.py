@@ -1,0 +1,222 @@
+"""Synonym encoding (Wang et al. 2021) with word recognition (Pruthi et al. 2019): one representative per
+synonym set, a transform that is part of the saved model and that every query goes through."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_tiny_classifier
+from tightrope import inference, models
+from tightrope.attacks.counterfit import WordEmbedding
+from tightrope.cli import app
+from tightrope.defenses import canonical
+from tightrope.defenses.canonical import SynonymEncoding, build, edits1, sem_encoding
+from tightrope.errors import TightropeError
+
+# Synonym sets share a direction (cosine about 0.98 inside a set); sets are orthogonal to each other.
+SETS = [["wonderful", "marvelous", "superb", "great", "excellent", "brilliant"],
+        ["dull", "boring", "tedious", "lifeless"],
+        ["film", "movie", "picture"],
+        ["acting", "performance"]]
+LONELY = ["watch", "direction", "good"]
+TEXTS = ["a wonderful film with great acting", "a dull movie , boring acting", "good direction , a superb picture",
+         "tedious and lifeless , watch something else"]
+
+
+def _embedding() -> WordEmbedding:
+    rng = np.random.default_rng(0)
+    dim = len(SETS) + len(LONELY) + 4
+    words, vectors = [], []
+    for g, group in enumerate(SETS):
+        for w in group:
+            v = np.zeros(dim)
+            v[g] = 1.0
+            v[-4:] = rng.normal(0, 0.1, 4)
+            words.append(w)
+            vectors.append(v / np.linalg.norm(v))
+    for j, w in enumerate(LONELY):
+        v = np.zeros(dim)
+        v[len(SETS) + j] = 1.0
+        words.append(w)
+        vectors.append(v)
+    return WordEmbedding(words, np.array(vectors, dtype=np.float32), {"source": "hand-made test vectors"})
+
+
+@pytest.fixture
+def encoding() -> SynonymEncoding:
+    return build(neighbours=10, min_cos=0.5, wordnet=False, spelling_vocab=100, embedding=_embedding())
+
+
+def _save_defended(tokenizer, transform, out):
+    model = make_tiny_classifier(tokenizer, seed=3)
+    card = {"kind": "tightrope.model", "tokenization": {"max_length": 32, "truncation": "head"},
+            **inference.transform_card(transform)}
+    return models.save_model((model, tokenizer), out, extra={**inference.transform_files(transform), "card.json": card})
+
+
+def test_every_member_of_a_synonym_set_maps_to_one_representative(encoding):
+    reps = []
+    for group in SETS:
+        mapped = {encoding.canonical_word(w) for w in group}
+        assert len(mapped) == 1, (group, mapped)
+        (rep,) = mapped
+        assert rep in group
+        reps.append(rep)
+    assert len(set(reps)) == len(SETS)  # distinct sets keep distinct representatives
+    assert [encoding.canonical_word(w) for w in LONELY] == LONELY
+    # Case is kept, and a text keeps its separators
+    assert encoding.canonical_word("Movie") == encoding.canonical_word("film").capitalize()
+    assert encoding(["a boring movie, really"]) == [f"a {encoding.canonical_word('dull')} "
+                                                    f"{encoding.canonical_word('film')}, really"]
+
+
+def test_sem_algorithm_gives_a_word_the_code_of_its_closest_encoded_synonym():
+    near = {"good": ["fine", "nice"], "fine": ["good", "okay"], "okay": ["fine", "alright"], "bad": ["poor"],
+            "alright": ["okay"]}
+    code = sem_encoding(["good", "bad", "okay", "fine", "alright"], lambda w: near.get(w, []))
+    assert code["good"] == code["fine"] == code["nice"] == "good"
+    assert code["okay"] == "good"  # its closest encoded synonym, fine, carries good's code
+    assert code["alright"] == "good" and code["bad"] == code["poor"] == "bad"
+
+
+def test_word_recognition_undoes_one_character_edits(encoding):
+    # DeepWordBug's four edits (swap, substitute, delete, insert) of words the recogniser knows
+    for typo, word in [("flim", "film"), ("boxing", "boring"), ("dul", "dull"), ("superbb", "superb"),
+                       ("acitng", "acting")]:
+        assert typo in edits1(word)
+        assert encoding.canonical_word(typo) == encoding.canonical_word(word), typo
+    assert encoding.canonical_word("zzzzqq") == "zzzzqq"  # nothing within one edit: passed through
+    off = SynonymEncoding(encoding.table, [], encoding.params)
+    assert off.canonical_word("flim") == "flim"  # spelling_vocab 0: no recognition
+
+
+def test_the_table_is_deterministic_and_json(encoding, tmp_path):
+    again = build(neighbours=10, min_cos=0.5, wordnet=False, spelling_vocab=100, embedding=_embedding())
+    assert again.to_json() == encoding.to_json() and again.digest() == encoding.digest()
+    text = json.dumps(encoding.to_json())  # JSON, not pickle
+    assert SynonymEncoding.from_json(json.loads(text)).table == encoding.table
+
+
+def test_a_defended_model_saved_and_reloaded_predicts_the_same(tokenizer, encoding, tmp_path):
+    model_dir = _save_defended(tokenizer, encoding, tmp_path / "defended")
+    card = json.loads((model_dir / "card.json").read_text())
+    assert card["input_transform"]["kind"] == "synonym-encoding" and (model_dir / canonical.FILE).exists()
+    before = inference.TextClassifier(models.load_classifier(str(model_dir)).model, tokenizer, max_length=32,
+                                      input_transform=encoding)
+    clf = inference.load(str(model_dir))
+    assert isinstance(clf.input_transform, SynonymEncoding) and clf.input_transform.table == encoding.table
+    assert torch.allclose(clf.logits(TEXTS), before.logits(TEXTS), atol=1e-6)
+    # the transform is applied by the reloaded model itself: a synonym swap changes nothing it sees
+    assert torch.equal(clf.logits(["a wonderful film"]), clf.logits(["a brilliant movie"]))
+    plain = inference.TextClassifier(clf.model, tokenizer, max_length=32)
+    assert not torch.equal(plain.logits(["a wonderful film"]), plain.logits(["a brilliant movie"]))
+
+
+def test_an_attack_on_a_defended_model_goes_through_the_defense(tokenizer, encoding, tmp_path):
+    from tightrope.attacks import recipes
+    from tightrope.data import TaskData
+
+    clf = inference.load(str(_save_defended(tokenizer, encoding, tmp_path / "defended")))
+    transform = clf.input_transform
+    data = TaskData("t", "test", TEXTS, [1, 0, 1, 0], ("negative", "positive"))
+    calls, texts = transform.calls, transform.texts
+    report = recipes.build("deepwordbug", clf).run(clf, data, out=tmp_path / "attack", seed=0)
+    assert transform.calls > calls
+    assert transform.texts - texts >= report.examples  # every query went through the transform
+    results = sorted((r for r in _results(tmp_path / "attack")), key=lambda r: r.index)
+    for r in results:  # successes are judged on the pipeline: the defended model flips on the perturbed text
+        if r.status == "succeeded":
+            assert clf.predict([r.perturbed_text])[0] == r.perturbed_prediction != r.label
+
+
+def _results(folder):
+    from tightrope.attacks.attack import read_results
+
+    return [r for f in sorted(folder.glob("results*.jsonl")) for r in read_results(f)]
+
+
+def test_a_randomized_attack_on_a_defended_model_is_deterministic_with_a_fixed_seed(tokenizer, encoding, tmp_path):
+    from tightrope.attacks import recipes
+    from tightrope.data import TaskData
+
+    data = TaskData("t", "test", TEXTS, [1, 0, 1, 0], ("negative", "positive"))
+    runs = []
+    for k in range(2):
+        clf = inference.load(str(_save_defended(tokenizer, encoding, tmp_path / f"d{k}")))
+        recipes.build("deepwordbug", clf).run(clf, data, out=tmp_path / f"a{k}", seed=7)
+        runs.append([(r.status, r.perturbed_text, r.queries) for r in sorted(_results(tmp_path / f"a{k}"), key=lambda r: r.index)])
+    assert runs[0] == runs[1]
+
+
+def test_a_defense_whose_table_is_missing_is_one_sentence(tokenizer, encoding, tmp_path):
+    model_dir = _save_defended(tokenizer, encoding, tmp_path / "defended")
+    (model_dir / canonical.FILE).unlink()
+    with pytest.raises(TightropeError, match="synonym encoding, but its table input_transform.json is missing"):
+        inference.load(str(model_dir))
+    result = CliRunner().invoke(app, ["eval", str(model_dir), "--task", "rotten-tomatoes", "--n", "4", "--no-speed",
+                                      "--no-memory"])
+    assert result.exit_code == 2 and "missing" in result.output and "Traceback" not in result.output
+
+
+def test_a_damaged_or_foreign_table_is_one_sentence(tokenizer, encoding, tmp_path):
+    model_dir = _save_defended(tokenizer, encoding, tmp_path / "defended")
+    (model_dir / canonical.FILE).write_text(json.dumps({**encoding.to_json(), "clusters": {"film": ["film", "dull"]}}))
+    with pytest.raises(TightropeError, match="does not match"):
+        inference.load(str(model_dir))
+    card = json.loads((model_dir / "card.json").read_text())
+    card["input_transform"]["kind"] = "smoothing"
+    (model_dir / "card.json").write_text(json.dumps(card))
+    with pytest.raises(TightropeError, match="does not know"):
+        inference.load(str(model_dir))
+
+
+@pytest.fixture
+def fake_resources(monkeypatch):
+    """``build`` from the hand-made vectors, so that the CLI and study paths need no GloVe or WordNet."""
+    real = canonical.build
+
+    def fake(neighbours=50, min_cos=0.5, wordnet=True, spelling_vocab=50_000, embedding=None, progress=None):
+        return real(neighbours, min_cos, False, spelling_vocab, embedding=_embedding())
+
+    monkeypatch.setattr(canonical, "build", fake)
+
+
+def test_train_defense_canonical_saves_the_transform_and_compression_keeps_it(tiny_model_dir, tiny_task, tmp_path,
+                                                                               fake_resources):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), "--task", str(tiny_task), "--out", str(run),
+                                      "--n-eval", "8", "--max-length", "16", "--batch-size", "8", "--lr", "1e-3",
+                                      "--defense", "canonical", "--synonym-neighbours", "10", "--spelling-vocab", "100"])
+    assert result.exit_code == 0, result.output
+    card = json.loads((run / "card.json").read_text())
+    assert card["defense"]["kind"] == "canonical" and card["defense"]["synonym_neighbours"] == 10
+    assert card["input_transform"]["params"]["neighbours"] == 10 and (run / canonical.FILE).exists()
+    clf = inference.load(str(run))
+    assert clf.input_transform is not None
+    assert clf.predict(["a wonderful film"]) == clf.predict(["a superb movie"])
+    small = tmp_path / "int8"
+    result = CliRunner().invoke(app, ["compress", str(run), "--quantize", "int8", "--out", str(small)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((small / "card.json").read_text())["input_transform"] == card["input_transform"]
+    assert inference.load(str(small)).input_transform.table == clf.input_transform.table
+
+
+def test_a_study_file_can_name_the_canonical_defense(tiny_model_dir, fake_resources):
+    from tightrope.study.steps import defense_objective
+
+    objective = defense_objective("canonical", {"synonym_neighbours": 10, "spelling_vocab": 0}, str(tiny_model_dir))
+    assert isinstance(objective.input_transform, SynonymEncoding)
+    assert objective.input_transform.params["neighbours"] == 10 and objective.input_transform.vocabulary == []
+    with pytest.raises(TightropeError, match="defense canonical"):
+        defense_objective("canonical", {"epsilon": 0.1}, str(tiny_model_dir))
+
+
+def test_settings_of_another_defense_are_refused_in_one_sentence(tiny_model_dir, tiny_task, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), "--task", str(tiny_task),
+                                      "--out", str(tmp_path / "r"), "--defense", "pgd", "--synonym-neighbours", "10"])
+    assert result.exit_code == 2 and "does not use --synonym-neighbours" in " ".join(result.output.split())
