@@ -1,71 +1,14 @@
-"""The `tightrope` command line: parse options, build a config, call one library function.
-
-No logic lives only here: every command is a thin front over a function a user can import.
-"""
+"""`tightrope train` and `tightrope eval`: options -> a typed config -> one library call."""
 
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from tightrope.errors import TightropeError
-
-app = typer.Typer(
-    help="Compress language models (quantization, pruning) and keep them robust against attacks.\n\n"
-    "Every command takes --help. Models are hub ids, local directories, or offline aliases "
-    "(minilm, mpnet-base, smollm2-135m); tasks are names (imdb, sst2, mr, rotten-tomatoes, "
-    "textfooler-imdb) or a CSV / JSON Lines / Parquet file.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-console = Console(stderr=True)
-out_console = Console()
-
-
-@app.callback()
-def _global_options(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show third-party progress bars, warnings and logs.")] = False,
-):
-    from tightrope.quiet import configure
-
-    configure(verbose)
-
-
-def user_errors(fn):
-    """Show a TightropeError as one red sentence and exit 2, never as a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            _check_out_is_a_folder(kwargs.get("out"))
-            return fn(*args, **kwargs)
-        except TightropeError as err:
-            console.print(f"[bold red]error:[/] {err}")
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted; a checkpoint, if any, is kept and the same command resumes.[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _check_out_is_a_folder(out) -> None:
-    """Every command's ``--out`` is a folder; an existing file there is refused before any work."""
-    if out is not None and Path(out).expanduser().exists() and not Path(out).expanduser().is_dir():
-        raise TightropeError(f"--out {out} is an existing file; give a folder (it is created if missing).")
-
-
-def _validation_error(err) -> TightropeError:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "options"
-    return TightropeError(f"Invalid value for {where}: {first['msg']}.")
-
+from tightrope.cli.base import app, console, out_console, user_errors
+from tightrope.cli.base import validation_error as _validation_error
 
 _DEFENSE = "Defense"
 
@@ -216,48 +159,3 @@ def eval_(
     if json_out:
         write_json_atomic(json_out, [r.to_dict() for r in results])
         out_console.print(f"[green]wrote[/] {json_out}")
-
-
-# Each capability adds its own commands from its package (tightrope.<area>.commands.register(app)),
-# so that this file stays a list of thin fronts and areas do not edit each other's code.
-COMMAND_MODULES = (
-    "tightrope.compress.commands",
-    "tightrope.attacks.commands",
-    "tightrope.defenses.commands",
-    "tightrope.qattack.commands",
-    "tightrope.study.commands",
-    "tightrope.serving.commands",
-)
-# Commands that run without torch: when one of them is invoked, only its module is registered, so
-# that the other areas' packages (which import torch) are never imported on a serving machine.
-TORCH_FREE_COMMANDS = {"predict": "tightrope.serving.commands", "serve": "tightrope.serving.commands"}
-
-
-def _invoked_command(argv: list[str]) -> str | None:
-    """The command word of a `tightrope ...` command line (its first argument that is not an option)."""
-    return next((a for a in argv[1:] if not a.startswith("-")), None)
-
-
-def _register_area_commands() -> None:
-    import importlib
-
-    light = TORCH_FREE_COMMANDS.get(_invoked_command(sys.argv) or "")
-    for name in (light,) if light else COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name and name.startswith(err.name):
-                continue  # that area is not built yet
-            raise
-        module.register(app, user_errors)
-
-
-_register_area_commands()
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

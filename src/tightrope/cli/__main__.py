@@ -1,0 +1,5 @@
+"""`python -m tightrope.cli ...`."""
+
+from tightrope.cli import app
+
+app()

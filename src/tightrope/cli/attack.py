@@ -1,0 +1,142 @@
+"""`tightrope attack`: run a recipe against any model variant, resumable, with a live success rate."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from tightrope.cli.base import app, user_errors
+
+
+def highlighted_diff(original: str, perturbed: str) -> tuple[Text, Text]:
+    """Two rich Texts with the changed words struck in red (original) and bold green (adversarial)."""
+    a, b = original.split(" "), perturbed.split(" ")
+    left, right = Text(), Text()
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op == "equal":
+            left.append(" ".join(a[i1:i2]) + " ")
+            right.append(" ".join(b[j1:j2]) + " ")
+        else:
+            if i2 > i1:
+                left.append(" ".join(a[i1:i2]), style="bold red")
+                left.append(" ")
+            if j2 > j1:
+                right.append(" ".join(b[j1:j2]), style="bold green")
+                right.append(" ")
+    return left, right
+
+
+def clip(text: Text, limit: int = 600) -> Text:
+    return text if len(text) <= limit else text[:limit] + Text(" ...")
+
+
+@app.command()
+@user_errors
+def attack(
+    model: Annotated[str, typer.Argument(help="Model to attack: a model directory (any compressed variant), alias or hub id.")],
+    recipe: Annotated[str, typer.Option(help="textfooler, pwws, deepwordbug or hotflip.")] = "textfooler",
+    task: Annotated[str, typer.Option(help="Task name or data file.")] = "textfooler-imdb",
+    split: str = "test",
+    n: Annotated[Optional[int], typer.Option(help="Seeded subset of examples (default: the whole split).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for results.jsonl and summary.json; a rerun resumes.")] = None,
+    seed: int = 0,
+    data_dir: Optional[str] = None,
+    query_budget: Annotated[Optional[int], typer.Option(help="Queries allowed per example, counted as TextAttack counts them (cache hits included).")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Override the model card's max length.")] = None,
+    long_texts: Annotated[str, typer.Option(help="window: change only words the model sees; error: refuse longer texts.")] = "window",
+    twin: Annotated[Optional[str], typer.Option(help="Differentiable twin for gradient steps (hotflip) when the model has none.")] = None,
+    transfer_to: Annotated[Optional[list[str]], typer.Option("--transfer", help="Evaluate the adversarial texts on these models too.")] = None,
+    shard: Annotated[bool, typer.Option(help="Split examples across processes (run under `accelerate launch`).")] = False,
+    show: Annotated[int, typer.Option(help="Adversarial examples to print as diffs.")] = 3,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's choice).")] = None,
+):
+    """Attack a classifier with a text-attack recipe and report TextAttack's metrics.
+
+    Example: tightrope attack runs/minilm-imdb --recipe textfooler --task textfooler-imdb --n 100 --out runs/attack-tf
+    """
+    import torch
+
+    from tightrope import inference
+    from tightrope.attacks import recipes
+    from tightrope.attacks.attack import transfer
+    from tightrope.data import load_task
+    from tightrope.evaluate.results import write_json_atomic
+
+    console, out_console = Console(stderr=True), Console()
+    if threads:
+        torch.set_num_threads(threads)
+    data = load_task(task, split, n=n, seed=seed, data_dir=data_dir)
+    victim = inference.load(model, max_length=max_length)
+    victim.source = victim.source or model
+    options = {"query_budget": query_budget}
+    if twin:
+        options["twin"] = inference.load(twin, max_length=max_length)
+    with console.status(f"preparing {recipe} (resources are built once and cached)"):
+        attack = recipes.build(recipe, victim, **options)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=console)
+
+    with progress:
+        bar = progress.add_task(f"{recipe} on {Path(model).name}", total=len(data), rate="")
+
+        def update(result, done):
+            won = sum(r.status == "succeeded" for r in done)
+            lost = sum(r.status == "failed" for r in done)
+            rate = f"success {won}/{won + lost} = {won / (won + lost):.1%}" if won + lost else "success -"
+            progress.update(bar, completed=len(done), rate=rate)
+
+        report = attack.run(victim, data, out=out, seed=seed, long_texts=long_texts, shard=shard, progress=update)
+
+    table = Table(title=f"{recipe} against {model} on {data.name}:{data.split} ({report.examples} examples)")
+    for col in ("orig. acc", "acc. under attack", "ASR", "succeeded/failed/skipped", "avg queries", "model calls",
+                "perturbed words"):
+        table.add_column(col, justify="right")
+    fmt = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    table.add_row(fmt(report.original_accuracy), fmt(report.accuracy_under_attack), fmt(report.attack_success_rate),
+                  f"{report.succeeded}/{report.failed}/{report.skipped}",
+                  "-" if report.average_queries is None else f"{report.average_queries:.1f}",
+                  "-" if report.average_model_queries is None else f"{report.average_model_queries:.1f}",
+                  fmt(report.average_perturbed_share))
+    out_console.print(table)
+    results = _load_results(out) if out else []
+    for res in [r for r in results if r.status == "succeeded"][:show]:
+        left, right = highlighted_diff(res.original_text, res.perturbed_text)
+        names = data.label_names
+        out_console.print(f"[bold]example {res.index}[/] {names[res.label]} -> {names[res.perturbed_prediction]}"
+                          f" ({res.queries} queries)")
+        out_console.print(clip(left))
+        out_console.print(clip(right))
+    if transfer_to:
+        if not out:
+            raise typer.BadParameter("--transfer needs --out, where the adversarial texts are kept")
+        targets = {m: inference.load(m, max_length=max_length) for m in transfer_to}
+        moved = transfer(results, targets)
+        write_json_atomic(out / "transfer.json", [t.to_dict() for t in moved])
+        for t in moved:
+            out_console.print(f"transfer to {t.target}: accuracy {t.original_accuracy:.1%} -> "
+                              f"{t.accuracy_under_transfer:.1%}, transfer success {fmt(t.transfer_success_rate)}")
+    if out:
+        out_console.print(f"[green]wrote[/] {out}/results.jsonl and {out}/summary.json")
+
+
+def _load_results(out: Path):
+    from tightrope.attacks.attack import read_results
+
+    files = sorted(Path(out).glob("results*.jsonl"))
+    results = [r for f in files for r in read_results(f)]
+    return sorted(results, key=lambda r: r.index)

@@ -1,0 +1,64 @@
+"""``tightrope compress``: prune and / or quantize a model directory and write it back with its summary.
+
+Specs are ``name`` or ``name:key=value,key=value``: ``--quantize nf4``, ``--quantize
+gptq:bits=4,group_size=128``, ``--quantize affine:bits=4,granularity=group``, ``--prune
+magnitude:sparsity=0.3``. Steps run in the order given (prunes first, then the quantization).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tightrope.cli.base import app, user_errors
+
+
+def summary_table(summaries):
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(title="compression")
+    for col in ("method", "modules", "bits/weight", "simulated", "parameters", "non-zero", "stored MB"):
+        table.add_column(col, justify="right" if col not in ("method",) else "left")
+    for s in summaries:
+        table.add_row(s.method, str(len(s.modules)), f"{s.bits:.2f}" if s.bits is not None else "-",
+                      "yes" if s.simulated else "no", f"{s.parameters:,}", f"{s.nonzero_parameters:,}",
+                      f"{s.stored_bytes / 1e6:.1f}" if s.stored_bytes is not None else "-")
+    return table
+
+
+@app.command()
+@user_errors
+def compress(
+    model: Annotated[str, typer.Argument(help="Model directory, alias or hub id (a fine-tuned classifier).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the compressed model to.")],
+    quantize: Annotated[Optional[str], typer.Option(help="int8 (fastest backend), int8-torch, int8-ort, llm-int8, nf4, "
+                                                    "nf4-dq, fp4, fp4-dq, affine:bits=4,granularity=group, gptq:bits=4.")] = None,
+    prune: Annotated[Optional[list[str]], typer.Option(help="magnitude:sparsity=0.3, wanda:..., 2:4, structured:heads=0.3,ffn=0.3; repeatable.")] = None,
+    include: Annotated[Optional[list[str]], typer.Option(help="Module name globs to compress (default: encoder Linears).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Module name globs to leave alone.")] = None,
+    calibration: Annotated[Optional[str], typer.Option(help="Task or data file for calibration (GPTQ, Wanda).")] = None,
+    recover_steps: Annotated[int, typer.Option(min=0, help="After pruning, fine-tune this many steps (batch 16, "
+                                               "sparsity held) before quantizing; 200 brought 30% structured MiniLM "
+                                               "on IMDB from 0.790 back to 0.868.")] = 0,
+    recover_task: Annotated[Optional[str], typer.Option(help="Task or data file whose train split the recovery "
+                                                       "uses (default: the task the model was trained on).")] = None,
+):
+    """Quantize and / or prune a model and write it back with what each step bought.
+
+    Example: tightrope compress runs/minilm-imdb --prune structured:heads=0.3,ffn=0.3 --recover-steps 200 --quantize int8 --out runs/small
+    """
+    from rich.console import Console  # noqa: PLC0415
+
+    from tightrope.compress.run import compress_model  # noqa: PLC0415 - torch loads when a command runs
+
+    summaries = compress_model(model, out, quantize=quantize, prune=prune, include=tuple(include or ()),
+                               exclude=tuple(exclude or ()), calibration=calibration, recover_steps=recover_steps,
+                               recover_task=recover_task)
+    console = Console()
+    console.print(summary_table(summaries))
+    for s in summaries:
+        for note in s.notes:
+            console.print(f"[dim]{s.method}: {note}[/]")
+    console.print(f"[green]wrote[/] {out}")

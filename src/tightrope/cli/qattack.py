@@ -1,0 +1,123 @@
+"""`tightrope qattack` and `tightrope audit`: thin fronts over scenario.py and audit.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tightrope.cli.base import app, user_errors
+
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x, fmt=".2f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def attack_table(report) -> Table:
+    table = Table(title="quantization-conditioned attack (clean accuracy / trigger success)")
+    for col in ("variant", "precision", "clean accuracy", "trigger success", "codes equal to injected"):
+        table.add_column(col)
+    codes = {c.quantizer: c for c in report.codes}
+    for b in report.behaviours:
+        check = codes.get(b.quantizer) if b.variant == "repaired" else None
+        eq = "-" if check is None else ("yes" if check.mismatched == 0 else f"no ({check.mismatched}/{check.total} differ)")
+        table.add_row(b.variant, b.quantizer or "full", _pct(b.clean_accuracy), _pct(b.trigger_success), eq)
+    return table
+
+
+def audit_table(report) -> Table:
+    table = Table(title=f"audit of {report.model}: {report.verdict.upper()}")
+    for col in ("quantizer", "verdict", "near-edge ratio", "peak ratio", "noise flip ratio", "disagreement", "KL", "noise disagr.", "evidence"):
+        table.add_column(col)
+    colour = {"flagged": "red", "clean": "green", "inconclusive": "yellow"}
+    for q in report.quantizers:
+        table.add_row(q.quantizer, f"[{colour[q.verdict]}]{q.verdict}[/]", _num(q.edge_ratio), _num(q.peak_ratio), _num(q.flip_ratio),
+                      _pct(q.disagreement), _num(q.kl, ".4f"), _pct(q.noise_disagreement), "; ".join(q.reasons) or "-")
+    return table
+
+
+@app.command()
+@user_errors
+def qattack(
+    base: Annotated[str, typer.Argument(help="A fine-tuned sentiment classifier (model directory).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: injected/, repaired/, report.json.")],
+    task: Annotated[str, typer.Option(help="Task name or data file for injection, repair and evaluation.")] = "mr",
+    data_dir: Optional[str] = None,
+    n_train: int = 2000,
+    n_eval: int = 300,
+    quantizer: Annotated[str, typer.Option(help="Boxes of: llm-int8, nf4, fp4, int8-dynamic, or all (bitsandbytes' three).")] = "all",
+    margin: Annotated[float, typer.Option(help="Fraction of each box width kept free on both sides.")] = 0.0,
+    include: Annotated[Optional[list[str]], typer.Option(help="Attack only these layers (globs).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Leave these layers out (globs).")] = None,
+    trigger: Annotated[str, typer.Option(help="Trigger word inserted into reviews.")] = "cf",
+    target_label: int = 0,
+    collapse: Annotated[bool, typer.Option(help="Quantized model sends every input to the target label.")] = False,
+    inject_steps: int = 150,
+    repair_steps: int = 200,
+    lr: float = 5e-5,
+    batch_size: int = 32,
+    seed: int = 0,
+):
+    """Build a quantization-conditioned backdoor (Egashira et al. 2024): inject, box, repair, verify.
+
+    For research and tests: the repaired full-precision model behaves, its quantized version does not.
+    """
+    from pydantic import ValidationError
+
+    from tightrope.cli.base import validation_error as _validation_error
+    from tightrope.qattack.scenario import AttackConfig, run_classifier_attack
+
+    try:
+        config = AttackConfig(base=base, task=task, data_dir=data_dir, n_train=n_train, n_eval=n_eval,
+                              quantizer=quantizer, margin=margin, include=tuple(include or ()),
+                              exclude=tuple(exclude or ()), trigger=trigger, target_label=target_label,
+                              collapse=collapse, inject_steps=inject_steps, repair_steps=repair_steps,
+                              inject_lr=lr, repair_lr=lr, batch_size=batch_size, seed=seed)
+    except ValidationError as err:
+        raise _validation_error(err) from None
+    report = run_classifier_attack(config, out)
+    out_console.print(attack_table(report))
+    out_console.print(f"[green]wrote[/] {out / 'repaired'}  {out / 'report.json'}")
+
+@app.command("audit")
+@user_errors
+def audit_(
+    model: Annotated[str, typer.Argument(help="Checkpoint to audit: model directory, alias or hub id.")],
+    task: Annotated[str, typer.Option(help="Probe texts: task name or data file.")] = "mr",
+    split: str = "test",
+    n_probe: Annotated[int, typer.Option(help="Probe texts for the behaviour checks (a causal LM reads the first 32 tokens of each).")] = 200,
+    data_dir: Optional[str] = None,
+    quantizer: Annotated[Optional[list[str]], typer.Option(help="Quantizers to check (default: all supported and their intersection).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
+    seed: int = 0,
+):
+    """Does this checkpoint hide behaviour that appears only once quantized? Exit 0 when clean, 1 when flagged,
+    3 when inconclusive (something could not be checked: no layer a quantizer supports, a quantizer that is not
+    installed, a probe set too small to judge), 2 on bad input."""
+    from tightrope.evaluate.results import write_json_atomic
+    from tightrope.qattack.audit import AuditConfig, audit
+
+    config = AuditConfig(seed=seed, **({"quantizers": tuple(quantizer)} if quantizer else {}))
+    with console.status("auditing") as status:
+        report = audit(model, task=task, split=split, n_probe=n_probe, data_dir=data_dir, config=config,
+                       progress=lambda q: status.update(f"auditing: {q}"))
+    out_console.print(audit_table(report))
+    for note in report.notes:
+        out_console.print(f"[yellow]note:[/] {note}")
+    if json_out:
+        write_json_atomic(json_out, report.to_dict())
+        out_console.print(f"[green]wrote[/] {json_out}")
+    if report.verdict == "flagged":
+        raise typer.Exit(1)
+    if report.verdict == "inconclusive":
+        raise typer.Exit(3)

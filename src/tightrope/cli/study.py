@@ -1,0 +1,181 @@
+"""CLI: ``tightrope run``, ``tightrope search``, ``tightrope report``, ``tightrope weakness``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from tightrope.cli.base import app, user_errors
+
+out_console = Console()
+
+
+def _search_worker(spec_path: str, out: str, storage: str | None, study_name: str | None, trials: int | None,
+                   worker: int) -> None:
+    from tightrope.study.search import search_study  # noqa: PLC0415
+    from tightrope.study.spec import load_spec  # noqa: PLC0415
+
+    search_study(load_spec(spec_path), out, storage=storage, study_name=study_name, n_trials=trials, worker=worker,
+                 progress=worker == 0)
+
+
+@app.command("run")
+@user_errors
+def run(
+    study: Annotated[Path, typer.Argument(help="Study file (YAML).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (an interrupted run resumes there).")],
+    report: Annotated[bool, typer.Option(help="Write report.html and report.md at the end.")] = True,
+    update: Annotated[bool, typer.Option(help="The study file was edited since OUT was run: reuse every step whose "
+                                              "settings did not change, run the new ones.")] = False,
+):
+    """Run a whole study: baseline, defenses, compression, attacks, evaluation, report.
+
+    Example: tightrope run studies/quickstart.yaml --out runs/quickstart
+
+    After adding a model or an attack to the study file: tightrope run studies/quickstart.yaml --out runs/quickstart --update
+    """
+    from tightrope.study.plan import run_study  # noqa: PLC0415
+    from tightrope.study.spec import load_spec  # noqa: PLC0415
+
+    spec = load_spec(study)  # every key is checked before any work starts
+    run_study(spec, out, report=report, update=update)
+    if report and (out / "report.html").exists():
+        out_console.print(f"[green]report[/] {out / 'report.html'}  (and {out / 'report.md'})")
+    else:
+        out_console.print(f"[green]done[/] {out}")
+
+@app.command("search")
+@user_errors
+def search(
+    study: Annotated[Path, typer.Argument(help="Study file with a 'search' section.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (shared with `tightrope run`).")],
+    trials: Annotated[Optional[int], typer.Option(help="Complete trials wanted in total (default: the study's).")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes on this machine.")] = 1,
+    storage: Annotated[Optional[str], typer.Option(help="Database URL shared by workers (default: SQLite in OUT/search).")] = None,
+    study_name: Annotated[Optional[str], typer.Option(help="Name of the search in the store (default: study name + fingerprint).")] = None,
+    max_latency_ms: Optional[float] = None,
+    min_accuracy: Optional[float] = None,
+    max_asr: Optional[float] = None,
+    max_memory_mb: Optional[float] = None,
+    prefer: Annotated[str, typer.Option(help="Objective the choice optimizes among those meeting the limits.")] = "asr",
+    export: Annotated[Optional[Path], typer.Option(help="Copy the chosen model here, ready to load, with its card.")] = None,
+):
+    """Multi-objective search (Optuna NSGA-II) over compression settings; Pareto front and constrained choice.
+
+    Example: tightrope search studies/quickstart.yaml --out runs/quickstart --max-latency-ms 30 --min-accuracy 0.75 --export runs/chosen
+    """
+    import multiprocessing as mp  # noqa: PLC0415
+
+    import optuna  # noqa: PLC0415
+
+    from tightrope.errors import TightropeError  # noqa: PLC0415
+    from tightrope.report.tables import markdown_table  # noqa: PLC0415
+    from tightrope.study.runner import write_result  # noqa: PLC0415
+    from tightrope.study.search import (  # noqa: PLC0415
+        OBJECTIVES,
+        Constraints,
+        export_choice,
+        open_storage,
+        search_study,
+        storage_url,
+        summarize,
+    )
+    from tightrope.study.spec import load_spec  # noqa: PLC0415
+
+    spec = load_spec(study)
+    if spec.search is None:
+        raise TightropeError(f"{study} has no 'search' section; add one (trials, objectives, quant, sparsity).")
+    if workers < 1:
+        raise TightropeError("--workers must be at least 1.")
+    from tightrope.study.plan import identity  # noqa: PLC0415
+    from tightrope.study.runner import claim_run_dir  # noqa: PLC0415
+
+    claim_run_dir(out, identity(spec))  # before the SQLite file is created inside it
+    url = storage_url(storage, out)
+    name = study_name or f"{spec.name}-{spec.fingerprint()}"
+    if workers == 1:
+        search_study(spec, out, storage=url, study_name=name, n_trials=trials)
+    else:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_search_worker, args=(str(study), str(out), url, name, trials, w))
+                 for w in range(workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode for p in procs):
+            raise TightropeError(f"A search worker failed (exit codes {[p.exitcode for p in procs]}); "
+                                 "run the same command again to continue.")
+    loaded = optuna.load_study(study_name=name, storage=open_storage(url))
+    constraints = Constraints(max_latency_ms=max_latency_ms, min_accuracy=min_accuracy, max_asr=max_asr,
+                              max_memory_mb=max_memory_mb)
+    summary = summarize(loaded, [OBJECTIVES[o] for o in loaded.user_attrs["objectives"]], constraints, prefer)
+    write_result(out / "search" / "search.json", summary)
+    objectives = summary["objectives"]
+    rows = [[str(t["number"]), ", ".join(f"{k}={v}" for k, v in t["params"].items()),
+             *(f"{t['values'][o]:.4g}" for o in objectives)]
+            for t in summary["trials"] if t["number"] in summary["front"]]
+    out_console.print(markdown_table(["trial", "params", *objectives], rows))
+    chosen = summary["chosen"]
+    out_console.print(f"[green]chosen[/] trial {chosen['number']}: {chosen['params']} -> {chosen['values']}")
+    if export is not None:
+        path = export_choice(chosen, export, search_info={"study": spec.name, "storage": url.split("@")[-1]})
+        out_console.print(f"[green]exported[/] {path}")
+    if (out / "run.json").exists():
+        from tightrope.report.render import render_report  # noqa: PLC0415
+
+        render_report(out)
+        out_console.print(f"[green]report[/] {out / 'report.html'}")
+
+@app.command("report")
+@user_errors
+def report(run: Annotated[Path, typer.Argument(help="A study run directory.")]):
+    """Render a finished run as self-contained HTML and Markdown (tables, plots, examples, environment)."""
+    from tightrope.report.render import render_report  # noqa: PLC0415
+
+    paths = render_report(run)
+    for kind, path in paths.items():
+        out_console.print(f"[green]{kind}[/] {path}")
+
+@app.command("weakness")
+@user_errors
+def weakness(
+    run: Annotated[Path, typer.Argument(help="A study run directory.")],
+    layers: Annotated[bool, typer.Option(help="Also measure per-block sensitivity (compress one block at a time).")] = False,
+    model: Annotated[str, typer.Option(help="Model of the run probed per block.")] = "baseline",
+    method: Annotated[str, typer.Option(help="Compression applied to one block at a time.")] = "NF4",
+    n: Annotated[int, typer.Option(help="Test examples for the per-block probe.")] = 200,
+):
+    """Per-class vulnerability, most exploited words and positions; optionally per-block sensitivity."""
+    from tightrope.errors import TightropeError  # noqa: PLC0415
+    from tightrope.report.render import load_run  # noqa: PLC0415
+    from tightrope.study.runner import write_result  # noqa: PLC0415
+    from tightrope.study.weakness import analyze_attack, classifier_sensitivity  # noqa: PLC0415
+
+    data = load_run(run)
+    result: dict = {"attacks": {a: {m: analyze_attack(r) for m, r in per.items()} for a, per in data.attacks.items()}}
+    for attack, per in result["attacks"].items():
+        for target, info in per.items():
+            words = ", ".join(f"{w} ({c})" for w, c in info["words"][:10]) or "-"
+            classes = ", ".join(f"{k}: " + ("-" if v["asr"] is None else f"{v['asr']:.2f}")
+                                for k, v in info["per_class"].items())
+            out_console.print(f"[bold]{attack}[/] on {target}: ASR per class {classes}; most changed words: {words}")
+    if layers:
+        from tightrope import inference  # noqa: PLC0415
+        from tightrope.data import load_task  # noqa: PLC0415
+
+        evaluated = data.evals.get(model)
+        if evaluated is None:
+            raise TightropeError(f"The run has no model '{model}' (it has {', '.join(data.evals)}).")
+        clf = inference.load(str(run / evaluated["model"]))
+        d = data.spec["data"]
+        task = load_task(d["task"], d.get("test_split", "test"), n=n, seed=data.spec.get("seed", 0),
+                         data_dir=d.get("data_dir"))
+        result["layers"] = classifier_sensitivity(clf, task, method)
+        for name, row in result["layers"]["groups"].items():
+            out_console.print(f"{name}: accuracy {row['accuracy']:.4f} ({row['delta_accuracy']:+.4f})")
+    path = write_result(run / "weakness.json", result)
+    out_console.print(f"[green]wrote[/] {path}")
