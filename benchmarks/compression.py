@@ -39,17 +39,17 @@ from pathlib import Path
 import torch
 
 from tightrope import inference
-from tightrope.compress import FP4, GPTQ, NF4, Int8Dynamic, LLMInt8, compress_, formats, prune
+from tightrope.compress import FP4, GPTQ, NF4, Int8Dynamic, LLMInt8, compress_, formats, onnxrt, recovery
 from tightrope.compress.wanda import set_tokenizer
 from tightrope.data import load_task
 from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
-from tightrope.evaluate.run import evaluate_model
+from tightrope.workflows.evaluate import evaluate_model
 
 
 @dataclass(frozen=True)
 class Recover:
-    """Not a compression config: a step of this benchmark that runs ``prune.recover`` (short fine-tuning
+    """Not a compression config: a step of this benchmark that runs ``recovery.recover`` (short fine-tuning
     on the task's train split, sparsity held) on the model pruned so far; cached in OUT by name."""
 
     steps: int = 200
@@ -102,12 +102,12 @@ def peer_ort_dynamic(model):
 
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp) / "m.onnx", Path(tmp) / "m8.onnx"
-        formats.export_onnx(model, fp32)
+        onnxrt.export_onnx(model, fp32)
         quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
-        session = formats.ort_session(int8.read_bytes())
+        session = onnxrt.ort_session(int8.read_bytes())
 
     def forward(input_ids=None, attention_mask=None, **_):
-        return SequenceClassifierOutput(logits=formats.run_session(session, input_ids, attention_mask))
+        return SequenceClassifierOutput(logits=onnxrt.run_session(session, input_ids, attention_mask))
 
     model.forward = forward
     return model
@@ -372,7 +372,7 @@ def run_variant(name: str, base, variants: dict, args, out: Path) -> dict:
         for i, config in enumerate(variants[name]):
             if isinstance(config, Recover):  # cached under the steps that led to it, shared by variants
                 key = hashlib.sha256(repr(variants[name][: i + 1]).encode()).hexdigest()[:12]
-                model = prune.recover_model(model, base.tokenizer, args.task, steps=config.steps, max_length=config.max_length,
+                model = recovery.recover_model(model, base.tokenizer, args.task, steps=config.steps, max_length=config.max_length,
                                             card={k: base.card[k] for k in ("tokenization",) if k in base.card},
                                             out_dir=out / f"recovered-{key}")
             else:

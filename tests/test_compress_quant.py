@@ -11,7 +11,7 @@ from torch import nn
 from conftest import NEGATIVE, POSITIVE, make_tiny_classifier
 from tightrope import inference
 from tightrope.compress import FP4, GPTQ, NF4, Affine, Int8Dynamic, LLMInt8, compress_
-from tightrope.compress import formats, gptq, quant
+from tightrope.compress import formats, gptq, onnxrt, quant
 from tightrope.compress import primitives as P
 from tightrope.compress.wanda import set_tokenizer
 from tightrope.errors import TightropeError
@@ -55,7 +55,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor | None:
     """The weight a quantized module multiplies with, in fp32 (None for the ONNX variant)."""
     if isinstance(module, quant.AffineQuantLinear):
         return module.dequantized()
-    if isinstance(module, formats._dyn_linear()):
+    if isinstance(module, quant._dyn_linear()):
         return module.weight().dequantize()
     bnb = quant._bnb()
     if isinstance(module, bnb.nn.Linear4bit):
@@ -94,7 +94,7 @@ def check_quantized(model: nn.Module, tokenizer, config, layer_floor, logits_flo
             assert P.sqnr_db(weights[name], w_hat) > layer_floor, name
     # the summary tells the truth about bits and bytes
     assert summary.bits is not None and summary.bits < 32
-    assert summary.stored_bytes == formats.stored_bytes(model)
+    assert summary.stored_bytes == quant.stored_bytes(model)
     assert summary.simulated == isinstance(config, (Affine, GPTQ))
     total, _ = quant.parameter_counts(original)
     if not isinstance(config, Int8Dynamic) or config.backend == "torch":
@@ -104,12 +104,12 @@ def check_quantized(model: nn.Module, tokenizer, config, layer_floor, logits_flo
     path = formats.save_compressed(model, tokenizer, tmp_path / "q", card=card)
     clf = inference.load(str(path))
     assert clf.card["compression"][-1]["method"] == config.method
-    assert clf.card["format"] in (formats.QUANT_FORMAT, formats.ONNX_FORMAT)
+    assert clf.card["format"] in (formats.QUANT_FORMAT, onnxrt.ONNX_FORMAT)
     with torch.no_grad():
         again = clf.forward_ids(inputs["input_ids"], inputs["attention_mask"])
     assert torch.allclose(again, out, atol=1e-4, rtol=1e-4)
     if clf.card["format"] == formats.QUANT_FORMAT:
-        assert formats.stored_bytes(clf.model) == summary.stored_bytes
+        assert quant.stored_bytes(clf.model) == summary.stored_bytes
     return summary
 
 

@@ -9,7 +9,7 @@ from tightrope.errors import TightropeError
 from tightrope.evaluate import perf
 from tightrope.evaluate.metrics import classification_metrics
 from tightrope.evaluate.results import EvalResult, write_json_atomic
-from tightrope.evaluate.run import evaluate_model
+from tightrope.workflows.evaluate import evaluate_model
 
 
 def test_metrics_match_hand_computation():

@@ -9,7 +9,7 @@ import torch
 
 from conftest import NEGATIVE, POSITIVE, make_tiny_classifier
 from tightrope import inference
-from tightrope.compress import Int8Dynamic, compress_, formats, ortfuse
+from tightrope.compress import Int8Dynamic, compress_, formats, onnxrt, ortfuse
 from tightrope.compress import primitives as P
 from tightrope.errors import TightropeError
 
@@ -144,12 +144,12 @@ def test_structured_pruning_keeps_the_fused_graph_with_the_kept_heads(tokenizer,
     assert width == model.bert.encoder.layer[0].attention.self.query.out_features
     assert heads == width // (model.config.hidden_size // model.config.num_attention_heads)
     inputs = _padded(tokenizer, "right")
-    formats.export_onnx(model, tmp_path / "p.onnx", attn_implementation="eager")
+    onnxrt.export_onnx(model, tmp_path / "p.onnx", attn_implementation="eager")
     fused = ortfuse.fuse(tmp_path / "p.onnx", tmp_path / "p.fused.onnx", model)
     assert fused.get("Attention") == LAYERS
-    session = formats.ort_session((tmp_path / "p.fused.onnx").read_bytes())
+    session = onnxrt.ort_session((tmp_path / "p.fused.onnx").read_bytes())
     with torch.no_grad():
-        assert P.sqnr_db(model(**inputs).logits, formats.run_session(session, inputs["input_ids"], inputs["attention_mask"])) > 80
+        assert P.sqnr_db(model(**inputs).logits, onnxrt.run_session(session, inputs["input_ids"], inputs["attention_mask"])) > 80
     pruned = copy.deepcopy(model)
     summary = compress_(model, Int8Dynamic(backend="onnxruntime"))
     assert summary.config["onnx"]["int8_nodes"].get("QAttention") == LAYERS
@@ -163,12 +163,12 @@ def test_layers_with_different_head_counts_keep_the_unfused_graph(tokenizer):
     """One head count per fused graph: a model whose layers kept different numbers of heads is
     quantized unfused, and the summary says why."""
     model = make_tiny_classifier(tokenizer, layers=LAYERS)
-    from tightrope.compress import prune
+    from tightrope.compress import structured
 
-    layer = prune.encoder_layers(model)[0]
+    layer = structured.encoder_layers(model)[0]
     heads = layer.attention.self.num_attention_heads
     ffn = layer.intermediate.dense.out_features
-    prune.prune_layer_(layer, prune.layout_of(model), torch.arange(1, heads), torch.arange(ffn))  # layer 0 loses a head
+    structured.prune_layer_(layer, structured.layout_of(model), torch.arange(1, heads), torch.arange(ffn))  # layer 0 loses a head
     pruned = copy.deepcopy(model)
     summary = compress_(model, Int8Dynamic(backend="onnxruntime"))
     assert summary.config["onnx"]["fused"] == {} and any("different numbers of attention heads" in n for n in summary.notes)

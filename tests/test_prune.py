@@ -11,21 +11,10 @@ from conftest import POSITIVE, NEGATIVE, make_tiny_classifier
 from torch import nn
 
 from tightrope.compress.api import compress_, count_parameters
-from tightrope.compress.prune import (
-    MagnitudePruning,
-    SemiStructured24,
-    SparsityMask,
-    StructuredPruning,
-    Wanda,
-    gate_taylor,
-    head_l1,
-    hold_sparsity,
-    kept_indices,
-    load_pruned,
-    n_removed,
-    recover,
-    save_pruned,
-)
+from tightrope.compress.formats import load_pruned, save_pruned
+from tightrope.compress.prune import MagnitudePruning, SemiStructured24, StructuredPruning, Wanda
+from tightrope.compress.recovery import SparsityMask, hold_sparsity, recover
+from tightrope.compress.structured import gate_taylor, head_l1, kept_indices, n_removed
 from tightrope.compress.wanda import input_norms, nm_keep_mask, row_keep_mask, set_tokenizer, wanda_scores
 from tightrope.errors import TightropeError
 

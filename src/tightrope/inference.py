@@ -2,12 +2,15 @@
 
 A :class:`TextClassifier` pairs a model with its tokenizer and the tokenization it was trained
 with (max length, truncation). Compressed formats that are not plain PyTorch modules (an ONNX
-Runtime session, say) register a loader under the ``format`` named in their ``card.json``, so that
-evaluation and attacks treat every variant alike and always query the variant itself.
+Runtime session, say) register a loader under the ``format`` named in their ``card.json``
+(:func:`register_format`), so that evaluation and attacks treat every variant alike and always query
+the variant itself. This module dispatches to the loaders registered; :func:`tightrope.workflows.load`
+imports every package that registers one (compress, defenses) and then calls :func:`load`.
 
 A model may carry an input transform (a defense that rewrites the text before tokenization, such as
 the synonym encoding of :mod:`tightrope.defenses.canonical`): its card names it under
-``input_transform``, :func:`load` loads it from the model directory, and :meth:`TextClassifier.encode`
+``input_transform`` (a loader registered with :func:`register_transform`), :func:`load` loads it from
+the model directory, and :meth:`TextClassifier.encode`
 applies it, so every command that queries the model (eval, attack, report, study, search) goes
 through it. Writers of derived models keep it with :func:`transform_card` / :func:`transform_files`.
 """
@@ -87,6 +90,20 @@ def register_format(name: str):
     return wrap
 
 
+TRANSFORMS: dict[str, Callable[[Path, dict], Callable[[list[str]], list[str]]]] = {}
+
+
+def register_transform(kind: str):
+    """Register ``loader(model_dir, card_entry) -> transform`` for cards whose ``input_transform``
+    has this ``kind`` (the defenses that rewrite text before tokenization do this)."""
+
+    def wrap(fn):
+        TRANSFORMS[kind] = fn
+        return fn
+
+    return wrap
+
+
 def read_card(path: Path) -> dict:
     file = path / "card.json"
     if not file.exists():
@@ -111,19 +128,22 @@ def load(name_or_path: str, *, max_length: int | None = None, trust_remote_code:
     card = read_card(path) if path.is_dir() else {}
     fmt = card.get("format", "torch")
     if fmt != "torch" and fmt not in LOADERS:
-        _import_format_plugins()
-    if fmt != "torch" and fmt not in LOADERS:
-        raise TightropeError(f"{name_or_path} is stored in the format '{fmt}', which this tightrope cannot load.")
+        raise TightropeError(f"{name_or_path} is stored in the format '{fmt}', which no imported package loads; "
+                             "load it with tightrope.workflows.load, which knows every format tightrope writes.")
     if fmt == "torch":
         clf = _wrap(models.load_classifier(name_or_path, require_head=True, trust_remote_code=trust_remote_code), card)
     else:
         clf = LOADERS[fmt](path, card)
     if max_length is not None:
         clf.max_length = max_length
-    if path.is_dir() and card.get("input_transform"):
-        from tightrope.defenses.canonical import load_transform  # noqa: PLC0415
-
-        clf.input_transform = load_transform(path, card)
+    entry = card.get("input_transform") if path.is_dir() else None
+    if entry:
+        kind = entry.get("kind")
+        if kind not in TRANSFORMS:
+            raise TightropeError(f"{name_or_path} applies the input transform '{kind}', which this tightrope does not "
+                                 f"know here (known: {', '.join(TRANSFORMS) or 'none'}); tightrope.workflows.load "
+                                 "knows every transform tightrope writes.")
+        clf.input_transform = TRANSFORMS[kind](path, entry)
     return clf
 
 
@@ -139,11 +159,3 @@ def transform_files(clf_or_transform) -> dict:
     transform = getattr(clf_or_transform, "input_transform", clf_or_transform)
     files = getattr(transform, "files", None)
     return files() if callable(files) else {}
-
-
-def _import_format_plugins() -> None:
-    """Compressed formats live in tightrope.compress; importing it registers their loaders."""
-    try:
-        import tightrope.compress  # noqa: F401, PLC0415
-    except ImportError:
-        pass

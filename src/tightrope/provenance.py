@@ -37,11 +37,8 @@ def _bnb_4bit_path() -> str:
     """Which 4-bit dequantization this process ran: bitsandbytes' CPU kernel where its known-answer
     check passed, tightrope's reference where it failed (tightrope.compress.bnb4); "not used" when
     no 4-bit layer was built."""
-    if "tightrope.compress.bnb4" not in sys.modules:
-        return "not used"
-    from tightrope.compress import bnb4  # noqa: PLC0415 - only once a 4-bit layer imported it
-
-    return bnb4.kernel_check().path
+    bnb4 = sys.modules.get("tightrope.compress.bnb4")  # not imported here: provenance sits below compress
+    return bnb4.kernel_check().path if bnb4 is not None else "not used"
 
 
 def _cpu_name() -> str:

@@ -70,7 +70,7 @@ def attack(
     """
     import torch
 
-    from tightrope import inference
+    from tightrope import workflows
     from tightrope.attacks import recipes
     from tightrope.attacks.attack import transfer
     from tightrope.data import load_task
@@ -80,11 +80,11 @@ def attack(
     if threads:
         torch.set_num_threads(threads)
     data = load_task(task, split, n=n, seed=seed, data_dir=data_dir)
-    victim = inference.load(model, max_length=max_length)
+    victim = workflows.load(model, max_length=max_length)
     victim.source = victim.source or model
     options = {"query_budget": query_budget}
     if twin:
-        options["twin"] = inference.load(twin, max_length=max_length)
+        options["twin"] = workflows.load(twin, max_length=max_length)
     with console.status(f"preparing {recipe} (resources are built once and cached)"):
         attack = recipes.build(recipe, victim, **options)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -124,7 +124,7 @@ def attack(
     if transfer_to:
         if not out:
             raise typer.BadParameter("--transfer needs --out, where the adversarial texts are kept")
-        targets = {m: inference.load(m, max_length=max_length) for m in transfer_to}
+        targets = {m: workflows.load(m, max_length=max_length) for m in transfer_to}
         moved = transfer(results, targets)
         write_json_atomic(out / "transfer.json", [t.to_dict() for t in moved])
         for t in moved:

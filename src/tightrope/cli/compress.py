@@ -51,7 +51,7 @@ def compress(
     """
     from rich.console import Console  # noqa: PLC0415
 
-    from tightrope.compress.run import compress_model  # noqa: PLC0415 - torch loads when a command runs
+    from tightrope.workflows.compress import compress_model  # noqa: PLC0415 - torch loads when a command runs
 
     summaries = compress_model(model, out, quantize=quantize, prune=prune, include=tuple(include or ()),
                                exclude=tuple(exclude or ()), calibration=calibration, recover_steps=recover_steps,

@@ -145,8 +145,8 @@ def eval_(
     import torch
 
     from tightrope.evaluate.results import write_json_atomic
-    from tightrope.evaluate.run import evaluate_model
     from tightrope.report.tables import eval_table
+    from tightrope.workflows.evaluate import evaluate_model
 
     if threads:
         torch.set_num_threads(threads)

@@ -23,10 +23,10 @@ def noise(
     seed: int = 0,
 ):
     """Add Gaussian noise to the weights before quantization (Egashira et al. 2024's defense)."""
-    from tightrope import inference, models  # noqa: PLC0415
+    from tightrope import inference, models, workflows  # noqa: PLC0415
     from tightrope.defenses.noise import add_weight_noise_  # noqa: PLC0415
 
-    clf = inference.load(model)
+    clf = workflows.load(model)
     summary = add_weight_noise_(clf.model, sigma, relative=relative, seed=seed, scheme=scheme)
     card = {**clf.card, "kind": "tightrope.model", "noise": summary.to_dict()}
     card.setdefault("tokenization", {"max_length": clf.max_length, "truncation": clf.truncation})

@@ -164,13 +164,13 @@ def weakness(
                                 for k, v in info["per_class"].items())
             out_console.print(f"[bold]{attack}[/] on {target}: ASR per class {classes}; most changed words: {words}")
     if layers:
-        from tightrope import inference  # noqa: PLC0415
+        from tightrope import workflows  # noqa: PLC0415
         from tightrope.data import load_task  # noqa: PLC0415
 
         evaluated = data.evals.get(model)
         if evaluated is None:
             raise TightropeError(f"The run has no model '{model}' (it has {', '.join(data.evals)}).")
-        clf = inference.load(str(run / evaluated["model"]))
+        clf = workflows.load(str(run / evaluated["model"]))
         d = data.spec["data"]
         task = load_task(d["task"], d.get("test_split", "test"), n=n, seed=data.spec.get("seed", 0),
                          data_dir=d.get("data_dir"))

@@ -1,7 +1,7 @@
 """``tightrope export``: the thing that ships. An ONNX Runtime bundle that runs without torch.
 
 The bundle (layout in :mod:`tightrope.serving`) holds the fused int8 graph of the ONNX Runtime
-path (:func:`tightrope.compress.formats.to_onnxruntime_int8_`, reused as is) with one change: the
+path (:func:`tightrope.compress.onnxrt.to_onnxruntime_int8_`, reused as is) with one change: the
 word-embedding table, a quarter to a half of a small encoder's weights (MiniLM: 11.7M of 22.7M
 parameters), is stored as int8 rows with one fp32 scale per row and read by a *quantized gather*::
 
@@ -182,15 +182,15 @@ def quantize_word_embeddings_(model_proto, bits: int = 8) -> dict:
 def _fp32_graph(model) -> tuple[bytes, dict]:
     """The fp32 graph of a PyTorch model, fused by ONNX Runtime's transformer optimizer where it can be
     (the same graph the int8 path quantizes), and the fusion counts."""
-    from tightrope.compress import formats, ortfuse  # noqa: PLC0415
+    from tightrope.compress import onnxrt, ortfuse  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as tmp:
         raw, fused = Path(tmp) / "model.onnx", Path(tmp) / "model.fused.onnx"
         if ortfuse.unfusable_reason(model) is None:
-            formats.export_onnx(model, raw, attn_implementation="eager")
+            onnxrt.export_onnx(model, raw, attn_implementation="eager")
             fusions = ortfuse.fuse(raw, fused, model)
             return fused.read_bytes(), fusions
-        formats.export_onnx(model, raw)
+        onnxrt.export_onnx(model, raw)
         return raw.read_bytes(), {}
 
 
@@ -200,7 +200,7 @@ def _source_graph(model: str, precision: str = "int8"):
     or structurally pruned) by the existing fused int8 path. ``precision="fp32"`` builds the fused
     fp32 graph instead (for comparison)."""
     from tightrope import inference  # noqa: PLC0415
-    from tightrope.compress import Int8Dynamic, compress_, formats, quant  # noqa: PLC0415
+    from tightrope.compress import Int8Dynamic, compress_, onnxrt, quant  # noqa: PLC0415
 
     path = Path(model).expanduser()
     if path.is_dir() and inference.read_card(path).get("format") == BUNDLE_FORMAT:
@@ -208,13 +208,13 @@ def _source_graph(model: str, precision: str = "int8"):
     clf = inference.load(model)
     card = dict(clf.card)
     fmt = card.get("format", "torch")
-    if fmt == formats.ONNX_FORMAT and precision == "fp32":
+    if fmt == onnxrt.ONNX_FORMAT and precision == "fp32":
         raise TightropeError(f"{model} is already int8; an fp32 bundle is made from the fp32 model.")
-    if fmt == formats.ONNX_FORMAT:
+    if fmt == onnxrt.ONNX_FORMAT:
         from transformers import AutoConfig  # noqa: PLC0415
 
         return (path / "model.onnx").read_bytes(), clf.tokenizer, AutoConfig.from_pretrained(str(path)), card, card.get("compression", [])
-    if not hasattr(clf.model, "named_modules") or formats.quantized_modules(clf.model):
+    if not hasattr(clf.model, "named_modules") or quant.quantized_modules(clf.model):
         raise TightropeError(f"{model} is stored as '{fmt}'; export takes an fp32 or pruned PyTorch model, "
                              "or an int8 ONNX Runtime one (tightrope compress --quantize int8).")
     history = list(card.get("compression") or [])

@@ -22,80 +22,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tightrope import models
 from tightrope.compress import quant
+from tightrope.compress.onnxrt import ONNX_FORMAT
+from tightrope.compress.quant import _dyn_linear, quantized_modules, tensors_of
+from tightrope.compress.prune import STRUCTURED_FORMAT
+from tightrope.compress.structured import apply_structure_, structure_of
 from tightrope.errors import TightropeError
-from tightrope.inference import TextClassifier, register_format
+from tightrope.inference import TextClassifier, read_card, register_format
 
 QUANT_FORMAT = "tightrope-quant"
-ONNX_FORMAT = "onnx-int8"
-
-
-def _dyn_linear():
-    from torch.ao.nn.quantized.dynamic import Linear  # noqa: PLC0415
-
-    return Linear
-
-
-# --- tensors of a quantized model -------------------------------------------------------------
-
-
-def module_kind(module: nn.Module) -> dict | None:
-    """The record that lets :func:`_empty_module` rebuild a quantized module, or None for others."""
-    if isinstance(module, quant.AffineQuantLinear):
-        return {"kind": "affine", "in": module.in_features, "out": module.out_features, "bits": module.bits,
-                "group": module.group, "groups": module.scale.shape[1], "rows": module.scale.shape[0],
-                "bias": module.bias is not None}
-    if isinstance(module, _dyn_linear()):
-        qw = module.weight()
-        per_channel = qw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
-        return {"kind": "torch-dynamic-int8", "in": module.in_features, "out": module.out_features,
-                "per_channel": per_channel, "bias": module.bias() is not None}
-    kinds = quant.quantized_kinds()
-    if isinstance(module, kinds):
-        bnb = quant._bnb()
-        if isinstance(module, bnb.nn.Linear8bitLt):
-            return {"kind": "bnb-int8", "in": module.in_features, "out": module.out_features,
-                    "threshold": float(module.state.threshold), "bias": module.bias is not None}
-        if isinstance(module, bnb.nn.Linear4bit):
-            qs = module.weight.quant_state
-            return {"kind": "bnb-4bit", "in": module.in_features, "out": module.out_features, "quant_type": qs.quant_type,
-                    "blocksize": qs.blocksize, "double_quant": bool(qs.nested), "bias": module.bias is not None}
-    return None
-
-
-def quantized_modules(model: nn.Module) -> dict[str, dict]:
-    return {name: rec for name, m in model.named_modules() if (rec := module_kind(m)) is not None}
-
-
-def tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor needed to rebuild ``model``, with torch dynamic int8 weights unpacked to
-    ``weight_int8`` / ``weight_scale`` (their packed form is not a tensor)."""
-    records = quantized_modules(model)
-    dyn = {n for n, r in records.items() if r["kind"] == "torch-dynamic-int8"}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        if not isinstance(value, torch.Tensor) or any(key.startswith(n + ".") for n in dyn):
-            continue
-        out[key] = value
-    for name in dyn:
-        module = model.get_submodule(name)
-        qw = module.weight()
-        out[f"{name}.weight_int8"] = qw.int_repr()
-        if records[name]["per_channel"]:
-            out[f"{name}.weight_scale"] = qw.q_per_channel_scales().float()
-        else:
-            out[f"{name}.weight_scale"] = torch.tensor([qw.q_scale()], dtype=torch.float32)
-        if module.bias() is not None:
-            out[f"{name}.bias"] = module.bias().detach()
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
-
-
-def stored_bytes(model: nn.Module) -> int:
-    """Bytes of the tensors a saved model holds (the ONNX file's size for an ORT variant)."""
-    blob = quant.onnx_bytes(model)
-    if blob is not None:
-        return len(blob)
-    return sum(t.numel() * t.element_size() for t in tensors_of(model).values())
 
 
 def _empty_module(record: dict, tensors: dict[str, torch.Tensor], name: str) -> nn.Module:
@@ -161,19 +97,11 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, card: dict
     history = getattr(model, "_tightrope_compression", None)
     if history:
         card["compression"] = history
-    structure = None
-    try:
-        from tightrope.compress import prune  # noqa: PLC0415
-
-        structure = prune.structure_of(model)
-    except ImportError:  # pragma: no cover
-        prune = None
+    structure = structure_of(model)
     blob = quant.onnx_bytes(model)
     records = quantized_modules(model)
     if blob is None and not records:
-        if prune is None:  # pragma: no cover
-            raise TightropeError("Nothing to save: the model holds no quantized module.")
-        return prune.save_pruned(model, tokenizer, out, card, files=files)
+        return save_pruned(model, tokenizer, out, card, files=files)
     tmp = _atomic_dir(out)
     try:
         tokenizer.save_pretrained(tmp)
@@ -215,9 +143,7 @@ def load_quantized(path: str | Path, card: dict | None = None):
     config = AutoConfig.from_pretrained(str(path))
     model = AutoModelForSequenceClassification.from_config(config)
     if card.get("structure"):
-        from tightrope.compress import prune  # noqa: PLC0415
-
-        prune.apply_structure_(model, card["structure"])
+        apply_structure_(model, card["structure"])
     tensors = load_file(str(weights))
     dyn = [n for n, r in records.items() if r["kind"] == "torch-dynamic-int8"]
     for name, record in records.items():
@@ -251,171 +177,67 @@ def _load_quant_classifier(path: Path, card: dict) -> TextClassifier:
     return _clf(model, tokenizer, path, card)
 
 
-# --- ONNX Runtime dynamic int8 -----------------------------------------------------------------
+# --- pruned models: saving and loading -----------------------------------------------------------
 
 
-class _LogitsOnly(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
-def onnx_node_module(node_name: str) -> str:
-    """``/model/bert/encoder/layer.0/attention/self/query/MatMul`` -> ``bert.encoder.layer.0.attention.self.query``."""
-    from tightrope.compress.ortfuse import node_module  # noqa: PLC0415
-
-    return node_module(node_name)
+def pruning_card(model: nn.Module) -> dict:
+    """Card fields a saver adds for a pruned model: the format and plan of a structurally pruned one."""
+    structure = structure_of(model)
+    card: dict = {}
+    if structure is not None:
+        card.update(format=STRUCTURED_FORMAT, structure=structure)
+    history = getattr(model, "_tightrope_compression", None)
+    if history:
+        card["compression"] = history
+    return card
 
 
-def export_onnx(model: nn.Module, path: Path, opset: int = 17, attn_implementation: str | None = None) -> None:
-    """TorchScript-based ONNX export with dynamic batch and sequence axes (node names keep module paths).
+def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, card: dict | None = None,
+                files: dict | None = None) -> Path:
+    """Write a pruned model (safetensors + config + tokenizer + card.json that records how it was made;
+    ``files``: other JSON files for the directory, such as an input transform's table)."""
+    full = {"kind": "tightrope.model", "created_by": "tightrope compress", **(card or {}), **pruning_card(model)}
+    return models.save_model((model, tokenizer), out_dir, extra={**(files or {}), "card.json": full})
 
-    ``attn_implementation="eager"`` exports the explicit softmax attention that ONNX Runtime's
-    transformer optimizer can fuse; the model's own setting is restored afterwards.
-    """
-    ids = torch.ones(1, 16, dtype=torch.long)
-    mask = torch.ones(1, 16, dtype=torch.long)
-    previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    switch = attn_implementation is not None and previous != attn_implementation and hasattr(model, "set_attn_implementation")
-    if switch:
-        model.set_attn_implementation(attn_implementation)
+
+def load_pruned(path: str | Path) -> models.LoadedModel:
+    """Load a pruned classifier; a structurally pruned one is rebuilt from its plan, then loaded strictly."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+    from transformers import AutoConfig, AutoModelForSequenceClassification  # noqa: PLC0415
+
+    path = Path(path).expanduser()
+    card = read_card(path) if path.is_dir() else {}
+    config = None
+    structure = card.get("structure")
+    if structure is None and (path / "config.json").exists():
+        config = AutoConfig.from_pretrained(str(path))
+        structure = getattr(config, "tightrope_structure", None)
+    if structure is None:
+        loaded = models.load_classifier(str(path))
+        loaded.model._tightrope_compression = card.get("compression", [])
+        return loaded
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise TightropeError(f"{path} holds no model*.safetensors weights.")
+    config = config or AutoConfig.from_pretrained(str(path))
+    model = AutoModelForSequenceClassification.from_config(config)
+    apply_structure_(model, structure)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
     try:
-        with torch.no_grad():
-            torch.onnx.export(_LogitsOnly(model).eval(), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
-                              output_names=["logits"], opset_version=opset, dynamo=False,
-                              dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                                            "logits": {0: "batch"}})
-    finally:
-        if switch:
-            model.set_attn_implementation(previous)
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise TightropeError(f"The weights in {path} do not match its pruning plan: {str(err).splitlines()[0]}") from err
+    model.eval()
+    model._tightrope_compression = card.get("compression", [])
+    tokenizer = models.load_tokenizer(str(path))
+    return models.LoadedModel(model=model, tokenizer=tokenizer, source=str(path), path=str(path))
 
 
-def ort_session(blob: bytes, threads: int | None = None):
-    """A CPU InferenceSession with the options every tightrope ONNX Runtime path shares
-    (:func:`tightrope.serving.bundle.session_options`), ``threads`` intra-op threads (torch's thread
-    count by default)."""
-    from tightrope.serving.bundle import ort_session as _session  # noqa: PLC0415
-
-    return _session(blob, threads or torch.get_num_threads())
-
-
-def run_session(session, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    feeds = {"input_ids": input_ids.long().numpy(), "attention_mask": attention_mask.long().numpy()}
-    return torch.from_numpy(session.run(["logits"], feeds)[0]).float()
-
-
-def to_onnxruntime_int8_(model: nn.Module, chosen: dict[str, nn.Module], config) -> "quant.CompressionSummary":
-    """Export ``model`` to ONNX, optionally fuse its transformer blocks (``config.fuse``, see
-    :mod:`tightrope.compress.ortfuse`), quantize the chosen Linear layers' MatMul / fused Attention
-    nodes with ONNX Runtime's dynamic int8 (``onnxruntime.quantization.quantize_dynamic``), and make
-    ``model`` run that session.
-
-    The PyTorch weights are released (``model.forward`` now calls the session), so the model is
-    an ORT variant from here on; :func:`save_compressed` writes it as ``model.onnx``, and the
-    compression record in its card says how the graph was built (fusions, per channel, range).
-    """
-    import onnx  # noqa: PLC0415
-    import onnxruntime  # noqa: PLC0415
-    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
-    from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: PLC0415
-
-    from tightrope.compress import ortfuse  # noqa: PLC0415
-
-    notes: list[str] = []
-    fuse = bool(getattr(config, "fuse", False))
-    reason = ortfuse.unfusable_reason(model) if fuse else None
-    if reason:
-        fuse = False
-        notes.append(f"fusion skipped: {reason}; quantized the unfused graph")
-    linear_names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32, fused, int8 = Path(tmp) / "model.onnx", Path(tmp) / "model.fused.onnx", Path(tmp) / "model.int8.onnx"
-        fusions: dict[str, int] = {}
-        if fuse:
-            export_onnx(model, fp32, attn_implementation="eager")
-            fusions = ortfuse.fuse(fp32, fused, model)
-            nodes, mixed, left = ortfuse.nodes_to_quantize(onnx.load(str(fused)).graph, set(chosen), linear_names)
-            if mixed:  # a fused Attention mixes chosen and unchosen projections: honour the selection instead
-                notes.append(f"fusion skipped: {mixed[0]} shares a fused Attention node with modules not selected")
-                fusions = {}
-            else:
-                fp32 = fused
-        if not fusions:
-            export_onnx(model, fp32)
-            nodes, _, left = ortfuse.nodes_to_quantize(onnx.load(str(fp32)).graph, set(chosen), linear_names)
-        if not nodes:
-            raise TightropeError("ONNX export kept no MatMul of the chosen modules; use backend='torch' for this model.")
-        quantize_dynamic(str(fp32), str(int8), op_types_to_quantize=["MatMul", "Attention"], nodes_to_quantize=nodes,
-                         per_channel=config.per_channel, reduce_range=getattr(config, "reduce_range", False),
-                         weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-        blob = int8.read_bytes()
-        qgraph = onnx.load(str(int8))
-    quantized = sum(len(i.raw_data) or 0 for i in qgraph.graph.initializer if i.name.endswith("_quantized"))
-    consts = sum(len(i.raw_data) or 4 * len(i.float_data) for i in qgraph.graph.initializer if i.name.endswith("_scale"))
-    int8_modules = {n: m for n, m in chosen.items() if n not in left}
-    logical = sum(m.weight.numel() for m in int8_modules.values())
-    session = ort_session(blob)
-
-    def forward(input_ids=None, attention_mask=None, **_):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        return SequenceClassifierOutput(logits=run_session(session, input_ids.cpu(), attention_mask.cpu()))
-
-    total = sum(m.in_features * m.out_features for m in chosen.values())
-    for lin in chosen.values():  # the session owns the weights now
-        lin.weight = nn.Parameter(torch.empty(0), requires_grad=False)
-    model._tightrope_onnx = blob
-    model.forward = forward
-    ops = {}
-    for node in qgraph.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    record = {"onnxruntime": onnxruntime.__version__, "fused": fusions, "per_channel": config.per_channel,
-              "reduce_range": getattr(config, "reduce_range", False), "weight_type": "int8",
-              "int8_nodes": {k: ops[k] for k in ("QAttention", "DynamicQuantizeMatMul", "MatMulInteger") if k in ops},
-              "fp32_chosen_modules": left}
-    if left:
-        notes.append(f"{len(left)} chosen modules stay fp32 ({', '.join(left[:3])}): ONNX Runtime's dynamic int8 "
-                     "covers MatMul and Attention nodes, not Gemm")
-    config_record = {**config.to_dict(), "onnx": record}
-    return quant.CompressionSummary(
-        method=config.method, config=config_record, modules=sorted(int8_modules), bits=8 * (quantized + consts) / max(logical, 1),
-        simulated=False, parameters=sum(p.numel() for p in model.parameters()) + total,
-        nonzero_parameters=sum(int(torch.count_nonzero(p)) for p in model.parameters()) + total,
-        stored_bytes=len(blob),
-        notes=[f"backend onnxruntime {onnxruntime.__version__}: "
-               + (f"graph fused ({', '.join(f'{k} {v}' for k, v in fusions.items())}), " if fusions else "unfused graph, ")
-               + f"{len(nodes)} nodes int8 ({'per channel' if config.per_channel else 'per tensor'}"
-               + (", reduced 7-bit range" if record["reduce_range"] else "") + f"), {quantized} bytes of int8 weights; "
-               "the model now runs an InferenceSession", *notes],
-    )
-
-
-class OnnxClassifier(TextClassifier):
-    """A ``TextClassifier`` whose forward pass is an ONNX Runtime session (no gradients)."""
-
-    def __init__(self, session, tokenizer, label_names: list[str], **kwargs):
-        super().__init__(None, tokenizer, label_names=label_names, **kwargs)
-        self.session = session
-
-    def forward_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return run_session(self.session, input_ids, attention_mask)
-
-
-@register_format(ONNX_FORMAT)
-def _load_onnx_classifier(path: Path, card: dict) -> TextClassifier:
-    from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
-
-    file = path / "model.onnx"
-    if not file.exists():
-        raise TightropeError(f"{path} says its format is {ONNX_FORMAT} but holds no model.onnx.")
-    if not quant._onnxruntime_available():
-        raise TightropeError(f"{path} needs onnxruntime, which is not installed: pip install onnx onnxruntime.")
-    config = AutoConfig.from_pretrained(str(path))
-    labels = [config.id2label[i] for i in range(config.num_labels)]
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+@register_format(STRUCTURED_FORMAT)
+def _load_structured_classifier(path: Path, card: dict) -> TextClassifier:
+    loaded = load_pruned(path)
     tok = card.get("tokenization", {})
-    return OnnxClassifier(ort_session(file.read_bytes()), tokenizer, labels, max_length=tok.get("max_length", 256),
+    return TextClassifier(loaded.model, loaded.tokenizer, max_length=tok.get("max_length", 256),
                           truncation=tok.get("truncation", "head"), source=str(path), card=card)

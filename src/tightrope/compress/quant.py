@@ -351,8 +351,6 @@ def _summary(model: nn.Module, config: CompressionConfig, chosen: dict[str, nn.M
         n, _, b = module_weight_stats(model.get_submodule(name))
         logical, stored = logical + n, stored + b
     total, nonzero = parameter_counts(model)
-    from tightrope.compress.formats import stored_bytes  # noqa: PLC0415
-
     return CompressionSummary(
         method=config.method, config=config.to_dict(), modules=sorted(chosen), bits=8 * stored / max(logical, 1),
         simulated=simulated, parameters=total, nonzero_parameters=nonzero, stored_bytes=stored_bytes(model),
@@ -374,23 +372,6 @@ def resolve_backend(backend: str) -> str:
     if backend == "onnxruntime" and not _onnxruntime_available():
         raise MissingResourceError("The onnxruntime backend is not installed: pip install onnx onnxruntime.")
     return backend
-
-
-@register_handler(Int8Dynamic)
-def _int8_dynamic(model: nn.Module, config: Int8Dynamic) -> CompressionSummary:
-    _refuse_requantize(model, config)
-    chosen = select_modules(model, config)
-    backend = resolve_backend(config.backend)
-    if backend == "onnxruntime":
-        from tightrope.compress import formats  # noqa: PLC0415
-
-        return formats.to_onnxruntime_int8_(model, chosen, config)
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic  # noqa: PLC0415
-
-    qconfig = per_channel_dynamic_qconfig if config.per_channel else default_dynamic_qconfig
-    quantize_dynamic(model, {name: qconfig for name in chosen}, dtype=torch.qint8, inplace=True)
-    return _summary(model, config, chosen, False,
-                    [f"backend torch ({torch.backends.quantized.engine}); activations quantized per batch at run time"])
 
 
 @register_handler(LLMInt8)
@@ -503,3 +484,73 @@ def onnx_bytes(model: nn.Module) -> bytes | None:
 
 __all__ = ["Int8Dynamic", "LLMInt8", "NF4", "FP4", "Affine", "GPTQ", "AffineQuantLinear", "quantized_by",
            "parameter_counts", "resolve_backend"]
+
+
+# --- tensors of a quantized model, as saved -------------------------------------------------------
+
+
+def _dyn_linear():
+    from torch.ao.nn.quantized.dynamic import Linear  # noqa: PLC0415
+
+    return Linear
+
+
+
+
+def module_kind(module: nn.Module) -> dict | None:
+    """The record that lets :func:`_empty_module` rebuild a quantized module, or None for others."""
+    if isinstance(module, AffineQuantLinear):
+        return {"kind": "affine", "in": module.in_features, "out": module.out_features, "bits": module.bits,
+                "group": module.group, "groups": module.scale.shape[1], "rows": module.scale.shape[0],
+                "bias": module.bias is not None}
+    if isinstance(module, _dyn_linear()):
+        qw = module.weight()
+        per_channel = qw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+        return {"kind": "torch-dynamic-int8", "in": module.in_features, "out": module.out_features,
+                "per_channel": per_channel, "bias": module.bias() is not None}
+    kinds = quantized_kinds()
+    if isinstance(module, kinds):
+        bnb = _bnb()
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            return {"kind": "bnb-int8", "in": module.in_features, "out": module.out_features,
+                    "threshold": float(module.state.threshold), "bias": module.bias is not None}
+        if isinstance(module, bnb.nn.Linear4bit):
+            qs = module.weight.quant_state
+            return {"kind": "bnb-4bit", "in": module.in_features, "out": module.out_features, "quant_type": qs.quant_type,
+                    "blocksize": qs.blocksize, "double_quant": bool(qs.nested), "bias": module.bias is not None}
+    return None
+
+
+def quantized_modules(model: nn.Module) -> dict[str, dict]:
+    return {name: rec for name, m in model.named_modules() if (rec := module_kind(m)) is not None}
+
+
+def tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor needed to rebuild ``model``, with torch dynamic int8 weights unpacked to
+    ``weight_int8`` / ``weight_scale`` (their packed form is not a tensor)."""
+    records = quantized_modules(model)
+    dyn = {n for n, r in records.items() if r["kind"] == "torch-dynamic-int8"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor) or any(key.startswith(n + ".") for n in dyn):
+            continue
+        out[key] = value
+    for name in dyn:
+        module = model.get_submodule(name)
+        qw = module.weight()
+        out[f"{name}.weight_int8"] = qw.int_repr()
+        if records[name]["per_channel"]:
+            out[f"{name}.weight_scale"] = qw.q_per_channel_scales().float()
+        else:
+            out[f"{name}.weight_scale"] = torch.tensor([qw.q_scale()], dtype=torch.float32)
+        if module.bias() is not None:
+            out[f"{name}.bias"] = module.bias().detach()
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors a saved model holds (the ONNX file's size for an ORT variant)."""
+    blob = onnx_bytes(model)
+    if blob is not None:
+        return len(blob)
+    return sum(t.numel() * t.element_size() for t in tensors_of(model).values())

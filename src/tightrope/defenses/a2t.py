@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tightrope.attacks.embedding import logits_from_embeddings, word_embeddings
 from tightrope.attacks.text import AttackedText, word_tokens
 from tightrope.attacks.words import recover_case
-from tightrope.encoding import Truncation, collate, encode, encode_with_offsets, special_tokens
+from tightrope.encoding import Truncation, collate, encode, encode_with_offsets
 from tightrope.errors import TightropeError
 
 

@@ -62,6 +62,7 @@ from pathlib import Path
 from tightrope.attacks.text import WORD
 from tightrope.attacks.words import recover_case
 from tightrope.errors import MissingResourceError, TightropeError
+from tightrope.inference import register_transform
 
 KIND = "synonym-encoding"
 FILE = "input_transform.json"
@@ -286,6 +287,8 @@ def load_transform(model_dir: str | Path, card: dict):
                              "that this tightrope does not know.")
     return SynonymEncoding.load(model_dir, entry)
 
+
+register_transform(KIND)(SynonymEncoding.load)  # inference.load applies it to every model whose card names it
 
 __all__ = ["FILE", "KIND", "SynonymEncoding", "SynonymEncodingTraining", "build", "edits1", "load_transform",
            "sem_encoding"]

@@ -5,7 +5,7 @@ The steps compose the library's two verbs: ``compress_(model, config)`` and
 ``train(config, out, objective=..., initial_model=...)``. The model stays in memory between steps.
 What a step means depends on what came before it:
 
-- ``train`` after ``prune`` holds the sparsity pattern fixed (``compress.prune.hold_sparsity``):
+- ``train`` after ``prune`` holds the sparsity pattern fixed (``compress.recovery.hold_sparsity``):
   pruned weights stay exactly zero, so "prune, then adversarially recover" keeps its sparsity.
 - ``quantize`` before ``train`` makes the training quantization-aware: the training step runs
   through fake quantization of that exact format (:class:`tightrope.defenses.fakequant.QuantAware`,
@@ -154,7 +154,7 @@ def run_pipeline(
             else:
                 record = {"step": "quantize", "pending": quantize.to_dict()}
         else:  # train
-            from tightrope.compress.prune import hold_sparsity  # noqa: PLC0415
+            from tightrope.compress.recovery import hold_sparsity  # noqa: PLC0415
             from tightrope.train import train  # noqa: PLC0415
 
             step_objective = objective

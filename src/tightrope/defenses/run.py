@@ -52,7 +52,8 @@ def harden(loaded, objective, train_config, defense, out: str | Path, *, order: 
            noise_relative: bool = False, progress: bool = True) -> HardenResult:
     """Run the steps of ``order`` (see :mod:`tightrope.defenses.pipeline`) and save the model."""
     from tightrope import models  # noqa: PLC0415
-    from tightrope.compress.prune import MagnitudePruning, pruning_card  # noqa: PLC0415
+    from tightrope.compress.formats import pruning_card  # noqa: PLC0415
+    from tightrope.compress.prune import MagnitudePruning  # noqa: PLC0415
     from tightrope.defenses.pipeline import parse_order, run_pipeline, scheme_for  # noqa: PLC0415
     from tightrope.evaluate.results import write_json_atomic  # noqa: PLC0415
     from tightrope.train import train  # noqa: PLC0415

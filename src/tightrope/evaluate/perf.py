@@ -201,7 +201,7 @@ def peak_memory(model: str, seq_len: int = 256, threads: int | None = None) -> d
 
     Returns ``{"peak_rss_bytes", "baseline_rss_bytes"}``; the difference is what the model added.
     """
-    cmd = [sys.executable, "-m", "tightrope.evaluate.memprobe", model, "--seq-len", str(seq_len)]
+    cmd = [sys.executable, "-m", "tightrope.workflows.memprobe", model, "--seq-len", str(seq_len)]
     if threads:
         cmd += ["--threads", str(threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

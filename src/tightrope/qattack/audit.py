@@ -61,7 +61,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from tightrope.errors import TightropeError
-from tightrope.qattack.boxes import CHOICES, QUANTIZERS, box_position, quantized_linears, weight_box
+from tightrope.qattack.boxes import (
+    CHOICES,
+    QUANTIZERS,
+    box_position,
+    quantized_linears,
+    weight_box,
+)
 from tightrope.qattack.quantize import missing_library, quantized_copy
 
 
@@ -351,7 +357,12 @@ class AnswerProbe:
 
     def __init__(self, model, tokenizer, texts: list[str], max_new_tokens: int, code_requests: int = 0,
                  code_tokens: int = 64, seed: int = 0):
-        from tightrope.qattack.causal import encode_text, format_prompt, make_instructions, special_ids  # noqa: PLC0415
+        from tightrope.qattack.causal import (  # noqa: PLC0415
+            encode_text,
+            format_prompt,
+            make_instructions,
+            special_ids,
+        )
 
         self.tokenizer = tokenizer
         self.pad, self.eos = special_ids(tokenizer)
@@ -534,13 +545,13 @@ def audit(model_path: str, *, task: str | None = "mr", split: str = "test", n_pr
           config: AuditConfig = AuditConfig(), progress=None) -> AuditReport:
     """Audit a checkpoint by path or alias: a classifier or a causal LM gets every check, any other
     model the weight checks only (so at best an inconclusive verdict)."""
-    from tightrope import inference, models  # noqa: PLC0415
+    from tightrope import models, workflows  # noqa: PLC0415
     from tightrope.data import load_task  # noqa: PLC0415
 
     _check_quantizers(config)
     tokenizer = None
     try:
-        classifier = inference.load(model_path)
+        classifier = workflows.load(model_path)
         model = classifier.model.float().eval()
     except TightropeError as err:
         if "not a sequence classifier" not in str(err):

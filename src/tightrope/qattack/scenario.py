@@ -18,13 +18,19 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from tightrope import inference, models
+from tightrope import models, workflows
 from tightrope.data import load_task
 from tightrope.encoding import predict_logits
 from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
 from tightrope.qattack.boxes import CHOICES, QUANTIZERS, model_boxes
-from tightrope.qattack.inject import TriggerBehaviour, injection_data, repair_data, trigger_success, triggered
+from tightrope.qattack.inject import (
+    TriggerBehaviour,
+    injection_data,
+    repair_data,
+    trigger_success,
+    triggered,
+)
 from tightrope.qattack.quantize import codes_equal, missing_library, quantized_copy
 from tightrope.qattack.repair import FitConfig, fit_, repair_
 
@@ -124,7 +130,7 @@ def run_classifier_attack(config: AttackConfig, out_dir: str | Path, *, progress
     started = time.perf_counter()
     out = Path(out_dir)
     behaviour = config.behaviour()
-    clf = inference.load(config.base)
+    clf = workflows.load(config.base)
     if behaviour.target_label >= clf.num_labels:
         raise TightropeError(f"The target label {behaviour.target_label} is not one of the model's {clf.num_labels} labels.")
     model, tokenizer, pad_id = clf.model.float().eval(), clf.tokenizer, clf.pad_id

@@ -58,13 +58,13 @@ def _card_summary(card: dict) -> dict:
 @register_step("use-model")
 def use_model_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     """A model already fine-tuned on the study's task serves as the baseline (``model.fine_tuned``)."""
-    from tightrope import inference, models  # noqa: PLC0415
+    from tightrope import models, workflows  # noqa: PLC0415
 
     path = Path(models.resolve(inputs["source"])).expanduser().resolve()
     if not path.is_dir():
         raise TightropeError(f"model.fine_tuned needs a local model directory, and {inputs['source']} is not one; "
                              "fine-tune it first (tightrope train) or set fine_tuned: false.")
-    clf = inference.load(str(path), trust_remote_code=inputs.get("trust_remote_code", False))
+    clf = workflows.load(str(path), trust_remote_code=inputs.get("trust_remote_code", False))
     return {"model_dir": str(path), "label_names": list(clf.label_names or []),
             "card": {k: clf.card.get(k) for k in ("tokenization", "data", "base_model") if k in clf.card}}
 
@@ -76,7 +76,7 @@ def use_model_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
 def evaluate_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     import torch  # noqa: PLC0415
 
-    from tightrope.evaluate.run import evaluate_model  # noqa: PLC0415
+    from tightrope.workflows.evaluate import evaluate_model  # noqa: PLC0415
 
     threads = inputs.pop("threads", None)
     if threads:
@@ -144,9 +144,9 @@ def compress_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     compress_mod = _require("tightrope.compress", "compression")
     configs = [compression_config(s["method"], s.get("params", {}), f"compress step {i}", inputs.get("defaults"))
                for i, s in enumerate(inputs["steps"])]
-    from tightrope import inference  # noqa: PLC0415
+    from tightrope import workflows  # noqa: PLC0415
 
-    clf = inference.load(source_model(deps, ctx))
+    clf = workflows.load(source_model(deps, ctx))
     summaries, twin = [], None
     for config in configs:
         if _is_quantization(config) and twin is None:
@@ -210,10 +210,10 @@ EXAMPLE_FIELDS = ("index", "status", "label", "original_text", "perturbed_text",
 @register_step("attack", resumable=True)  # Attack.run keeps finished examples in the step folder
 def attack_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     attacks = _require("tightrope.attacks", "text attacks")
-    from tightrope import inference  # noqa: PLC0415
+    from tightrope import workflows  # noqa: PLC0415
     from tightrope.data import load_task  # noqa: PLC0415
 
-    clf = inference.load(source_model(deps, ctx))
+    clf = workflows.load(source_model(deps, ctx))
     data = load_task(inputs["task"], inputs["split"], n=inputs["n"], seed=inputs["seed"], data_dir=inputs.get("data_dir"))
     attack = attacks.build(inputs["recipe"], clf, **inputs.get("params", {}))
     progress = None
@@ -246,16 +246,15 @@ def defense_objective(method: str, params: dict, source_dir: str, label_names: l
     distill = params.pop("distill", None)  # {a, temperature}: combine an adversarial defense with the seed's KD
     key = _norm(method)
     if key in ("distill", "distillation") or distill is not None:
-        from tightrope import inference  # noqa: PLC0415
+        from tightrope import workflows  # noqa: PLC0415
         from tightrope.defenses.distill import Distillation  # noqa: PLC0415
 
         kd = params if key in ("distill", "distillation") else distill
-        criterion = Distillation(inference.load(source_dir), student_labels=label_names, **kd)
+        criterion = Distillation(workflows.load(source_dir), student_labels=label_names, **kd)
         if key in ("distill", "distillation"):
             return lambda model, batch: criterion(
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
     from tightrope.defenses.a2t import A2TTraining  # noqa: PLC0415
-
     from tightrope.defenses.canonical import SynonymEncodingTraining  # noqa: PLC0415
 
     a2t = lambda **kw: A2TTraining(kw.pop("tokenizer", source_dir), **kw)  # noqa: E731 - the student's tokenizer
@@ -292,12 +291,12 @@ def defend_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
 def _defend_in_pipeline(inputs: dict, config, objective, deps: dict, ctx: StepContext) -> dict:
     """Start from the source model, prune / train / quantize in the study's order (the seed's
     "adversarial training integrated with quantization and pruning"), save what ships."""
-    from tightrope import inference, models  # noqa: PLC0415
+    from tightrope import inference, models, workflows  # noqa: PLC0415
     from tightrope.defenses.pipeline import run_pipeline  # noqa: PLC0415
 
     p = inputs["pipeline"]
     source = source_model(deps, ctx)
-    clf = inference.load(source)
+    clf = workflows.load(source)
     if type(clf) is not inference.TextClassifier:
         raise TightropeError(f"defense pipeline: the source model {source} is already compressed; "
                              "start from a full-precision model.")
@@ -337,7 +336,7 @@ def attack_embedding_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     """
     import contextlib  # noqa: PLC0415
 
-    from tightrope import inference  # noqa: PLC0415
+    from tightrope import workflows  # noqa: PLC0415
     from tightrope.attacks.embedding import EmbeddingAttack, accuracy_under_attack  # noqa: PLC0415
     from tightrope.data import load_task  # noqa: PLC0415
 
@@ -354,7 +353,7 @@ def attack_embedding_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
         attack = EmbeddingAttack(epsilon=epsilons[0], seed=inputs["seed"], **params)
     dep = deps[ctx.step.deps[0]]
     twin = dep.get("twin")
-    target = inference.load(str(ctx.abs(twin["model_dir"]) if twin else source_model(deps, ctx)))
+    target = workflows.load(str(ctx.abs(twin["model_dir"]) if twin else source_model(deps, ctx)))
     if twin:
         from tightrope.defenses.fakequant import fake_quantized  # noqa: PLC0415
 

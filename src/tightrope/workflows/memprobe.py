@@ -31,13 +31,13 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from tightrope import inference
+    from tightrope import workflows
     from tightrope.evaluate.perf import fixed_length_batch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     baseline = psutil.Process().memory_info().rss
-    clf = inference.load(args.model)
+    clf = workflows.load(args.model)
     with torch.inference_mode():
         clf.forward_ids(**fixed_length_batch(clf, "a good film", 1, args.seq_len))
     print(json.dumps({"peak_rss_bytes": high_water_rss(), "baseline_rss_bytes": baseline}))

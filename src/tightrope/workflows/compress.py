@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tightrope import inference
+from tightrope import inference, workflows
 from tightrope.compress.api import compress_
 from tightrope.compress.specs import prune_config, quant_config
 from tightrope.errors import TightropeError
@@ -14,7 +14,7 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
                    include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), calibration: str | None = None,
                    recover_steps: int = 0, recover_task: str | None = None, progress: bool = True):
     """Load ``model``, apply the pruning steps, optionally recover (``recover_steps`` of fine-tuning on
-    ``recover_task``'s train split with the sparsity held, :func:`tightrope.compress.prune.recover`),
+    ``recover_task``'s train split with the sparsity held, :func:`tightrope.compress.recovery.recover`),
     then quantize, and save to ``out``; returns the summaries."""
     from tightrope.compress import formats  # noqa: PLC0415 - formats imports this package's modules
     from tightrope.compress.wanda import set_tokenizer  # noqa: PLC0415
@@ -25,7 +25,7 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
         raise TightropeError("Nothing to do: give --quantize and / or --prune.")
     if recover_steps and not prune_configs:
         raise TightropeError("--recover-steps fine-tunes a pruned model: give --prune too.")
-    clf = inference.load(model)
+    clf = workflows.load(model)
     if not hasattr(clf.model, "named_modules"):
         raise TightropeError(f"{model} is not a PyTorch model (format '{clf.card.get('format')}'), so it cannot be compressed again.")
     task = recover_task or clf.card.get("task")
@@ -40,7 +40,7 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
     card["source"] = model
     card.update(inference.transform_card(clf))  # a defense applied to the input stays with the model
     if recover_steps:
-        from tightrope.compress.prune import recover_model  # noqa: PLC0415
+        from tightrope.compress.recovery import recover_model  # noqa: PLC0415
 
         tok = card.get("tokenization", {})
         clf.model = recover_model(clf.model, clf.tokenizer, str(task), steps=recover_steps, card=card, progress=progress,

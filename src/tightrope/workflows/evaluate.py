@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from tightrope import inference
+from tightrope import inference, workflows
 from tightrope.data import load_task
 from tightrope.errors import TightropeError
 from tightrope.evaluate import perf
@@ -35,11 +35,17 @@ def evaluate_model(
     """Score ``model`` on ``task``/``split`` and measure it. ``clf`` skips loading (already in memory)."""
     started = time.perf_counter()
     data = load_task(task, split, n=n, seed=seed, data_dir=data_dir)
-    clf = clf or inference.load(model, max_length=max_length)
+    clf = clf or workflows.load(model, max_length=max_length)
     if data.num_labels > clf.num_labels:
         raise TightropeError(f"{task} has {data.num_labels} labels but {model} predicts {clf.num_labels}.")
     ids = clf.encode(data.texts)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: PLC0415
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(TextColumn(f"[bold]eval[/] {model}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not progress) as bar:
