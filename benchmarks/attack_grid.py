@@ -86,9 +86,9 @@ def read_cells(out: Path) -> dict[str, dict[str, Path]]:
 def run(args) -> None:
     import torch
 
-    from tightrope import inference
+    from tightrope import workflows
     from tightrope.attacks import recipes
-    from tightrope.attacks.attack import check_meta, model_windows, read_results, validate
+    from tightrope.attacks.attacker import Attacker
     from tightrope.data import load_task
     from tightrope.defenses.fakequant import fake_quantized
 
@@ -102,44 +102,31 @@ def run(args) -> None:
     variants = build_variants(args.model, out, args.variants.split(","), given)
     data = load_task(args.task, args.split, seed=args.seed, data_dir=args.data_dir)
     order = shuffled_order(len(data), args.seed)[: args.n]
-    victims = {name: inference.load(path) for name, path in variants.items()}
-    windows = {}  # which words each variant sees, per example (the same for every recipe)
+    victims = {name: workflows.load(path) for name, path in variants.items()}
     for name, victim in victims.items():
         victim.source = variants[name]
-        validate(victim, data)
-        windows[name] = dict(zip(order, model_windows(victim, [data.texts[i] for i in order], "window")))
     twin = None
     stack = contextlib.ExitStack()
-    cells = []
+    cells = []  # (recipe, variant, attacker, examples still to attack)
     for recipe in args.recipes.split(","):
         for name, victim in victims.items():
             options = {"query_budget": args.query_budget}
             if recipe == "hotflip" and not recipes.has_gradients(victim):
                 if twin is None:
-                    twin = inference.load(args.model)
+                    twin = workflows.load(args.model)
                     twin.source = f"{args.model} fake-quantized as {args.twin_scheme}"
                     stack.enter_context(fake_quantized(twin.model, args.twin_scheme))
                 options["twin"] = twin
-            attack = recipes.build(recipe, victim, **options)
-            folder = cell_dir(out, recipe, name)
-            folder.mkdir(parents=True, exist_ok=True)
-            meta = {"attack": attack.describe(), "victim": variants[name], "task": data.name, "split": data.split,
-                    "seed": args.seed, "data_fingerprint": data.fingerprint(), "order": "seeded shuffle"}
-            check_meta(folder, meta, write=True)
-            file = folder / "results.jsonl"
-            done = {r.index for r in read_results(file)}
-            cells.append((recipe, name, victim, attack, file, done))
+            attacker = Attacker(recipes.build(recipe, victim, **options), out=cell_dir(out, recipe, name),
+                                seed=args.seed, indices=order)
+            cells.append((recipe, name, attacker, set(attacker.open(victim, data))))
     with stack:  # the twin's fake quantization stays on while the grid runs
         started = time.perf_counter()
-        for rank, i in enumerate(order, 1):
-            for recipe, name, victim, attack, file, done in cells:
-                if i in done:
+        for rank, i in enumerate(order, 1):  # round-robin: every cell grows by one example at a time
+            for recipe, name, attacker, pending in cells:
+                if i not in pending:
                     continue
-                result = attack.attack_one(victim, data.texts[i], data.labels[i], index=i, seed=args.seed,
-                                           window_words=windows[name][i], victim=variants[name])
-                with open(file, "a", encoding="utf-8") as sink:
-                    sink.write(json.dumps(result.to_dict()) + "\n")
-                done.add(i)
+                result = attacker.attack_example(i)
                 print(f"[{time.perf_counter() - started:7.0f} s] example {rank}/{len(order)} {recipe:<11} {name:<9} "
                       f"{result.status:<9} {result.queries:5d} queries {result.seconds:6.1f} s", flush=True)
 
@@ -164,7 +151,7 @@ def interval(won: int, attacked: int) -> str:
 
 
 def table(args) -> None:
-    from tightrope.attacks.attack import read_results
+    from tightrope.attacks.attacker import read_results
     from tightrope.attacks.results import summarize
 
     out = Path(args.out)
@@ -201,8 +188,9 @@ def table(args) -> None:
 
 
 def transfer_table(args) -> None:
-    from tightrope import inference
-    from tightrope.attacks.attack import read_results, transfer
+    from tightrope import workflows
+    from tightrope.attacks.attack import transfer
+    from tightrope.attacks.attacker import read_results
 
     out = Path(args.out)
     cells = read_cells(out)
@@ -221,7 +209,7 @@ def transfer_table(args) -> None:
             if variant == args.source or not results:
                 continue
             if variant not in models:
-                models[variant] = inference.load(json.loads((folder / "attack.json").read_text())["victim"])
+                models[variant] = workflows.load(json.loads((folder / "attack.json").read_text())["victim"])
             (res,) = transfer(results, {variant: models[variant]})
             rate = "-" if res.transfer_success_rate is None else f"{res.transfer_success_rate:.1%}"
             rows.append(f"| {recipe} | {args.source} | {variant} | {res.examples} | {res.transferable} | **{rate}** "

@@ -142,10 +142,10 @@ def pooled(runs: list[dict]) -> dict:
 def load_victim(model: str, max_length: int, pad_to_max: bool = False):
     """The victim as tightrope loads it; ``pad_to_max`` pads every batch to ``max_length`` tokens as
     TextAttack's HuggingFaceModelWrapper does (an ablation: tightrope pads to the longest text of a batch)."""
-    from tightrope import inference
+    from tightrope import workflows
     from tightrope.encoding import collate
 
-    victim = inference.load(model, max_length=max_length)
+    victim = workflows.load(model, max_length=max_length)
     if pad_to_max:
         def logits_of_ids(sequences, batch_size=64, progress=None):
             import torch
@@ -171,7 +171,7 @@ def run_tightrope(model: str, data, seed: int, max_length: int, recipe: str, pad
     start = time.perf_counter()
     results = []
     for i, (t, y) in enumerate(zip(data.texts, data.labels)):
-        results.append(attack.attack_one(victim, t, y, index=i, seed=seed, victim=model))
+        results.append(attack.attack(victim, t, y, index=i, seed=seed, victim=model))
         if (i + 1) % 10 == 0:
             print(f"  tightrope {recipe}: {i + 1}/{len(data)} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
@@ -189,7 +189,7 @@ def _shard_worker(model, data, seed, max_length, recipe, threads, k, shards, bar
     attack = recipes.build(recipe, victim)
     barrier.wait()  # every shard has loaded its model and resources: the clock starts now
     start = time.perf_counter()
-    results = [attack.attack_one(victim, data.texts[i], data.labels[i], index=i, seed=seed, victim=model)
+    results = [attack.attack(victim, data.texts[i], data.labels[i], index=i, seed=seed, victim=model)
                for i in range(k, len(data), shards)]
     queue.put((k, start, time.perf_counter(), [(r.status, r.queries, r.perturbed_share) for r in results]))
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from tightrope import inference
+from tightrope import inference, workflows
 from tightrope.compress import FP4, GPTQ, NF4, Int8Dynamic, LLMInt8, compress_, formats, onnxrt, recovery
 from tightrope.compress.wanda import set_tokenizer
 from tightrope.data import load_task
@@ -125,14 +125,14 @@ INT8_OPTIONS = {
 
 def build_int8_option(model_dir: str, name: str):
     """One int8 option of ``model_dir``, built in a latency worker's process."""
-    clf = inference.load(model_dir)
+    clf = workflows.load(model_dir)
     compress_(clf.model, INT8_OPTIONS[name])
     return clf
 
 
 def build_peer(model_dir: str, name: str):
     """A peer applied to ``model_dir``, built in a latency worker's process."""
-    base = inference.load(model_dir)
+    base = workflows.load(model_dir)
     return inference.TextClassifier(PEERS[name](base.model), base.tokenizer, max_length=base.max_length,
                                     truncation=base.truncation, label_names=base.label_names, card=base.card)
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     rows: list[dict] = []
-    base = inference.load(args.model_dir)
+    base = workflows.load(args.model_dir)
     command = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     if args.int8_options:

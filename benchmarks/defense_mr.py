@@ -58,8 +58,8 @@ def _label(model: str) -> str:
 def attack(models: list[str], out: Path, n: int, recipes_: list[str], threads: int) -> None:
     import torch
 
-    from tightrope import inference
-    from tightrope.attacks import recipes
+    from tightrope import workflows
+    from tightrope.attacks import Attacker, recipes
     from tightrope.data import load_task
     from tightrope.evaluate.results import write_json_atomic
 
@@ -70,11 +70,11 @@ def attack(models: list[str], out: Path, n: int, recipes_: list[str], threads: i
             folder = out / "attacks" / _label(model) / recipe
             if (folder / "summary.json").exists() and json.loads((folder / "summary.json").read_text())["examples"] >= n:
                 continue
-            victim = inference.load(model)
+            victim = workflows.load(model)
             victim.source = victim.source or model
             transform = victim.input_transform
             before = (transform.calls, transform.texts) if transform is not None else None
-            report = recipes.build(recipe, victim).run(victim, data, out=folder, seed=0)
+            report = Attacker(recipes.build(recipe, victim), out=folder, seed=0).run(victim, data)
             write_json_atomic(folder / "summary.json", report.to_dict())
             if transform is not None:
                 write_json_atomic(folder / "transform.json", {"calls": transform.calls - before[0],
@@ -98,7 +98,7 @@ def clean(model: str, out: Path, threads: int) -> dict:
 
     import torch
 
-    from tightrope import inference
+    from tightrope import workflows
     from tightrope.data import load_task
     from tightrope.evaluate.metrics import classification_metrics
 
@@ -107,7 +107,7 @@ def clean(model: str, out: Path, threads: int) -> dict:
         return json.loads(file.read_text())
     torch.set_num_threads(threads)
     data = load_task("mr", "test")
-    clf = inference.load(model)
+    clf = workflows.load(model)
     t0 = time.perf_counter()
     transformed = clf.input_transform(list(data.texts)) if clf.input_transform is not None else list(data.texts)
     t1 = time.perf_counter()
@@ -156,7 +156,6 @@ def table(models: list[str], out: Path, recipes_: list[str], threads: int) -> No
 
 def coverage(out: Path) -> None:
     """Cluster statistics of the synonym encoding for a grid of settings (MR training sentences only)."""
-    import collections
 
     from tightrope.attacks.recipes import default_embedding
     from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS

@@ -84,10 +84,10 @@ def measure(args) -> None:
     if args.kind == "torch":
         import torch  # noqa: PLC0415
 
-        from tightrope import inference  # noqa: PLC0415
+        from tightrope import workflows  # noqa: PLC0415
 
         torch.set_num_threads(args.threads)
-        clf = inference.load(args.dir)
+        clf = workflows.load(args.dir)
         encode = clf.encode
 
         def run(ids, mask):

@@ -125,7 +125,7 @@ def test_pwws_flips_a_bag_of_words_model_with_wordnet_synonyms():
 
     model = BowClassifier({"good": 2.0, "movie": 0.5, "full": -3.0, "beneficial": -3.0, "commodity": -3.0})
     attack = recipes.pwws(model)
-    res = attack.attack_one(model, "a good movie", 1)
+    res = attack.attack(model, "a good movie", 1)
     assert res.status == "succeeded"
     adv = AttackedText.from_text(res.perturbed_text)
     changed = res.modified_indices
@@ -139,10 +139,9 @@ def test_hotflip_candidates_follow_the_first_order_gain(tokenizer):
 
     clf = TextClassifier(make_tiny_classifier(tokenizer), tokenizer, max_length=32)
     swap = WordSwapGradient(clf, top_n=3)
-    swap.label = 1
     text = AttackedText.from_text("the movie was great")
-    swap.prepare(text, [0, 1, 2, 3])
-    cands = swap.candidates(text, 1, None)
+    swap.prepare(text, [0, 1, 2, 3], label=1)
+    cands = swap.candidates(text, 1, None, label=1)
     assert len(cands) == 3 and all(c.isalpha() for c in cands)
     # brute force the same first-order gain for the top candidate and a random token
     ids = tokenizer(text.text)["input_ids"]
@@ -167,14 +166,13 @@ def test_hotflip_takes_gradients_on_the_tokens_a_head_tail_model_sees(tokenizer)
 
     clf = TextClassifier(make_tiny_classifier(tokenizer), tokenizer, max_length=16, truncation="head+tail")
     swap = WordSwapGradient(clf, top_n=1)
-    swap.label = 1
     text = AttackedText.from_text(" ".join(["movie"] * 40 + ["great"]))
     ids, single = swap._token_positions(text)
     assert ids == encode(tokenizer, [text.text], 16, "head+tail")[0]
     last = len(text.words) - 1
     assert last in single and 20 not in single  # the final word is read, a middle one is not
-    swap.prepare(text, [last, 20])
-    assert swap.candidates(text, last, None) and swap.candidates(text, 20, None) == []
+    swap.prepare(text, [last, 20], label=1)
+    assert swap.candidates(text, last, None, label=1) and swap.candidates(text, 20, None, label=1) == []
 
 
 def test_hotflip_uses_a_twin_for_gradients_and_queries_the_victim(tokenizer):
@@ -191,8 +189,8 @@ def test_hotflip_uses_a_twin_for_gradients_and_queries_the_victim(tokenizer):
     same = WordEmbedding(vocab, np.ones((len(vocab), 2), dtype=np.float32) / math.sqrt(2))
     attack = recipes.hotflip(victim, twin=twin, embedding=same)
     constraints = [c for c in attack.constraints if c.name != "part_of_speech"]  # keep the test free of WordNet
-    attack = Attack("hotflip", attack.transformation, constraints, attack.search, notes=attack.notes)
-    res = attack.attack_one(victim, "the movie was great fun", label, victim="victim")
+    attack = Attack("hotflip", attack.goal, constraints, attack.transformation, attack.search, notes=attack.notes)
+    res = attack.attack(victim, "the movie was great fun", label, victim="victim")
     assert res.status in ("succeeded", "failed") and res.gradient_source == "twin-fp32"
     assert res.queries == sum(calls) > 1 and res.words_perturbed <= 2
     if res.status == "succeeded":

@@ -15,7 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tightrope.attacks import recipes, resources
-from tightrope.attacks.attack import Attack, model_windows, read_results, transfer
+from tightrope.attacks.attack import Attack, transfer
+from tightrope.attacks.attacker import Attacker, model_windows, read_results
+from tightrope.attacks.goal import Untargeted
 from tightrope.attacks.chars import CharacterEdits
 from tightrope.attacks.constraints import (
     LevenshteinEditDistance,
@@ -100,8 +102,8 @@ def embedding_attack(query_budget=None, similarity: float | None = 0.6) -> Attac
                    WordEmbeddingDistance(emb, min_cos=0.5)]
     if similarity is not None:
         constraints.append(SentenceSimilarity(CharEncoder(), threshold=similarity, window=5))
-    return Attack("embedding-test", WordSwapEmbedding(emb, max_candidates=5), constraints,
-                  GreedyWordSwapWIR("delete"), query_budget=query_budget)
+    return Attack("embedding-test", Untargeted(query_budget), constraints, WordSwapEmbedding(emb, max_candidates=5),
+                  GreedyWordSwapWIR("delete"))
 
 
 def without_time(report: dict) -> dict:
@@ -157,8 +159,8 @@ def test_metrics_are_textattack_definitions():
 def test_adversarial_texts_respect_every_constraint_and_flip_the_model():
     model, data = BowClassifier(), toy_task()
     attack = embedding_attack()
-    report = attack.run(model, data)
-    results = [attack.attack_one(model, t, y, index=i) for i, (t, y) in enumerate(zip(data.texts, data.labels))]
+    report = Attacker(attack).run(model, data)
+    results = [attack.attack(model, t, y, index=i) for i, (t, y) in enumerate(zip(data.texts, data.labels))]
     assert report.succeeded > 0
     for res in results:
         original, adversarial = AttackedText.from_text(res.original_text), AttackedText.from_text(res.perturbed_text)
@@ -176,21 +178,21 @@ def test_adversarial_texts_respect_every_constraint_and_flip_the_model():
 
 def test_strict_constraints_make_attacks_fail_not_cheat():
     model, data = BowClassifier(), toy_task()
-    report = embedding_attack(similarity=0.9999).run(model, data)
+    report = Attacker(embedding_attack(similarity=0.9999)).run(model, data)
     assert report.succeeded == 0 and report.failed == len(data)
     assert report.attack_success_rate == 0.0 and report.accuracy_under_attack == 1.0
 
 
 def test_skipped_when_already_wrong():
     data = TaskData("toy", "test", ["a good movie"], [0], ("negative", "positive"))
-    report = embedding_attack().run(BowClassifier(), data)
+    report = Attacker(embedding_attack()).run(BowClassifier(), data)
     assert report.skipped == 1 and report.original_accuracy == 0.0 and report.attack_success_rate is None
 
 
 def test_candidates_for_a_position_go_in_one_batch():
     model = BowClassifier()
     attack = embedding_attack(similarity=None)
-    res = attack.attack_one(model, "good nice excellent great plot", 1)
+    res = attack.attack(model, "good nice excellent great plot", 1)
     assert res.model_queries == sum(model.calls)  # the model never scores a text twice
     assert max(model.calls) > 1 and len(model.calls) < res.model_queries <= res.queries
 
@@ -214,17 +216,17 @@ def test_queries_count_cache_hits_as_textattack_does():
 
 def test_query_budget_stops_the_search():
     model = BowClassifier()
-    res = embedding_attack(query_budget=4, similarity=None).attack_one(model, "good nice excellent great plot", 1)
+    res = embedding_attack(query_budget=4, similarity=None).attack(model, "good nice excellent great plot", 1)
     assert res.queries <= 4 and res.budget_exhausted and res.status == "failed"
 
 
 def test_deepwordbug_with_a_fixed_seed_is_reproducible_and_within_its_edit_distance():
     data = toy_task()
     attack = recipes.deepwordbug(None, max_edit_distance=3)
-    runs = [[r.to_dict() | {"seconds": 0} for r in (attack.attack_one(BowClassifier(), t, y, index=i, seed=7)
+    runs = [[r.to_dict() | {"seconds": 0} for r in (attack.attack(BowClassifier(), t, y, index=i, seed=7)
              for i, (t, y) in enumerate(zip(data.texts, data.labels)))] for _ in range(2)]
     assert runs[0] == runs[1]
-    other = [attack.attack_one(BowClassifier(), t, y, index=i, seed=8).perturbed_text
+    other = [attack.attack(BowClassifier(), t, y, index=i, seed=8).perturbed_text
              for i, (t, y) in enumerate(zip(data.texts, data.labels))]
     wins = [r for r in runs[0] if r["status"] == "succeeded"]
     assert wins, "character edits should break a bag-of-words model"
@@ -238,30 +240,30 @@ def test_deepwordbug_with_a_fixed_seed_is_reproducible_and_within_its_edit_dista
 def test_resume_after_a_kill_gives_the_same_report(tmp_path):
     data = toy_task()
     attack = recipes.deepwordbug(None)
-    full = attack.run(BowClassifier(), data, out=tmp_path / "full", seed=1)
+    full = Attacker(attack, out=tmp_path / "full", seed=1).run(BowClassifier(), data)
 
     def killer(result, done):
         if len(done) == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        attack.run(BowClassifier(), data, out=tmp_path / "cut", seed=1, progress=killer)
+        Attacker(attack, out=tmp_path / "cut", seed=1).run(BowClassifier(), data, progress=killer)
     lines = (tmp_path / "cut" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 5
     with open(tmp_path / "cut" / "results.jsonl", "a") as f:
         f.write('{"index": 5, "status": "succ')  # a line cut short by the kill
     model = BowClassifier()
-    resumed = attack.run(model, data, out=tmp_path / "cut", seed=1)
+    resumed = Attacker(attack, out=tmp_path / "cut", seed=1).run(model, data)
     assert without_time(resumed.to_dict()) == without_time(full.to_dict())
     assert len(read_results(tmp_path / "cut" / "results.jsonl")) == len(data)
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["succeeded"] == full.succeeded
     with pytest.raises(TightropeError, match="different attack"):
-        attack.run(BowClassifier(), data, out=tmp_path / "cut", seed=2)
+        Attacker(attack, out=tmp_path / "cut", seed=2).run(BowClassifier(), data)
 
 
 def test_transfer_to_the_same_and_to_a_robust_model():
     data = toy_task()
-    results = [embedding_attack().attack_one(BowClassifier(), t, y, index=i)
+    results = [embedding_attack().attack(BowClassifier(), t, y, index=i)
                for i, (t, y) in enumerate(zip(data.texts, data.labels))]
     wins = sum(r.status == "succeeded" for r in results)
     robust = BowClassifier({**WEIGHTS, "fine": 2.0, "decent": 2.0, "mediocre": -2.0, "poor": -2.0})
@@ -282,13 +284,13 @@ def one_sentence(err: Exception) -> bool:
 def test_empty_dataset_and_unknown_labels_are_one_sentence():
     attack = embedding_attack()
     with pytest.raises(TightropeError) as err:
-        attack.run(BowClassifier(), TaskData("empty", "test", [], [], ("negative", "positive")))
+        Attacker(attack).run(BowClassifier(), TaskData("empty", "test", [], [], ("negative", "positive")))
     assert "empty" in str(err.value) and one_sentence(err.value)
     with pytest.raises(TightropeError) as err:
-        attack.run(BowClassifier(), TaskData("three", "test", ["good"], [2], ("a", "b", "c")))
+        Attacker(attack).run(BowClassifier(), TaskData("three", "test", ["good"], [2], ("a", "b", "c")))
     assert "3 labels" in str(err.value) and one_sentence(err.value)
     with pytest.raises(TightropeError) as err:
-        attack.run(BowClassifier(), TaskData("odd", "test", ["good"], [5], ("a", "b")))
+        Attacker(attack).run(BowClassifier(), TaskData("odd", "test", ["good"], [5], ("a", "b")))
     assert "label 5" in str(err.value) and one_sentence(err.value)
     with pytest.raises(TightropeError, match="Unknown attack recipe"):
         recipes.build("textbugger")
@@ -332,7 +334,7 @@ def test_missing_glove_names_the_package_and_the_install_command(tmp_path, monke
 def test_bad_input_leaves_a_partial_run_resumable(tmp_path):
     data = toy_task()
     attack = recipes.deepwordbug(None)
-    full = attack.run(BowClassifier(), data, out=tmp_path / "full", seed=3)
+    full = Attacker(attack, out=tmp_path / "full", seed=3).run(BowClassifier(), data)
 
     def killer(result, done):
         if len(done) == 4:
@@ -340,19 +342,19 @@ def test_bad_input_leaves_a_partial_run_resumable(tmp_path):
 
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        attack.run(BowClassifier(), data, out=out, seed=3, progress=killer)
+        Attacker(attack, out=out, seed=3).run(BowClassifier(), data, progress=killer)
     before = (out / "results.jsonl").read_bytes()
     bad_runs = [
-        dict(data=TaskData("empty", "test", [], [], ("negative", "positive"))),
-        dict(data=TaskData("odd", "test", ["good"], [7], ("a", "b"))),
-        dict(data=data, long_texts="truncate"),
+        (TaskData("empty", "test", [], [], ("negative", "positive")), {}),
+        (TaskData("odd", "test", ["good"], [7], ("a", "b")), {}),
+        (data, {"long_texts": "truncate"}),
     ]
-    for kwargs in bad_runs:
+    for bad_data, kwargs in bad_runs:
         with pytest.raises(TightropeError) as err:
-            attack.run(BowClassifier(), **{"out": out, "seed": 3, **kwargs})
+            Attacker(attack, out=out, seed=3, **kwargs).run(BowClassifier(), bad_data)
         assert one_sentence(err.value)
         assert (out / "results.jsonl").read_bytes() == before  # the partial run is untouched
-    resumed = attack.run(BowClassifier(), data, out=out, seed=3)
+    resumed = Attacker(attack, out=out, seed=3).run(BowClassifier(), data)
     assert without_time(resumed.to_dict()) == without_time(full.to_dict())
 
 
@@ -402,3 +404,23 @@ def test_char_edits_change_one_word_by_one_edit():
     text = AttackedText.from_text("wonderful")
     cands = CharacterEdits().candidates(text, 0, rng)
     assert 1 <= len(cands) <= 4 and all(levenshtein("wonderful", c) <= 2 for c in cands)
+
+
+def test_an_attacker_grows_its_indices_and_interleaves_with_others(tmp_path):
+    """The grid's use: cells opened once, attacked one example at a time, grown later without redoing any."""
+    data, model = toy_task(), BowClassifier()
+    cells = [Attacker(embedding_attack(), out=tmp_path / "a", seed=1, indices=[3, 0]),
+             Attacker(recipes.deepwordbug(None), out=tmp_path / "b", seed=1, indices=[3, 0])]
+    pending = [c.open(model, data) for c in cells]
+    assert pending == [[3, 0], [3, 0]]
+    for i in (3, 0):
+        for cell in cells:
+            cell.attack_example(i)
+    grown = Attacker(embedding_attack(), out=tmp_path / "a", seed=1, indices=[3, 0, 5])
+    assert grown.open(model, data) == [5]
+    report = grown.run(model, data)
+    assert report.examples == 3 and [r.index for r in read_results(tmp_path / "a" / "results.jsonl")] == [3, 0, 5]
+    Attacker(embedding_attack(), out=tmp_path / "full", seed=1).run(model, data)
+    full = {r.index: r.perturbed_text for r in read_results(tmp_path / "full" / "results.jsonl")}
+    grown_texts = {r.index: r.perturbed_text for r in read_results(tmp_path / "a" / "results.jsonl")}
+    assert grown_texts == {i: full[i] for i in (3, 0, 5)}  # an example's attack depends on its index, not on order

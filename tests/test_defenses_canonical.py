@@ -118,14 +118,14 @@ def test_a_defended_model_saved_and_reloaded_predicts_the_same(tokenizer, encodi
 
 
 def test_an_attack_on_a_defended_model_goes_through_the_defense(tokenizer, encoding, tmp_path):
-    from tightrope.attacks import recipes
+    from tightrope.attacks import Attacker, recipes
     from tightrope.data import TaskData
 
     clf = inference.load(str(_save_defended(tokenizer, encoding, tmp_path / "defended")))
     transform = clf.input_transform
     data = TaskData("t", "test", TEXTS, [1, 0, 1, 0], ("negative", "positive"))
     calls, texts = transform.calls, transform.texts
-    report = recipes.build("deepwordbug", clf).run(clf, data, out=tmp_path / "attack", seed=0)
+    report = Attacker(recipes.build("deepwordbug", clf), out=tmp_path / "attack", seed=0).run(clf, data)
     assert transform.calls > calls
     assert transform.texts - texts >= report.examples  # every query went through the transform
     results = sorted((r for r in _results(tmp_path / "attack")), key=lambda r: r.index)
@@ -135,20 +135,20 @@ def test_an_attack_on_a_defended_model_goes_through_the_defense(tokenizer, encod
 
 
 def _results(folder):
-    from tightrope.attacks.attack import read_results
+    from tightrope.attacks.attacker import read_results
 
     return [r for f in sorted(folder.glob("results*.jsonl")) for r in read_results(f)]
 
 
 def test_a_randomized_attack_on_a_defended_model_is_deterministic_with_a_fixed_seed(tokenizer, encoding, tmp_path):
-    from tightrope.attacks import recipes
+    from tightrope.attacks import Attacker, recipes
     from tightrope.data import TaskData
 
     data = TaskData("t", "test", TEXTS, [1, 0, 1, 0], ("negative", "positive"))
     runs = []
     for k in range(2):
         clf = inference.load(str(_save_defended(tokenizer, encoding, tmp_path / f"d{k}")))
-        recipes.build("deepwordbug", clf).run(clf, data, out=tmp_path / f"a{k}", seed=7)
+        Attacker(recipes.build("deepwordbug", clf), out=tmp_path / f"a{k}", seed=7).run(clf, data)
         runs.append([(r.status, r.perturbed_text, r.queries) for r in sorted(_results(tmp_path / f"a{k}"), key=lambda r: r.index)])
     assert runs[0] == runs[1]
 

@@ -79,7 +79,7 @@ def test_train_help_groups_the_defense_options():
     (["--defense", "fast", "--epsilon", "0"], "epsilon is 0"),
     (["--defense", "pgd", "--epsilon", "0"], "epsilon is 0"),
     (["--defense", "pgd", "--mix", "0"], "plain fine-tuning"),
-    (["--defense", "magic"], "kind"),
+    (["--defense", "magic"], "Unknown defense 'magic'; choose one of none, pgd"),
     (["--defense", "pgd", "--order", "train,oops"], "Unknown pipeline step"),
     (["--defense", "pgd", "--a", "0.3"], "needs a --teacher"),
     (["--defense", "pgd", "--order", "prune,train"], "no prune settings"),

@@ -54,7 +54,7 @@ class CharacterEdits(Transformation):
     def params(self):
         return {"operations": list(self.operations), "per_operation": 1}
 
-    def candidates(self, text, index, rng):
+    def candidates(self, text, index, rng, *, label=None):
         word = text.words[index]
         out = []
         for op in self.operations:

@@ -17,6 +17,8 @@ from typing import Protocol
 
 import torch
 
+from tightrope.errors import TightropeError
+
 
 class Classifier(Protocol):
     """What an attack needs from a victim: ``tightrope.inference.TextClassifier`` satisfies it."""
@@ -37,6 +39,23 @@ class GoalOutput:
     predicted: int
     score: float  # 1 - p(y_true)
     succeeded: bool
+
+
+@dataclass(frozen=True)
+class Untargeted:
+    """The goal of every recipe, given to :class:`~tightrope.attacks.attack.Attack`: the victim's arg-max
+    must leave the true label, within ``query_budget`` queries (None: no limit). :meth:`start` gives
+    the per-example goal function, so an attack holds no per-example state."""
+
+    query_budget: int | None = None
+    name = "untargeted_classification"
+
+    def __post_init__(self):
+        if self.query_budget is not None and self.query_budget < 1:
+            raise TightropeError(f"The query budget must be at least 1, got {self.query_budget}.")
+
+    def start(self, model: Classifier, label: int) -> UntargetedClassification:
+        return UntargetedClassification(model, label, query_budget=self.query_budget, cache=OutputCache())
 
 
 class UntargetedClassification:

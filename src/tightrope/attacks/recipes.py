@@ -20,6 +20,7 @@ import torch
 
 from tightrope.attacks import resources
 from tightrope.attacks.attack import Attack
+from tightrope.attacks.goal import Untargeted
 from tightrope.attacks.chars import CharacterEdits
 from tightrope.attacks.constraints import (
     LevenshteinEditDistance,
@@ -72,8 +73,8 @@ def textfooler(victim=None, *, embedding=None, encoder=None, query_budget=None, 
     if max_share is not None:
         constraints.insert(2, MaxWordsPerturbed(max_share=max_share))
     constraints.append(SentenceSimilarity(encoder, threshold=sim_threshold, window=TEXTFOOLER_WINDOW))
-    return Attack("textfooler", WordSwapEmbedding(embedding, max_candidates=50), constraints,
-                  GreedyWordSwapWIR("delete"), citation="Jin et al., AAAI 2020", query_budget=query_budget,
+    return Attack("textfooler", Untargeted(query_budget), constraints, WordSwapEmbedding(embedding, max_candidates=50),
+                  GreedyWordSwapWIR("delete"), citation="Jin et al., AAAI 2020",
                   notes=["Sentence encoder: all-MiniLM-L6-v2 with mean pooling stands in for USE (not available offline).",
                          "Part of speech: WordNet's possible tags (context-free) stand in for a contextual tagger.",
                          "Synonyms: GloVe 6B 50d counter-fitted here (Mrkšić et al. 2016), not the published 300d vectors."])
@@ -82,18 +83,16 @@ def textfooler(victim=None, *, embedding=None, encoder=None, query_budget=None, 
 def pwws(victim=None, *, query_budget=None, **_) -> Attack:
     """Ren et al. 2019: WordNet synonyms, words ranked by softmax(saliency) x best swap gain (Eq. 7-8)."""
     resources.wordnet()  # fail now, with the install command, if WordNet is missing
-    return Attack("pwws", WordSwapWordNet(), [RepeatModification(), stopwords()],
-                  GreedyWordSwapWIR("weighted-saliency", unk_token=_unk(victim)),
-                  citation="Ren et al., ACL 2019", query_budget=query_budget)
+    return Attack("pwws", Untargeted(query_budget), [RepeatModification(), stopwords()], WordSwapWordNet(),
+                  GreedyWordSwapWIR("weighted-saliency", unk_token=_unk(victim)), citation="Ren et al., ACL 2019")
 
 
 def deepwordbug(victim=None, *, query_budget=None, max_edit_distance: int = 30, **_) -> Attack:
     """Gao et al. 2018: replace-1 scoring (a word replaced by an unknown token), then one random swap,
     substitution, deletion and insertion per word; Levenshtein distance <= 30 (TextAttack's recipe)."""
-    return Attack("deepwordbug", CharacterEdits(),
-                  [RepeatModification(), stopwords(), LevenshteinEditDistance(max_edit_distance)],
-                  GreedyWordSwapWIR("unk", unk_token=_unk(victim)),
-                  citation="Gao et al., IEEE S&P Workshops 2018", query_budget=query_budget)
+    return Attack("deepwordbug", Untargeted(query_budget),
+                  [RepeatModification(), stopwords(), LevenshteinEditDistance(max_edit_distance)], CharacterEdits(),
+                  GreedyWordSwapWIR("unk", unk_token=_unk(victim)), citation="Gao et al., IEEE S&P Workshops 2018")
 
 
 def hotflip(victim=None, *, twin=None, embedding=None, query_budget=None, **_) -> Attack:
@@ -112,11 +111,10 @@ def hotflip(victim=None, *, twin=None, embedding=None, query_budget=None, **_) -
     embedding = embedding or default_embedding()
     transformation = WordSwapGradient(source, top_n=1)
     notes = [f"Gradients from the differentiable twin {source.source!r}; successes confirmed on the victim."] if twin is not None else []
-    return Attack("hotflip", transformation,
+    return Attack("hotflip", Untargeted(query_budget),
                   [RepeatModification(), stopwords(), MaxWordsPerturbed(max_words=2),
                    WordEmbeddingDistance(embedding, min_cos=0.8), PartOfSpeech(allow_verb_noun_swap=True)],
-                  BeamSearch(beam_width=10), citation="Ebrahimi et al., ACL 2018", query_budget=query_budget,
-                  notes=notes)
+                  transformation, BeamSearch(beam_width=10), citation="Ebrahimi et al., ACL 2018", notes=notes)
 
 
 def has_gradients(clf) -> bool:

@@ -37,7 +37,7 @@ class SearchState:
 
     def neighbours(self, text: AttackedText, index: int) -> list[AttackedText]:
         """Candidate texts at ``index`` that pass every candidate constraint (cheap ones first)."""
-        words = list(dict.fromkeys(self.transformation.candidates(text, index, self.rng)))
+        words = list(dict.fromkeys(self.transformation.candidates(text, index, self.rng, label=self.goal.label)))
         cands = [text.replace(index, w) for w in words if w and w != text.words[index]]
         for constraint in self.post:
             if not cands:
@@ -46,6 +46,10 @@ class SearchState:
             self.rejected[constraint.name] = self.rejected.get(constraint.name, 0) + keep.count(False)
             cands = [c for c, k in zip(cands, keep) if k]
         return cands
+
+    def prepare(self, text: AttackedText, indices: list[int]) -> None:
+        """The transformation's batched work for ``indices`` of ``text``, for this example's label."""
+        self.transformation.prepare(text, indices, label=self.goal.label)
 
     def similarity(self) -> SentenceSimilarity | None:
         return next((c for c in self.post if isinstance(c, SentenceSimilarity)), None)
@@ -114,7 +118,7 @@ class GreedyWordSwapWIR(Search):
             probs = state.goal.probs([text.replace(i, self.unk_token).text for i in indices])
             scores = p0[label] - probs[:, label]  # saliency S(x, w_i) = P(y|x) - P(y|x with w_i unknown)
             if self.wir == "weighted-saliency":
-                state.transformation.prepare(text, indices)
+                state.prepare(text, indices)
                 per_index = [state.neighbours(text, i) for i in indices]
                 flat = [c.text for cands in per_index for c in cands]
                 gains = torch.zeros(len(indices))
@@ -132,7 +136,7 @@ class GreedyWordSwapWIR(Search):
     def perform(self, state: SearchState) -> None:
         indices = state.modifiable(state.current)
         order = self.rank(state, indices)
-        state.transformation.prepare(state.current, order)
+        state.prepare(state.current, order)
         for index in order:
             if index not in state.modifiable(state.current):
                 continue
@@ -173,7 +177,7 @@ class BeamSearch(Search):
             cands: dict[str, AttackedText] = {}
             for text in beam:
                 indices = state.modifiable(text)
-                state.transformation.prepare(text, indices)
+                state.prepare(text, indices)
                 for i in indices:
                     for c in state.neighbours(text, i):
                         cands.setdefault(c.text, c)

@@ -11,6 +11,7 @@ import torch
 
 from tightrope.attacks.text import AttackedText, word_tokens
 from tightrope.encoding import encode_with_offsets
+from tightrope.errors import TightropeError
 
 
 def recover_case(template: str, word: str) -> str:
@@ -31,10 +32,12 @@ class Transformation:
     def describe(self) -> dict:
         return {"name": self.name, **self.params()}
 
-    def prepare(self, text: AttackedText, indices: list[int]) -> None:
-        """Optional batched work for many indices of one text before ``candidates`` is called for each."""
+    def prepare(self, text: AttackedText, indices: list[int], *, label: int | None = None) -> None:
+        """Optional batched work for many indices of one text before ``candidates`` is called for each.
+        ``label`` is the example's true label, for transformations guided by the loss (the search passes it;
+        a transformation keeps no per-example state)."""
 
-    def candidates(self, text: AttackedText, index: int, rng) -> list[str]:
+    def candidates(self, text: AttackedText, index: int, rng, *, label: int | None = None) -> list[str]:
         raise NotImplementedError
 
 
@@ -50,7 +53,7 @@ class WordSwapEmbedding(Transformation):
     def params(self):
         return {"max_candidates": self.max_candidates, "embedding": self.embedding.description.get("source")}
 
-    def prepare(self, text, indices):
+    def prepare(self, text, indices, *, label=None):
         todo = list(dict.fromkeys(text.words[i].lower() for i in indices) - self._memo.keys())
         if todo:  # one matrix product for all the words of the text
             for word, near in zip(todo, self.embedding.neighbours(todo, self.max_candidates)):
@@ -58,7 +61,7 @@ class WordSwapEmbedding(Transformation):
             if len(self._memo) > 200_000:
                 self._memo.clear()
 
-    def candidates(self, text, index, rng):
+    def candidates(self, text, index, rng, *, label=None):
         word = text.words[index]
         if word.lower() not in self._memo:
             self.prepare(text, [index])
@@ -87,7 +90,7 @@ class WordSwapWordNet(Transformation):
     def params(self):
         return {"source": "WordNet 3.0 synsets, single words"}
 
-    def candidates(self, text, index, rng):
+    def candidates(self, text, index, rng, *, label=None):
         word = text.words[index]
         return [recover_case(word, w) for w in wordnet_synonyms(word)]
 
@@ -105,8 +108,7 @@ class WordSwapGradient(Transformation):
 
     def __init__(self, twin, top_n: int = 1):
         self.twin, self.top_n = twin, top_n
-        self.label = None  # set per example by the search's caller
-        self._grads: dict[str, dict[int, list[str]]] = {}
+        self._grads: dict[tuple[str, int], dict[int, list[str]]] = {}  # (text, label) -> word -> candidates
         embeddings = twin.model.get_input_embeddings().weight.detach()
         vocab = twin.tokenizer.convert_ids_to_tokens(list(range(embeddings.shape[0])))
         self.allowed = torch.tensor([t.isalpha() and t.isascii() and len(t) > 1 for t in vocab])
@@ -123,8 +125,10 @@ class WordSwapGradient(Transformation):
         by_word = word_tokens(text, spans)
         return ids, {w: toks[0] for w, toks in by_word.items() if len(toks) == 1}
 
-    def prepare(self, text, indices):
-        key = text.text
+    def prepare(self, text, indices, *, label=None):
+        if label is None:
+            raise TightropeError("Gradient-guided swaps need the example's label; the search passes it.")
+        key = (text.text, label)
         if key in self._grads:
             return
         ids, single = self._token_positions(text)
@@ -134,7 +138,7 @@ class WordSwapGradient(Transformation):
         with torch.enable_grad():
             embeds = emb_layer(input_ids).detach().requires_grad_(True)  # (1, T, H)
             logits = model(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids)).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor([self.label]))
+            loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor([label]))
             (grad,) = torch.autograd.grad(loss, embeds)
         table = emb_layer.weight.detach()  # (V, H)
         out: dict[int, list[str]] = {}
@@ -150,6 +154,6 @@ class WordSwapGradient(Transformation):
                 out[i] = [recover_case(text.words[i], self.vocab[v]) for v in row]
         self._grads = {key: out}  # only the current text is ever needed again
 
-    def candidates(self, text, index, rng):
-        self.prepare(text, [index])
-        return self._grads.get(text.text, {}).get(index, [])
+    def candidates(self, text, index, rng, *, label=None):
+        self.prepare(text, [index], label=label)
+        return self._grads.get((text.text, label), {}).get(index, [])

@@ -73,6 +73,7 @@ def attack(
     from tightrope import workflows
     from tightrope.attacks import recipes
     from tightrope.attacks.attack import transfer
+    from tightrope.attacks.attacker import Attacker
     from tightrope.data import load_task
     from tightrope.evaluate.results import write_json_atomic
 
@@ -100,7 +101,7 @@ def attack(
             rate = f"success {won}/{won + lost} = {won / (won + lost):.1%}" if won + lost else "success -"
             progress.update(bar, completed=len(done), rate=rate)
 
-        report = attack.run(victim, data, out=out, seed=seed, long_texts=long_texts, shard=shard, progress=update)
+        report = Attacker(attack, out=out, seed=seed, long_texts=long_texts, shard=shard).run(victim, data, progress=update)
 
     table = Table(title=f"{recipe} against {model} on {data.name}:{data.split} ({report.examples} examples)")
     for col in ("orig. acc", "acc. under attack", "ASR", "succeeded/failed/skipped", "avg queries", "model calls",
@@ -135,7 +136,7 @@ def attack(
 
 
 def _load_results(out: Path):
-    from tightrope.attacks.attack import read_results
+    from tightrope.attacks.attacker import read_results
 
     files = sorted(Path(out).glob("results*.jsonl"))
     results = [r for f in files for r in read_results(f)]

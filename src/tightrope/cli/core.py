@@ -67,6 +67,7 @@ def train(
     """
     from pydantic import ValidationError
 
+    from tightrope.defenses.config import defense_config
     from tightrope.train import TrainConfig
     from tightrope.train import train as run_training
 
@@ -79,33 +80,26 @@ def train(
         )
     except ValidationError as err:
         raise _validation_error(err) from None
-    given = {"kind": defense, "epsilon": epsilon, "steps": steps, "step_size": step_size, "norm": norm, "mix": mix,
+    given = {"epsilon": epsilon, "steps": steps, "step_size": step_size, "norm": norm, "mix": mix,
              "adv_share": adv_share, "query_budget": query_budget, "max_candidates": max_candidates,
              "max_share": max_share, "synonym_neighbours": synonym_neighbours, "synonym_min_cos": synonym_min_cos,
              "synonym_wordnet": synonym_wordnet, "spelling_vocab": spelling_vocab, "teacher": teacher, "a": alpha, "temperature": temperature}
     given = {k: v for k, v in given.items() if v is not None}
     pipeline = {"prune_sparsity": prune_sparsity, "quantize": quantize, "noise_sigma": noise_sigma}
-    if given or order is not None or noise_relative or any(v is not None for v in pipeline.values()):
-        _train_with_defense(config, given, out, order=order or "train", noise_relative=noise_relative, **pipeline)
+    if defense is not None or given or order is not None or noise_relative or any(v is not None for v in pipeline.values()):
+        _train_with_defense(config, defense_config(defense or "none", given), out, order=order or "train", noise_relative=noise_relative, **pipeline)
         return
     card = run_training(config, out)
     best = card["metrics"]["best_validation_accuracy"]
     out_console.print(f"[green]wrote[/] {out}  (validation accuracy {best:.4f}, {card['train_seconds']:.0f} s)")
 
 
-def _train_with_defense(config, given: dict, out: Path, **pipeline) -> None:
+def _train_with_defense(config, defense, out: Path, **pipeline) -> None:
     """The defended branch of ``train`` (tightrope.defenses.run): warnings first, then the long run."""
     import warnings
 
-    from pydantic import ValidationError
-
-    from tightrope.defenses.config import DefenseConfig
     from tightrope.defenses.run import harden, prepare
 
-    try:
-        defense = DefenseConfig(**given)
-    except ValidationError as err:
-        raise _validation_error(err) from None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded, objective = prepare(config, defense)

@@ -1,5 +1,8 @@
 """One validated description of a defense, shared by the CLI (``tightrope train --defense``) and study files.
 
+Both build it through :func:`defense_config`, so a defense named the same way has the same settings
+and defaults however it is reached (``tests/test_defenses_config.py`` checks every kind both ways).
+
 ``DefenseConfig(kind="pgd", epsilon=0.02, teacher="runs/bert-imdb", a=0.5)`` names everything a
 training run needs; :func:`build_objective` turns it into the objective ``(model, batch) -> loss``
 that :func:`tightrope.train.train` takes.
@@ -11,9 +14,10 @@ silently: :func:`build_objective` checks the fields that were set explicitly.
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tightrope.defenses.adversarial import DEFENSES, Criterion, cross_entropy
 from tightrope.errors import TightropeError
@@ -50,6 +54,43 @@ class DefenseConfig(BaseModel):
     a: float = Field(default=0.5, ge=0, le=1)  # weight of CE in a*CE + (1-a)*KD
     temperature: float = Field(default=2.0, gt=0)
     fake_quant: str | None = None  # a scheme of tightrope.defenses.fakequant (QAT)
+
+
+KINDS = get_args(DefenseConfig.model_fields["kind"].annotation)
+# Other names a study file may give a defense's method (class names of tightrope.defenses, the paper's).
+METHOD_ALIASES = {"pgdtraining": "pgd", "fastadversarial": "fast", "fgsm": "fast", "a2ttraining": "a2t",
+                  "synonymencoding": "canonical", "distill": "none", "distillation": "none"}
+
+
+def defense_config(method: str, params: dict | None = None, *, teacher: str | None = None) -> DefenseConfig:
+    """The one way to build a :class:`DefenseConfig`, from the CLI and from a study file.
+
+    ``method`` is a kind (``pgd``, ``fast``, ``freelb``, ``a2t``, ``canonical``, ``none``) or an alias
+    (:data:`METHOD_ALIASES`; ``distill`` is ``none`` with a teacher). ``params`` are the config's fields;
+    a study file's ``distill: {a, temperature}`` adds distillation from ``teacher`` (the defense's
+    source model), as does the method ``distill``. An unknown method or field, or a value out of range,
+    is one sentence.
+    """
+    key = re.sub(r"[^a-z0-9]", "", method.lower())
+    kind = METHOD_ALIASES.get(key, key)
+    if kind not in KINDS:
+        raise TightropeError(f"Unknown defense '{method}'; choose one of {', '.join(KINDS)} (or distill).")
+    fields = {k: v for k, v in (params or {}).items() if v is not None}
+    distill = fields.pop("distill", None)
+    if key in ("distill", "distillation"):
+        distill, fields = fields, {}
+    if distill is not None:
+        if not isinstance(distill, dict):
+            raise TightropeError(f"distill takes the distillation settings a and temperature, not {distill!r}.")
+        if teacher is None and "teacher" not in fields:
+            raise TightropeError("Distillation needs a teacher model.")
+        fields = {**fields, "teacher": fields.get("teacher", teacher), **distill}
+    try:
+        return DefenseConfig(kind=kind, **fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "defense"
+        raise TightropeError(f"The {method} defense: {where}: {first['msg']}.") from None
 
 
 class Supervised:
@@ -142,4 +183,4 @@ def build_objective(config: DefenseConfig, *, student_labels: list[str] | None =
     return objective
 
 
-__all__ = ["DefenseConfig", "Supervised", "build_objective", "check_fields"]
+__all__ = ["KINDS", "METHOD_ALIASES", "DefenseConfig", "Supervised", "build_objective", "check_fields", "defense_config"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tightrope.defenses.config import check_fields, defense_config
+from tightrope.errors import TightropeError
 from tightrope.study import steps as step_kinds  # noqa: F401 - registers the step kinds
 from tightrope.study.runner import RunResult, Step, run_steps, write_result
 from tightrope.study.spec import StudySpec, TrainSpec
@@ -125,10 +127,11 @@ def preflight(spec: StudySpec) -> None:
             from tightrope.defenses.pipeline import parse_order  # noqa: PLC0415
 
             parse_order(d.pipeline.order)
-    if spec.attacks:
-        step_kinds._require("tightrope.attacks", "text attacks")  # noqa: SLF001
-    if spec.defenses:
-        step_kinds._require("tightrope.defenses", "defenses")  # noqa: SLF001
+    for i, d in enumerate(spec.defenses):  # every defense's settings, as the CLI would check them
+        try:
+            check_fields(defense_config(d.method, d.params, teacher=d.source))
+        except TightropeError as err:
+            raise TightropeError(f"defenses.{i} ({d.name}): {err}") from None
 
 
 def identity(spec: StudySpec) -> dict:

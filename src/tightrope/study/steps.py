@@ -21,16 +21,6 @@ from tightrope.errors import TightropeError
 from tightrope.study.runner import StepContext, register_step
 
 
-def _require(module: str, what: str):
-    """Import a capability of tightrope, or fail with "<what> is not available in this build"."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name and module.startswith(err.name):
-            raise TightropeError(f"{what} is not available in this build (no {module}).") from None
-        raise
-
-
 def source_model(deps: dict[str, dict], ctx: StepContext) -> str:
     """The model directory this step works on: the first dependency's ``model_dir``."""
     first = deps[ctx.step.deps[0]]
@@ -96,7 +86,7 @@ def _norm(name: str) -> str:
 
 def compression_classes() -> dict[str, type]:
     """Config classes of tightrope.compress by normalised name (``int8-dynamic`` -> Int8Dynamic)."""
-    api = _require("tightrope.compress.api", "compression")
+    from tightrope.compress import api  # noqa: PLC0415 - torch loads when a step runs
     classes: dict[str, type] = {}
     for module in ("tightrope.compress.quant", "tightrope.compress.prune"):
         try:
@@ -141,7 +131,7 @@ def compression_config(method: str, params: dict[str, Any], where: str = "compre
 
 @register_step("compress")
 def compress_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
-    compress_mod = _require("tightrope.compress", "compression")
+    import tightrope.compress as compress_mod  # noqa: PLC0415 - torch loads when a step runs
     configs = [compression_config(s["method"], s.get("params", {}), f"compress step {i}", inputs.get("defaults"))
                for i, s in enumerate(inputs["steps"])]
     from tightrope import workflows  # noqa: PLC0415
@@ -158,7 +148,7 @@ def compress_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
 
 
 def _save_compressed(clf, out: Path, summaries: list[dict]) -> None:
-    formats = _require("tightrope.compress.formats", "saving compressed models")
+    from tightrope.compress import formats  # noqa: PLC0415 - torch loads when a step runs
     # Keep what the source's card says about tokenization and data, so the variant is used as trained.
     from tightrope.inference import transform_card, transform_files  # noqa: PLC0415
 
@@ -187,7 +177,7 @@ def _save_twin(model, tokenizer, card: dict, config, out: Path) -> dict | None:
         scheme = scheme_for(config)
     except TightropeError:
         return None
-    formats = _require("tightrope.compress.formats", "saving compressed models")
+    from tightrope.compress import formats  # noqa: PLC0415 - torch loads when a step runs
     twin_card = {k: card[k] for k in ("tokenization", "data", "base_model") if k in card}
     twin_card["twin_of"] = {"method": config.method, "scheme": scheme, "include": list(config.include),
                             "exclude": list(config.exclude)}
@@ -207,15 +197,16 @@ EXAMPLE_FIELDS = ("index", "status", "label", "original_text", "perturbed_text",
                   "perturbed_prediction", "words", "words_perturbed", "modified_indices", "queries")
 
 
-@register_step("attack", resumable=True)  # Attack.run keeps finished examples in the step folder
+@register_step("attack", resumable=True)  # the Attacker keeps finished examples in the step folder
 def attack_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
-    attacks = _require("tightrope.attacks", "text attacks")
+    from tightrope.attacks import Attacker, recipes  # noqa: PLC0415 - torch loads when a step runs
+    from tightrope.attacks.attacker import read_results  # noqa: PLC0415
     from tightrope import workflows  # noqa: PLC0415
     from tightrope.data import load_task  # noqa: PLC0415
 
     clf = workflows.load(source_model(deps, ctx))
     data = load_task(inputs["task"], inputs["split"], n=inputs["n"], seed=inputs["seed"], data_dir=inputs.get("data_dir"))
-    attack = attacks.build(inputs["recipe"], clf, **inputs.get("params", {}))
+    attack = recipes.build(inputs["recipe"], clf, **inputs.get("params", {}))
     progress = None
     if ctx.progress:
         from rich.console import Console  # noqa: PLC0415
@@ -225,8 +216,8 @@ def attack_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
         def progress(result, done):
             if len(done) % 10 == 0 or len(done) == len(data):
                 console.log(f"  attacked {len(done)}/{len(data)}")
-    report = attack.run(clf, data, out=ctx.workdir / "attack", seed=inputs["seed"], progress=progress)
-    results = attacks.attack.read_results(ctx.workdir / "attack" / "results.jsonl")
+    report = Attacker(attack, out=ctx.workdir / "attack", seed=inputs["seed"]).run(clf, data, progress=progress)
+    results = read_results(ctx.workdir / "attack" / "results.jsonl")
     payload = report.to_dict()
     payload["victim"] = deps[ctx.step.deps[0]]["model_dir"]
     payload["label_names"] = list(data.label_names)
@@ -237,61 +228,36 @@ def attack_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
 # --- defend ---------------------------------------------------------------------------------------
 
 
-def defense_objective(method: str, params: dict, source_dir: str, label_names: list[str] | None = None):
-    """The training objective ``(model, batch) -> loss`` of a defense named in a study file."""
-    from tightrope.defenses import adversarial  # noqa: PLC0415
+def defense_of(inputs: dict, teacher: str | None = None):
+    """The :class:`~tightrope.defenses.config.DefenseConfig` of a study's defense section, built by the
+    same function as ``tightrope train --defense`` (its ``distill`` settings distil from ``teacher``)."""
+    from tightrope.defenses.config import defense_config  # noqa: PLC0415 - torch loads when a step runs
 
-    params = dict(params)
-    criterion = None
-    distill = params.pop("distill", None)  # {a, temperature}: combine an adversarial defense with the seed's KD
-    key = _norm(method)
-    if key in ("distill", "distillation") or distill is not None:
-        from tightrope import workflows  # noqa: PLC0415
-        from tightrope.defenses.distill import Distillation  # noqa: PLC0415
-
-        kd = params if key in ("distill", "distillation") else distill
-        criterion = Distillation(workflows.load(source_dir), student_labels=label_names, **kd)
-        if key in ("distill", "distillation"):
-            return lambda model, batch: criterion(
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
-    from tightrope.defenses.a2t import A2TTraining  # noqa: PLC0415
-    from tightrope.defenses.canonical import SynonymEncodingTraining  # noqa: PLC0415
-
-    a2t = lambda **kw: A2TTraining(kw.pop("tokenizer", source_dir), **kw)  # noqa: E731 - the student's tokenizer
-    classes = {"canonical": SynonymEncodingTraining, "synonymencoding": SynonymEncodingTraining,"pgd": adversarial.PGDTraining, "pgdtraining": adversarial.PGDTraining,
-               "freelb": adversarial.FreeLB, "fast": adversarial.FastAdversarial,
-               "fastadversarial": adversarial.FastAdversarial, "fgsm": adversarial.FastAdversarial,
-               "a2t": a2t, "a2ttraining": a2t}
-    if key not in classes:
-        raise TightropeError(f"Unknown defense '{method}'; choose one of pgd, freelb, fast, a2t, canonical, distill.")
-    try:
-        return classes[key](criterion=criterion, **params)
-    except TypeError as err:
-        raise TightropeError(f"defense {method}: {err}.") from None
+    return defense_config(inputs["method"], inputs["params"], teacher=teacher)
 
 
 @register_step("defend", resumable=True)  # train() resumes from its own checkpoint in the step folder
 def defend_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
-    """Retrain from the base model with a defense's objective (the source model serves as teacher)."""
-    _require("tightrope.defenses", "defenses")
-    from tightrope.data import load_task  # noqa: PLC0415
-    from tightrope.train import TrainConfig, train  # noqa: PLC0415
+    """Retrain from the base model with a defense (the source model serves as teacher), as
+    ``tightrope train --defense`` does; or weave it into compression (``pipeline``)."""
+    from tightrope.defenses.run import harden, prepare  # noqa: PLC0415
+    from tightrope.train import TrainConfig  # noqa: PLC0415
 
     config = TrainConfig(**inputs["train"])
-    labels = list(load_task(config.task, "train", n=1, data_dir=config.data_dir).label_names)
-    objective = defense_objective(inputs["method"], inputs["params"], source_model(deps, ctx), labels)
+    defense = defense_of(inputs, teacher=source_model(deps, ctx))
     if inputs.get("pipeline"):
-        return _defend_in_pipeline(inputs, config, objective, deps, ctx)
-    out = ctx.workdir / "model"
-    card = train(config, out, objective=objective, progress=ctx.progress,
-                 extra_card={"defense": {"method": inputs["method"], "params": inputs["params"]}})
-    return {"model_dir": ctx.rel(out), **_card_summary(card)}
+        return _defend_in_pipeline(inputs, config, defense, deps, ctx)
+    loaded, objective = prepare(config, defense)
+    result = harden(loaded, objective, config, defense, ctx.workdir / "model", progress=ctx.progress)
+    return {"model_dir": ctx.rel(result.model_dir), **_card_summary(result.card)}
 
 
-def _defend_in_pipeline(inputs: dict, config, objective, deps: dict, ctx: StepContext) -> dict:
+def _defend_in_pipeline(inputs: dict, config, defense, deps: dict, ctx: StepContext) -> dict:
     """Start from the source model, prune / train / quantize in the study's order (the seed's
     "adversarial training integrated with quantization and pruning"), save what ships."""
     from tightrope import inference, models, workflows  # noqa: PLC0415
+    from tightrope.data import load_task  # noqa: PLC0415
+    from tightrope.defenses.config import build_objective  # noqa: PLC0415
     from tightrope.defenses.pipeline import run_pipeline  # noqa: PLC0415
 
     p = inputs["pipeline"]
@@ -301,6 +267,9 @@ def _defend_in_pipeline(inputs: dict, config, objective, deps: dict, ctx: StepCo
         raise TightropeError(f"defense pipeline: the source model {source} is already compressed; "
                              "start from a full-precision model.")
     loaded = models.LoadedModel(clf.model, clf.tokenizer, source, source)
+    labels = list(load_task(config.task, config.train_split, n=1, data_dir=config.data_dir).label_names)
+    objective = build_objective(defense, student_labels=labels, student_tokenizer=clf.tokenizer,
+                                max_length=config.max_length, truncation=config.truncation)
     from tightrope.train import input_transform_of  # noqa: PLC0415
 
     clf.input_transform = input_transform_of(objective) or clf.input_transform  # saved with the model
@@ -313,7 +282,7 @@ def _defend_in_pipeline(inputs: dict, config, objective, deps: dict, ctx: StepCo
     twin = None
     if "quantize" in configs:
         twin = _save_twin(loaded.model, loaded.tokenizer, clf.card, configs["quantize"], ctx.workdir / "twin")
-        compress_mod = _require("tightrope.compress", "compression")
+        import tightrope.compress as compress_mod  # noqa: PLC0415 - torch loads when a step runs
         compress_mod.compress_(loaded.model, configs["quantize"])
     out = ctx.workdir / "model"
     _save_compressed(clf, out, [])  # clf.model is loaded.model, changed in place by the pipeline

@@ -1,0 +1,84 @@
+"""One config per defense: the CLI (``tightrope train --defense``) and a study file build the same
+DefenseConfig, defaults included, through :func:`tightrope.defenses.config.defense_config`."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from tightrope.cli import app
+from tightrope.defenses.config import KINDS, DefenseConfig, defense_config
+from tightrope.errors import TightropeError
+from tightrope.study import steps
+from tightrope.study.plan import plan_study, preflight
+from tightrope.study.spec import parse_spec
+
+TEACHER = "runs/the-baseline"
+
+
+class Captured(Exception):
+    def __init__(self, defense):
+        self.defense = defense
+
+
+def from_cli(monkeypatch, tmp_path, tiny_model_dir, tiny_task, flags: list[str]) -> DefenseConfig:
+    """The DefenseConfig ``tightrope train`` builds from ``flags`` (stopped before any training)."""
+    import tightrope.defenses.run as run
+
+    def capture(train_config, defense):
+        raise Captured(defense)
+
+    monkeypatch.setattr(run, "prepare", capture)
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), "--task", str(tiny_task),
+                                      "--out", str(tmp_path / "run"), *flags])
+    assert isinstance(result.exception, Captured), result.output
+    return result.exception.defense
+
+
+def from_study(method: str, params: dict) -> DefenseConfig:
+    """The DefenseConfig the study runner builds for a defense section (source model = the teacher)."""
+    spec = parse_spec({"name": "t", "data": {"task": "rotten-tomatoes", "max_length": 32},
+                       "defenses": [{"name": "d", "method": method, "params": params}]})
+    (step,) = [s for s in plan_study(spec)[0] if s.name == "defend/d"]
+    return steps.defense_of(step.inputs, teacher=TEACHER)
+
+
+CASES = [  # (CLI flags, study method, study params)
+    (["--defense", "none"], "none", {}),
+    (["--defense", "pgd"], "pgd", {}),
+    (["--defense", "fast"], "fast", {}),
+    (["--defense", "freelb"], "freelb", {}),
+    (["--defense", "a2t"], "a2t", {}),
+    (["--defense", "canonical"], "canonical", {}),
+    (["--defense", "freelb", "--epsilon", "0.1", "--steps", "2", "--norm", "l2"], "FreeLB",
+     {"epsilon": 0.1, "steps": 2, "norm": "l2"}),
+    (["--defense", "fast", "--epsilon", "0.005", "--mix", "0.5", "--teacher", TEACHER, "--a", "0.5"], "fast",
+     {"epsilon": 0.005, "mix": 0.5, "distill": {"a": 0.5}}),
+    (["--teacher", TEACHER, "--temperature", "3"], "distill", {"temperature": 3}),
+    (["--defense", "a2t", "--query-budget", "50", "--adv-share", "0.3"], "a2ttraining", {"query_budget": 50, "adv_share": 0.3}),
+]
+
+
+@pytest.mark.parametrize(("flags", "method", "params"), CASES, ids=lambda c: " ".join(c) if isinstance(c, list) else None)
+def test_cli_and_study_build_the_same_defense(monkeypatch, tmp_path, tiny_model_dir, tiny_task, flags, method, params):
+    cli = from_cli(monkeypatch, tmp_path, tiny_model_dir, tiny_task, flags)
+    assert cli == from_study(method, params)
+
+
+def test_every_kind_is_covered_and_defaults_are_the_configs():
+    assert {defense_config(m, teacher=TEACHER).kind for _, m, _ in CASES} == set(KINDS)
+    freelb = from_study("freelb", {})
+    assert (freelb.epsilon, freelb.steps, freelb.norm) == (0.02, 3, "linf")  # one set of defaults, both ways
+
+
+@pytest.mark.parametrize(("method", "params", "message"), [
+    ("pgd", {"epsilom": 0.1}, "epsilom"),
+    ("pgd", {"epsilon": -1}, "epsilon"),
+    ("shield", {}, "Unknown defense 'shield'"),
+    ("pgd", {"query_budget": 5}, "does not use --query-budget"),
+])
+def test_a_misspelt_defense_setting_fails_the_preflight_before_any_work(tmp_path, method, params, message):
+    spec = parse_spec({"name": "t", "data": {"task": "rotten-tomatoes", "max_length": 32},
+                       "defenses": [{"name": "d", "method": method, "params": params}]})
+    with pytest.raises(TightropeError, match=message):
+        preflight(spec)
