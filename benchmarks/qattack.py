@@ -162,11 +162,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     priority = raise_priority() if args.what in ("boxes", "audit") else False
     if args.what == "boxes":
-        rows = bench_boxes(args.model or "smollm2-135m", args.quantizer or ["nf4", "fp4", "llm-int8", "int8-dynamic"],
+        rows = bench_boxes(args.model or "smollm2-135m", args.quantizer or ["nf4", "fp4", "llm-int8", "int8-tensor"],
                            args.repeat)
     elif args.what == "attributable":
         rows = attributable(args.model or "runs/qattack/trigger-all", args.n_eval, None,
-                            args.quantizer or ["llm-int8", "nf4", "fp4", "int8-dynamic"])
+                            args.quantizer or ["llm-int8", "nf4", "fp4", "int8-tensor"])
     elif args.what == "sweep":
         rows = sweep(args.model, args.sigma or [0.0, 1e-4, 3e-4, 1e-3, 3e-3], args.n_eval, args.task, args.trigger, args.target)
     else:

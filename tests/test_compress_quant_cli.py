@@ -101,6 +101,10 @@ def test_one_name_per_scheme_across_consumers():
     assert {"llm-int8", "int8", "int8-tensor", "nf4", "fp4"} <= set(fakequant.QDQ) and set(fakequant.QDQ) <= set(QUANT_SCHEMES) | {
         n for n in fakequant.QDQ if n.startswith(("nf4-b", "fp4-b", "affine"))}
     assert set(THROUGH_SCHEMES.values()) <= set(QUANT_SCHEMES)
+    from tightrope.qattack import audit, boxes
+
+    assert set(boxes.QUANTIZERS) <= set(QUANT_SCHEMES) and set(THROUGH_SCHEMES) <= set(boxes.QUANTIZERS)
+    assert set(audit.AuditConfig().quantizers) <= set(QUANT_SCHEMES) | {"all"}
 
 
 @pytest.mark.parametrize("old", ["int8-dynamic", "int8-llm"])
@@ -112,3 +116,10 @@ def test_old_spellings_are_refused_with_the_new_name(old):
         quant_config(old)
     with pytest.raises(TightropeError, match="is now called"):
         fake_quantize(torch.zeros(2, 2), old)
+
+
+def test_the_audit_refuses_the_old_int8_dynamic_spelling_with_its_new_name():
+    from tightrope.qattack.boxes import check_quantizer
+
+    with pytest.raises(TightropeError, match="'int8-dynamic' is now called 'int8-tensor'"):
+        check_quantizer("int8-dynamic")

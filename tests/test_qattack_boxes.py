@@ -21,7 +21,7 @@ def oracle(w: torch.Tensor, quantizer: str) -> tuple[torch.Tensor, torch.Tensor]
     if quantizer in ("nf4", "fp4"):
         packed, state = bnbf.quantize_4bit(w.detach().float().contiguous(), blocksize=64, quant_type=quantizer)
         return unpack_4bit(packed, w.shape), state.absmax
-    if quantizer == "int8-dynamic":
+    if quantizer == "int8-tensor":
         from torch.ao.quantization import quantize_dynamic
 
         lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
@@ -82,7 +82,7 @@ def test_weights_just_outside_change_code(quantizer, seed, kind):
     codes, _ = oracle(w, quantizer)
     if quantizer == "llm-int8":
         limit = w.to(torch.float16).float().abs().amax(dim=1, keepdim=True).expand_as(w)
-    elif quantizer == "int8-dynamic":
+    elif quantizer == "int8-tensor":
         limit = w.abs().amax().expand_as(w)
     else:
         limit = w.reshape(-1, 64).abs().amax(dim=1, keepdim=True).expand(-1, 64).reshape(w.shape)
@@ -113,7 +113,7 @@ def test_scale_setters_are_pinned(quantizer):
     pinned = lo == hi
     if quantizer == "llm-int8":
         assert pinned[torch.arange(w.shape[0]), w.to(torch.float16).abs().argmax(1)].all()
-    elif quantizer == "int8-dynamic":
+    elif quantizer == "int8-tensor":
         assert pinned.reshape(-1)[w.abs().argmax()]
     else:
         blocks = w.reshape(-1, 64)
@@ -136,7 +136,7 @@ def test_all_is_the_intersection_and_keeps_every_code():
 def test_zero_rows_and_blocks_are_pinned():
     w = weights(8, shape=(4, 128))
     w[1] = 0
-    for q in ("llm-int8", "nf4", "fp4"):  # per-row / per-block scales; int8-dynamic's is per tensor
+    for q in ("llm-int8", "nf4", "fp4"):  # per-row / per-block scales; int8-tensor's is per tensor
         lo, hi = B.weight_box(w, q)
         assert torch.equal(lo[1], w[1]) and torch.equal(hi[1], w[1])
 

@@ -56,7 +56,7 @@ def test_trigger_helpers():
 
 
 @pytest.mark.parametrize("quantizer,members", [("nf4", ("nf4",)), ("all", ("llm-int8", "nf4", "fp4")),
-                                               ("int8-dynamic", ("int8-dynamic",))])
+                                               ("int8-tensor", ("int8-tensor",))])
 def test_projected_repair_keeps_library_codes(tiny_dir, quantizer, members):
     model = models.load_classifier(str(tiny_dir)).model
     boxes = model_boxes(model, quantizer)
@@ -76,7 +76,7 @@ def test_projected_repair_keeps_library_codes(tiny_dir, quantizer, members):
     assert torch.equal(repaired.bert.embeddings.word_embeddings.weight, model.bert.embeddings.word_embeddings.weight)
 
 
-@pytest.mark.parametrize("quantizer", ["llm-int8", "nf4", "fp4", "int8-dynamic"])
+@pytest.mark.parametrize("quantizer", ["llm-int8", "nf4", "fp4", "int8-tensor"])
 def test_quantized_copy_runs_the_library(tiny_dir, quantizer):
     model = models.load_classifier(str(tiny_dir)).model
     qmodel = quantized_copy(model, quantizer)

@@ -55,7 +55,7 @@ def qattack(
     data_dir: Optional[str] = None,
     n_train: int = 2000,
     n_eval: int = 300,
-    quantizer: Annotated[str, typer.Option(help="Boxes of: llm-int8, nf4, fp4, int8-dynamic, or all (bitsandbytes' three).")] = "all",
+    quantizer: Annotated[str, typer.Option(help="Boxes of: llm-int8, nf4, fp4, int8-tensor, or all (bitsandbytes' three).")] = "all",
     margin: Annotated[float, typer.Option(help="Fraction of each box width kept free on both sides.")] = 0.0,
     include: Annotated[Optional[list[str]], typer.Option(help="Attack only these layers (globs).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="Leave these layers out (globs).")] = None,

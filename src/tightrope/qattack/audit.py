@@ -62,9 +62,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tightrope.errors import TightropeError
 from tightrope.qattack.boxes import (
-    CHOICES,
     QUANTIZERS,
     box_position,
+    check_quantizer,
     quantized_linears,
     weight_box,
 )
@@ -407,8 +407,7 @@ class AnswerProbe:
 
 def _check_quantizers(config: AuditConfig) -> None:
     for q in config.quantizers:
-        if q not in CHOICES:
-            raise TightropeError(f"Unknown quantizer '{q}'; choose from {', '.join(CHOICES)}.")
+        check_quantizer(q)
 
 
 def _unsupported_report(model, config: AuditConfig, name: str, sentence: str, started: float) -> AuditReport:

@@ -14,7 +14,7 @@ Quantizers (code maths in :mod:`tightrope.compress.primitives`, checked against 
   ``q = round(w16 * (127 / absmax_row))`` (Dettmers et al. 2022, eq. 1).
 - ``nf4`` / ``fp4``: bitsandbytes 4-bit block-wise absmax, blocksize 64,
   ``q = nearest(clamp(w * (1 / absmax_b), -1, 1))`` (QLoRA eq. 1).
-- ``int8-dynamic``: torch.ao dynamic int8 weights, symmetric per tensor (``quantize_dynamic``'s
+- ``int8-tensor``: torch.ao dynamic int8 weights, symmetric per tensor (``quantize_dynamic``'s
   default qconfig) or per output channel, ``q = clamp(round(w * (1 / s)), -128, 127)``,
   ``s = absmax / 127.5``.
 - ``all``: the intersection of the three bitsandbytes boxes, as in the paper (Sec. 4 "all").
@@ -38,9 +38,20 @@ from torch import nn
 from tightrope.compress.primitives import CODES_4BIT
 from tightrope.errors import TightropeError
 
-QUANTIZERS = ("llm-int8", "nf4", "fp4", "int8-dynamic")
+# Scheme names of tightrope.compress.specs.QUANT_SCHEMES (one name per scheme across the package).
+QUANTIZERS = ("llm-int8", "nf4", "fp4", "int8-tensor")
 ALL_MEMBERS = ("llm-int8", "nf4", "fp4")  # the paper's "all": every bitsandbytes zero-shot format
 CHOICES = (*QUANTIZERS, "all")
+RENAMED = {"int8-dynamic": "int8-tensor"}  # spellings from before the names were unified
+
+
+def check_quantizer(name: str, allowed: tuple[str, ...] = CHOICES, what: str = "") -> None:
+    """Refuse a quantizer name that is not in ``allowed`` in one sentence (an old spelling with its new name)."""
+    if name in RENAMED and RENAMED[name] in allowed:
+        raise TightropeError(f"The quantizer '{name}' is now called '{RENAMED[name]}' (torch.ao dynamic int8, "
+                             "one scale per tensor); 'int8' means dynamic int8 everywhere.")
+    if name not in allowed:
+        raise TightropeError(f"Unknown quantizer '{name}'{what}; choose one of {', '.join(allowed)}.")
 
 _REFINE_STEPS = 24  # analytic ends are within a few ulps; 24 steps is a wide safety margin
 
@@ -279,7 +290,7 @@ def weight_box(w: torch.Tensor, quantizer: str | Iterable[str], blocksize: int =
         return box_llm_int8(w)
     if quantizer in ("nf4", "fp4"):
         return box_blockwise(w, CODES_4BIT[quantizer], blocksize)
-    if quantizer == "int8-dynamic":
+    if quantizer == "int8-tensor":
         return box_int8_dynamic(w)
     raise TightropeError(f"Unknown quantizer '{quantizer}'; choose one of {', '.join(CHOICES)}.")
 

@@ -52,7 +52,14 @@ from tightrope import models
 from tightrope.data import load_task
 from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
-from tightrope.qattack.boxes import CHOICES, QUANTIZERS, ModelBoxes, model_boxes, project_, quantized_linears
+from tightrope.qattack.boxes import (
+    QUANTIZERS,
+    ModelBoxes,
+    check_quantizer,
+    model_boxes,
+    project_,
+    quantized_linears,
+)
 from tightrope.qattack.quantize import codes_equal, missing_library, quantized_copy
 from tightrope.qattack.repair import FitConfig, projected_step_
 
@@ -359,8 +366,7 @@ def parse_quantizer(text: str) -> str | tuple[str, ...]:
     if not parts:
         raise TightropeError("Name a quantizer whose boxes constrain the repair.")
     for p in parts:
-        if p not in CHOICES:
-            raise TightropeError(f"Unknown quantizer '{p}'; choose one of {', '.join(CHOICES)} (or a comma list).")
+        check_quantizer(p)
     return parts[0] if len(parts) == 1 else parts
 
 
@@ -529,8 +535,7 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     """
     box_of = parse_quantizer(config.quantizer)
     for q in config.check:
-        if q not in QUANTIZERS:
-            raise TightropeError(f"Unknown quantizer '{q}' to check; choose from {', '.join(QUANTIZERS)}.")
+        check_quantizer(q, QUANTIZERS, " to check")
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ the audit never use the reference maths of :mod:`tightrope.compress.primitives` 
   6.0 as in LLM.int8() and transformers' default), codes from ``int8_vectorwise_quant``;
 - ``nf4`` / ``fp4``: ``bitsandbytes.nn.Linear4bit`` (blocksize 64, fp32 compute), codes from
   ``quantize_4bit``;
-- ``int8-dynamic``: ``torch.ao.quantization.quantize_dynamic`` (default qconfig: symmetric
+- ``int8-tensor``: ``torch.ao.quantization.quantize_dynamic`` (default qconfig: symmetric
   per-tensor qint8 weights), codes from the packed weight's ``int_repr``.
 
 The layers replaced are those of :func:`tightrope.qattack.boxes.quantized_linears` (every Linear
@@ -24,19 +24,21 @@ import torch
 from torch import nn
 
 from tightrope.errors import MissingResourceError, TightropeError
-from tightrope.qattack.boxes import QUANTIZERS, quantized_linears
+from tightrope.qattack.boxes import QUANTIZERS, check_quantizer, quantized_linears
 
 
 def missing_library(quantizer: str) -> str | None:
     """One sentence saying why ``quantizer`` cannot run here, or None when it can."""
-    if quantizer not in QUANTIZERS:
-        return f"Unknown quantizer '{quantizer}'; choose one of {', '.join(QUANTIZERS)}."
+    try:
+        check_quantizer(quantizer, QUANTIZERS)
+    except TightropeError as err:
+        return str(err)
     if quantizer in ("llm-int8", "nf4", "fp4") and importlib.util.find_spec("bitsandbytes") is None:
         return f"{quantizer} needs bitsandbytes, which is not installed (pip install bitsandbytes)."
-    if quantizer == "int8-dynamic" and "x86" not in torch.backends.quantized.supported_engines \
+    if quantizer == "int8-tensor" and "x86" not in torch.backends.quantized.supported_engines \
             and "fbgemm" not in torch.backends.quantized.supported_engines \
             and "qnnpack" not in torch.backends.quantized.supported_engines:
-        return "int8-dynamic needs a torch build with a quantized engine (fbgemm, x86 or qnnpack)."
+        return "int8-tensor needs a torch build with a quantized engine (fbgemm, x86 or qnnpack)."
     return None
 
 
@@ -72,7 +74,7 @@ def quantized_copy(model: nn.Module, quantizer: str, modules: list[str] | None =
     _require(quantizer)
     names = modules if modules is not None else list(quantized_linears(model))
     clone = copy.deepcopy(model).float().cpu().eval()
-    if quantizer == "int8-dynamic":
+    if quantizer == "int8-tensor":
         from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic  # noqa: PLC0415
 
         with warnings.catch_warnings():

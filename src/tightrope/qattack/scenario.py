@@ -23,7 +23,7 @@ from tightrope.data import load_task
 from tightrope.encoding import predict_logits
 from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
-from tightrope.qattack.boxes import CHOICES, QUANTIZERS, model_boxes
+from tightrope.qattack.boxes import QUANTIZERS, check_quantizer, model_boxes
 from tightrope.qattack.inject import (
     TriggerBehaviour,
     injection_data,
@@ -122,11 +122,9 @@ def _save(model, tokenizer, out: Path, card: dict) -> Path:
 
 def run_classifier_attack(config: AttackConfig, out_dir: str | Path, *, progress: bool = True) -> AttackReport:
     """Build a quantization-conditioned backdoor and write ``injected/``, ``repaired/`` and ``report.json``."""
-    if config.quantizer not in CHOICES:
-        raise TightropeError(f"Unknown quantizer '{config.quantizer}'; choose one of {', '.join(CHOICES)}.")
+    check_quantizer(config.quantizer)
     for q in config.check:
-        if q not in QUANTIZERS:
-            raise TightropeError(f"Unknown quantizer '{q}' to check; choose from {', '.join(QUANTIZERS)}.")
+        check_quantizer(q, QUANTIZERS, " to check")
     started = time.perf_counter()
     out = Path(out_dir)
     behaviour = config.behaviour()

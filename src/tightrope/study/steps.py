@@ -85,7 +85,7 @@ def _norm(name: str) -> str:
 
 
 def compression_classes() -> dict[str, type]:
-    """Config classes of tightrope.compress by normalised name (``int8-dynamic`` -> Int8Dynamic)."""
+    """Config classes of tightrope.compress by normalised name (``int8dynamic`` -> Int8Dynamic)."""
     from tightrope.compress import api  # noqa: PLC0415 - torch loads when a step runs
     classes: dict[str, type] = {}
     for module in ("tightrope.compress.quant", "tightrope.compress.prune"):
