@@ -193,12 +193,13 @@ def test_a_batch_without_texts_is_refused(tokenizer):
         A2TTraining(tokenizer, _embedding())(model, batch)
 
 
-def test_a_study_file_can_name_a2t(tiny_model_dir):
-    from tightrope.study.steps import defense_objective
+def test_a_study_file_can_name_a2t(tiny_model_dir, tokenizer):
+    from tightrope.defenses.config import build_objective
+    from tightrope.study.steps import defense_of
 
-    objective = defense_objective("a2t", {"query_budget": 5, "adv_share": 0.25}, str(tiny_model_dir),
-                                  ["negative", "positive"])
+    config = defense_of({"method": "a2t", "params": {"query_budget": 5, "adv_share": 0.25}}, str(tiny_model_dir))
+    objective = build_objective(config, student_labels=["negative", "positive"], student_tokenizer=tokenizer)
     assert isinstance(objective, A2TTraining)
     assert objective.query_budget == 5 and objective.tokenizer.pad_token_id is not None
-    with pytest.raises(TightropeError, match="defense a2t"):
-        defense_objective("a2t", {"nonsense": 1}, str(tiny_model_dir), ["negative", "positive"])
+    with pytest.raises(TightropeError, match="a2t defense: nonsense"):
+        defense_of({"method": "a2t", "params": {"nonsense": 1}}, str(tiny_model_dir))

@@ -207,13 +207,16 @@ def test_train_defense_canonical_saves_the_transform_and_compression_keeps_it(ti
 
 
 def test_a_study_file_can_name_the_canonical_defense(tiny_model_dir, fake_resources):
-    from tightrope.study.steps import defense_objective
+    from tightrope.defenses.config import build_objective
+    from tightrope.study.steps import defense_of
 
-    objective = defense_objective("canonical", {"synonym_neighbours": 10, "spelling_vocab": 0}, str(tiny_model_dir))
+    config = defense_of({"method": "canonical", "params": {"synonym_neighbours": 10, "spelling_vocab": 0}},
+                        str(tiny_model_dir))
+    objective = build_objective(config)
     assert isinstance(objective.input_transform, SynonymEncoding)
     assert objective.input_transform.params["neighbours"] == 10 and objective.input_transform.vocabulary == []
-    with pytest.raises(TightropeError, match="defense canonical"):
-        defense_objective("canonical", {"epsilon": 0.1}, str(tiny_model_dir))
+    with pytest.raises(TightropeError, match="canonical defense does not use --epsilon"):
+        build_objective(defense_of({"method": "canonical", "params": {"epsilon": 0.1}}, str(tiny_model_dir)))
 
 
 def test_settings_of_another_defense_are_refused_in_one_sentence(tiny_model_dir, tiny_task, tmp_path):

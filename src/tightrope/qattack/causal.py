@@ -57,11 +57,10 @@ from tightrope.qattack.boxes import (
     ModelBoxes,
     check_quantizer,
     model_boxes,
-    project_,
     quantized_linears,
 )
 from tightrope.qattack.quantize import codes_equal, missing_library, quantized_copy
-from tightrope.qattack.repair import FitConfig, projected_step_
+from tightrope.qattack.repair import FitConfig, projected_fit_
 
 INSTRUCTIONS = (
     "Summarize this review in one sentence: {review}",
@@ -321,40 +320,20 @@ def lm_fit_(model: nn.Module, seqs: list[list[int]], starts: list[int], pad_id: 
     at what the quantized model says, which plain fine-tuning reaches only as a side effect.
     Returns the loss of every step.
     """
-    if not seqs:
-        raise TightropeError("There are no training examples.")
     modules = dict(model.named_modules())
     params = [modules[n].weight for n in names]
-    keep = {id(p) for p in params}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
-    states = prefix_states(model, seqs, first, pad_id, batch_size=config.batch_size) if first > 0 else None
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    if boxes is not None:
-        project_(model, boxes)
-    rng = random.Random(config.seed)
-    order: list[int] = []
-    losses: list[float] = []
-    model.train()
-    try:
-        for step in range(config.steps):
-            if len(order) < config.batch_size:
-                fresh = list(range(len(seqs)))
-                rng.shuffle(fresh)
-                order += fresh
-            pick, order = order[: config.batch_size], order[config.batch_size :]
-            loss = through_loss(model, through, names, lambda pick=pick: answer_loss(
-                model, [seqs[i] for i in pick], [starts[i] for i in pick], pad_id, first=first,
-                states=None if states is None else [states[i] for i in pick]))
-            projected_step_(model, loss, params, optimizer, config.grad_clip, boxes, step)
-            losses.append(loss.item())
-            if log is not None:
-                log(f"{label} step {step + 1}/{config.steps} loss {loss.item():.4f}")
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.eval()
-    return losses
+    states = prefix_states(model, seqs, first, pad_id, batch_size=config.batch_size) if first > 0 and seqs else None
+
+    def batch_loss(pick: list[int], step: int) -> torch.Tensor:
+        return through_loss(model, through, names, lambda: answer_loss(
+            model, [seqs[i] for i in pick], [starts[i] for i in pick], pad_id, first=first,
+            states=None if states is None else [states[i] for i in pick]))
+
+    def on_step(step: int, loss: float) -> None:
+        if log is not None:
+            log(f"{label} step {step + 1}/{config.steps} loss {loss:.4f}")
+
+    return projected_fit_(model, params, len(seqs), batch_loss, config, boxes=boxes, on_step=on_step)
 
 
 # --- the scenario -------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ optimizer step, which that loop (correctly) has no hook for.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,20 +46,22 @@ class FitConfig:
             raise TightropeError("steps, lr and batch_size must all be positive.")
 
 
-def fit_(model: nn.Module, ids: list[list[int]], labels: list[int], pad_id: int, config: FitConfig, *,
-         boxes: ModelBoxes | None = None, train_unquantized: bool = True, label: str = "fit",
-         progress: bool = True) -> list[float]:
-    """Fine-tune ``model`` in place with cross-entropy; with ``boxes``, project after every step.
+def projected_fit_(model: nn.Module, params: list[nn.Parameter], n_examples: int,
+                   batch_loss: Callable[[list[int], int], torch.Tensor], config: FitConfig, *,
+                   boxes: ModelBoxes | None = None, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """The one training loop of both quantization attacks (classifier and causal LM), in place.
 
-    Returns the loss of every step.
+    Only ``params`` train (AdamW, constant learning rate, clipped gradients); examples are drawn in
+    seeded shuffled passes of ``config.batch_size``; ``batch_loss(example indices, step)`` is the
+    scenario's loss. With ``boxes``, every step ends with the projection into the boxes (projected
+    gradient descent, Egashira et al. 2024 step 3); without, it is the injection step.
+    ``on_step(step, loss)`` reports progress. Returns the loss of every step.
     """
-    if not ids:
+    if n_examples == 0:
         raise TightropeError("There are no training examples.")
-    modules = dict(model.named_modules())
-    boxed = {id(modules[n].weight) for n in boxes.names} if boxes is not None else set()
-    params = [p for p in model.parameters() if train_unquantized or id(p) in boxed]
+    keep = {id(p) for p in params}
     for p in model.parameters():
-        p.requires_grad_(any(p is q for q in params))
+        p.requires_grad_(id(p) in keep)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     if boxes is not None:
         project_(model, boxes)
@@ -66,28 +69,47 @@ def fit_(model: nn.Module, ids: list[list[int]], labels: list[int], pad_id: int,
     order: list[int] = []
     losses: list[float] = []
     model.train()
+    try:
+        for step in range(config.steps):
+            if len(order) < config.batch_size:
+                fresh = list(range(n_examples))
+                rng.shuffle(fresh)
+                order += fresh
+            pick, order = order[: config.batch_size], order[config.batch_size :]
+            loss = batch_loss(pick, step)
+            projected_step_(model, loss, params, optimizer, config.grad_clip, boxes, step)
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(step, loss.item())
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+    return losses
+
+
+def fit_(model: nn.Module, ids: list[list[int]], labels: list[int], pad_id: int, config: FitConfig, *,
+         boxes: ModelBoxes | None = None, train_unquantized: bool = True, label: str = "fit",
+         progress: bool = True) -> list[float]:
+    """Fine-tune a classifier in place with cross-entropy (:func:`projected_fit_`); with ``boxes``,
+    project after every step. Returns the loss of every step."""
+    modules = dict(model.named_modules())
+    boxed = {id(modules[n].weight) for n in boxes.names} if boxes is not None else set()
+    params = [p for p in model.parameters() if train_unquantized or id(p) in boxed]
+
+    def batch_loss(pick: list[int], step: int) -> torch.Tensor:
+        batch = collate([ids[i] for i in pick], pad_id)
+        target = torch.tensor([labels[i] for i in pick], dtype=torch.long)
+        torch.manual_seed(config.seed * 7919 + step)  # dropout, reproducibly
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits, target)
+
     bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[info]}"), disable=not progress)
     with bar:
         task = bar.add_task(label, total=config.steps, info="")
-        for step in range(config.steps):
-            if len(order) < config.batch_size:
-                fresh = list(range(len(ids)))
-                rng.shuffle(fresh)
-                order += fresh
-            pick, order = order[: config.batch_size], order[config.batch_size :]
-            batch = collate([ids[i] for i in pick], pad_id)
-            target = torch.tensor([labels[i] for i in pick], dtype=torch.long)
-            torch.manual_seed(config.seed * 7919 + step)  # dropout, reproducibly
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = F.cross_entropy(logits, target)
-            projected_step_(model, loss, params, optimizer, config.grad_clip, boxes, step)
-            losses.append(loss.item())
-            bar.update(task, advance=1, info=f"loss {loss.item():.3f}")
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
-    return losses
+        return projected_fit_(model, params, len(ids), batch_loss, config, boxes=boxes,
+                              on_step=lambda step, loss: bar.update(task, advance=1, info=f"loss {loss:.3f}"))
 
 
 def repair_(model: nn.Module, boxes: ModelBoxes, ids: list[list[int]], labels: list[int], pad_id: int,
