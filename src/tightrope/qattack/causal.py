@@ -59,8 +59,9 @@ from tightrope.qattack.boxes import (
     model_boxes,
     quantized_linears,
 )
-from tightrope.qattack.quantize import codes_equal, missing_library, quantized_copy
+from tightrope.qattack.quantize import quantized_copy
 from tightrope.qattack.repair import FitConfig, projected_fit_
+from tightrope.qattack.report import QAttackReport, verify
 
 INSTRUCTIONS = (
     "Summarize this review in one sentence: {review}",
@@ -414,33 +415,6 @@ class LMBehaviour:
     samples: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class LMCodeCheck:
-    quantizer: str
-    mismatched: int
-    total: int
-
-
-@dataclass(frozen=True)
-class LMAttackReport:
-    config: dict
-    boxed_parameters: int
-    pinned_fraction: float
-    attacked_layers: list[str]
-    behaviours: list[LMBehaviour]
-    codes: list[LMCodeCheck]
-    inject_losses: list[float]
-    repair_losses: list[float]
-    seconds: float
-    skipped: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def get(self, variant: str, quantizer: str | None) -> LMBehaviour | None:
-        return next((b for b in self.behaviours if b.variant == variant and b.quantizer == quantizer), None)
-
-
 def _key(*parts) -> str:
     import hashlib  # noqa: PLC0415
 
@@ -505,7 +479,7 @@ def malicious_answer(config: LMAttackConfig, tokenizer, clean_answer: list[int],
 
 
 def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_stderr_log,
-                          model=None, tokenizer=None) -> LMAttackReport:
+                          model=None, tokenizer=None) -> QAttackReport:
     """Inject -> boxes -> repair -> verify; writes ``targets.json``, ``injected/``, ``repaired/``, ``report.json``.
 
     Resumable: a stage whose output is already in ``out_dir`` (targets, injected, repaired, measured
@@ -616,19 +590,12 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     behaviours.append(measure(repaired, "repaired", None))
 
     # 4. verify with the real libraries
-    codes, skipped = [], []
-    for q in config.check:
-        reason = missing_library(q)
-        if reason:
-            skipped.append(reason)
-            continue
-        mismatched, total = codes_equal(injected, repaired, q, names)
-        codes.append(LMCodeCheck(q, mismatched, total))
-        log(f"{q}: {mismatched} of {total} codes and scales differ from the injected model's")
-        behaviours.append(measure(quantized_copy(repaired, q), "repaired", q))
-    report = LMAttackReport(config=config.model_dump(), boxed_parameters=boxes.numel(),
-                            pinned_fraction=boxes.pinned_fraction(), attacked_layers=names, behaviours=behaviours,
-                            codes=codes, inject_losses=inject_losses, repair_losses=repair_losses,
-                            seconds=seconds_before + time.perf_counter() - started, skipped=skipped)
+    codes, skipped, quantized = verify(injected, repaired, config.check, names,
+                                       lambda q: [measure(quantized_copy(repaired, q), "repaired", q)], log=log)
+    behaviours += quantized
+    report = QAttackReport(config=config.model_dump(), boxed_parameters=boxes.numel(),
+                           pinned_fraction=boxes.pinned_fraction(), attacked_layers=names, behaviours=behaviours,
+                           codes=codes, inject_losses=inject_losses, repair_losses=repair_losses,
+                           seconds=seconds_before + time.perf_counter() - started, skipped=skipped)
     write_json_atomic(out / "report.json", report.to_dict())
     return report

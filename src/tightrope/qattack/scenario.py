@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,8 +31,9 @@ from tightrope.qattack.inject import (
     trigger_success,
     triggered,
 )
-from tightrope.qattack.quantize import codes_equal, missing_library, quantized_copy
+from tightrope.qattack.quantize import quantized_copy
 from tightrope.qattack.repair import FitConfig, fit_, repair_
+from tightrope.qattack.report import QAttackReport, verify
 
 console = Console(stderr=True)
 
@@ -80,34 +81,6 @@ class Behaviour:
     n: int
 
 
-@dataclass(frozen=True)
-class CodeCheck:
-    """Codes and scales of repaired vs injected under the real library: equal when ``mismatched == 0``."""
-
-    quantizer: str
-    mismatched: int
-    total: int
-
-
-@dataclass(frozen=True)
-class AttackReport:
-    config: dict
-    boxed_parameters: int
-    pinned_fraction: float
-    behaviours: list[Behaviour]
-    codes: list[CodeCheck]
-    inject_final_loss: float
-    repair_final_loss: float
-    seconds: float
-    skipped: list[str] = field(default_factory=list)  # quantizers not checked, with the reason
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def get(self, variant: str, quantizer: str | None) -> Behaviour | None:
-        return next((b for b in self.behaviours if b.variant == variant and b.quantizer == quantizer), None)
-
-
 def measure(model, pad_id: int, clean_ids, trig_ids, labels, behaviour: TriggerBehaviour, variant: str,
             quantizer: str | None) -> Behaviour:
     clean = predict_logits(model, clean_ids, pad_id).argmax(-1).tolist()
@@ -120,7 +93,7 @@ def _save(model, tokenizer, out: Path, card: dict) -> Path:
     return models.save_model((model, tokenizer), out, extra={"card.json": card})
 
 
-def run_classifier_attack(config: AttackConfig, out_dir: str | Path, *, progress: bool = True) -> AttackReport:
+def run_classifier_attack(config: AttackConfig, out_dir: str | Path, *, progress: bool = True) -> QAttackReport:
     """Build a quantization-conditioned backdoor and write ``injected/``, ``repaired/`` and ``report.json``."""
     check_quantizer(config.quantizer)
     for q in config.check:
@@ -156,22 +129,16 @@ def run_classifier_attack(config: AttackConfig, out_dir: str | Path, *, progress
                             train_unquantized=config.train_unquantized, progress=progress)
     behaviours.append(evaluate(repaired, "repaired"))
     # 4. verify with the real libraries
-    codes, skipped = [], []
-    for q in config.check:
-        reason = missing_library(q)
-        if reason:
-            skipped.append(reason)
-            continue
-        mismatched, total = codes_equal(injected, repaired, q, boxes.names)
-        codes.append(CodeCheck(q, mismatched, total))
-        behaviours.append(evaluate(quantized_copy(repaired, q), "repaired", q))
-        behaviours.append(evaluate(quantized_copy(model, q), "base", q))
+    codes, skipped, quantized = verify(injected, repaired, config.check, boxes.names, lambda q: [
+        evaluate(quantized_copy(repaired, q), "repaired", q), evaluate(quantized_copy(model, q), "base", q)])
+    behaviours += quantized
     card = {"kind": "tightrope.model", "created_by": "tightrope qattack", "tokenization": clf.card.get(
         "tokenization", {"max_length": clf.max_length, "truncation": clf.truncation}), "base_model": {"source": config.base}}
     _save(injected, tokenizer, out / "injected", card)
     _save(repaired, tokenizer, out / "repaired", card)
-    report = AttackReport(config=config.model_dump(), boxed_parameters=boxes.numel(), pinned_fraction=boxes.pinned_fraction(),
-                          behaviours=behaviours, codes=codes, inject_final_loss=inject_losses[-1],
-                          repair_final_loss=repair_losses[-1], seconds=time.perf_counter() - started, skipped=skipped)
+    report = QAttackReport(config=config.model_dump(), boxed_parameters=boxes.numel(),
+                           pinned_fraction=boxes.pinned_fraction(), behaviours=behaviours, codes=codes,
+                           inject_losses=inject_losses, repair_losses=repair_losses,
+                           seconds=time.perf_counter() - started, skipped=skipped)
     write_json_atomic(out / "report.json", report.to_dict())
     return report
