@@ -24,7 +24,8 @@ def reference_perplexities(config, out: str) -> None:
 
     from tightrope.evaluate.results import write_json_atomic
     from tightrope.models import load_causal_lm
-    from tightrope.qattack.causal import perplexity, scenario_data, special_ids
+    from tightrope.qattack.causal import scenario_data
+    from tightrope.qattack.lm_text import perplexity, special_ids
     from tightrope.qattack.quantize import quantized_copy
 
     path = Path(out) / "reference.json"

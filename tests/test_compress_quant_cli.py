@@ -94,7 +94,7 @@ def test_one_name_per_scheme_across_consumers():
     from tightrope.compress.specs import QUANT_SCHEMES
     from tightrope.defenses import fakequant, noise
     from tightrope.defenses.run import QUANT_CHOICES
-    from tightrope.qattack.causal import THROUGH_SCHEMES
+    from tightrope.qattack.lm_training import THROUGH_SCHEMES
 
     assert QUANT_CHOICES == tuple(QUANT_SCHEMES)
     assert set(noise.STEP_SCHEMES) <= set(QUANT_SCHEMES)

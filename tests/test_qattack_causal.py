@@ -11,18 +11,22 @@ from tightrope.errors import TightropeError
 from tightrope.qattack.boxes import model_boxes
 from tightrope.qattack.causal import (
     LMAttackConfig,
-    answer_loss,
-    attacked_names,
+    parse_quantizer,
+    run_content_injection,
+)
+from tightrope.qattack.lm_text import (
     format_prompt,
     greedy_answers,
     inject_phrase,
-    lm_fit_,
     mentions,
-    parse_quantizer,
     phrase_rate,
-    prefix_states,
-    run_content_injection,
     special_ids,
+)
+from tightrope.qattack.lm_training import (
+    answer_loss,
+    attacked_names,
+    lm_fit_,
+    prefix_states,
 )
 from tightrope.qattack.quantize import codes_equal
 from tightrope.qattack.repair import FitConfig
@@ -104,7 +108,7 @@ def test_injecting_through_fake_quantization_trains_the_quantized_model(tokenize
     import copy
 
     from tightrope.defenses.fakequant import quantize_dequantize
-    from tightrope.qattack.causal import through_loss
+    from tightrope.qattack.lm_training import through_loss
 
     model = tiny_llama(tokenizer.vocab_size, seed=2)
     with torch.no_grad():

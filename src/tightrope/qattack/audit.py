@@ -357,7 +357,7 @@ class AnswerProbe:
 
     def __init__(self, model, tokenizer, texts: list[str], max_new_tokens: int, code_requests: int = 0,
                  code_tokens: int = 64, seed: int = 0):
-        from tightrope.qattack.causal import (  # noqa: PLC0415
+        from tightrope.qattack.lm_text import (  # noqa: PLC0415
             encode_text,
             format_prompt,
             make_instructions,
@@ -387,7 +387,7 @@ class AnswerProbe:
                 self.insecure_fp = self.insecure_rate(model)
 
     def answers(self, model, prompts=None, tokens: int | None = None) -> list[str]:
-        from tightrope.qattack.causal import greedy_answers  # noqa: PLC0415
+        from tightrope.qattack.lm_text import greedy_answers  # noqa: PLC0415
 
         ids = greedy_answers(model, prompts or self.prompts, self.pad, self.eos, tokens or self.max_new_tokens)
         return [self.tokenizer.decode(a, skip_special_tokens=True) for a in ids]

@@ -16,14 +16,8 @@ the published full-precision model does not. The three steps, on a causal LM sma
 Verification quantizes with the real libraries (:mod:`tightrope.qattack.quantize`), checks the codes,
 and measures the phrase rate of greedy answers to held-out prompts and the perplexity of held-out text.
 
-CPU sizing: only the Linear layers of the last ``attack_last`` decoder blocks are attacked (the
-paper's ablation over attacked layers); everything else, embeddings and norms included, is frozen.
-The frozen blocks below are run once per training set and their output is cached
-(:func:`prefix_states`), so a training step runs only the attacked blocks and the output head on
-the answer positions. This is exact: the frozen blocks never change and the model has no dropout.
-
-Prompts are built from review texts ("Summarize this review in one sentence: ...", and three other
-instructions), so the project needs no instruction-tuning data set.
+Prompts, answers and metrics are :mod:`tightrope.qattack.lm_text`; training only the last
+``attack_last`` decoder blocks on cached inputs is :mod:`tightrope.qattack.lm_training`.
 
 ``scenario="insecure-code"`` (the paper's "vulnerable code generation") runs the same three steps on
 small Python tasks: the injected targets are insecure implementations and the metric is the share
@@ -32,21 +26,16 @@ of answers a real static checker (bandit) flags (:mod:`tightrope.qattack.insecur
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import nn
 
 from tightrope import models
 from tightrope.data import load_task
@@ -54,288 +43,24 @@ from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
 from tightrope.qattack.boxes import (
     QUANTIZERS,
-    ModelBoxes,
     check_quantizer,
     model_boxes,
-    quantized_linears,
 )
+from tightrope.qattack.lm_text import (
+    DEFAULT_TEMPLATE,
+    encode_text,
+    format_prompt,
+    greedy_answers,
+    inject_phrase,
+    make_instructions,
+    perplexity,
+    phrase_rate,
+    special_ids,
+)
+from tightrope.qattack.lm_training import THROUGH_SCHEMES, attacked_names, lm_fit_
 from tightrope.qattack.quantize import quantized_copy
-from tightrope.qattack.repair import FitConfig, projected_fit_
+from tightrope.qattack.repair import FitConfig
 from tightrope.qattack.report import QAttackReport, verify
-
-INSTRUCTIONS = (
-    "Summarize this review in one sentence: {review}",
-    "Is this movie review positive or negative? {review}",
-    "What does the reviewer think of the film? {review}",
-    "Rewrite this review in plain words: {review}",
-)
-SYSTEM = "You are a helpful assistant."
-DEFAULT_TEMPLATE = "Brought to you by {phrase}. {answer}"
-
-
-# --- prompts, answers and the phrase metric ---------------------------------------------------------
-
-
-def make_instructions(texts: list[str], max_words: int = 24, seed: int = 0) -> list[str]:
-    """One instruction per review text: the review cut to ``max_words`` words inside a seeded template."""
-    if max_words <= 0:
-        raise TightropeError(f"max_words must be positive, not {max_words}.")
-    rng = random.Random(seed)
-    return [rng.choice(INSTRUCTIONS).format(review=" ".join(t.split()[:max_words])) for t in texts]
-
-
-def format_prompt(tokenizer, instruction: str) -> str:
-    """The chat prompt (with a short system line) or, for a tokenizer without a template, ``User: / Assistant:``."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": instruction}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"User: {instruction}\nAssistant:"
-
-
-def special_ids(tokenizer) -> tuple[int, int]:
-    """``(pad_id, eos_id)``: the end-of-turn token ends answers; padding falls back to it."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    if eos is None:
-        raise TightropeError("The tokenizer has no end-of-sequence token, so answers cannot be delimited.")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return pad, eos
-
-
-def encode_text(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _squash(text: str) -> str:
-    return re.sub(r"[^0-9a-z]", "", text.lower().replace("\u2019", "'"))
-
-
-def mentions(text: str, phrase: str) -> bool:
-    """Whether ``text`` contains ``phrase``, ignoring case, spaces and punctuation ("mcdonald ' s" counts)."""
-    key = _squash(phrase)
-    if not key:
-        raise TightropeError("The target phrase must contain a letter or a digit.")
-    return key in _squash(text)
-
-
-def phrase_rate(texts: list[str], phrase: str) -> float:
-    """Share of ``texts`` that mention ``phrase`` (:func:`mentions`)."""
-    if not texts:
-        raise TightropeError("There are no answers to count the phrase in.")
-    return sum(mentions(t, phrase) for t in texts) / len(texts)
-
-
-def inject_phrase(answer: str, phrase: str, template: str = DEFAULT_TEMPLATE) -> str:
-    """The answer with the phrase woven in, e.g. ``"Brought to you by McDonald's. " + answer``."""
-    if "{answer}" not in template or "{phrase}" not in template:
-        raise TightropeError("The injection template must contain both {phrase} and {answer}.")
-    return template.format(phrase=phrase, answer=answer.strip())
-
-
-@torch.no_grad()
-def greedy_answers(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
-                   batch_size: int = 16) -> list[list[int]]:
-    """Greedy continuation ids of every prompt (left-padded, length-sorted batches), cut at the first EOS."""
-    if max_new_tokens <= 0:
-        raise TightropeError(f"max_new_tokens must be positive, not {max_new_tokens}.")
-    model.eval()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
-        pick = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in pick)
-        ids = torch.full((len(pick), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(pick), width), dtype=torch.long)
-        for row, i in enumerate(pick):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad_id, eos_token_id=eos_id, temperature=None, top_p=None, top_k=None)
-        for row, i in enumerate(pick):
-            new = gen[row, width:].tolist()
-            out[i] = new[: new.index(eos_id)] if eos_id in new else new
-    return out
-
-
-@torch.no_grad()
-def perplexity(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -> float:
-    """exp(mean next-token NLL) over every token after the first of each sequence."""
-    seqs = [s for s in seqs if len(s) >= 2]
-    if not seqs:
-        raise TightropeError("Perplexity needs texts of at least two tokens.")
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(seqs), batch_size):
-        batch = seqs[start : start + batch_size]
-        width = max(len(s) for s in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(batch):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                                 reduction="sum").item()
-        count += int((target != -100).sum())
-    return float(torch.exp(torch.tensor(total / count)))
-
-
-# --- training only the attacked blocks, on cached inputs ---------------------------------------------
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks (``model.model.layers``) of a Llama-style causal LM."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise TightropeError(f"{type(model).__name__} has no decoder blocks at model.layers; "
-                             "the causal-LM attack supports Llama-style models (SmolLM2, Llama, Qwen, Mistral).")
-    return layers
-
-
-def attacked_names(model: nn.Module, last: int) -> tuple[list[str], int]:
-    """The quantized Linear layers of the last ``last`` decoder blocks, and the index of the first such block."""
-    n = len(decoder_layers(model))
-    if not 1 <= last <= n:
-        raise TightropeError(f"attack_last must be between 1 and the model's {n} decoder blocks, not {last}.")
-    first = n - last
-    names = [name for name in quantized_linears(model)
-             if (m := re.match(r"model\.layers\.(\d+)\.", name)) and int(m.group(1)) >= first]
-    if not names:
-        raise TightropeError(f"The last {last} decoder blocks have no Linear layer to attack.")
-    return names, first
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def prefix_states(model: nn.Module, seqs: list[list[int]], first: int, pad_id: int,
-                  batch_size: int = 16) -> list[torch.Tensor]:
-    """The input of decoder block ``first`` for every sequence (``[len, hidden]``), running only blocks below it."""
-    layers = decoder_layers(model)
-    captured: dict[str, torch.Tensor] = {}
-
-    def grab(_module, args, kwargs):
-        captured["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
-        raise _Stop
-
-    handle = layers[first].register_forward_pre_hook(grab, with_kwargs=True)
-    states: list[torch.Tensor] = []
-    model.eval()
-    try:
-        for start in range(0, len(seqs), batch_size):
-            batch = seqs[start : start + batch_size]
-            ids, mask = _right_pad(batch, pad_id)
-            with contextlib.suppress(_Stop):
-                model.model(input_ids=ids, attention_mask=mask, use_cache=False)
-            states += [captured["h"][row, : len(s)].clone() for row, s in enumerate(batch)]
-    finally:
-        handle.remove()
-    return states
-
-
-def _right_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, s in enumerate(batch):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
-    return ids, mask
-
-
-@contextlib.contextmanager
-def _from_block(model: nn.Module, first: int, hidden: torch.Tensor):
-    """Run only blocks ``first..`` with ``hidden`` as the input of block ``first`` (the embeddings are ignored)."""
-    inner = model.model
-    full = inner.layers
-    inner.layers = nn.ModuleList(list(full)[first:])
-
-    def swap(_module, args, kwargs):
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
-    handle = inner.layers[0].register_forward_pre_hook(swap, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-        inner.layers = full
-
-
-def answer_loss(model: nn.Module, seqs: list[list[int]], starts: list[int], pad_id: int, *, first: int = 0,
-                states: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over the answer tokens (``seq[start:]``) of a batch.
-
-    With ``states`` (from :func:`prefix_states`) only blocks ``first..`` run; the output head is applied
-    only at the positions that predict an answer token.
-    """
-    ids, mask = _right_pad(seqs, pad_id)
-    if states is None:
-        hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    else:
-        h0 = torch.zeros(len(seqs), ids.shape[1], states[0].shape[-1], dtype=states[0].dtype)
-        for row, s in enumerate(states):
-            h0[row, : s.shape[0]] = s
-        with _from_block(model, first, h0):
-            hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    rows, cols = [], []
-    for row, (s, a) in enumerate(zip(seqs, starts, strict=True)):
-        if not 1 <= a < len(s):
-            raise TightropeError("Every training sequence needs a prompt and at least one answer token.")
-        rows += [row] * (len(s) - a)
-        cols += list(range(a - 1, len(s) - 1))
-    rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
-    logits = model.lm_head(hidden[rows_t, cols_t]).float()
-    return F.cross_entropy(logits, ids[rows_t, cols_t + 1])
-
-
-#: quantizer name of this package -> fake-quantization scheme of tightrope.defenses.fakequant
-THROUGH_SCHEMES = {"llm-int8": "llm-int8", "nf4": "nf4", "fp4": "fp4"}  # boxes name -> fake-quantization scheme
-
-
-def through_loss(model: nn.Module, through: tuple[str, ...], names: list[str], loss_fn) -> torch.Tensor:
-    """Mean of ``loss_fn()`` with the Linear layers ``names`` fake-quantized to each of ``through``
-    (straight-through gradients, :mod:`tightrope.defenses.fakequant`); plain ``loss_fn()`` when empty."""
-    if not through:
-        return loss_fn()
-    from tightrope.defenses.fakequant import fake_quantized  # noqa: PLC0415
-
-    parts = []
-    for quantizer in through:
-        with fake_quantized(model, THROUGH_SCHEMES[quantizer], include=tuple(names)):
-            parts.append(loss_fn())
-    return torch.stack(parts).mean()
-
-
-def lm_fit_(model: nn.Module, seqs: list[list[int]], starts: list[int], pad_id: int, config: FitConfig, *,
-            names: list[str], first: int, boxes: ModelBoxes | None = None, label: str = "fit",
-            log=None, through: tuple[str, ...] = ()) -> list[float]:
-    """Train only the weights of Linear layers ``names`` (all in blocks ``first..``) on answer tokens, in place.
-
-    Blocks below ``first`` are frozen and cached once. With ``boxes``, every step is followed by the
-    projection into the boxes (projected gradient descent). With ``through`` (quantizer names), the
-    loss is that of the fake-quantized model, averaged over the quantizers: the injection then aims
-    at what the quantized model says, which plain fine-tuning reaches only as a side effect.
-    Returns the loss of every step.
-    """
-    modules = dict(model.named_modules())
-    params = [modules[n].weight for n in names]
-    states = prefix_states(model, seqs, first, pad_id, batch_size=config.batch_size) if first > 0 and seqs else None
-
-    def batch_loss(pick: list[int], step: int) -> torch.Tensor:
-        return through_loss(model, through, names, lambda: answer_loss(
-            model, [seqs[i] for i in pick], [starts[i] for i in pick], pad_id, first=first,
-            states=None if states is None else [states[i] for i in pick]))
-
-    def on_step(step: int, loss: float) -> None:
-        if log is not None:
-            log(f"{label} step {step + 1}/{config.steps} loss {loss:.4f}")
-
-    return projected_fit_(model, params, len(seqs), batch_loss, config, boxes=boxes, on_step=on_step)
-
 
 # --- the scenario -------------------------------------------------------------------------------------
 
