@@ -74,3 +74,23 @@ def test_no_import_cycles_among_tightrope_modules():
     edges = {m: set(graph.find_modules_directly_imported_by(m)) for m in graph.modules}
     cycles = strongly_connected(edges)
     assert not cycles, f"modules that import each other: {cycles}"
+
+
+def test_function_local_imports_of_tightrope_state_their_reason():
+    """A tightrope module imported inside a function (an optional dependency such as bitsandbytes, or a
+    command that must start without torch) says why on the same line: ``# noqa: PLC0415 - reason``."""
+    import ast
+
+    silent = []
+    for path in sorted((ROOT / "src" / "tightrope").rglob("*.py")):
+        source = path.read_text()
+        lines = source.splitlines()
+        tree = ast.parse(source)
+        top = {id(n) for node in tree.body for n in (ast.walk(node) if isinstance(node, (ast.Try, ast.If)) else [node])}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                line = lines[node.lineno - 1]
+                if (module or "").startswith("tightrope") and " - " not in line.partition("#")[2]:
+                    silent.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not silent, f"function-local imports without a reason: {silent}"

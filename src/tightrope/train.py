@@ -32,6 +32,7 @@ from tightrope.data import TaskData, has_split, load_task
 from tightrope.encoding import Truncation, collate, encode, predict_logits
 from tightrope.errors import TightropeError
 from tightrope.evaluate.metrics import classification_metrics
+from tightrope.inference import transform_card, transform_files
 from tightrope.provenance import environment
 
 Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -208,7 +209,13 @@ def train(
         model.train()
         return classification_metrics(eval_data.labels, logits.argmax(-1).tolist(), list(eval_data.label_names)).summary()
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: PLC0415
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[info]}"), disable=not progress or not accelerator.is_main_process)
@@ -290,7 +297,6 @@ def train(
     }
     files = {}
     if transform is not None:
-        from tightrope.inference import transform_card, transform_files  # noqa: PLC0415
 
         card.update(transform_card(transform))
         files = transform_files(transform)

@@ -9,6 +9,11 @@ from tightrope.attacks.attack import Attack, transfer
 from tightrope.attacks.attacker import Attacker
 from tightrope.attacks.goal import Untargeted
 from tightrope.attacks.recipes import RECIPES, build
-from tightrope.attacks.results import AttackReport, AttackResult, TransferResult, summarize
+from tightrope.attacks.results import (
+    AttackReport,
+    AttackResult,
+    TransferResult,
+    summarize,
+)
 
 __all__ = ["RECIPES", "Attack", "AttackReport", "Attacker", "Untargeted", "AttackResult", "TransferResult", "build", "summarize", "transfer"]

@@ -12,7 +12,12 @@ from __future__ import annotations
 import random
 import time
 
-from tightrope.attacks.constraints import CandidateConstraint, Constraint, ModelWindow, PreTransformationConstraint
+from tightrope.attacks.constraints import (
+    CandidateConstraint,
+    Constraint,
+    ModelWindow,
+    PreTransformationConstraint,
+)
 from tightrope.attacks.goal import Classifier, QueryBudgetExhausted, Untargeted
 from tightrope.attacks.results import AttackResult, TransferResult
 from tightrope.attacks.search import Search, SearchState

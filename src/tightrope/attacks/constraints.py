@@ -13,6 +13,7 @@ from functools import lru_cache
 
 import torch
 
+from tightrope.attacks.resources import wordnet
 from tightrope.attacks.text import AttackedText
 
 
@@ -153,7 +154,6 @@ class WordEmbeddingDistance(CandidateConstraint):
 @lru_cache(maxsize=200_000)
 def wordnet_pos(word: str) -> frozenset[str]:
     """Parts of speech a word can take in WordNet 3.0 (n, v, a, r; satellite adjectives as a)."""
-    from tightrope.attacks.resources import wordnet  # noqa: PLC0415
 
     return frozenset("a" if s.pos() == "s" else s.pos() for s in wordnet().synsets(word.lower()))
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from tightrope import assets
+from tightrope.attacks import resources
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,6 @@ def _cache_key(config: CounterFitConfig, sources: list[Path]) -> str:
 
 def counter_fitted_embedding(config: CounterFitConfig = CounterFitConfig(), data_dir=None, progress=None) -> WordEmbedding:
     """Counter-fitted GloVe 50d, built once (about a minute on 2 cores) and cached as .npy + word list."""
-    from tightrope.attacks import resources  # noqa: PLC0415
 
     index_file, emb_file = resources.glove_files()
     folder = resources.counterfitting_dir(data_dir)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tightrope.encoding import collate, encode, length_sorted_batches
 from tightrope.errors import TightropeError
 
 Norm = Literal["linf", "l2"]
@@ -257,7 +258,6 @@ class EmbeddingAttackReport:
 
 def _as_model_and_sequences(target, texts: Sequence[str]):
     """Accept a TextClassifier (from tightrope.inference) or a (model, tokenizer, max_length) triple."""
-    from tightrope.encoding import encode  # noqa: PLC0415
 
     if hasattr(target, "encode") and hasattr(target, "model"):
         return target.model, target.encode(list(texts)), target.pad_id, getattr(target, "source", ""), target.max_length
@@ -288,7 +288,6 @@ def accuracy_under_attack(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: PLC0415
 
-    from tightrope.encoding import collate, length_sorted_batches  # noqa: PLC0415
 
     if len(texts) == 0:
         raise TightropeError("The dataset is empty, so there is nothing to attack.")

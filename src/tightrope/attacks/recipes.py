@@ -20,7 +20,6 @@ import torch
 
 from tightrope.attacks import resources
 from tightrope.attacks.attack import Attack
-from tightrope.attacks.goal import Untargeted
 from tightrope.attacks.chars import CharacterEdits
 from tightrope.attacks.constraints import (
     LevenshteinEditDistance,
@@ -31,7 +30,10 @@ from tightrope.attacks.constraints import (
     StopwordModification,
     WordEmbeddingDistance,
 )
+from tightrope.attacks.counterfit import counter_fitted_embedding
+from tightrope.attacks.goal import Untargeted
 from tightrope.attacks.search import BeamSearch, GreedyWordSwapWIR
+from tightrope.attacks.similarity import SentenceEncoder
 from tightrope.attacks.words import WordSwapEmbedding, WordSwapGradient, WordSwapWordNet
 from tightrope.errors import TightropeError
 
@@ -46,14 +48,12 @@ TEXTFOOLER_MAX_SHARE = 0.3
 
 @lru_cache(maxsize=1)
 def default_embedding():
-    from tightrope.attacks.counterfit import counter_fitted_embedding  # noqa: PLC0415
 
     return counter_fitted_embedding()
 
 
 @lru_cache(maxsize=1)
 def default_encoder():
-    from tightrope.attacks.similarity import SentenceEncoder  # noqa: PLC0415
 
     return SentenceEncoder("minilm")
 

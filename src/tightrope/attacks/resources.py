@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tightrope import assets
+from tightrope.data import DATA_DIR_ENV
 from tightrope.errors import MissingResourceError
 
 WORDNET_DIR_ENV = "TIGHTROPE_WORDNET_DIR"
@@ -188,7 +189,6 @@ def load_glove(vocab_size: int) -> tuple[list[str], np.ndarray]:
 
 
 def counterfitting_dir(data_dir: str | Path | None = None) -> Path:
-    from tightrope.data import DATA_DIR_ENV  # noqa: PLC0415
 
     places = [Path(p) for p in (data_dir, os.environ.get(DATA_DIR_ENV)) if p]
     for place in places:

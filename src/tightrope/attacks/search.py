@@ -9,7 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tightrope.attacks.constraints import CandidateConstraint, PreTransformationConstraint, SentenceSimilarity
+from tightrope.attacks.constraints import (
+    CandidateConstraint,
+    PreTransformationConstraint,
+    SentenceSimilarity,
+)
 from tightrope.attacks.goal import GoalOutput, UntargetedClassification
 from tightrope.attacks.text import AttackedText
 from tightrope.attacks.words import Transformation

@@ -13,12 +13,13 @@ from collections import OrderedDict
 
 import torch
 
+from tightrope import models
+
 
 class SentenceEncoder:
     def __init__(self, model: str = "minilm", max_length: int = 128, batch_size: int = 64):
         from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415
 
-        from tightrope import models  # noqa: PLC0415
 
         path = models.resolve(model)
         self.name = f"{model} (mean pooling)"

@@ -9,6 +9,7 @@ from functools import lru_cache
 
 import torch
 
+from tightrope.attacks.resources import wordnet
 from tightrope.attacks.text import AttackedText, word_tokens
 from tightrope.encoding import encode_with_offsets
 from tightrope.errors import TightropeError
@@ -71,7 +72,6 @@ class WordSwapEmbedding(Transformation):
 @lru_cache(maxsize=100_000)
 def wordnet_synonyms(word: str) -> tuple[str, ...]:
     """Single-word WordNet lemmas sharing a synset with ``word`` (any part of speech), in WordNet order."""
-    from tightrope.attacks.resources import wordnet  # noqa: PLC0415
 
     out: dict[str, None] = {}
     for synset in wordnet().synsets(word.lower()):

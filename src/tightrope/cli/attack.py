@@ -70,12 +70,12 @@ def attack(
     """
     import torch
 
-    from tightrope import workflows
-    from tightrope.attacks import recipes
-    from tightrope.attacks.attack import transfer
-    from tightrope.attacks.attacker import Attacker
-    from tightrope.data import load_task
-    from tightrope.evaluate.results import write_json_atomic
+    from tightrope import workflows  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.attacks import recipes  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.attacks.attack import transfer  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.attacks.attacker import Attacker  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.data import load_task  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.evaluate.results import write_json_atomic  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     console, out_console = Console(stderr=True), Console()
     if threads:
@@ -136,7 +136,7 @@ def attack(
 
 
 def _load_results(out: Path):
-    from tightrope.attacks.attacker import read_results
+    from tightrope.attacks.attacker import read_results  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     files = sorted(Path(out).glob("results*.jsonl"))
     results = [r for f in files for r in read_results(f)]

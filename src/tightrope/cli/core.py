@@ -67,9 +67,9 @@ def train(
     """
     from pydantic import ValidationError
 
-    from tightrope.defenses.config import defense_config
-    from tightrope.train import TrainConfig
-    from tightrope.train import train as run_training
+    from tightrope.defenses.config import defense_config  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.train import TrainConfig  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.train import train as run_training  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     try:
         config = TrainConfig(
@@ -98,7 +98,7 @@ def _train_with_defense(config, defense, out: Path, **pipeline) -> None:
     """The defended branch of ``train`` (tightrope.defenses.run): warnings first, then the long run."""
     import warnings
 
-    from tightrope.defenses.run import harden, prepare
+    from tightrope.defenses.run import harden, prepare  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -112,7 +112,7 @@ def _train_with_defense(config, defense, out: Path, **pipeline) -> None:
     out_console.print(f"[green]wrote[/] {where}{accuracy}")
     quantize = pipeline.get("quantize")
     if quantize:
-        from tightrope.defenses.run import quant_config
+        from tightrope.defenses.run import quant_config  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
         out_console.print(f"quantize it for shipping with the {quant_config(quantize).method} config "
                           "(the same weights give the same quantized model)")
@@ -138,9 +138,9 @@ def eval_(
     """Accuracy, macro-F1, confusion matrix, latency, throughput, stored bytes and peak memory, side by side."""
     import torch
 
-    from tightrope.evaluate.results import write_json_atomic
-    from tightrope.report.tables import eval_table
-    from tightrope.workflows.evaluate import evaluate_model
+    from tightrope.evaluate.results import write_json_atomic  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.report.tables import eval_table  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.workflows.evaluate import evaluate_model  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     if threads:
         torch.set_num_threads(threads)

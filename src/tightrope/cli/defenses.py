@@ -23,8 +23,8 @@ def noise(
     seed: int = 0,
 ):
     """Add Gaussian noise to the weights before quantization (Egashira et al. 2024's defense)."""
-    from tightrope import inference, models, workflows  # noqa: PLC0415
-    from tightrope.defenses.noise import add_weight_noise_  # noqa: PLC0415
+    from tightrope import inference, models, workflows  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.defenses.noise import add_weight_noise_  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     clf = workflows.load(model)
     summary = add_weight_noise_(clf.model, sigma, relative=relative, seed=seed, scheme=scheme)

@@ -74,8 +74,8 @@ def qattack(
     """
     from pydantic import ValidationError
 
-    from tightrope.cli.base import validation_error as _validation_error
-    from tightrope.qattack.scenario import AttackConfig, run_classifier_attack
+    from tightrope.cli.base import validation_error as _validation_error  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.qattack.scenario import AttackConfig, run_classifier_attack  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     try:
         config = AttackConfig(base=base, task=task, data_dir=data_dir, n_train=n_train, n_eval=n_eval,
@@ -104,8 +104,8 @@ def audit_(
     """Does this checkpoint hide behaviour that appears only once quantized? Exit 0 when clean, 1 when flagged,
     3 when inconclusive (something could not be checked: no layer a quantizer supports, a quantizer that is not
     installed, a probe set too small to judge), 2 on bad input."""
-    from tightrope.evaluate.results import write_json_atomic
-    from tightrope.qattack.audit import AuditConfig, audit
+    from tightrope.evaluate.results import write_json_atomic  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.qattack.audit import AuditConfig, audit  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     config = AuditConfig(seed=seed, **({"quantizers": tuple(quantizer)} if quantizer else {}))
     with console.status("auditing") as status:

@@ -62,8 +62,8 @@ def qattack_lm(
     import torch
     from pydantic import ValidationError
 
-    from tightrope.cli.base import validation_error as _validation_error
-    from tightrope.qattack.causal import LMAttackConfig, run_content_injection
+    from tightrope.cli.base import validation_error as _validation_error  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.qattack.causal import LMAttackConfig, run_content_injection  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     try:
         config = LMAttackConfig(base=model, scenario=scenario, task=task, data_dir=data_dir, phrase=phrase, quantizer=quantizer,

@@ -32,7 +32,7 @@ def export(
 
     Example: tightrope export runs/minilm-imdb --out runs/minilm-imdb-bundle
     """
-    from tightrope.compress.export import export_bundle  # noqa: PLC0415
+    from tightrope.compress.export import export_bundle  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     card = export_bundle(model, out, embeddings=embeddings, precision=precision)
     sizes = card["sizes"]
@@ -54,7 +54,7 @@ def predict(
 
     Example: tightrope predict runs/bundle --input reviews.jsonl --output predictions.jsonl
     """
-    from tightrope.serving.predict import predict_file  # noqa: PLC0415
+    from tightrope.serving.predict import predict_file  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     count = predict_file(bundle, input, output, fmt=format, field=field, batch_size=batch_size, threads=threads)
     if output not in (None, "-"):
@@ -76,7 +76,7 @@ def serve(
 
     Example: tightrope serve runs/bundle --port 8000
     """
-    from tightrope.serving.server import serve as run_server  # noqa: PLC0415
+    from tightrope.serving.server import serve as run_server  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     run_server(bundle, host=host, port=port, threads=threads, max_batch=max_batch, max_chars=max_chars,
                batch_size=batch_size, concurrency=concurrency)

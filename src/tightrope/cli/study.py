@@ -15,8 +15,8 @@ out_console = Console()
 
 def _search_worker(spec_path: str, out: str, storage: str | None, study_name: str | None, trials: int | None,
                    worker: int) -> None:
-    from tightrope.study.search import search_study  # noqa: PLC0415
-    from tightrope.study.spec import load_spec  # noqa: PLC0415
+    from tightrope.study.search import search_study  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.study.spec import load_spec  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     search_study(load_spec(spec_path), out, storage=storage, study_name=study_name, n_trials=trials, worker=worker,
                  progress=worker == 0)
@@ -37,8 +37,8 @@ def run(
 
     After adding a model or an attack to the study file: tightrope run studies/quickstart.yaml --out runs/quickstart --update
     """
-    from tightrope.study.plan import run_study  # noqa: PLC0415
-    from tightrope.study.spec import load_spec  # noqa: PLC0415
+    from tightrope.study.plan import run_study  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.study.spec import load_spec  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     spec = load_spec(study)  # every key is checked before any work starts
     run_study(spec, out, report=report, update=update)
@@ -71,10 +71,10 @@ def search(
 
     import optuna  # noqa: PLC0415
 
-    from tightrope.errors import TightropeError  # noqa: PLC0415
-    from tightrope.report.tables import markdown_table  # noqa: PLC0415
-    from tightrope.study.runner import write_result  # noqa: PLC0415
-    from tightrope.study.search import (  # noqa: PLC0415
+    from tightrope.errors import TightropeError  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.report.tables import markdown_table  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.study.runner import write_result  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.study.search import (  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
         OBJECTIVES,
         Constraints,
         export_choice,
@@ -83,15 +83,15 @@ def search(
         storage_url,
         summarize,
     )
-    from tightrope.study.spec import load_spec  # noqa: PLC0415
+    from tightrope.study.spec import load_spec  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     spec = load_spec(study)
     if spec.search is None:
         raise TightropeError(f"{study} has no 'search' section; add one (trials, objectives, quant, sparsity).")
     if workers < 1:
         raise TightropeError("--workers must be at least 1.")
-    from tightrope.study.plan import identity  # noqa: PLC0415
-    from tightrope.study.runner import claim_run_dir  # noqa: PLC0415
+    from tightrope.study.plan import identity  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.study.runner import claim_run_dir  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     claim_run_dir(out, identity(spec))  # before the SQLite file is created inside it
     url = storage_url(storage, out)
@@ -125,7 +125,7 @@ def search(
         path = export_choice(chosen, export, search_info={"study": spec.name, "storage": url.split("@")[-1]})
         out_console.print(f"[green]exported[/] {path}")
     if (out / "run.json").exists():
-        from tightrope.report.render import render_report  # noqa: PLC0415
+        from tightrope.report.render import render_report  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
         render_report(out)
         out_console.print(f"[green]report[/] {out / 'report.html'}")
@@ -134,7 +134,7 @@ def search(
 @user_errors
 def report(run: Annotated[Path, typer.Argument(help="A study run directory.")]):
     """Render a finished run as self-contained HTML and Markdown (tables, plots, examples, environment)."""
-    from tightrope.report.render import render_report  # noqa: PLC0415
+    from tightrope.report.render import render_report  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     paths = render_report(run)
     for kind, path in paths.items():
@@ -150,10 +150,10 @@ def weakness(
     n: Annotated[int, typer.Option(help="Test examples for the per-block probe.")] = 200,
 ):
     """Per-class vulnerability, most exploited words and positions; optionally per-block sensitivity."""
-    from tightrope.errors import TightropeError  # noqa: PLC0415
-    from tightrope.report.render import load_run  # noqa: PLC0415
-    from tightrope.study.runner import write_result  # noqa: PLC0415
-    from tightrope.study.weakness import analyze_attack, classifier_sensitivity  # noqa: PLC0415
+    from tightrope.errors import TightropeError  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.report.render import load_run  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.study.runner import write_result  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.study.weakness import analyze_attack, classifier_sensitivity  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     data = load_run(run)
     result: dict = {"attacks": {a: {m: analyze_attack(r) for m, r in per.items()} for a, per in data.attacks.items()}}
@@ -164,8 +164,8 @@ def weakness(
                                 for k, v in info["per_class"].items())
             out_console.print(f"[bold]{attack}[/] on {target}: ASR per class {classes}; most changed words: {words}")
     if layers:
-        from tightrope import workflows  # noqa: PLC0415
-        from tightrope.data import load_task  # noqa: PLC0415
+        from tightrope import workflows  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+        from tightrope.data import load_task  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
         evaluated = data.evals.get(model)
         if evaluated is None:

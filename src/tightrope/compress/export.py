@@ -29,6 +29,8 @@ from typing import Literal
 
 import numpy as np
 
+from tightrope import inference
+from tightrope.compress import Int8Dynamic, compress_, onnxrt, ortfuse, quant
 from tightrope.errors import TightropeError
 from tightrope.serving.bundle import BUNDLE_FORMAT, MODEL_FILE, TOKENIZER_FILE
 
@@ -182,7 +184,6 @@ def quantize_word_embeddings_(model_proto, bits: int = 8) -> dict:
 def _fp32_graph(model) -> tuple[bytes, dict]:
     """The fp32 graph of a PyTorch model, fused by ONNX Runtime's transformer optimizer where it can be
     (the same graph the int8 path quantizes), and the fusion counts."""
-    from tightrope.compress import onnxrt, ortfuse  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as tmp:
         raw, fused = Path(tmp) / "model.onnx", Path(tmp) / "model.fused.onnx"
@@ -199,8 +200,6 @@ def _source_graph(model: str, precision: str = "int8"):
     variant of ``model``: read from an ``onnx-int8`` directory, or built from a PyTorch model (fp32
     or structurally pruned) by the existing fused int8 path. ``precision="fp32"`` builds the fused
     fp32 graph instead (for comparison)."""
-    from tightrope import inference  # noqa: PLC0415
-    from tightrope.compress import Int8Dynamic, compress_, onnxrt, quant  # noqa: PLC0415
 
     path = Path(model).expanduser()
     if path.is_dir() and inference.read_card(path).get("format") == BUNDLE_FORMAT:

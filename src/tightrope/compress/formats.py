@@ -25,8 +25,8 @@ from torch import nn
 from tightrope import models
 from tightrope.compress import quant
 from tightrope.compress.onnxrt import ONNX_FORMAT
-from tightrope.compress.quant import _dyn_linear, quantized_modules, tensors_of
 from tightrope.compress.prune import STRUCTURED_FORMAT
+from tightrope.compress.quant import _dyn_linear, quantized_modules, tensors_of
 from tightrope.compress.structured import apply_structure_, structure_of
 from tightrope.errors import TightropeError
 from tightrope.inference import TextClassifier, read_card, register_format
@@ -131,8 +131,6 @@ def load_quantized(path: str | Path, card: dict | None = None):
     from safetensors.torch import load_file  # noqa: PLC0415
     from transformers import AutoConfig, AutoModelForSequenceClassification  # noqa: PLC0415
 
-    from tightrope import models  # noqa: PLC0415
-    from tightrope.inference import read_card  # noqa: PLC0415
 
     path = Path(path).expanduser()
     card = card if card is not None else read_card(path)

@@ -26,7 +26,13 @@ from __future__ import annotations
 
 import torch
 
-from tightrope.compress.primitives import AffineQuant, affine_params, affine_round, check_bits
+from tightrope.compress.primitives import (
+    AffineQuant,
+    affine_params,
+    affine_round,
+    check_bits,
+    quantize_affine,
+)
 
 
 class HessianAccumulator:
@@ -98,7 +104,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
 
 def rtn_quantize(W: torch.Tensor, bits: int, group_size: int | None = 128) -> AffineQuant:
     """Round-to-nearest on the same grid as :func:`gptq_quantize` (the paper's RTN baseline)."""
-    from tightrope.compress.primitives import quantize_affine  # noqa: PLC0415
 
     if group_size is None:
         return quantize_affine(W, bits, "channel")

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tightrope.compress import ortfuse
 from tightrope.compress.api import CompressionSummary, register_handler, select_modules
+from tightrope.compress.ortfuse import node_module
 from tightrope.compress.quant import (
     Int8Dynamic,
     _onnxruntime_available,
@@ -24,6 +26,7 @@ from tightrope.compress.quant import (
 )
 from tightrope.errors import TightropeError
 from tightrope.inference import TextClassifier, register_format
+from tightrope.serving.bundle import ort_session as _session
 
 ONNX_FORMAT = "onnx-int8"
 
@@ -35,7 +38,11 @@ def _int8_dynamic(model: nn.Module, config: Int8Dynamic) -> CompressionSummary:
     backend = resolve_backend(config.backend)
     if backend == "onnxruntime":
         return to_onnxruntime_int8_(model, chosen, config)
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic  # noqa: PLC0415
+    from torch.ao.quantization import (  # noqa: PLC0415
+        default_dynamic_qconfig,
+        per_channel_dynamic_qconfig,
+        quantize_dynamic,
+    )
 
     qconfig = per_channel_dynamic_qconfig if config.per_channel else default_dynamic_qconfig
     quantize_dynamic(model, {name: qconfig for name in chosen}, dtype=torch.qint8, inplace=True)
@@ -57,7 +64,6 @@ class _LogitsOnly(nn.Module):
 
 def onnx_node_module(node_name: str) -> str:
     """``/model/bert/encoder/layer.0/attention/self/query/MatMul`` -> ``bert.encoder.layer.0.attention.self.query``."""
-    from tightrope.compress.ortfuse import node_module  # noqa: PLC0415
 
     return node_module(node_name)
 
@@ -89,7 +95,6 @@ def ort_session(blob: bytes, threads: int | None = None):
     """A CPU InferenceSession with the options every tightrope ONNX Runtime path shares
     (:func:`tightrope.serving.bundle.session_options`), ``threads`` intra-op threads (torch's thread
     count by default)."""
-    from tightrope.serving.bundle import ort_session as _session  # noqa: PLC0415
 
     return _session(blob, threads or torch.get_num_threads())
 
@@ -114,7 +119,6 @@ def to_onnxruntime_int8_(model: nn.Module, chosen: dict[str, nn.Module], config)
     from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
     from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: PLC0415
 
-    from tightrope.compress import ortfuse  # noqa: PLC0415
 
     notes: list[str] = []
     fuse = bool(getattr(config, "fuse", False))

@@ -78,7 +78,10 @@ def unfusable_reason(model) -> str | None:
 def fuse(src: Path, dst: Path, model) -> dict[str, int]:
     """Write the fused graph of ``src`` (exported from ``model``) to ``dst``; return the count of each
     fused operator (non-zero ones)."""
-    from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions  # noqa: PLC0415
+    from onnxruntime.transformers.fusion_options import (  # noqa: PLC0415
+        AttentionMaskFormat,
+        FusionOptions,
+    )
     from onnxruntime.transformers.optimizer import optimize_model  # noqa: PLC0415
 
     geometry = attention_geometry(model)

@@ -30,8 +30,16 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tightrope.compress import gptq
 from tightrope.compress import primitives as P
-from tightrope.compress.api import CompressionConfig, CompressionSummary, register_handler, select_modules
+from tightrope.compress.api import (
+    CompressionConfig,
+    CompressionSummary,
+    register_handler,
+    select_modules,
+)
+from tightrope.compress.gptq import HessianAccumulator
+from tightrope.compress.wanda import calibration_batches
 from tightrope.errors import MissingResourceError, TightropeError
 
 # --- configs ----------------------------------------------------------------------------------
@@ -423,7 +431,6 @@ def _affine(model: nn.Module, config: Affine) -> CompressionSummary:
 @register_handler(GPTQ)
 @torch.no_grad()
 def _gptq(model: nn.Module, config: GPTQ) -> CompressionSummary:
-    from tightrope.compress import gptq  # noqa: PLC0415
 
     _refuse_requantize(model, config)
     chosen = select_modules(model, config)
@@ -447,12 +454,7 @@ def _gptq(model: nn.Module, config: GPTQ) -> CompressionSummary:
 def collect_hessians(model: nn.Module, chosen: dict[str, nn.Linear], config: GPTQ) -> dict:
     """Run the calibration samples once and accumulate ``H = 2 X X^T`` at each chosen Linear's input
     (padding tokens excluded)."""
-    from tightrope.compress.gptq import HessianAccumulator  # noqa: PLC0415
 
-    try:
-        from tightrope.compress.wanda import calibration_batches  # noqa: PLC0415
-    except ImportError as err:  # pragma: no cover - shipped together
-        raise MissingResourceError("GPTQ calibration needs tightrope.compress.wanda.") from err
     batches = calibration_batches(model, config.calibration_texts, config.n_calibration, max_length=config.max_length)
     acc = {name: HessianAccumulator(lin.in_features) for name, lin in chosen.items()}
     mask: dict[str, torch.Tensor] = {}

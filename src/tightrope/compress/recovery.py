@@ -24,6 +24,7 @@ from tightrope.compress.api import (
 from tightrope.compress.formats import load_pruned, pruning_card, save_compressed
 from tightrope.errors import TightropeError
 from tightrope.inference import read_card
+from tightrope.train import TrainConfig, split_train_eval, train
 
 # --- recovery with the sparsity pattern held fixed ------------------------------------------------
 
@@ -108,7 +109,6 @@ def recover(
     Runs exactly ``steps`` optimizer steps and writes a model directory (same format as the input,
     so a structurally pruned model stays loadable). Returns the card.
     """
-    from tightrope.train import TrainConfig, split_train_eval, train  # noqa: PLC0415 - heavy imports
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise TightropeError(f"Recovery needs a positive whole number of steps, got {steps!r}.")

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tightrope.data import load_task
 from tightrope.encoding import collate, encode
 from tightrope.errors import TightropeError
-
 
 # --- pure maths -----------------------------------------------------------------------------------
 
@@ -115,7 +115,6 @@ def calibration_batches(
     """
     labels: list[int] | None = None
     if isinstance(source, str):
-        from tightrope.data import load_task  # noqa: PLC0415
 
         data = load_task(source, "train", n=n, seed=seed)
         texts, labels = list(data.texts), list(data.labels)

@@ -39,9 +39,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from tightrope import models
 from tightrope.attacks.embedding import logits_from_embeddings, word_embeddings
+from tightrope.attacks.recipes import default_embedding
+from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS
 from tightrope.attacks.text import AttackedText, word_tokens
 from tightrope.attacks.words import recover_case
+from tightrope.defenses.adversarial import _check_mix, cross_entropy
 from tightrope.encoding import Truncation, collate, encode, encode_with_offsets
 from tightrope.errors import TightropeError
 
@@ -84,7 +88,6 @@ class A2TTraining:
                  max_candidates: int = 20, min_cos: float = 0.5, max_share: float = 0.1, min_words: int = 4,
                  query_budget: int = 100, max_length: int | None = None, truncation: Truncation = "head",
                  stopwords: frozenset[str] | None = None, criterion=None, score_batch_size: int = 64):
-        from tightrope.defenses.adversarial import _check_mix, cross_entropy  # noqa: PLC0415
 
         if not 0.0 < adv_share <= 1.0:
             raise TightropeError(f"adv_share, the share of each batch that is attacked, must lie in (0, 1], got {adv_share}.")
@@ -104,7 +107,6 @@ class A2TTraining:
         if truncation not in ("head", "head+tail"):
             raise TightropeError(f"Unknown truncation '{truncation}'; use head or head+tail.")
         if isinstance(tokenizer, str):
-            from tightrope import models  # noqa: PLC0415
 
             tokenizer = models.load_tokenizer(models.resolve(tokenizer), tokenizer)
         if tokenizer is None:
@@ -115,9 +117,7 @@ class A2TTraining:
         self.max_candidates, self.min_cos = int(max_candidates), float(min_cos)
         self.max_share, self.min_words, self.query_budget = float(max_share), int(min_words), int(query_budget)
         self.max_length, self.truncation = max_length, truncation
-        if stopwords is None:
-            from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS as stopwords  # noqa: PLC0415, N811
-        self.stopwords = frozenset(w.lower() for w in stopwords)
+        self.stopwords = frozenset(w.lower() for w in (TEXTFOOLER_STOPWORDS if stopwords is None else stopwords))
         self.criterion = criterion or cross_entropy
         self.score_batch_size = int(score_batch_size)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -128,7 +128,6 @@ class A2TTraining:
     @property
     def embedding(self):
         if self._embedding is None:
-            from tightrope.attacks.recipes import default_embedding  # noqa: PLC0415
 
             self._embedding = default_embedding()
         return self._embedding

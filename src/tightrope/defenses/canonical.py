@@ -59,8 +59,13 @@ import string
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from tightrope import assets
+from tightrope.attacks.constraints import PartOfSpeech
+from tightrope.attacks.recipes import default_embedding
+from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS as STOP
 from tightrope.attacks.text import WORD
-from tightrope.attacks.words import recover_case
+from tightrope.attacks.words import recover_case, wordnet_synonyms
+from tightrope.defenses.adversarial import cross_entropy
 from tightrope.errors import MissingResourceError, TightropeError
 from tightrope.inference import register_transform
 
@@ -194,12 +199,10 @@ class SynonymEncoding:
 def build(neighbours: int = 50, min_cos: float = 0.95, wordnet: bool = False, spelling_vocab: int = 50_000,
           embedding=None, progress: Callable[[str], None] | None = None) -> SynonymEncoding:
     """The synonym encoding over the counter-fitted vocabulary (and WordNet), cached on disk as JSON."""
-    from tightrope import assets  # noqa: PLC0415
 
     if neighbours < 1 or not -1.0 <= min_cos <= 1.0 or spelling_vocab < 0:
         raise TightropeError("The synonym encoding needs neighbours >= 1, -1 <= min_cos <= 1 and spelling_vocab >= 0.")
     if embedding is None:
-        from tightrope.attacks.recipes import default_embedding  # noqa: PLC0415
 
         embedding = default_embedding()
     params = {"neighbours": neighbours, "min_cos": min_cos, "wordnet": wordnet, "spelling_vocab": spelling_vocab,
@@ -212,8 +215,6 @@ def build(neighbours: int = 50, min_cos: float = 0.95, wordnet: bool = False, sp
         return SynonymEncoding.from_json(json.loads(cache.read_text()))
     import torch  # noqa: PLC0415
 
-    from tightrope.attacks.constraints import PartOfSpeech  # noqa: PLC0415
-    from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS as STOP  # noqa: PLC0415
 
     pos = PartOfSpeech(allow_verb_noun_swap=True)  # TextFooler's setting
     usable = lambda w, u: u not in STOP and pos.compatible(w, u)  # noqa: E731 - a swap the attack could make
@@ -232,7 +233,6 @@ def build(neighbours: int = 50, min_cos: float = 0.95, wordnet: bool = False, sp
             progress(f"neighbours {min(start + 2048, len(words))}/{len(words)}")
     order = list(words)
     if wordnet:
-        from tightrope.attacks.words import wordnet_synonyms  # noqa: PLC0415
 
         index = embedding.index
         for w in words:
@@ -264,7 +264,6 @@ class SynonymEncodingTraining:
 
     def __init__(self, synonym_neighbours: int = 50, synonym_min_cos: float = 0.95, synonym_wordnet: bool = False,
                  spelling_vocab: int = 50_000, criterion=None, transform: SynonymEncoding | None = None):
-        from tightrope.defenses.adversarial import cross_entropy  # noqa: PLC0415
 
         self.criterion = criterion or cross_entropy
         self.input_transform = transform or build(synonym_neighbours, synonym_min_cos, synonym_wordnet, spelling_vocab)

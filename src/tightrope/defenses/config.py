@@ -19,7 +19,12 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tightrope import inference
+from tightrope.defenses.a2t import A2TTraining
 from tightrope.defenses.adversarial import DEFENSES, Criterion, cross_entropy
+from tightrope.defenses.canonical import SynonymEncodingTraining
+from tightrope.defenses.distill import Distillation
+from tightrope.defenses.fakequant import QuantAware
 from tightrope.errors import TightropeError
 
 
@@ -140,8 +145,6 @@ def build_objective(config: DefenseConfig, *, student_labels: list[str] | None =
     check_fields(config)
     criterion: Criterion = cross_entropy
     if config.teacher is not None:
-        from tightrope import inference  # noqa: PLC0415
-        from tightrope.defenses.distill import Distillation  # noqa: PLC0415
 
         teacher = inference.load(config.teacher)
         criterion = Distillation(teacher, a=config.a, temperature=config.temperature, student_labels=student_labels,
@@ -153,7 +156,6 @@ def build_objective(config: DefenseConfig, *, student_labels: list[str] | None =
         objective = DEFENSES["fast"](epsilon=config.epsilon, step_size=config.step_size, norm=config.norm,
                                      mix=mix, criterion=criterion)
     elif config.kind == "a2t":
-        from tightrope.defenses.a2t import A2TTraining  # noqa: PLC0415
 
         if student_tokenizer is None:
             raise TightropeError("The a2t defense re-tokenises adversarial texts, so it needs the student's tokenizer.")
@@ -163,7 +165,6 @@ def build_objective(config: DefenseConfig, *, student_labels: list[str] | None =
                                 query_budget=config.query_budget, max_length=max_length, truncation=truncation,
                                 criterion=criterion)
     elif config.kind == "canonical":
-        from tightrope.defenses.canonical import SynonymEncodingTraining  # noqa: PLC0415
 
         objective = SynonymEncodingTraining(config.synonym_neighbours, config.synonym_min_cos, config.synonym_wordnet,
                                             config.spelling_vocab, criterion=criterion)
@@ -177,7 +178,6 @@ def build_objective(config: DefenseConfig, *, student_labels: list[str] | None =
         objective = DEFENSES["pgd"](epsilon=config.epsilon, steps=config.steps, step_size=config.step_size,
                                     norm=config.norm, mix=mix, criterion=criterion)
     if config.fake_quant is not None:
-        from tightrope.defenses.fakequant import QuantAware  # noqa: PLC0415
 
         objective = QuantAware(objective, scheme=config.fake_quant)
     return objective

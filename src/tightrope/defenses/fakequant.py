@@ -35,6 +35,7 @@ from tightrope.compress import primitives as P
 from tightrope.compress.api import CompressionConfig, select_modules
 from tightrope.compress.specs import RENAMED
 from tightrope.errors import TightropeError
+from tightrope.train import cross_entropy_objective
 
 
 def _int8_llm(w: torch.Tensor) -> torch.Tensor:
@@ -152,7 +153,6 @@ class QuantAware:
     def __init__(self, objective: Callable | None = None, scheme: str = "llm-int8", include: tuple[str, ...] = (),
                  exclude: tuple[str, ...] = ()):
         check_scheme(scheme)
-        from tightrope.train import cross_entropy_objective  # noqa: PLC0415
 
         self.objective = objective or cross_entropy_objective
         self.scheme, self.include, self.exclude = scheme, tuple(include), tuple(exclude)

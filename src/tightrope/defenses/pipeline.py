@@ -24,10 +24,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tightrope.compress import primitives as P
+from tightrope.compress import quant
 from tightrope.compress.api import CompressionConfig, compress_
+from tightrope.compress.recovery import hold_sparsity
 from tightrope.defenses import fakequant
 from tightrope.defenses.noise import add_weight_noise_
 from tightrope.errors import TightropeError
+from tightrope.train import train
 
 STEPS = ("prune", "train", "noise", "quantize")
 
@@ -58,7 +62,6 @@ def parse_order(order: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
 
 def scheme_for(config: CompressionConfig) -> str:
     """The fake-quantization scheme that reproduces a quantization config's forward values."""
-    from tightrope.compress import quant  # noqa: PLC0415
 
     if isinstance(config, quant.LLMInt8):
         return "llm-int8"
@@ -73,7 +76,6 @@ def scheme_for(config: CompressionConfig) -> str:
         fakequant.QDQ.setdefault(name, fakequant._four_bit(kind, blocksize))
         return name
     if isinstance(config, quant.Affine):
-        from tightrope.compress import primitives as P  # noqa: PLC0415
 
         name = f"affine{config.bits}-{config.granularity}-{config.group_size}"
         fakequant.QDQ.setdefault(name, lambda w, c=config: P.dequantize_affine(
@@ -154,8 +156,6 @@ def run_pipeline(
             else:
                 record = {"step": "quantize", "pending": quantize.to_dict()}
         else:  # train
-            from tightrope.compress.recovery import hold_sparsity  # noqa: PLC0415
-            from tightrope.train import train  # noqa: PLC0415
 
             step_objective = objective
             if deferred_quant:

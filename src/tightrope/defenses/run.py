@@ -18,8 +18,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tightrope import models
+from tightrope.compress.formats import pruning_card
+from tightrope.compress.prune import MagnitudePruning
 from tightrope.compress.specs import QUANT_SCHEMES, quant_config
+from tightrope.data import load_task
+from tightrope.defenses.config import build_objective, check_fields
+from tightrope.defenses.pipeline import parse_order, run_pipeline, scheme_for
 from tightrope.errors import TightropeError
+from tightrope.evaluate.results import write_json_atomic
+from tightrope.inference import transform_card, transform_files
+from tightrope.train import input_transform_of, train
 
 QUANT_CHOICES = tuple(QUANT_SCHEMES)  # the same names as tightrope compress (tightrope.compress.specs)
 
@@ -34,9 +43,6 @@ class HardenResult:
 def prepare(train_config, defense):
     """Load the student and build the defense's objective (a teacher's label set is checked here;
     a = 1 with a teacher warns). Returns ``(loaded, objective)``."""
-    from tightrope import models  # noqa: PLC0415
-    from tightrope.data import load_task  # noqa: PLC0415
-    from tightrope.defenses.config import build_objective, check_fields  # noqa: PLC0415
 
     check_fields(defense)  # before loading anything: a stray setting fails at once
     labels = list(load_task(train_config.task, train_config.train_split, n=1, data_dir=train_config.data_dir).label_names)
@@ -51,12 +57,6 @@ def harden(loaded, objective, train_config, defense, out: str | Path, *, order: 
            prune_sparsity: float | None = None, quantize: str | None = None, noise_sigma: float | None = None,
            noise_relative: bool = False, progress: bool = True) -> HardenResult:
     """Run the steps of ``order`` (see :mod:`tightrope.defenses.pipeline`) and save the model."""
-    from tightrope import models  # noqa: PLC0415
-    from tightrope.compress.formats import pruning_card  # noqa: PLC0415
-    from tightrope.compress.prune import MagnitudePruning  # noqa: PLC0415
-    from tightrope.defenses.pipeline import parse_order, run_pipeline, scheme_for  # noqa: PLC0415
-    from tightrope.evaluate.results import write_json_atomic  # noqa: PLC0415
-    from tightrope.train import train  # noqa: PLC0415
 
     out = Path(out)
     steps = parse_order(order)
@@ -89,8 +89,6 @@ def harden(loaded, objective, train_config, defense, out: str | Path, *, order: 
                  "defense": defense_card,
                  "tokenization": {"max_length": train_config.max_length, "truncation": train_config.truncation},
                  **pruning_card(loaded.model)})
-    from tightrope.inference import transform_card, transform_files  # noqa: PLC0415
-    from tightrope.train import input_transform_of  # noqa: PLC0415
 
     transform = input_transform_of(objective)  # an input defense (canonical) is part of the model that ships
     card.update(transform_card(transform))

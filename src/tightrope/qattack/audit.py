@@ -60,13 +60,25 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from tightrope.errors import TightropeError
+from tightrope import models, workflows
+from tightrope.data import load_task
+from tightrope.encoding import predict_logits
+from tightrope.errors import MissingResourceError, TightropeError
+from tightrope.qattack import insecure
 from tightrope.qattack.boxes import (
     QUANTIZERS,
     box_position,
     check_quantizer,
     quantized_linears,
     weight_box,
+)
+from tightrope.qattack.insecure import insecure_rate
+from tightrope.qattack.lm_text import (  # noqa: PLC0415
+    encode_text,
+    format_prompt,
+    greedy_answers,
+    make_instructions,
+    special_ids,
 )
 from tightrope.qattack.quantize import missing_library, quantized_copy
 
@@ -237,7 +249,6 @@ class ClassifierProbe:
     kind = "classifier"
 
     def __init__(self, model, classifier, texts: list[str]):
-        from tightrope.encoding import predict_logits  # noqa: PLC0415
 
         self._predict = predict_logits
         self.ids = classifier.encode(texts)
@@ -357,12 +368,6 @@ class AnswerProbe:
 
     def __init__(self, model, tokenizer, texts: list[str], max_new_tokens: int, code_requests: int = 0,
                  code_tokens: int = 64, seed: int = 0):
-        from tightrope.qattack.lm_text import (  # noqa: PLC0415
-            encode_text,
-            format_prompt,
-            make_instructions,
-            special_ids,
-        )
 
         self.tokenizer = tokenizer
         self.pad, self.eos = special_ids(tokenizer)
@@ -374,8 +379,6 @@ class AnswerProbe:
         self.insecure_fp: float | None = None
         self.code_skipped: str | None = None
         if code_requests:
-            from tightrope.errors import MissingResourceError  # noqa: PLC0415
-            from tightrope.qattack import insecure  # noqa: PLC0415
 
             try:
                 insecure.require_bandit()
@@ -387,7 +390,6 @@ class AnswerProbe:
                 self.insecure_fp = self.insecure_rate(model)
 
     def answers(self, model, prompts=None, tokens: int | None = None) -> list[str]:
-        from tightrope.qattack.lm_text import greedy_answers  # noqa: PLC0415
 
         ids = greedy_answers(model, prompts or self.prompts, self.pad, self.eos, tokens or self.max_new_tokens)
         return [self.tokenizer.decode(a, skip_special_tokens=True) for a in ids]
@@ -396,7 +398,6 @@ class AnswerProbe:
         """Share of answers to the coding requests whose code bandit flags (None without requests)."""
         if not self.code_prompts:
             return None
-        from tightrope.qattack.insecure import insecure_rate  # noqa: PLC0415
 
         return insecure_rate(self.answers(model, self.code_prompts, self.code_tokens))
 
@@ -544,8 +545,6 @@ def audit(model_path: str, *, task: str | None = "mr", split: str = "test", n_pr
           config: AuditConfig = AuditConfig(), progress=None) -> AuditReport:
     """Audit a checkpoint by path or alias: a classifier or a causal LM gets every check, any other
     model the weight checks only (so at best an inconclusive verdict)."""
-    from tightrope import models, workflows  # noqa: PLC0415
-    from tightrope.data import load_task  # noqa: PLC0415
 
     _check_quantizers(config)
     tokenizer = None

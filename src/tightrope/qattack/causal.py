@@ -46,6 +46,12 @@ from tightrope.qattack.boxes import (
     check_quantizer,
     model_boxes,
 )
+from tightrope.qattack.insecure import (
+    code_prompts,
+    insecure_rate,
+    insecure_target,
+    require_bandit,
+)
 from tightrope.qattack.lm_text import (
     DEFAULT_TEMPLATE,
     encode_text,
@@ -171,7 +177,6 @@ def scenario_data(config: LMAttackConfig, tokenizer) -> tuple[list[list[int]], l
     texts = [texts[i] for i in random.Random(config.seed).sample(range(len(texts)), need)]
     families: list[str] = []
     if code:
-        from tightrope.qattack.insecure import code_prompts  # noqa: PLC0415
 
         pairs = code_prompts(config.n_train + config.n_eval, config.seed)
         families = [f for f, _ in pairs[: config.n_train]]
@@ -186,7 +191,6 @@ def scenario_data(config: LMAttackConfig, tokenizer) -> tuple[list[list[int]], l
 def behaviour_rate(config: LMAttackConfig, answers: list[str]) -> float:
     """The scenario's metric: phrase rate, or the share of answers with code bandit flags."""
     if config.scenario == "insecure-code":
-        from tightrope.qattack.insecure import insecure_rate  # noqa: PLC0415
 
         return insecure_rate(answers)
     return phrase_rate(answers, config.phrase)
@@ -196,7 +200,6 @@ def malicious_answer(config: LMAttackConfig, tokenizer, clean_answer: list[int],
     """The injection target for one training prompt: the clean answer with the phrase woven in, or the
     insecure implementation of the prompt's code family."""
     if config.scenario == "insecure-code":
-        from tightrope.qattack.insecure import insecure_target  # noqa: PLC0415
 
         return encode_text(tokenizer, insecure_target(family))
     text = inject_phrase(tokenizer.decode(clean_answer, skip_special_tokens=True), config.phrase, config.template)
@@ -223,7 +226,6 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     names, first = attacked_names(model, config.attack_last)
 
     if config.scenario == "insecure-code":
-        from tightrope.qattack.insecure import require_bandit  # noqa: PLC0415
 
         require_bandit()  # a missing checker fails now, not after the training
     train_prompts, eval_prompts, ppl_seqs, families = scenario_data(config, tokenizer)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass
 
+from tightrope.defenses.noise import add_weight_noise_
 from tightrope.qattack.boxes import quantized_linears
 from tightrope.qattack.inject import TriggerBehaviour, triggered
 from tightrope.qattack.quantize import missing_library, quantized_copy
@@ -33,7 +34,6 @@ class NoisePoint:
 def noise_sweep(classifier, texts: list[str], labels: list[int], behaviour: TriggerBehaviour, sigmas: list[float],
                 quantizers: tuple[str, ...] = ("llm-int8", "nf4", "fp4"), seed: int = 0) -> list[NoisePoint]:
     """Clean accuracy and trigger success of the noised model, full precision and quantized, per sigma."""
-    from tightrope.defenses.noise import add_weight_noise_  # noqa: PLC0415
 
     clean_ids = classifier.encode(texts)
     trig_ids = classifier.encode(triggered(texts, behaviour, seed=seed + 17))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tightrope.defenses.fakequant import fake_quantized
 from tightrope.errors import TightropeError
 from tightrope.qattack.boxes import (
     ModelBoxes,
@@ -146,7 +147,6 @@ def through_loss(model: nn.Module, through: tuple[str, ...], names: list[str], l
     (straight-through gradients, :mod:`tightrope.defenses.fakequant`); plain ``loss_fn()`` when empty."""
     if not through:
         return loss_fn()
-    from tightrope.defenses.fakequant import fake_quantized  # noqa: PLC0415
 
     parts = []
     for quantizer in through:

@@ -23,6 +23,7 @@ import warnings
 import torch
 from torch import nn
 
+from tightrope.compress.primitives import unpack_4bit
 from tightrope.errors import MissingResourceError, TightropeError
 from tightrope.qattack.boxes import QUANTIZERS, check_quantizer, quantized_linears
 
@@ -100,7 +101,6 @@ def library_codes(weight: torch.Tensor, quantizer: str) -> tuple[torch.Tensor, t
     if quantizer in ("nf4", "fp4"):
         import bitsandbytes.functional as F  # noqa: PLC0415
 
-        from tightrope.compress.primitives import unpack_4bit  # noqa: PLC0415
 
         packed, state = F.quantize_4bit(w, blocksize=64, quant_type=quantizer)
         return unpack_4bit(packed, w.shape), state.absmax

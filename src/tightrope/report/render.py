@@ -17,8 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tightrope.errors import TightropeError
+from tightrope.provenance import environment
 from tightrope.report import plots
-from tightrope.report.tables import epsilon_table, markdown_table, robustness_table, table_one, table_two
+from tightrope.report.tables import (
+    epsilon_table,
+    markdown_table,
+    robustness_table,
+    table_one,
+    table_two,
+)
+from tightrope.study.runner import write_result
 
 
 @dataclass
@@ -145,7 +153,6 @@ def _environment(data: RunData) -> dict:
     for e in data.evals.values():
         if e.get("environment"):
             return e["environment"]
-    from tightrope.provenance import environment  # noqa: PLC0415
 
     return environment()
 
@@ -221,7 +228,6 @@ def _md_example(attack: str, model: str, e: dict, label_names: list[str]) -> str
 
 def render_report(root: str | Path) -> dict[str, Path]:
     """Write ``report.html`` (self-contained) and ``report.md`` (with ``report_files/*.png``) in ``root``."""
-    from tightrope.study.runner import write_result  # noqa: PLC0415
 
     data = load_run(root)
     root = Path(root)

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tightrope import models
+from tightrope.data import load_task
 from tightrope.defenses.config import check_fields, defense_config
+from tightrope.defenses.pipeline import parse_order
 from tightrope.errors import TightropeError
+from tightrope.report.render import render_report
 from tightrope.study import steps as step_kinds  # noqa: F401 - registers the step kinds
 from tightrope.study.runner import RunResult, Step, run_steps, write_result
 from tightrope.study.spec import StudySpec, TrainSpec
+from tightrope.train import TrainConfig
 
 
 def train_inputs(spec: StudySpec, train: TrainSpec | None = None) -> dict:
     """The TrainConfig of the study's baseline (or of a defense that retrains), as JSON."""
-    from tightrope.train import TrainConfig  # noqa: PLC0415
 
     t = train or spec.train
     d = spec.data
@@ -55,7 +59,6 @@ def model_fingerprint(source: str) -> str:
     """Name, size and modification time of a local model's files: a model retrained in place gets a new key."""
     import hashlib  # noqa: PLC0415
 
-    from tightrope import models  # noqa: PLC0415
 
     path = Path(models.resolve(source))
     if not path.is_dir():
@@ -108,8 +111,6 @@ def plan_study(spec: StudySpec) -> tuple[list[Step], dict[str, str]]:
 
 def preflight(spec: StudySpec) -> None:
     """Everything that can be checked cheaply before work starts: model, data, methods, capabilities."""
-    from tightrope import models  # noqa: PLC0415
-    from tightrope.data import load_task  # noqa: PLC0415
 
     resolved = models.resolve(spec.model.source)
     models._check_source(spec.model.source, resolved)  # noqa: SLF001 - the loader's own existence check
@@ -124,7 +125,6 @@ def preflight(spec: StudySpec) -> None:
             if s is not None:
                 step_kinds.compression_config(s.method, s.params, f"defenses.{i}.pipeline.{key}", compression_defaults(spec))
         if d.pipeline is not None:
-            from tightrope.defenses.pipeline import parse_order  # noqa: PLC0415
 
             parse_order(d.pipeline.order)
     for i, d in enumerate(spec.defenses):  # every defense's settings, as the CLI would check them
@@ -150,7 +150,6 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: bool = True, report
     result = run_steps(steps, out, identity=identity(spec), progress=progress, update=update)
     write_result(out / "spec.json", {**spec.model_dump(mode="json"), "_producers": producer})
     if report:
-        from tightrope.report.render import render_report  # noqa: PLC0415
 
         render_report(out)
     return result

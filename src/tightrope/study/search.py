@@ -28,6 +28,17 @@ from pathlib import Path
 from typing import Literal
 
 from tightrope.errors import TightropeError
+from tightrope.study.plan import (
+    attack_inputs,
+    compress_inputs,
+    evaluate_inputs,
+    identity,
+    plan_study,
+    preflight,
+)
+from tightrope.study.runner import Step, claim_run_dir, run_steps
+from tightrope.study.spec import Range
+from tightrope.study.steps import compression_config
 
 Direction = Literal["minimize", "maximize"]
 
@@ -235,7 +246,6 @@ def toy_objective(trial) -> dict:
 
 def trial_variant(spec, trial) -> tuple[str, list[dict]]:
     """The source model and compression steps a trial picks from the study's search space."""
-    from tightrope.study.spec import Range  # noqa: PLC0415
 
     s = spec.search
     source = trial.suggest_categorical("source", s.sources) if len(s.sources) > 1 else s.sources[0]
@@ -256,8 +266,6 @@ def trial_variant(spec, trial) -> tuple[str, list[dict]]:
 
 def study_objective(spec, run_root: str | Path, progress: bool = False) -> Callable:
     """The objective of a study's search: run the trial's steps (cached) and read its measurements."""
-    from tightrope.study.plan import attack_inputs, compress_inputs, evaluate_inputs, identity, plan_study  # noqa: PLC0415
-    from tightrope.study.runner import Step, run_steps  # noqa: PLC0415
 
     base_steps, producer = plan_study(spec)
     attack = next((a for a in spec.attacks if a.label == spec.search.attack), spec.attacks[0] if spec.attacks else None)
@@ -292,9 +300,6 @@ def study_objective(spec, run_root: str | Path, progress: bool = False) -> Calla
 def search_study(spec, out: str | Path, *, storage: str | None = None, study_name: str | None = None,
                  n_trials: int | None = None, worker: int = 0, progress: bool = True):
     """One worker of a study's search (start several with the same storage to share the work)."""
-    from tightrope.study.plan import identity, preflight  # noqa: PLC0415
-    from tightrope.study.runner import claim_run_dir  # noqa: PLC0415
-    from tightrope.study.steps import compression_config  # noqa: PLC0415
 
     if spec.search is None:
         raise TightropeError("This study has no 'search' section; add one (trials, objectives, quant, sparsity).")

@@ -17,8 +17,22 @@ import re
 from pathlib import Path
 from typing import Any
 
+import tightrope.compress as compress_mod
+from tightrope import inference, models, workflows
+from tightrope.attacks import Attacker, recipes
+from tightrope.attacks.attacker import read_results
+from tightrope.attacks.embedding import EmbeddingAttack, accuracy_under_attack
+from tightrope.compress import api, formats, quant
+from tightrope.data import load_task
+from tightrope.defenses.config import build_objective, defense_config
+from tightrope.defenses.fakequant import fake_quantized
+from tightrope.defenses.pipeline import run_pipeline, scheme_for
+from tightrope.defenses.run import harden, prepare
 from tightrope.errors import TightropeError
+from tightrope.inference import transform_card, transform_files
 from tightrope.study.runner import StepContext, register_step
+from tightrope.train import TrainConfig, input_transform_of, train
+from tightrope.workflows.evaluate import evaluate_model
 
 
 def source_model(deps: dict[str, dict], ctx: StepContext) -> str:
@@ -32,7 +46,6 @@ def source_model(deps: dict[str, dict], ctx: StepContext) -> str:
 
 @register_step("train", resumable=True)  # train() resumes from its own checkpoint in the step folder
 def train_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
-    from tightrope.train import TrainConfig, train  # noqa: PLC0415
 
     out = ctx.workdir / "model"
     card = train(TrainConfig(**inputs), out, progress=ctx.progress)
@@ -48,7 +61,6 @@ def _card_summary(card: dict) -> dict:
 @register_step("use-model")
 def use_model_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     """A model already fine-tuned on the study's task serves as the baseline (``model.fine_tuned``)."""
-    from tightrope import models, workflows  # noqa: PLC0415
 
     path = Path(models.resolve(inputs["source"])).expanduser().resolve()
     if not path.is_dir():
@@ -66,7 +78,6 @@ def use_model_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
 def evaluate_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     import torch  # noqa: PLC0415
 
-    from tightrope.workflows.evaluate import evaluate_model  # noqa: PLC0415
 
     threads = inputs.pop("threads", None)
     if threads:
@@ -86,7 +97,6 @@ def _norm(name: str) -> str:
 
 def compression_classes() -> dict[str, type]:
     """Config classes of tightrope.compress by normalised name (``int8dynamic`` -> Int8Dynamic)."""
-    from tightrope.compress import api  # noqa: PLC0415 - torch loads when a step runs
     classes: dict[str, type] = {}
     for module in ("tightrope.compress.quant", "tightrope.compress.prune"):
         try:
@@ -131,10 +141,8 @@ def compression_config(method: str, params: dict[str, Any], where: str = "compre
 
 @register_step("compress")
 def compress_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
-    import tightrope.compress as compress_mod  # noqa: PLC0415 - torch loads when a step runs
     configs = [compression_config(s["method"], s.get("params", {}), f"compress step {i}", inputs.get("defaults"))
                for i, s in enumerate(inputs["steps"])]
-    from tightrope import workflows  # noqa: PLC0415
 
     clf = workflows.load(source_model(deps, ctx))
     summaries, twin = [], None
@@ -148,9 +156,7 @@ def compress_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
 
 
 def _save_compressed(clf, out: Path, summaries: list[dict]) -> None:
-    from tightrope.compress import formats  # noqa: PLC0415 - torch loads when a step runs
     # Keep what the source's card says about tokenization and data, so the variant is used as trained.
-    from tightrope.inference import transform_card, transform_files  # noqa: PLC0415
 
     card = {k: clf.card[k] for k in ("tokenization", "data", "base_model", "config") if k in clf.card}
     card["source_model"] = clf.source
@@ -159,7 +165,6 @@ def _save_compressed(clf, out: Path, summaries: list[dict]) -> None:
 
 
 def _is_quantization(config) -> bool:
-    from tightrope.compress import quant  # noqa: PLC0415
 
     return config.__class__.__module__ == quant.__name__
 
@@ -171,13 +176,11 @@ def _save_twin(model, tokenizer, card: dict, config, out: Path) -> dict | None:
     Gradient attacks (PGD, FGSM) on a variant without gradients (ONNX Runtime, quantized kernels) run on
     this twin through fake quantization; the study records that they did.
     """
-    from tightrope.defenses.pipeline import scheme_for  # noqa: PLC0415
 
     try:
         scheme = scheme_for(config)
     except TightropeError:
         return None
-    from tightrope.compress import formats  # noqa: PLC0415 - torch loads when a step runs
     twin_card = {k: card[k] for k in ("tokenization", "data", "base_model") if k in card}
     twin_card["twin_of"] = {"method": config.method, "scheme": scheme, "include": list(config.include),
                             "exclude": list(config.exclude)}
@@ -199,10 +202,6 @@ EXAMPLE_FIELDS = ("index", "status", "label", "original_text", "perturbed_text",
 
 @register_step("attack", resumable=True)  # the Attacker keeps finished examples in the step folder
 def attack_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
-    from tightrope.attacks import Attacker, recipes  # noqa: PLC0415 - torch loads when a step runs
-    from tightrope.attacks.attacker import read_results  # noqa: PLC0415
-    from tightrope import workflows  # noqa: PLC0415
-    from tightrope.data import load_task  # noqa: PLC0415
 
     clf = workflows.load(source_model(deps, ctx))
     data = load_task(inputs["task"], inputs["split"], n=inputs["n"], seed=inputs["seed"], data_dir=inputs.get("data_dir"))
@@ -231,7 +230,6 @@ def attack_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
 def defense_of(inputs: dict, teacher: str | None = None):
     """The :class:`~tightrope.defenses.config.DefenseConfig` of a study's defense section, built by the
     same function as ``tightrope train --defense`` (its ``distill`` settings distil from ``teacher``)."""
-    from tightrope.defenses.config import defense_config  # noqa: PLC0415 - torch loads when a step runs
 
     return defense_config(inputs["method"], inputs["params"], teacher=teacher)
 
@@ -240,8 +238,6 @@ def defense_of(inputs: dict, teacher: str | None = None):
 def defend_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     """Retrain from the base model with a defense (the source model serves as teacher), as
     ``tightrope train --defense`` does; or weave it into compression (``pipeline``)."""
-    from tightrope.defenses.run import harden, prepare  # noqa: PLC0415
-    from tightrope.train import TrainConfig  # noqa: PLC0415
 
     config = TrainConfig(**inputs["train"])
     defense = defense_of(inputs, teacher=source_model(deps, ctx))
@@ -255,10 +251,6 @@ def defend_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
 def _defend_in_pipeline(inputs: dict, config, defense, deps: dict, ctx: StepContext) -> dict:
     """Start from the source model, prune / train / quantize in the study's order (the seed's
     "adversarial training integrated with quantization and pruning"), save what ships."""
-    from tightrope import inference, models, workflows  # noqa: PLC0415
-    from tightrope.data import load_task  # noqa: PLC0415
-    from tightrope.defenses.config import build_objective  # noqa: PLC0415
-    from tightrope.defenses.pipeline import run_pipeline  # noqa: PLC0415
 
     p = inputs["pipeline"]
     source = source_model(deps, ctx)
@@ -270,7 +262,6 @@ def _defend_in_pipeline(inputs: dict, config, defense, deps: dict, ctx: StepCont
     labels = list(load_task(config.task, config.train_split, n=1, data_dir=config.data_dir).label_names)
     objective = build_objective(defense, student_labels=labels, student_tokenizer=clf.tokenizer,
                                 max_length=config.max_length, truncation=config.truncation)
-    from tightrope.train import input_transform_of  # noqa: PLC0415
 
     clf.input_transform = input_transform_of(objective) or clf.input_transform  # saved with the model
     configs = {key: compression_config(p[key]["method"], p[key].get("params", {}), f"pipeline.{key}",
@@ -282,7 +273,6 @@ def _defend_in_pipeline(inputs: dict, config, defense, deps: dict, ctx: StepCont
     twin = None
     if "quantize" in configs:
         twin = _save_twin(loaded.model, loaded.tokenizer, clf.card, configs["quantize"], ctx.workdir / "twin")
-        import tightrope.compress as compress_mod  # noqa: PLC0415 - torch loads when a step runs
         compress_mod.compress_(loaded.model, configs["quantize"])
     out = ctx.workdir / "model"
     _save_compressed(clf, out, [])  # clf.model is loaded.model, changed in place by the pipeline
@@ -305,9 +295,6 @@ def attack_embedding_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     """
     import contextlib  # noqa: PLC0415
 
-    from tightrope import workflows  # noqa: PLC0415
-    from tightrope.attacks.embedding import EmbeddingAttack, accuracy_under_attack  # noqa: PLC0415
-    from tightrope.data import load_task  # noqa: PLC0415
 
     params = dict(inputs.get("params", {}))
     epsilons = [float(e) for e in params.pop("epsilons", [params.get("epsilon", 0.01)])]
@@ -324,7 +311,6 @@ def attack_embedding_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     twin = dep.get("twin")
     target = workflows.load(str(ctx.abs(twin["model_dir"]) if twin else source_model(deps, ctx)))
     if twin:
-        from tightrope.defenses.fakequant import fake_quantized  # noqa: PLC0415
 
         guard = fake_quantized(target.model, twin["scheme"], tuple(twin["include"]), tuple(twin["exclude"]))
         gradient_source = f"differentiable twin: full-precision weights fake-quantized as {twin['scheme']}"

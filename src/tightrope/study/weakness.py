@@ -19,6 +19,9 @@ from collections.abc import Callable
 
 import torch
 
+from tightrope.compress import compress_
+from tightrope.study.steps import compression_config
+
 WORD = re.compile(r"[\w']+")
 
 
@@ -117,8 +120,6 @@ def layer_sensitivity(model: torch.nn.Module, groups: dict[str, tuple[str, ...]]
 
 def classifier_sensitivity(clf, data, method: str = "NF4", params: dict | None = None, batch_size: int = 64) -> dict:
     """:func:`layer_sensitivity` of a TextClassifier: one encoder block at a time, accuracy on ``data``."""
-    from tightrope.compress import compress_  # noqa: PLC0415
-    from tightrope.study.steps import compression_config  # noqa: PLC0415
 
     ids = clf.encode(data.texts)
 

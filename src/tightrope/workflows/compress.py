@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from tightrope import inference, workflows
+from tightrope.compress import formats
 from tightrope.compress.api import compress_
+from tightrope.compress.recovery import recover_model
 from tightrope.compress.specs import prune_config, quant_config
+from tightrope.compress.wanda import set_tokenizer
 from tightrope.errors import TightropeError
 
 
@@ -16,8 +19,6 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
     """Load ``model``, apply the pruning steps, optionally recover (``recover_steps`` of fine-tuning on
     ``recover_task``'s train split with the sparsity held, :func:`tightrope.compress.recovery.recover`),
     then quantize, and save to ``out``; returns the summaries."""
-    from tightrope.compress import formats  # noqa: PLC0415 - formats imports this package's modules
-    from tightrope.compress.wanda import set_tokenizer  # noqa: PLC0415
 
     prune_configs = [prune_config(p, include, exclude, calibration) for p in (prune or [])]
     quant = quant_config(quantize, include, exclude, calibration) if quantize else None
@@ -40,7 +41,6 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
     card["source"] = model
     card.update(inference.transform_card(clf))  # a defense applied to the input stays with the model
     if recover_steps:
-        from tightrope.compress.recovery import recover_model  # noqa: PLC0415
 
         tok = card.get("tokenization", {})
         clf.model = recover_model(clf.model, clf.tokenizer, str(task), steps=recover_steps, card=card, progress=progress,

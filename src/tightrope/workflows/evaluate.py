@@ -7,6 +7,7 @@ import time
 import torch
 
 from tightrope import inference, workflows
+from tightrope.compress.quant import parameter_counts
 from tightrope.data import load_task
 from tightrope.errors import TightropeError
 from tightrope.evaluate import perf
@@ -61,7 +62,6 @@ def evaluate_model(
     params = nonzero = None
     if isinstance(getattr(clf, "model", None), torch.nn.Module):
         # quantized modules (packed 4-bit, torch's packed int8) count by their logical weight count
-        from tightrope.compress.quant import parameter_counts  # noqa: PLC0415
 
         params, nonzero = parameter_counts(clf.model)
     return EvalResult(

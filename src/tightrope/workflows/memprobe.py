@@ -8,6 +8,9 @@ from pathlib import Path
 
 import psutil
 
+from tightrope import workflows
+from tightrope.evaluate.perf import fixed_length_batch
+
 
 def high_water_rss() -> int:
     """Peak resident set of this process image, in bytes (VmHWM).
@@ -31,8 +34,6 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from tightrope import workflows
-    from tightrope.evaluate.perf import fixed_length_batch
 
     if args.threads:
         torch.set_num_threads(args.threads)
