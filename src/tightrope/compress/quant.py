@@ -24,6 +24,7 @@ stay selectable (``benchmarks/compression.py --int8-options`` compares them, doc
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -382,50 +383,81 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-@register_handler(LLMInt8)
-def _llm_int8(model: nn.Module, config: LLMInt8) -> CompressionSummary:
+# --- per-module handlers (torchao's shape: the entry point traverses, a handler swaps one module) ---
+
+ModuleHandler = Callable[[nn.Linear, CompressionConfig], nn.Module]
+MODULE_HANDLERS: dict[type, tuple[ModuleHandler, bool, Callable[[CompressionConfig], list[str]]]] = {}
+
+
+def register_module_handler(config_cls: type, *, simulated: bool, notes: Callable[[CompressionConfig], list[str]]):
+    """``@register_module_handler(NF4, ...)`` on ``(linear, config) -> quantized module``. The model-level
+    handler (:func:`quantize_modules`) refuses a second quantization, selects the modules, swaps each
+    one through this handler and summarises; ``qattack.quantize.quantized_copy`` reuses it."""
+
+    def wrap(fn: ModuleHandler) -> ModuleHandler:
+        MODULE_HANDLERS[config_cls] = (fn, simulated, notes)
+        register_handler(config_cls)(quantize_modules)
+        return fn
+
+    return wrap
+
+
+def quantize_modules(model: nn.Module, config: CompressionConfig) -> CompressionSummary:
+    """Swap every module ``config`` selects for its quantized form, in place (one traversal for all
+    per-module methods)."""
+    handler, simulated, notes = MODULE_HANDLERS[type(config)]
     _refuse_requantize(model, config)
-    bnb = _bnb()
     chosen = select_modules(model, config)
     for name, lin in chosen.items():
-        mod = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                  has_fp16_weights=False, threshold=float(config.threshold))
-        mod.weight = bnb.nn.Int8Params(lin.weight.data.detach().clone(), requires_grad=False, has_fp16_weights=False)
-        if lin.bias is not None:
-            mod.bias = nn.Parameter(lin.bias.data.detach().clone(), requires_grad=False)
-        _set_submodule(model, name, mod.to("cpu").eval())
-    return _summary(model, config, chosen, False, [
-        f"bitsandbytes {bnb.__version__}; outlier threshold {config.threshold}",
-        "LLM.int8() saves memory, not time: its CPU matmul is slower than fp32"])
+        _set_submodule(model, name, handler(lin, config))
+    return _summary(model, config, chosen, simulated, notes(config))
 
 
-@register_handler(NF4)
-@register_handler(FP4)
-def _bnb_4bit(model: nn.Module, config: NF4) -> CompressionSummary:
-    _refuse_requantize(model, config)
+def _llm_int8_notes(config: LLMInt8) -> list[str]:
+    return [f"bitsandbytes {_bnb().__version__}; outlier threshold {config.threshold}",
+            "LLM.int8() saves memory, not time: its CPU matmul is slower than fp32"]
+
+
+@register_module_handler(LLMInt8, simulated=False, notes=_llm_int8_notes)
+def _llm_int8(lin: nn.Linear, config: LLMInt8) -> nn.Module:
     bnb = _bnb()
+    mod = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              has_fp16_weights=False, threshold=float(config.threshold))
+    mod.weight = bnb.nn.Int8Params(lin.weight.data.detach().float().contiguous().clone(), requires_grad=False,
+                                   has_fp16_weights=False)
+    if lin.bias is not None:
+        mod.bias = nn.Parameter(lin.bias.data.detach().float().clone(), requires_grad=False)
+    return mod.to("cpu").eval()  # moving the parameters is what makes bitsandbytes quantize them
+
+
+def _bnb_4bit_notes(config: NF4) -> list[str]:
     from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is imported only where used
 
-    chosen = select_modules(model, config)
-    for name, lin in chosen.items():
-        _set_submodule(model, name, bnb4.linear_4bit(lin, config.quant_type, config.blocksize, config.double_quant))
-    return _summary(model, config, chosen, False, [
-        f"bitsandbytes {bnb.__version__}; {config.quant_type}, blocksize {config.blocksize}, "
-        f"double quantization {'on' if config.double_quant else 'off'}", bnb4.kernel_check().line()])
+    return [f"bitsandbytes {_bnb().__version__}; {config.quant_type}, blocksize {config.blocksize}, "
+            f"double quantization {'on' if config.double_quant else 'off'}", bnb4.kernel_check().line()]
 
 
-@register_handler(Affine)
+@register_module_handler(NF4, simulated=False, notes=_bnb_4bit_notes)
+def _bnb_4bit(lin: nn.Linear, config: NF4) -> nn.Module:
+    from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is imported only where used
+
+    return bnb4.linear_4bit(lin, config.quant_type, config.blocksize, config.double_quant)
+
+
+register_module_handler(FP4, simulated=False, notes=_bnb_4bit_notes)(_bnb_4bit)
+
+
+def _affine_notes(config: Affine) -> list[str]:
+    return [f"{config.bits}-bit min-max per {config.granularity}"
+            + (f" of {config.group_size}" if config.granularity == "group" else "")
+            + "; simulated: codes stored, weights dequantized to fp32 for each product"]
+
+
+@register_module_handler(Affine, simulated=True, notes=_affine_notes)
 @torch.no_grad()
-def _affine(model: nn.Module, config: Affine) -> CompressionSummary:
-    _refuse_requantize(model, config)
-    chosen = select_modules(model, config)
-    for name, lin in chosen.items():
-        aq = P.quantize_affine(lin.weight, config.bits, config.granularity, config.group_size)
-        _set_submodule(model, name, AffineQuantLinear.from_quant(aq, lin.bias))
-    return _summary(model, config, chosen, True, [
-        f"{config.bits}-bit min-max per {config.granularity}"
-        + (f" of {config.group_size}" if config.granularity == "group" else "")
-        + "; simulated: codes stored, weights dequantized to fp32 for each product"])
+def _affine(lin: nn.Linear, config: Affine) -> nn.Module:
+    return AffineQuantLinear.from_quant(P.quantize_affine(lin.weight, config.bits, config.granularity, config.group_size),
+                                        lin.bias)
 
 
 @register_handler(GPTQ)
@@ -527,7 +559,7 @@ def quantized_modules(model: nn.Module) -> dict[str, dict]:
     return {name: rec for name, m in model.named_modules() if (rec := module_kind(m)) is not None}
 
 
-def tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
+def tensors_of(model: nn.Module, copy: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor needed to rebuild ``model``, with torch dynamic int8 weights unpacked to
     ``weight_int8`` / ``weight_scale`` (their packed form is not a tensor)."""
     records = quantized_modules(model)
@@ -547,7 +579,7 @@ def tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
             out[f"{name}.weight_scale"] = torch.tensor([qw.q_scale()], dtype=torch.float32)
         if module.bias() is not None:
             out[f"{name}.bias"] = module.bias().detach()
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+    return {k: v.detach().contiguous().clone() for k, v in out.items()} if copy else out
 
 
 def stored_bytes(model: nn.Module) -> int:
@@ -555,4 +587,4 @@ def stored_bytes(model: nn.Module) -> int:
     blob = onnx_bytes(model)
     if blob is not None:
         return len(blob)
-    return sum(t.numel() * t.element_size() for t in tensors_of(model).values())
+    return sum(t.numel() * t.element_size() for t in tensors_of(model, copy=False).values())

@@ -23,7 +23,9 @@ import warnings
 import torch
 from torch import nn
 
+from tightrope.compress.api import compress_
 from tightrope.compress.primitives import unpack_4bit
+from tightrope.compress.quant import FP4, NF4, Int8Dynamic, LLMInt8
 from tightrope.errors import MissingResourceError, TightropeError
 from tightrope.qattack.boxes import QUANTIZERS, check_quantizer, quantized_linears
 
@@ -49,43 +51,25 @@ def _require(quantizer: str) -> None:
         raise MissingResourceError(reason)
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-def _bnb_linear(linear: nn.Linear, quantizer: str) -> nn.Module:
-    if quantizer in ("nf4", "fp4"):
-        from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is imported only where used
-
-        return bnb4.linear_4bit(linear, quantizer, blocksize=64)
-    import bitsandbytes as bnb  # noqa: PLC0415
-
-    new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              has_fp16_weights=False, threshold=6.0)
-    new.weight = bnb.nn.Int8Params(linear.weight.detach().float().contiguous().clone(), requires_grad=False,
-                                   has_fp16_weights=False)
-    if linear.bias is not None:
-        new.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
-    return new.to("cpu")  # moving the parameters is what makes bitsandbytes quantize them
+# The quantizers of the attack as tightrope.compress configs: the same handlers compress a model.
+CONFIGS = {"llm-int8": lambda include: LLMInt8(threshold=6.0, include=include),
+           "nf4": lambda include: NF4(include=include), "fp4": lambda include: FP4(include=include),
+           "int8-tensor": lambda include: Int8Dynamic(backend="torch", per_channel=False, include=include)}
 
 
 def quantized_copy(model: nn.Module, quantizer: str, modules: list[str] | None = None) -> nn.Module:
-    """A deep copy of ``model`` whose Linear layers run through the real quantized kernels."""
+    """A deep copy of ``model`` whose Linear layers (``modules``, default :func:`quantized_linears`) run
+    through the real quantized kernels, built by :func:`tightrope.compress.compress_` itself."""
     _require(quantizer)
     names = modules if modules is not None else list(quantized_linears(model))
     clone = copy.deepcopy(model).float().cpu().eval()
-    if quantizer == "int8-tensor":
-        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic  # noqa: PLC0415
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return quantize_dynamic(clone, {name: default_dynamic_qconfig for name in names}, dtype=torch.qint8)
     for name in names:
-        linear = clone.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise TightropeError(f"{name} is a {type(linear).__name__}, not a Linear layer a quantizer can replace.")
-        _set_module(clone, name, _bnb_linear(linear, quantizer))
+        if not isinstance(clone.get_submodule(name), nn.Linear):
+            raise TightropeError(f"{name} is a {type(clone.get_submodule(name)).__name__}, not a Linear layer a "
+                                 "quantizer can replace.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compress_(clone, CONFIGS[quantizer](tuple(names)))
     return clone
 
 
