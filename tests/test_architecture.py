@@ -94,3 +94,12 @@ def test_function_local_imports_of_tightrope_state_their_reason():
                 if (module or "").startswith("tightrope") and " - " not in line.partition("#")[2]:
                     silent.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not silent, f"function-local imports without a reason: {silent}"
+
+
+def test_only_the_command_line_draws_progress_bars():
+    """Library modules report progress through tightrope.progress callbacks; rich bars and consoles
+    belong to tightrope.cli (report/ may still build rich tables for printing)."""
+    offenders = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "src" / "tightrope").rglob("*.py"))
+                 if "cli" not in p.relative_to(ROOT / "src" / "tightrope").parts
+                 and ("rich.progress" in p.read_text() or "rich.console" in p.read_text())]
+    assert not offenders, f"library modules that draw on the terminal: {offenders}"

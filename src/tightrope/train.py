@@ -33,6 +33,7 @@ from tightrope.encoding import Truncation, collate, encode, predict_logits
 from tightrope.errors import TightropeError
 from tightrope.evaluate.metrics import classification_metrics
 from tightrope.inference import transform_card, transform_files
+from tightrope.progress import Reporter, say, tracked
 from tightrope.provenance import environment
 
 Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -142,7 +143,7 @@ def train(
     out_dir: str | Path,
     *,
     objective: Objective | None = None,
-    progress: bool = True,
+    progress: bool | Reporter = True,
     stop_after_steps: int | None = None,
     extra_card: dict | None = None,
     initial_model: models.LoadedModel | None = None,
@@ -209,21 +210,11 @@ def train(
         model.train()
         return classification_metrics(eval_data.labels, logits.argmax(-1).tolist(), list(eval_data.label_names)).summary()
 
-    from rich.progress import (  # noqa: PLC0415
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[info]}"), disable=not progress or not accelerator.is_main_process)
+    progress = progress if accelerator.is_main_process else False
     model.train()
     stopped_early = False
     started = time.perf_counter() - state["train_seconds"]
-    with bar:
-        task_id = bar.add_task("train", total=total_steps, completed=state["step"], info="")
+    with tracked(progress, "train", total_steps, completed=state["step"]) as bar:
         while state["step"] < total_steps and not stopped_early:
             step = state["step"]
             epoch, within = divmod(step, steps_per_epoch)
@@ -246,9 +237,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step + 1
             info = f"loss {loss.item():.3f} lr {scheduler.get_last_lr()[0]:.1e}"
-            bar.update(task_id, advance=1, info=info)
-            if progress and not bar.console.is_terminal and state["step"] % max(1, total_steps // 20) == 0:
-                bar.console.log(f"step {state['step']}/{total_steps} {info}")  # a log file gets a line, not a bar
+            bar.advance(1, info)
 
             end_of_epoch = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
             if end_of_epoch or (config.eval_every and state["step"] % config.eval_every == 0):
@@ -256,14 +245,14 @@ def train(
                 state["train_seconds"] = time.perf_counter() - started
                 record = {"step": state["step"], "epoch": state["step"] / steps_per_epoch, "loss": loss.item(), **metrics}
                 state["history"].append(record)
-                bar.console.log(f"step {state['step']}: eval accuracy {metrics['accuracy']:.4f} macro-F1 {metrics['macro_f1']:.4f}")
+                say(progress, f"step {state['step']}: eval accuracy {metrics['accuracy']:.4f} macro-F1 {metrics['macro_f1']:.4f}")
                 if state["best"] is None or metrics["accuracy"] > state["best"]:
                     state.update(best=metrics["accuracy"], best_step=state["step"], bad_evals=0)
                     _save_weights(accelerator.unwrap_model(model), out / "best.safetensors")
                 else:
                     state["bad_evals"] += 1
                     if config.patience and state["bad_evals"] >= config.patience:
-                        bar.console.log(f"early stopping: no improvement in {config.patience} evaluations")
+                        say(progress, f"early stopping: no improvement in {config.patience} evaluations")
                         stopped_early = True
             if state["step"] % config.checkpoint_every == 0 or end_of_epoch or stopped_early:
                 state["train_seconds"] = time.perf_counter() - started

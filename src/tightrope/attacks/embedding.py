@@ -39,6 +39,7 @@ from torch import nn
 
 from tightrope.encoding import collate, encode, length_sorted_batches
 from tightrope.errors import TightropeError
+from tightrope.progress import Reporter, tracked
 
 Norm = Literal["linf", "l2"]
 NORMS = ("linf", "l2")
@@ -274,7 +275,7 @@ def accuracy_under_attack(
     attack: EmbeddingAttack | None = None,
     *,
     batch_size: int = 32,
-    progress: bool = True,
+    progress: bool | Reporter = True,
 ) -> EmbeddingAttackReport:
     """Clean accuracy and accuracy under ``attack`` at each epsilon, on the same examples.
 
@@ -285,8 +286,6 @@ def accuracy_under_attack(
     at every PGD iterate, so accuracy under attack never exceeds clean accuracy.
     """
     import time  # noqa: PLC0415
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: PLC0415
 
 
     if len(texts) == 0:
@@ -311,11 +310,8 @@ def accuracy_under_attack(
     clean_correct = torch.zeros(len(texts), dtype=torch.bool)
     robust = torch.ones((len(attacks), len(texts)), dtype=torch.bool)
     done = torch.zeros(len(texts), dtype=torch.bool)
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[info]}"), disable=not progress)
     try:
-        with bar:
-            task = bar.add_task(f"{attack.name} {attack.norm}", total=len(batches) * len(attacks), info="")
+        with tracked(progress, f"{attack.name} {attack.norm}", len(batches) * len(attacks)) as bar:
             for b, index in enumerate(batches):
                 inputs = {k: v.to(device) for k, v in collate([sequences[i] for i in index], pad_id).items()}
                 labels_b = y[index].to(device)
@@ -334,8 +330,8 @@ def accuracy_under_attack(
                     else:
                         robust[a, index] = False
                     done[index] = True
-                    bar.update(task, advance=1, info=f"accuracy under attack (eps={atk.epsilon:g}) "
-                               f"{(robust[a] & clean_correct)[done].float().mean():.3f}")
+                    bar.advance(1, f"accuracy under attack (eps={atk.epsilon:g}) "
+                                f"{(robust[a] & clean_correct)[done].float().mean():.3f}")
     finally:
         model.train(was_training)
     n = len(texts)

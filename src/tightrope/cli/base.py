@@ -29,9 +29,12 @@ out_console = Console()
 def _global_options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show third-party progress bars, warnings and logs.")] = False,
 ):
+    from tightrope import progress  # noqa: PLC0415 - the app module stays import-light
+    from tightrope.cli.progress import RichReporter  # noqa: PLC0415 - the app module stays import-light
     from tightrope.quiet import configure  # noqa: PLC0415 - the app module stays import-light
 
     configure(verbose)
+    progress.use(RichReporter(console))  # the library reports progress through this; it draws nothing itself
 
 
 def user_errors(fn):

@@ -23,17 +23,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
 from torch import nn
 
 from tightrope.encoding import collate
 from tightrope.errors import TightropeError
+from tightrope.progress import tracked
 from tightrope.qattack.boxes import ModelBoxes, project_
 
 
@@ -110,12 +104,9 @@ def fit_(model: nn.Module, ids: list[list[int]], labels: list[int], pad_id: int,
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return F.cross_entropy(logits, target)
 
-    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[info]}"), disable=not progress)
-    with bar:
-        task = bar.add_task(label, total=config.steps, info="")
+    with tracked(progress, label, config.steps) as bar:
         return projected_fit_(model, params, len(ids), batch_loss, config, boxes=boxes,
-                              on_step=lambda step, loss: bar.update(task, advance=1, info=f"loss {loss:.3f}"))
+                              on_step=lambda step, loss: bar.advance(1, f"loss {loss:.3f}"))
 
 
 def repair_(model: nn.Module, boxes: ModelBoxes, ids: list[list[int]], labels: list[int], pad_id: int,

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-from rich.console import Console
 
 from tightrope import models, workflows
 from tightrope.data import load_task
@@ -34,8 +33,6 @@ from tightrope.qattack.inject import (
 from tightrope.qattack.quantize import quantized_copy
 from tightrope.qattack.repair import FitConfig, fit_, repair_
 from tightrope.qattack.report import QAttackReport, verify
-
-console = Console(stderr=True)
 
 
 class AttackConfig(BaseModel):

@@ -36,6 +36,7 @@ from typing import Any
 
 from tightrope.atomic import write_json_atomic
 from tightrope.errors import TightropeError
+from tightrope.progress import say
 
 RESULT_FILE = "result.json"
 
@@ -240,10 +241,7 @@ def _run_locked(step: Step, key: str, done: dict[str, StepRecord], root: Path, p
     step_dir.mkdir(parents=True, exist_ok=True)
     deps = {name: done[name].result for name in step.deps}
     started = time.perf_counter()
-    if progress:
-        from rich.console import Console  # noqa: PLC0415
-
-        Console(stderr=True).log(f"[bold]{step.kind}[/] {step.name}")
+    say(progress, f"{step.kind} {step.name}")
     result = kind.fn(dict(step.inputs), deps, StepContext(root, step_dir, step, progress))
     if not isinstance(result, dict):
         raise TypeError(f"step kind {step.kind} returned {type(result).__name__}, not a dict")

@@ -30,6 +30,7 @@ from tightrope.defenses.pipeline import run_pipeline, scheme_for
 from tightrope.defenses.run import harden, prepare
 from tightrope.errors import TightropeError
 from tightrope.inference import transform_card, transform_files
+from tightrope.progress import say
 from tightrope.study.runner import StepContext, register_step
 from tightrope.train import TrainConfig, input_transform_of, train
 from tightrope.workflows.evaluate import evaluate_model
@@ -206,15 +207,10 @@ def attack_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     clf = workflows.load(source_model(deps, ctx))
     data = load_task(inputs["task"], inputs["split"], n=inputs["n"], seed=inputs["seed"], data_dir=inputs.get("data_dir"))
     attack = recipes.build(inputs["recipe"], clf, **inputs.get("params", {}))
-    progress = None
-    if ctx.progress:
-        from rich.console import Console  # noqa: PLC0415
 
-        console = Console(stderr=True)
-
-        def progress(result, done):
-            if len(done) % 10 == 0 or len(done) == len(data):
-                console.log(f"  attacked {len(done)}/{len(data)}")
+    def progress(result, done):
+        if len(done) % 10 == 0 or len(done) == len(data):
+            say(ctx.progress, f"  attacked {len(done)}/{len(data)}")
     report = Attacker(attack, out=ctx.workdir / "attack", seed=inputs["seed"]).run(clf, data, progress=progress)
     results = read_results(ctx.workdir / "attack" / "results.jsonl")
     payload = report.to_dict()

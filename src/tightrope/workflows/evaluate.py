@@ -13,6 +13,7 @@ from tightrope.errors import TightropeError
 from tightrope.evaluate import perf
 from tightrope.evaluate.metrics import classification_metrics
 from tightrope.evaluate.results import EvalResult
+from tightrope.progress import Reporter, tracked
 from tightrope.provenance import environment
 
 
@@ -30,7 +31,7 @@ def evaluate_model(
     memory: bool = True,
     latency_seq_len: int = 256,
     latency_runs: int = 50,
-    progress: bool = True,
+    progress: bool | Reporter = True,
     clf: inference.TextClassifier | None = None,
 ) -> EvalResult:
     """Score ``model`` on ``task``/``split`` and measure it. ``clf`` skips loading (already in memory)."""
@@ -40,18 +41,8 @@ def evaluate_model(
     if data.num_labels > clf.num_labels:
         raise TightropeError(f"{task} has {data.num_labels} labels but {model} predicts {clf.num_labels}.")
     ids = clf.encode(data.texts)
-    from rich.progress import (  # noqa: PLC0415
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(TextColumn(f"[bold]eval[/] {model}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not progress) as bar:
-        task_id = bar.add_task("eval", total=len(ids))
-        logits = clf.logits_of_ids(ids, batch_size, progress=lambda k: bar.advance(task_id, k))
+    with tracked(progress, f"eval {model}", len(ids)) as bar:
+        logits = clf.logits_of_ids(ids, batch_size, progress=bar.advance)
     metrics = classification_metrics(data.labels, logits.argmax(-1).tolist(), list(clf.label_names))
     latency = throughput = None
     if speed:
