@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from tightrope import assets
+from tightrope.atomic import replaced_dir
 from tightrope.errors import MissingResourceError, TightropeError
 
 ALIASES = ("minilm", "mpnet-base", "smollm2-135m")
@@ -211,20 +212,11 @@ def save_model(loaded: LoadedModel | tuple, out_dir: str | Path, extra: dict | N
     """Write model + tokenizer as safetensors into ``out_dir`` atomically (a temp dir renamed at the end)."""
     model, tokenizer = (loaded.model, loaded.tokenizer) if isinstance(loaded, LoadedModel) else loaded
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replaced_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if extra:
-            for name, payload in extra.items():
-                (tmp / name).write_text(json.dumps(payload, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for name, payload in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(payload, indent=2, default=str))
     return out
 
 

@@ -15,14 +15,13 @@ Both loaders are registered with :func:`tightrope.inference.register_format`.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tightrope import models
+from tightrope.atomic import replaced_dir
 from tightrope.compress import quant
 from tightrope.compress.onnxrt import ONNX_FORMAT
 from tightrope.compress.prune import STRUCTURED_FORMAT
@@ -72,18 +71,6 @@ def _empty_module(record: dict, tensors: dict[str, torch.Tensor], name: str) -> 
 # --- save / load --------------------------------------------------------------------------------
 
 
-def _atomic_dir(out: Path):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-
-
-def _finish(tmp: Path, out: Path) -> Path:
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-
 def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, card: dict | None = None,
                     files: dict | None = None) -> Path:
     """Write a compressed model so that :func:`tightrope.inference.load` reloads it.
@@ -102,8 +89,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, card: dict
     records = quantized_modules(model)
     if blob is None and not records:
         return save_pruned(model, tokenizer, out, card, files=files)
-    tmp = _atomic_dir(out)
-    try:
+    with replaced_dir(out) as tmp:
         tokenizer.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
         if blob is not None:
@@ -120,10 +106,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, card: dict
         for name, payload in (files or {}).items():
             (tmp / name).write_text(json.dumps(payload))
         (tmp / "card.json").write_text(json.dumps(card, indent=2, default=str))
-        return _finish(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def load_quantized(path: str | Path, card: dict | None = None):

@@ -110,6 +110,17 @@ def greedy_answers(model, prompts: list[list[int]], pad_id: int, eos_id: int, ma
 
 
 @torch.no_grad()
+def right_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token sequences padded on the right to the longest."""
+    width = max(len(s) for s in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(batch):
+        ids[row, : len(s)] = torch.tensor(s)
+        mask[row, : len(s)] = 1
+    return ids, mask
+
+
 def perplexity(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -> float:
     """exp(mean next-token NLL) over every token after the first of each sequence."""
     seqs = [s for s in seqs if len(s) >= 2]
@@ -118,13 +129,7 @@ def perplexity(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16) 
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(seqs), batch_size):
-        batch = seqs[start : start + batch_size]
-        width = max(len(s) for s in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(batch):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
+        ids, mask = right_pad(seqs[start : start + batch_size], pad_id)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,

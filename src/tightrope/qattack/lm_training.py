@@ -24,6 +24,7 @@ from tightrope.qattack.boxes import (
     ModelBoxes,
     quantized_linears,
 )
+from tightrope.qattack.lm_text import right_pad
 from tightrope.qattack.repair import FitConfig, projected_fit_
 
 # --- training only the attacked blocks, on cached inputs ---------------------------------------------
@@ -72,23 +73,13 @@ def prefix_states(model: nn.Module, seqs: list[list[int]], first: int, pad_id: i
     try:
         for start in range(0, len(seqs), batch_size):
             batch = seqs[start : start + batch_size]
-            ids, mask = _right_pad(batch, pad_id)
+            ids, mask = right_pad(batch, pad_id)
             with contextlib.suppress(_Stop):
                 model.model(input_ids=ids, attention_mask=mask, use_cache=False)
             states += [captured["h"][row, : len(s)].clone() for row, s in enumerate(batch)]
     finally:
         handle.remove()
     return states
-
-
-def _right_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, s in enumerate(batch):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
-    return ids, mask
 
 
 @contextlib.contextmanager
@@ -118,7 +109,7 @@ def answer_loss(model: nn.Module, seqs: list[list[int]], starts: list[int], pad_
     With ``states`` (from :func:`prefix_states`) only blocks ``first..`` run; the output head is applied
     only at the positions that predict an answer token.
     """
-    ids, mask = _right_pad(seqs, pad_id)
+    ids, mask = right_pad(seqs, pad_id)
     if states is None:
         hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     else:
