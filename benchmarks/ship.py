@@ -9,8 +9,8 @@
 
 Variants: ``fp32 torch`` (the model directory through tightrope.inference, torch + transformers),
 ``fp32 ORT`` (``tightrope export --precision fp32``: the same fused graph unquantized), ``int8
-bundle`` (``tightrope export``), ``structured+int8 bundle`` (``tightrope export`` of the pruned model,
-when ``--pruned`` is given). Each is measured by ``ship.py measure`` in a fresh Python process that
+bundle`` (``tightrope export``), ``int8 bundle, int4 embeddings`` (``--embeddings int4``),
+``structured+int8 bundle`` (``tightrope export`` of the pruned model, when ``--pruned`` is given). Each is measured by ``ship.py measure`` in a fresh Python process that
 imports only what that variant needs (the bundles: tightrope.serving, no torch; the process records
 whether torch was imported), in this order:
 
@@ -40,7 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = [("fp32 torch", "torch", "model"), ("fp32 ORT", "bundle", "fp32-bundle"), ("int8 bundle", "bundle", "int8-bundle"),
-            ("structured+int8 bundle", "bundle", "pruned-int8-bundle")]
+            ("int8 bundle, int4 embeddings", "bundle", "int4-bundle"), ("structured+int8 bundle", "bundle", "pruned-int8-bundle")]
 
 
 def vm(field: str) -> float:
@@ -66,6 +66,8 @@ def prepare(args) -> None:
     plan["fp32 ORT"] = str(out / "fp32-bundle")
     export_bundle(args.model, out / "int8-bundle")
     plan["int8 bundle"] = str(out / "int8-bundle")
+    export_bundle(args.model, out / "int4-bundle", embeddings="int4")
+    plan["int8 bundle, int4 embeddings"] = str(out / "int4-bundle")
     if args.pruned:
         export_bundle(args.pruned, out / "pruned-int8-bundle")
         plan["structured+int8 bundle"] = str(out / "pruned-int8-bundle")

@@ -34,7 +34,7 @@ from tightrope.serving.bundle import BUNDLE_FORMAT, MODEL_FILE, TOKENIZER_FILE
 
 EMBEDDING_CHOICES = ("int8", "int4", "fp32")
 PRECISIONS = ("int8", "fp32")
-CARD_KEYS = ("tokenization", "task", "label_names", "metrics", "base_model", "recovery", "source")
+CARD_KEYS = ("tokenization", "task", "data", "label_names", "metrics", "base_model", "recovery", "source", "structure")
 
 
 def quantize_rows(table: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -282,6 +282,7 @@ def export_bundle(model: str, out: str | Path, *, embeddings: Literal["int8", "i
             raise TightropeError(f"{model}'s tokenizer wrote no {TOKENIZER_FILE}, which the bundle's runtime needs.")
         card["sizes"] = bundle_sizes(tmp)  # before the card itself is written: the card's own size is not in it
         (tmp / "card.json").write_text(json.dumps(card, indent=2, default=str))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and read by a server
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
