@@ -4,8 +4,10 @@
     python benchmarks/ship.py prepare --model runs/minilm-imdb --pruned runs/minilm-imdb-pruned --out runs/ship --n 1000
     # 2. measure each variant in its own fresh process, one after the other
     python benchmarks/ship.py run runs/ship --threads 2
-    # 3. the Markdown table of docs/benchmarks.md
-    python benchmarks/ship.py table runs/ship/results.json
+    # 3. latency and throughput again, in interleaved rounds (fair on a shared machine)
+    python benchmarks/ship.py speed runs/ship --threads 2 --rounds 30
+    # 4. the Markdown table of docs/benchmarks.md
+    python benchmarks/ship.py table runs/ship/results.json --speed runs/ship/speed.json
 
 Variants: ``fp32 torch`` (the model directory through tightrope.inference, torch + transformers),
 ``fp32 ORT`` (``tightrope export --precision fp32``: the same fused graph unquantized), ``int8
@@ -21,6 +23,11 @@ whether torch was imported), in this order:
 4. **accuracy** on the same ``--n`` IMDB test reviews (seeded), tokenized as the model was trained,
    length-bucketed batches of 32, with the end-to-end rate (tokenization included) and the
    process's peak RSS over the whole run.
+
+On a machine shared with other jobs, one variant after the other catches whatever load the others
+put on the cores at that moment. ``ship.py speed`` times latency and throughput again with every
+variant loaded in its own process at once and visited in shuffled rounds, so that load falls on all
+alike; ``table --speed`` uses those columns.
 
 **Stored MB** is the weight file (model.safetensors or model.onnx) and the whole folder
 (tokenizer, config and card included). Thread counts are fixed (``--threads``) and recorded.
@@ -150,6 +157,112 @@ def measure(args) -> None:
     print(json.dumps(result))
 
 
+def _load_runner(kind: str, folder: str, threads: int):
+    """``(encode, run)`` of one variant: tokenizer and the model call on int64 (ids, mask) arrays."""
+    if kind == "torch":
+        import torch  # noqa: PLC0415
+
+        from tightrope import inference  # noqa: PLC0415
+
+        torch.set_num_threads(threads)
+        clf = inference.load(folder)
+
+        def run(ids, mask):
+            with torch.inference_mode():
+                return clf.forward_ids(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+        return clf.encode, run
+    from tightrope.serving import Bundle  # noqa: PLC0415
+
+    bundle = Bundle(folder, threads=threads)
+    return bundle.encode, bundle.run
+
+
+def _speed_inputs(encode, data: str):
+    """The 1 x 256 and 32 x 128 inputs every variant is timed on (the same reviews, each variant's own tokens)."""
+    import numpy as np  # noqa: PLC0415
+
+    texts = [json.loads(line)["text"] for line in Path(data).read_text().splitlines()]
+    seqs = encode(sorted(texts, key=len, reverse=True)[:64])
+    long = next(s for s in seqs if len(s) >= 256)[:256]
+    one = (np.array([long], dtype=np.int64), np.ones((1, 256), dtype=np.int64))
+    batch = np.array([s[:128] for s in seqs[:32]], dtype=np.int64)
+    return one, (batch, np.ones_like(batch))
+
+
+def worker(args) -> None:
+    """A variant kept loaded in its own process; answers ``lat N`` / ``thr N`` on stdin with timings (s) on stdout."""
+    encode, run = _load_runner(args.kind, args.dir, args.threads)
+    one, batch = _speed_inputs(encode, args.data)
+    for _ in range(3):
+        run(*one)
+    run(*batch)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        what, n = line.split()
+        inputs = one if what == "lat" else batch
+        times = []
+        for _ in range(int(n)):
+            t0 = time.perf_counter()
+            run(*inputs)
+            times.append(time.perf_counter() - t0)
+        print(json.dumps(times), flush=True)
+
+
+def speed(args) -> None:
+    """Latency and throughput in interleaved rounds: every variant in its own process, loaded once; each
+    round visits them in a new random order (so a neighbour's load falls on all alike), 0.2 s apart
+    (idle threads park), ``--lat-per-visit`` 1x256 runs and one 32x128 run per visit."""
+    import random  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    folder = Path(args.folder)
+    plan = json.loads((folder / "plan.json").read_text())
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(args.threads)}
+    names = [n for n, _, _ in VARIANTS if n in plan["variants"]]
+    kinds = {n: k for n, k, _ in VARIANTS}
+    procs = {}
+    try:
+        for name in names:
+            procs[name] = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "worker", kinds[name],
+                                            plan["variants"][name], str(folder / "data.jsonl"), "--threads", str(args.threads)],
+                                           env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                           text=True)
+            while (line := procs[name].stdout.readline().strip()) != "ready":
+                if not line and procs[name].poll() is not None:
+                    raise SystemExit(f"the {name} worker exited")
+        lat = {n: [] for n in names}
+        thr = {n: [] for n in names}
+        rng = random.Random(0)
+        loads = []
+        for _ in range(args.rounds):
+            order = names[:]
+            rng.shuffle(order)
+            loads.append(os.getloadavg()[0])
+            for name in order:
+                for what, n, into in (("lat", args.lat_per_visit, lat), ("thr", 1, thr)):
+                    procs[name].stdin.write(f"{what} {n}\n")
+                    procs[name].stdin.flush()
+                    into[name] += json.loads(procs[name].stdout.readline())
+                time.sleep(0.2)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.stdin.close()
+                p.wait(timeout=30)
+    rows = {n: {"latency_1x256_median_ms": round(1000 * float(np.median(lat[n])), 2),
+                "latency_1x256_p95_ms": round(1000 * float(np.percentile(lat[n], 95)), 2),
+                "throughput_32x128_seq_per_s": round(32 / float(np.median(thr[n])), 1),
+                "latency_runs": len(lat[n]), "throughput_runs": len(thr[n])} for n in names}
+    report = {"rounds": args.rounds, "lat_per_visit": args.lat_per_visit, "threads": args.threads,
+              "load_avg_1min_min_max": [round(min(loads), 2), round(max(loads), 2)], "rows": rows}
+    out = Path(args.json or folder / "speed.json")
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
 def run_all(args) -> None:
     folder = Path(args.folder)
     plan = json.loads((folder / "plan.json").read_text())
@@ -181,6 +294,9 @@ def run_all(args) -> None:
 def table(args) -> None:
     report = json.loads(Path(args.results).read_text())
     rows = report["rows"]
+    if args.speed:  # latency and throughput from the interleaved rounds instead of the one-process-each pass
+        timed = json.loads(Path(args.speed).read_text())["rows"]
+        rows = [{**r, **timed.get(r["variant"], {})} for r in rows]
     base = next((r for r in rows if r["variant"] == "fp32 torch"), rows[0])
     print(f"{report['machine']['cpu']}, {report['machine']['cores']} cores, {report['threads']} threads, "
           f"{base['n']} IMDB test reviews\n")
@@ -215,6 +331,19 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--threads", type=int, default=2)
     m.add_argument("--runs", type=int, default=50)
     m.set_defaults(fn=measure)
+    w = sub.add_parser("worker")
+    w.add_argument("kind", choices=("torch", "bundle"))
+    w.add_argument("dir")
+    w.add_argument("data")
+    w.add_argument("--threads", type=int, default=2)
+    w.set_defaults(fn=worker)
+    sp = sub.add_parser("speed")
+    sp.add_argument("folder")
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--rounds", type=int, default=30)
+    sp.add_argument("--lat-per-visit", type=int, default=3)
+    sp.add_argument("--json", default=None)
+    sp.set_defaults(fn=speed)
     r = sub.add_parser("run")
     r.add_argument("folder")
     r.add_argument("--threads", type=int, default=2)
@@ -224,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     r.set_defaults(fn=run_all)
     t = sub.add_parser("table")
     t.add_argument("results")
+    t.add_argument("--speed", default=None, help="speed.json from `ship.py speed`: its latency and throughput columns")
     t.set_defaults(fn=table)
     args = ap.parse_args(argv)
     args.fn(args)
