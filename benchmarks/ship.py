@@ -90,41 +90,14 @@ def measure(args) -> None:
     t_start = time.perf_counter()
     records = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     texts, labels = [r["text"] for r in records], np.array([r["label"] for r in records])
-    if args.kind == "torch":
-        import torch  # noqa: PLC0415
-
-        from tightrope import inference  # noqa: PLC0415
-
-        torch.set_num_threads(args.threads)
-        clf = inference.load(args.dir)
-        encode = clf.encode
-
-        def run(ids, mask):
-            with torch.inference_mode():
-                return clf.forward_ids(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-
-        def logits(batch_texts):
-            return clf.logits(batch_texts, batch_size=32).numpy()
-
-        weights = Path(args.dir) / "model.safetensors"
-    else:
-        from tightrope.serving import Bundle  # noqa: PLC0415
-
-        bundle = Bundle(args.dir, threads=args.threads)
-        encode, run = bundle.encode, bundle.run
-
-        def logits(batch_texts):
-            return bundle.logits(batch_texts, batch_size=32)
-
-        weights = Path(args.dir) / "model.onnx"
+    encode, run, logits = _load_runner(args.kind, args.dir, args.threads)
+    weights = Path(args.dir) / ("model.safetensors" if args.kind == "torch" else "model.onnx")
     first = logits(texts[:1])
     result = {"first_prediction_s": round(time.perf_counter() - t_start, 2), "peak_rss_mb_first": round(vm("VmHWM"), 1),
               "rss_mb_first": round(vm("VmRSS"), 1), "torch_imported": "torch" in sys.modules,
               "transformers_imported": "transformers" in sys.modules, "first_label": int(first.argmax())}
 
-    seqs = encode(sorted(texts, key=len, reverse=True)[:64])
-    long = next(s for s in seqs if len(s) >= 256)[:256]
-    ids, mask = np.array([long], dtype=np.int64), np.ones((1, 256), dtype=np.int64)
+    (ids, mask), (batch, bmask) = _speed_inputs(encode, args.data)
     for _ in range(5):
         run(ids, mask)
     times = []
@@ -135,8 +108,6 @@ def measure(args) -> None:
     result["latency_1x256_median_ms"] = round(statistics.median(times), 2)
     result["latency_1x256_p95_ms"] = round(float(np.percentile(times, 95)), 2)
 
-    batch = np.array([s[:128] for s in seqs[:32]], dtype=np.int64)
-    bmask = np.ones_like(batch)
     for _ in range(2):
         run(batch, bmask)
     btimes = []
@@ -158,7 +129,8 @@ def measure(args) -> None:
 
 
 def _load_runner(kind: str, folder: str, threads: int):
-    """``(encode, run)`` of one variant: tokenizer and the model call on int64 (ids, mask) arrays."""
+    """``(encode, run, logits)`` of one variant: its tokenizer, its model call on int64 (ids, mask)
+    arrays, and texts -> logits in length-bucketed batches of 32."""
     if kind == "torch":
         import torch  # noqa: PLC0415
 
@@ -171,11 +143,11 @@ def _load_runner(kind: str, folder: str, threads: int):
             with torch.inference_mode():
                 return clf.forward_ids(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
 
-        return clf.encode, run
+        return clf.encode, run, lambda texts: clf.logits(texts, batch_size=32).numpy()
     from tightrope.serving import Bundle  # noqa: PLC0415
 
     bundle = Bundle(folder, threads=threads)
-    return bundle.encode, bundle.run
+    return bundle.encode, bundle.run, lambda texts: bundle.logits(texts, batch_size=32)
 
 
 def _speed_inputs(encode, data: str):
@@ -192,7 +164,7 @@ def _speed_inputs(encode, data: str):
 
 def worker(args) -> None:
     """A variant kept loaded in its own process; answers ``lat N`` / ``thr N`` on stdin with timings (s) on stdout."""
-    encode, run = _load_runner(args.kind, args.dir, args.threads)
+    encode, run, _ = _load_runner(args.kind, args.dir, args.threads)
     one, batch = _speed_inputs(encode, args.data)
     for _ in range(3):
         run(*one)
