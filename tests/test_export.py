@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,3 +253,31 @@ def test_int4_bundle_unpacks_exactly_what_was_packed(tmp_path, tokenizer):
     b8 = tmp_path / "b8"
     export_bundle(str(src), b8)
     assert bundle_sizes(tmp_path / "b4")["model.onnx"] < bundle_sizes(b8)["model.onnx"]
+
+
+def test_quantized_gather_in_an_unfused_graph(tmp_path, tokenizer):
+    """Where the graph cannot be fused (e.g. layers pruned to different head counts), the word
+    embeddings are a plain Gather: it is replaced by the quantized gather, and the graph computes the
+    torch model whose table holds the dequantized rows."""
+    import onnx
+    import onnxruntime as ort
+
+    from tightrope.compress import onnxrt
+    from tightrope.compress.export import quantize_word_embeddings_
+
+    model = make_tiny_classifier(tokenizer, seed=2)
+    onnxrt.export_onnx(model, tmp_path / "raw.onnx")
+    proto = onnx.load(str(tmp_path / "raw.onnx"))
+    record = quantize_word_embeddings_(proto)
+    assert not record["fused_node_replaced"]
+    onnx.checker.check_model(proto)
+    emb = model.bert.embeddings.word_embeddings
+    q, scale = quantize_rows(emb.weight.detach().numpy())
+    with torch.no_grad():
+        emb.weight.copy_(torch.from_numpy(q.astype(np.float32) * scale[:, None]))
+    batch = tokenizer(TEXTS[:6], padding=True, return_tensors="np")
+    feeds = {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64)}
+    (out,) = ort.InferenceSession(proto.SerializeToString()).run(None, feeds)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(feeds["input_ids"]), attention_mask=torch.from_numpy(feeds["attention_mask"])).logits
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-5)

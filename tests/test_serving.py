@@ -207,3 +207,23 @@ def test_serve_command_listens_on_localhost_and_imports_no_torch(tmp_path, bundl
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
     assert _heavy_modules(tmp_path) == []
+
+
+def test_serve_on_a_folder_that_is_not_a_bundle_is_one_sentence(tmp_path):
+    from typer.testing import CliRunner
+
+    from tightrope.cli import app
+
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "does not exist" in " ".join(result.output.split())
+
+
+def test_only_the_serving_commands_load_for_predict_and_serve():
+    from tightrope.cli import TORCH_FREE_COMMANDS, _invoked_command
+
+    assert _invoked_command(["tightrope", "predict", "dir"]) == "predict"
+    assert _invoked_command(["tightrope", "--help"]) is None
+    assert set(TORCH_FREE_COMMANDS) == {"predict", "serve"}
+    done = subprocess.run([sys.executable, "-c", "from tightrope.cli import app; app()", "--help"], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": SRC}, timeout=120)
+    assert all(c in done.stdout for c in ("export", "predict", "serve", "compress", "train"))

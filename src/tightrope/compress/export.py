@@ -22,7 +22,6 @@ table, or a gather when the node takes position ids), the token-type rows, their
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -30,13 +29,14 @@ from typing import Literal
 import numpy as np
 
 from tightrope import inference
+from tightrope.atomic import replaced_dir
 from tightrope.compress import Int8Dynamic, compress_, onnxrt, ortfuse, quant
 from tightrope.errors import TightropeError
 from tightrope.serving.bundle import BUNDLE_FORMAT, MODEL_FILE, TOKENIZER_FILE
 
 EMBEDDING_CHOICES = ("int8", "int4", "fp32")
 PRECISIONS = ("int8", "fp32")
-CARD_KEYS = ("tokenization", "task", "label_names", "metrics", "base_model", "recovery", "source")
+CARD_KEYS = ("tokenization", "task", "data", "label_names", "metrics", "base_model", "recovery", "source", "structure")
 
 
 def quantize_rows(table: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -268,9 +268,7 @@ def export_bundle(model: str, out: str | Path, *, embeddings: Literal["int8", "i
                  "precision": precision, "compression": history, "word_embeddings": {"storage": embeddings, **record},
                  "runtime": {"onnxruntime": onnxruntime.__version__, "inputs": ["input_ids", "attention_mask"],
                              "outputs": ["logits"]}})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replaced_dir(out) as tmp:
         onnx.save_model(proto, str(tmp / MODEL_FILE))
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -281,10 +279,4 @@ def export_bundle(model: str, out: str | Path, *, embeddings: Literal["int8", "i
             raise TightropeError(f"{model}'s tokenizer wrote no {TOKENIZER_FILE}, which the bundle's runtime needs.")
         card["sizes"] = bundle_sizes(tmp)  # before the card itself is written: the card's own size is not in it
         (tmp / "card.json").write_text(json.dumps(card, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return card

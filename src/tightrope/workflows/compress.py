@@ -29,7 +29,7 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
     clf = workflows.load(model)
     if not hasattr(clf.model, "named_modules"):
         raise TightropeError(f"{model} is not a PyTorch model (format '{clf.card.get('format')}'), so it cannot be compressed again.")
-    task = recover_task or clf.card.get("task")
+    task = recover_task or clf.card.get("task") or (clf.card.get("data") or {}).get("task")  # train writes data.task
     if recover_steps and not task:
         raise TightropeError(f"{model} does not record the task it was trained on: give --recover-task.")
     set_tokenizer(clf.model, clf.tokenizer)
