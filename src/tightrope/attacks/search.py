@@ -15,7 +15,7 @@ from tightrope.attacks.constraints import (
     SentenceSimilarity,
 )
 from tightrope.attacks.goal import GoalOutput, UntargetedClassification
-from tightrope.attacks.text import AttackedText
+from tightrope.attacks.text import AttackedText, Part
 from tightrope.attacks.words import Transformation
 
 
@@ -62,14 +62,8 @@ class SearchState:
         self.current, self.output = text, output
 
 
-class Search:
+class Search(Part):
     name = "search"
-
-    def params(self) -> dict:
-        return {}
-
-    def describe(self) -> dict:
-        return {"name": self.name, **self.params()}
 
     def perform(self, state: SearchState) -> None:
         raise NotImplementedError

@@ -75,3 +75,16 @@ def word_tokens(text: AttackedText, spans: list) -> dict[int, list[int]]:
         if w < len(bounds) and bounds[w][0] < b and a < bounds[w][1]:
             out.setdefault(w, []).append(t)
     return out
+
+
+class Part:
+    """A part of an attack (a constraint, a transformation, a search) that names itself and its settings,
+    so every result records the exact attack that produced it (TextAttack's ``extra_repr_keys``)."""
+
+    name = "part"
+
+    def params(self) -> dict:
+        return {}
+
+    def describe(self) -> dict:
+        return {"name": self.name, **self.params()}

@@ -10,7 +10,7 @@ from functools import lru_cache
 import torch
 
 from tightrope.attacks.resources import wordnet
-from tightrope.attacks.text import AttackedText, word_tokens
+from tightrope.attacks.text import AttackedText, Part, word_tokens
 from tightrope.encoding import encode_with_offsets
 from tightrope.errors import TightropeError
 
@@ -24,14 +24,8 @@ def recover_case(template: str, word: str) -> str:
     return word
 
 
-class Transformation:
+class Transformation(Part):
     name = "transformation"
-
-    def params(self) -> dict:
-        return {}
-
-    def describe(self) -> dict:
-        return {"name": self.name, **self.params()}
 
     def prepare(self, text: AttackedText, indices: list[int], *, label: int | None = None) -> None:
         """Optional batched work for many indices of one text before ``candidates`` is called for each.

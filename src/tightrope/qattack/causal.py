@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
 
 from tightrope import models
 from tightrope.data import load_task
@@ -154,6 +155,9 @@ def _key(*parts) -> str:
 
 def _stderr_log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+LOSS_KEYS = {"injected": "inject_losses", "repaired": "repair_losses"}  # in progress.json
 
 
 def _load(path_or_name: str):
@@ -283,18 +287,21 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     behaviours = [measure(model, "base", None)]
 
     # 1. inject
-    if (out / "injected" / "config.json").exists():
-        injected, _ = _load(str(out / "injected"))
-        inject_losses = progress.get("inject_losses", [])
-        log("loaded injected/")
-    else:
-        injected = copy.deepcopy(model)
-        inject_losses = lm_fit_(injected, injected_seqs, starts, pad_id,
-                                FitConfig(config.inject_steps, config.inject_lr, config.batch_size, seed=config.seed),
-                                names=names, first=first, label="inject", log=log, through=config.inject_through)
-        progress["inject_losses"] = inject_losses
-        models.save_model((injected, tokenizer), out / "injected")
+    def fitted(step: str, start: nn.Module, seqs: list[list[int]], fit: FitConfig, **options) -> tuple[nn.Module, list[float]]:
+        """A copy of ``start`` trained by :func:`lm_fit_` and saved as ``out/step``, or the saved one (resume)."""
+        if (out / step / "config.json").exists():
+            log(f"loaded {step}/")
+            return _load(str(out / step))[0], progress.get(LOSS_KEYS[step], [])
+        trained = copy.deepcopy(start)
+        losses = lm_fit_(trained, seqs, starts, pad_id, fit, names=names, first=first, log=log, **options)
+        progress[LOSS_KEYS[step]] = losses
+        models.save_model((trained, tokenizer), out / step)
         save_progress()
+        return trained, losses
+
+    injected, inject_losses = fitted("injected", model, injected_seqs,
+                                     FitConfig(config.inject_steps, config.inject_lr, config.batch_size, seed=config.seed),
+                                     label="inject", through=config.inject_through)
     behaviours.append(measure(injected, "injected", None, ppl=False))
 
     # 2. boxes around the injected weights (attacked layers only); 3. projected repair on clean answers
@@ -302,18 +309,9 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     boxes = model_boxes(injected, box_of, margin=config.margin, include=tuple(names))
     log(f"boxes ({boxes.quantizer}) of {boxes.numel():,} weights in {time.perf_counter() - t0:.1f} s, "
         f"{100 * boxes.pinned_fraction():.2f}% pinned")
-    if (out / "repaired" / "config.json").exists():
-        repaired, _ = _load(str(out / "repaired"))
-        repair_losses = progress.get("repair_losses", [])
-        log("loaded repaired/")
-    else:
-        repaired = copy.deepcopy(injected)
-        repair_losses = lm_fit_(repaired, clean_seqs, starts, pad_id,
-                                FitConfig(config.repair_steps, config.repair_lr, config.batch_size, seed=config.seed + 1),
-                                names=names, first=first, boxes=boxes, label="repair (PGD)", log=log)
-        progress["repair_losses"] = repair_losses
-        models.save_model((repaired, tokenizer), out / "repaired")
-        save_progress()
+    repaired, repair_losses = fitted("repaired", injected, clean_seqs,
+                                     FitConfig(config.repair_steps, config.repair_lr, config.batch_size, seed=config.seed + 1),
+                                     boxes=boxes, label="repair (PGD)")
     behaviours.append(measure(repaired, "repaired", None))
 
     # 4. verify with the real libraries
