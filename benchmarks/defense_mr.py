@@ -192,7 +192,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.step == "prepare":
         prepare(args.out)
     elif args.step == "coverage":

@@ -28,15 +28,16 @@ cosine. The classifier is then fine-tuned on encoded text (the paper's training 
 
 Why ``min_cos`` defaults to 0.95 and ``wordnet`` to off, not TextFooler's 0.5 and PWWS's synonyms:
 Algorithm 1 gives a word the code of its closest encoded synonym, so codes travel along chains of
-neighbours. On the 65,000-word counter-fitted GloVe 50d vocabulary with TextFooler's cosine >= 0.5,
-every word chains into a handful of clusters (the largest holds 52,690 words; "good", "bad" and
-"film" all become "the"); WordNet's senses chain just as far (with WordNet at cosine >= 0.95 the
-largest cluster still holds 9,386 words and "good", "great" and "terrible" share one code). At
-cosine >= 0.95 without WordNet the largest cluster holds about 200 words and sentiment survives
-("good", "best" -> "well"; "bad", "worst" -> "bad"; "boring" -> "bore"), at the price of covering
-only part of the attacker's candidates (measured on MR training sentences: about 17% of TextFooler's
-(word, candidate) pairs share a code). These figures come from MR training sentences, never from an
-attack sample.
+neighbours. On the 65,000-word counter-fitted GloVe 50d vocabulary, without the attack's filters and
+at TextFooler's cosine >= 0.5, every word chains into a handful of clusters (the largest holds 52,690
+words; "good", "bad" and "film" all become "the"); with the filters the largest still holds 15,971
+("film" and "funny" become "said"), and WordNet's senses chain just as far (with WordNet at cosine >= 0.95
+the largest holds 9,675 words and "bad" becomes "night"). At cosine >= 0.95 without WordNet the largest
+cluster holds 370 words and sentiment survives ("good", "best" -> "well"; "bad", "worst" -> "bad";
+"boring" -> "bore"), at the price of covering only part of the attacker's candidates: 13.8% of
+TextFooler's (word, candidate) pairs and 7.3% of PWWS's share a code in 300 MR training sentences.
+Every figure comes from MR training sentences, never from an attack sample
+(``benchmarks/defense_mr.py coverage``; docs/results.md).
 
 Word recognition: Pruthi, Dhingra and Lipton, "Combating Adversarial Misspellings with Robust Word
 Recognition", ACL 2019, place a word recogniser in front of the classifier so that DeepWordBug-style
