@@ -28,10 +28,9 @@ cosine. The classifier is then fine-tuned on encoded text (the paper's training 
 
 Why ``min_cos`` defaults to 0.95 and ``wordnet`` to off, not TextFooler's 0.5 and PWWS's synonyms:
 Algorithm 1 gives a word the code of its closest encoded synonym, so codes travel along chains of
-neighbours. On the 65,000-word counter-fitted GloVe 50d vocabulary, without the attack's filters and
-at TextFooler's cosine >= 0.5, every word chains into a handful of clusters (the largest holds 52,690
-words; "good", "bad" and "film" all become "the"); with the filters the largest still holds 15,971
-("film" and "funny" become "said"), and WordNet's senses chain just as far (with WordNet at cosine >= 0.95
+neighbours. On the 65,000-word counter-fitted GloVe 50d vocabulary at TextFooler's cosine >= 0.5, the
+vocabulary chains into a few giant clusters (the largest holds 15,971 words; "film", "funny" and
+"good" become "said"), and WordNet's senses chain just as far (with WordNet at cosine >= 0.95
 the largest holds 9,675 words and "bad" becomes "night"). At cosine >= 0.95 without WordNet the largest
 cluster holds 370 words and sentiment survives ("good", "best" -> "well"; "bad", "worst" -> "bad";
 "boring" -> "bore"), at the price of covering only part of the attacker's candidates: 13.8% of
