@@ -257,22 +257,93 @@ class SynonymEncodingTraining:
 
     The objective itself is the criterion; the transform rides along as ``input_transform``, which
     :func:`tightrope.train.train` applies to every training and validation text and saves with the model.
+
+    ``substitution_rate`` > 0 adds random-substitution augmentation from the attacker's own candidate
+    sets (Ivgi and Berant 2021, "Achieving Model Robustness through Discrete Adversarial Training", the
+    random-sampling baseline; Si et al. 2021): each non-stopword of each training text is swapped with
+    that probability for a random one of its TextFooler candidates (50 nearest counter-fitted words with
+    cosine >= 0.5 and a compatible part of speech) or PWWS candidates (WordNet synonyms), then the text
+    is encoded and re-tokenised. The draws use torch's global generator, which ``train()`` seeds at
+    every step, so a run (and its resumption) is deterministic.
     """
 
     name = "canonical"
 
     def __init__(self, synonym_neighbours: int = 50, synonym_min_cos: float = 0.95, synonym_wordnet: bool = False,
-                 spelling_vocab: int = 50_000, criterion=None, transform: SynonymEncoding | None = None):
+                 spelling_vocab: int = 50_000, substitution_rate: float = 0.0, tokenizer=None,
+                 max_length: int | None = None, truncation: str = "head", criterion=None,
+                 transform: SynonymEncoding | None = None, embedding=None):
         from tightrope.defenses.adversarial import cross_entropy  # noqa: PLC0415
 
+        if not 0.0 <= float(substitution_rate) <= 1.0:
+            raise TightropeError(f"substitution_rate is a probability per word, got {substitution_rate}.")
+        if substitution_rate and tokenizer is None:
+            raise TightropeError("Random substitution re-tokenises the texts, so it needs the student's tokenizer.")
+        if isinstance(tokenizer, str):
+            from tightrope import models  # noqa: PLC0415
+
+            tokenizer = models.load_tokenizer(models.resolve(tokenizer), tokenizer)
         self.criterion = criterion or cross_entropy
         self.input_transform = transform or build(synonym_neighbours, synonym_min_cos, synonym_wordnet, spelling_vocab)
+        self.substitution_rate, self.tokenizer = float(substitution_rate), tokenizer
+        self.max_length, self.truncation = max_length, truncation
+        self._embedding, self._candidates = embedding, {}
+
+    def candidates(self, word: str) -> list[str]:
+        """TextFooler's and PWWS's candidates for ``word`` (lower case), as their constraints allow them."""
+        if word not in self._candidates:
+            from tightrope.attacks.constraints import PartOfSpeech  # noqa: PLC0415
+            from tightrope.attacks.words import wordnet_synonyms  # noqa: PLC0415
+
+            if self._embedding is None:
+                from tightrope.attacks.recipes import default_embedding  # noqa: PLC0415
+
+                self._embedding = default_embedding()
+            pos = PartOfSpeech(allow_verb_noun_swap=True)
+            (near,) = self._embedding.neighbours([word], 50, 0.5)
+            found = [u for u, _ in near if pos.compatible(word, u)]
+            try:
+                found += [u for u in wordnet_synonyms(word) if u not in found]
+            except MissingResourceError:
+                pass  # no WordNet here: TextFooler's candidates alone
+            self._candidates[word] = found
+        return self._candidates[word]
+
+    def substitute(self, text: str) -> str:
+        from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS  # noqa: PLC0415
+        from tightrope.attacks.text import AttackedText  # noqa: PLC0415
+
+        import torch  # noqa: PLC0415
+
+        words = AttackedText.from_text(text)
+        for i, word in enumerate(words.words):
+            if word.lower() in TEXTFOOLER_STOPWORDS or float(torch.rand(())) >= self.substitution_rate:
+                continue
+            found = self.candidates(word.lower())
+            if found:
+                words = words.replace(i, recover_case(word, found[int(torch.randint(len(found), ()))]))
+        return words.text
 
     def __call__(self, model, batch):
+        if self.substitution_rate:
+            if "texts" not in batch:
+                raise TightropeError("Random substitution swaps words of the raw texts of each batch (a 'texts' key), "
+                                     "which this training loop does not provide.")
+            from tightrope.encoding import collate, encode  # noqa: PLC0415
+
+            texts = [self.substitute(t) for t in batch["texts"]]
+            width = self.max_length or int(batch["input_ids"].shape[1])
+            ids = encode(self.tokenizer, self.input_transform(texts), width, self.truncation)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            enc = collate(ids, pad)
+            device = batch["input_ids"].device
+            batch = {**batch, "input_ids": enc["input_ids"].to(device),
+                     "attention_mask": enc["attention_mask"].to(device), "texts": texts}
         return self.criterion(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
 
     def describe(self) -> dict:
         return {"defense": "canonical", "input_transform": self.input_transform.card_entry(),
+                "substitution_rate": self.substitution_rate,
                 "criterion": getattr(self.criterion, "__name__", type(self.criterion).__name__)}
 
 

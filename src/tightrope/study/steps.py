@@ -259,7 +259,8 @@ def defense_objective(method: str, params: dict, source_dir: str, label_names: l
     from tightrope.defenses.canonical import SynonymEncodingTraining  # noqa: PLC0415
 
     a2t = lambda **kw: A2TTraining(kw.pop("tokenizer", source_dir), **kw)  # noqa: E731 - the student's tokenizer
-    classes = {"canonical": SynonymEncodingTraining, "synonymencoding": SynonymEncodingTraining,"pgd": adversarial.PGDTraining, "pgdtraining": adversarial.PGDTraining,
+    canonical = lambda **kw: SynonymEncodingTraining(tokenizer=kw.pop("tokenizer", source_dir), **kw)  # noqa: E731
+    classes = {"canonical": canonical, "synonymencoding": canonical,"pgd": adversarial.PGDTraining, "pgdtraining": adversarial.PGDTraining,
                "freelb": adversarial.FreeLB, "fast": adversarial.FastAdversarial,
                "fastadversarial": adversarial.FastAdversarial, "fgsm": adversarial.FastAdversarial,
                "a2t": a2t, "a2ttraining": a2t}
