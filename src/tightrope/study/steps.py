@@ -255,15 +255,14 @@ def defense_objective(method: str, params: dict, source_dir: str, label_names: l
             return lambda model, batch: criterion(
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
     from tightrope.defenses.a2t import A2TTraining  # noqa: PLC0415
-
     from tightrope.defenses.canonical import SynonymEncodingTraining  # noqa: PLC0415
 
     a2t = lambda **kw: A2TTraining(kw.pop("tokenizer", source_dir), **kw)  # noqa: E731 - the student's tokenizer
     canonical = lambda **kw: SynonymEncodingTraining(tokenizer=kw.pop("tokenizer", source_dir), **kw)  # noqa: E731
-    classes = {"canonical": canonical, "synonymencoding": canonical,"pgd": adversarial.PGDTraining, "pgdtraining": adversarial.PGDTraining,
+    classes = {"pgd": adversarial.PGDTraining, "pgdtraining": adversarial.PGDTraining,
                "freelb": adversarial.FreeLB, "fast": adversarial.FastAdversarial,
                "fastadversarial": adversarial.FastAdversarial, "fgsm": adversarial.FastAdversarial,
-               "a2t": a2t, "a2ttraining": a2t}
+               "a2t": a2t, "a2ttraining": a2t, "canonical": canonical, "synonymencoding": canonical}
     if key not in classes:
         raise TightropeError(f"Unknown defense '{method}'; choose one of pgd, freelb, fast, a2t, canonical, distill.")
     try:
