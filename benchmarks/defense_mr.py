@@ -15,6 +15,9 @@ Steps (each resumable; run from the repository root with $TIGHTROPE_DATA_DIR set
         ``tightrope attack --task textfooler-mr --n N``), each attack querying the loaded model, whose
         TextClassifier applies the model's own input transform: the attack targets the whole defended
         pipeline. The transform's call count is recorded beside each attack (transform.json).
+    python benchmarks/defense_mr.py swaps --out runs/defense-mr MODEL_DIR...
+        where the successful word swaps fall: for TextFooler and PWWS, the counter-fitted cosine of each
+        swapped pair, and the share that the encoding (cosine >= 0.95) could have covered.
     python benchmarks/defense_mr.py table --out runs/defense-mr MODEL_DIR...
         clean accuracy on MR's test carve (1,066 sentences) and the ASR of each recipe with Wilson 95%
         intervals, as a Markdown table.
@@ -183,19 +186,45 @@ def coverage(out: Path) -> None:
               f"{sum(tf) / len(tf):.1%} | {sum(pw) / max(1, len(pw)):.1%} | {examples} |", flush=True)
 
 
+def swaps(models: list[str], out: Path) -> None:
+    from tightrope.attacks.attack import read_results
+    from tightrope.attacks.recipes import default_embedding
+
+    embedding = default_embedding()
+    print("| model | recipe | swapped words in successes | counter-fitted cosine >= 0.95 | median cosine |")
+    print("|---|---|---|---|---|")
+    for model in models:
+        for recipe in ("textfooler", "pwws"):
+            folder = out / "attacks" / _label(model) / recipe
+            results = [r for f in sorted(folder.glob("results*.jsonl")) for r in read_results(f)]
+            cos = []
+            for r in results:
+                if r.status != "succeeded":
+                    continue
+                for a, b in zip(r.original_text.split(), r.perturbed_text.split()):
+                    if a != b:
+                        c = embedding.cosine(a.lower(), b.lower())
+                        cos.append(-1.0 if c is None else c)  # a word without a vector: outside the encoding
+            if cos:
+                print(f"| `{_label(model)}` | {recipe} | {len(cos)} | {sum(c >= 0.95 for c in cos) / len(cos):.1%} | "
+                      f"{sorted(cos)[len(cos) // 2]:.2f} |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("prepare", "coverage", "attack", "table"))
+    parser.add_argument("step", choices=("prepare", "coverage", "attack", "swaps", "table"))
     parser.add_argument("models", nargs="*")
     parser.add_argument("--out", type=Path, default=Path("runs/defense-mr"))
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.step == "prepare":
         prepare(args.out)
     elif args.step == "coverage":
         coverage(args.out)
+    elif args.step == "swaps":
+        swaps(args.models, args.out)
     elif args.step == "attack":
         attack(args.models, args.out, args.n, args.recipes.split(","), args.threads)
     else:

@@ -223,3 +223,27 @@ def test_settings_of_another_defense_are_refused_in_one_sentence(tiny_model_dir,
     result = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), "--task", str(tiny_task),
                                       "--out", str(tmp_path / "r"), "--defense", "pgd", "--synonym-neighbours", "10"])
     assert result.exit_code == 2 and "does not use --synonym-neighbours" in " ".join(result.output.split())
+
+
+def test_random_substitution_is_seeded_and_draws_only_the_attacks_candidates(tokenizer, encoding):
+    from tightrope.attacks.text import AttackedText
+    from tightrope.defenses.canonical import SynonymEncodingTraining
+
+    objective = SynonymEncodingTraining(substitution_rate=0.5, tokenizer=tokenizer, max_length=32,
+                                        transform=encoding, embedding=_embedding())
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        runs.append([objective.substitute(t) for t in TEXTS * 3])
+    assert runs[0] == runs[1] and runs[0] != TEXTS * 3  # deterministic, and it does swap words
+    for old, new in zip(TEXTS * 3, runs[0]):
+        for a, b in zip(AttackedText.from_text(old).words, AttackedText.from_text(new).words):
+            assert a == b or b in objective.candidates(a.lower())
+    model = make_tiny_classifier(tokenizer)
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+             "labels": torch.tensor([1, 0, 1, 0]), "texts": TEXTS}
+    loss = objective(model, batch)
+    assert torch.isfinite(loss) and loss.requires_grad
+    with pytest.raises(TightropeError, match="needs the student's tokenizer"):
+        SynonymEncodingTraining(substitution_rate=0.5, transform=encoding)

@@ -28,15 +28,15 @@ cosine. The classifier is then fine-tuned on encoded text (the paper's training 
 
 Why ``min_cos`` defaults to 0.95 and ``wordnet`` to off, not TextFooler's 0.5 and PWWS's synonyms:
 Algorithm 1 gives a word the code of its closest encoded synonym, so codes travel along chains of
-neighbours. On the 65,000-word counter-fitted GloVe 50d vocabulary with TextFooler's cosine >= 0.5,
-every word chains into a handful of clusters (the largest holds 52,690 words; "good", "bad" and
-"film" all become "the"); WordNet's senses chain just as far (with WordNet at cosine >= 0.95 the
-largest cluster still holds 9,386 words and "good", "great" and "terrible" share one code). At
-cosine >= 0.95 without WordNet the largest cluster holds about 200 words and sentiment survives
-("good", "best" -> "well"; "bad", "worst" -> "bad"; "boring" -> "bore"), at the price of covering
-only part of the attacker's candidates (measured on MR training sentences: about 17% of TextFooler's
-(word, candidate) pairs share a code). These figures come from MR training sentences, never from an
-attack sample.
+neighbours. On the 65,000-word counter-fitted GloVe 50d vocabulary at TextFooler's cosine >= 0.5, the
+vocabulary chains into a few giant clusters (the largest holds 15,971 words; "film", "funny" and
+"good" become "said"), and WordNet's senses chain just as far (with WordNet at cosine >= 0.95
+the largest holds 9,675 words and "bad" becomes "night"). At cosine >= 0.95 without WordNet the largest
+cluster holds 370 words and sentiment survives ("good", "best" -> "well"; "bad", "worst" -> "bad";
+"boring" -> "bore"), at the price of covering only part of the attacker's candidates: 13.8% of
+TextFooler's (word, candidate) pairs and 7.3% of PWWS's share a code in 300 MR training sentences.
+Every figure comes from MR training sentences, never from an attack sample
+(``benchmarks/defense_mr.py coverage``; docs/results.md).
 
 Word recognition: Pruthi, Dhingra and Lipton, "Combating Adversarial Misspellings with Robust Word
 Recognition", ACL 2019, place a word recogniser in front of the classifier so that DeepWordBug-style
@@ -59,13 +59,17 @@ import string
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from tightrope import assets
+import torch
+
+from tightrope import assets, models
 from tightrope.attacks.constraints import PartOfSpeech
 from tightrope.attacks.recipes import default_embedding
+from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS
 from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS as STOP
-from tightrope.attacks.text import WORD
+from tightrope.attacks.text import WORD, AttackedText
 from tightrope.attacks.words import recover_case, wordnet_synonyms
 from tightrope.defenses.adversarial import cross_entropy
+from tightrope.encoding import collate, encode
 from tightrope.errors import MissingResourceError, TightropeError
 from tightrope.inference import register_transform
 
@@ -213,8 +217,6 @@ def build(neighbours: int = 50, min_cos: float = 0.95, wordnet: bool = False, sp
     cache = assets.cache_dir() / "synonym-encoding" / f"{key}.json" if embedding.description.get("key") else None
     if cache is not None and cache.exists():
         return SynonymEncoding.from_json(json.loads(cache.read_text()))
-    import torch  # noqa: PLC0415
-
 
     pos = PartOfSpeech(allow_verb_noun_swap=True)  # TextFooler's setting
     usable = lambda w, u: u not in STOP and pos.compatible(w, u)  # noqa: E731 - a swap the attack could make
@@ -258,21 +260,83 @@ class SynonymEncodingTraining:
 
     The objective itself is the criterion; the transform rides along as ``input_transform``, which
     :func:`tightrope.train.train` applies to every training and validation text and saves with the model.
+
+    ``substitution_rate`` > 0 adds random-substitution augmentation from the attacker's own candidate
+    sets (Ivgi and Berant 2021, "Achieving Model Robustness through Discrete Adversarial Training", the
+    random-sampling baseline; Si et al. 2021): each non-stopword of each training text is swapped with
+    that probability for a random one of its TextFooler candidates (50 nearest counter-fitted words with
+    cosine >= 0.5 and a compatible part of speech) or PWWS candidates (WordNet synonyms), then the text
+    is encoded and re-tokenised. The draws use torch's global generator, which ``train()`` seeds at
+    every step, so a run (and its resumption) is deterministic.
     """
 
     name = "canonical"
 
     def __init__(self, synonym_neighbours: int = 50, synonym_min_cos: float = 0.95, synonym_wordnet: bool = False,
-                 spelling_vocab: int = 50_000, criterion=None, transform: SynonymEncoding | None = None):
+                 spelling_vocab: int = 50_000, substitution_rate: float = 0.0, tokenizer=None,
+                 max_length: int | None = None, truncation: str = "head", criterion=None,
+                 transform: SynonymEncoding | None = None, embedding=None):
 
+        if not 0.0 <= float(substitution_rate) <= 1.0:
+            raise TightropeError(f"substitution_rate is a probability per word, got {substitution_rate}.")
+        if substitution_rate and tokenizer is None:
+            raise TightropeError("Random substitution re-tokenises the texts, so it needs the student's tokenizer.")
+        if isinstance(tokenizer, str):
+
+            tokenizer = models.load_tokenizer(models.resolve(tokenizer), tokenizer)
         self.criterion = criterion or cross_entropy
         self.input_transform = transform or build(synonym_neighbours, synonym_min_cos, synonym_wordnet, spelling_vocab)
+        self.substitution_rate, self.tokenizer = float(substitution_rate), tokenizer
+        self.max_length, self.truncation = max_length, truncation
+        self._embedding, self._candidates = embedding, {}
+
+    def candidates(self, word: str) -> list[str]:
+        """TextFooler's and PWWS's candidates for ``word`` (lower case), as their constraints allow them."""
+        if word not in self._candidates:
+
+            if self._embedding is None:
+
+                self._embedding = default_embedding()
+            pos = PartOfSpeech(allow_verb_noun_swap=True)
+            (near,) = self._embedding.neighbours([word], 50, 0.5)
+            found = [u for u, _ in near if pos.compatible(word, u)]
+            try:
+                found += [u for u in wordnet_synonyms(word) if u not in found]
+            except MissingResourceError:
+                pass  # no WordNet here: TextFooler's candidates alone
+            self._candidates[word] = found
+        return self._candidates[word]
+
+    def substitute(self, text: str) -> str:
+
+        words = AttackedText.from_text(text)
+        for i, word in enumerate(words.words):
+            if word.lower() in TEXTFOOLER_STOPWORDS or float(torch.rand(())) >= self.substitution_rate:
+                continue
+            found = self.candidates(word.lower())
+            if found:
+                words = words.replace(i, recover_case(word, found[int(torch.randint(len(found), ()))]))
+        return words.text
 
     def __call__(self, model, batch):
+        if self.substitution_rate:
+            if "texts" not in batch:
+                raise TightropeError("Random substitution swaps words of the raw texts of each batch (a 'texts' key), "
+                                     "which this training loop does not provide.")
+
+            texts = [self.substitute(t) for t in batch["texts"]]
+            width = self.max_length or int(batch["input_ids"].shape[1])
+            ids = encode(self.tokenizer, self.input_transform(texts), width, self.truncation)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            enc = collate(ids, pad)
+            device = batch["input_ids"].device
+            batch = {**batch, "input_ids": enc["input_ids"].to(device),
+                     "attention_mask": enc["attention_mask"].to(device), "texts": texts}
         return self.criterion(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
 
     def describe(self) -> dict:
         return {"defense": "canonical", "input_transform": self.input_transform.card_entry(),
+                "substitution_rate": self.substitution_rate,
                 "criterion": getattr(self.criterion, "__name__", type(self.criterion).__name__)}
 
 

@@ -55,6 +55,7 @@ class DefenseConfig(BaseModel):
     synonym_min_cos: float = Field(default=0.95, ge=-1, le=1)
     synonym_wordnet: bool = False
     spelling_vocab: int = Field(default=50_000, ge=0)
+    substitution_rate: float = Field(default=0.0, ge=0, le=1)  # random swaps from the attacks' candidate sets
     teacher: str | None = None  # a fine-tuned classifier: directory, alias or hub id
     a: float = Field(default=0.5, ge=0, le=1)  # weight of CE in a*CE + (1-a)*KD
     temperature: float = Field(default=2.0, gt=0)
@@ -115,7 +116,7 @@ class Supervised:
 
 EMBEDDING_FIELDS = ("epsilon", "steps", "step_size", "norm", "init_magnitude")
 A2T_FIELDS = ("adv_share", "query_budget", "max_candidates", "max_share", "min_words", "min_cos")
-CANONICAL_FIELDS = ("synonym_neighbours", "synonym_min_cos", "synonym_wordnet", "spelling_vocab")
+CANONICAL_FIELDS = ("synonym_neighbours", "synonym_min_cos", "synonym_wordnet", "spelling_vocab", "substitution_rate")
 OWN_FIELDS = {"none": (), "pgd": ("epsilon", "steps", "step_size", "norm", "mix"),
               "fast": ("epsilon", "step_size", "norm", "mix"), "freelb": EMBEDDING_FIELDS,
               "a2t": ("mix", *A2T_FIELDS), "canonical": CANONICAL_FIELDS}
@@ -167,7 +168,9 @@ def build_objective(config: DefenseConfig, *, student_labels: list[str] | None =
     elif config.kind == "canonical":
 
         objective = SynonymEncodingTraining(config.synonym_neighbours, config.synonym_min_cos, config.synonym_wordnet,
-                                            config.spelling_vocab, criterion=criterion)
+                                            config.spelling_vocab, config.substitution_rate,
+                                            tokenizer=student_tokenizer, max_length=max_length, truncation=truncation,
+                                            criterion=criterion)
     elif config.kind == "freelb":
         if mix != 1.0:
             raise TightropeError("FreeLB averages the loss over its own ascent steps; it takes no mix ratio.")
