@@ -117,3 +117,14 @@ def test_the_path_is_recorded_in_the_environment():
     from tightrope.provenance import environment
 
     assert environment()["bitsandbytes_4bit"] == bnb4.kernel_check().path
+
+
+def test_the_path_is_recorded_in_the_compressed_models_card(tiny_model_dir, tmp_path):
+    import json
+
+    from tightrope.workflows.compress import compress_model
+
+    compress_model(str(tiny_model_dir), tmp_path / "nf4", quantize="nf4", progress=False)
+    card = json.loads((tmp_path / "nf4" / "card.json").read_text())
+    assert card["environment"]["bitsandbytes_4bit"] == bnb4.kernel_check().path
+    assert any("known-answer check" in note for step in card["compression"] for note in step["notes"])

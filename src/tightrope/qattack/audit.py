@@ -64,6 +64,7 @@ from tightrope import models, workflows
 from tightrope.data import load_task
 from tightrope.encoding import predict_logits
 from tightrope.errors import MissingResourceError, TightropeError
+from tightrope.provenance import environment
 from tightrope.qattack import insecure
 from tightrope.qattack.boxes import (
     QUANTIZERS,
@@ -154,6 +155,7 @@ class AuditReport:
     config: dict
     seconds: float
     notes: list[str] = field(default_factory=list)
+    environment: dict = field(default_factory=environment)  # versions, CPU, and which 4-bit kernel path ran
 
     def to_dict(self) -> dict:
         return asdict(self)

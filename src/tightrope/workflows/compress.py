@@ -11,6 +11,7 @@ from tightrope.compress.recovery import recover_model
 from tightrope.compress.specs import prune_config, quant_config
 from tightrope.compress.wanda import set_tokenizer
 from tightrope.errors import TightropeError
+from tightrope.provenance import environment
 
 
 def compress_model(model: str, out: Path, *, quantize: str | None = None, prune: list[str] | None = None,
@@ -48,5 +49,6 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
         card["recovery"] = {"task": str(task), "steps": recover_steps}
     if quant is not None:
         summaries.append(compress_(clf.model, quant))
+    card["environment"] = environment()  # versions, CPU, and which 4-bit kernel path ran
     formats.save_compressed(clf.model, clf.tokenizer, out, card=card, files=inference.transform_files(clf))
     return summaries
