@@ -3,8 +3,10 @@ constraint checks, candidate generation, and the Python around them (issue 24's 
 
     python benchmarks/profile_attacks.py --model runs/defense-mr/base --task textfooler-mr --n 100 \\
         --recipes deepwordbug,pwws,textfooler --max-length 64 --json runs/profile-mr.json
-    python benchmarks/profile_attacks.py --model runs/defense-mr/base --task textfooler-imdb --n 10 \\
-        --recipes deepwordbug,pwws --max-length 256 --truncation head+tail --json runs/profile-imdb.json
+    python benchmarks/profile_attacks.py --model runs/defense-mr/base --task textfooler-imdb --n 8 \\
+        --recipes deepwordbug,pwws,textfooler --max-length 256 --truncation head+tail --json runs/profile-imdb.json
+    python benchmarks/profile_attacks.py --model runs/defense-mr/base --task textfooler-mr --n 256 --forward \\
+        --bundle runs/mr-fp32-bundle      # the bundle from: tightrope export MODEL --precision fp32 --out ...
 
 Each recipe runs under cProfile in this process (one thread by default); the categories are the
 cumulative times of the functions that do that work, so they do not overlap:
@@ -81,6 +83,32 @@ def table(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
+def forward_sweep(args, victim, data) -> list[dict]:
+    """Milliseconds per text of the victim's forward pass by batch size, and of an ONNX Runtime fp32
+    bundle of the same model (``tightrope export MODEL --precision fp32``) with its largest logit gap."""
+    import numpy as np
+
+    rows = []
+    runners = {"torch": lambda t, bs: victim.logits(t, batch_size=bs).numpy()}
+    if args.bundle:
+        from tightrope.serving import Bundle
+
+        bundle = Bundle(args.bundle, threads=args.threads)
+        runners["onnxruntime fp32"] = lambda t, bs: bundle.logits(t, batch_size=bs)
+    texts = data.texts
+    for bs in (1, 4, 32):
+        for name, run in runners.items():
+            run(texts[:bs], bs)  # warm-up
+            started = time.perf_counter()
+            for i in range(0, len(texts), bs):
+                run(texts[i:i + bs], bs)
+            rows.append({"runtime": name, "batch": bs, "ms_per_text": 1000 * (time.perf_counter() - started) / len(texts)})
+    if args.bundle:
+        gap = float(np.abs(runners["torch"](texts, 32) - runners["onnxruntime fp32"](texts, 32)).max())
+        rows.append({"runtime": "max |logit difference|, onnxruntime fp32 vs torch", "value": gap})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
@@ -93,6 +121,8 @@ def main() -> None:
     parser.add_argument("--truncation", default="head", choices=["head", "head+tail"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--forward", action="store_true", help="only time the victim's forward pass by batch size")
+    parser.add_argument("--bundle", help="an fp32 ONNX Runtime bundle of the model, timed beside torch (--forward)")
     args = parser.parse_args()
 
     import torch
@@ -106,6 +136,10 @@ def main() -> None:
     victim = workflows.load(args.model, max_length=args.max_length)
     victim.truncation = args.truncation
     data = load_task(args.task, args.split, n=args.n, seed=args.seed)
+    if args.forward:
+        for row in forward_sweep(args, victim, data):
+            print(json.dumps(row))
+        return
     rows = []
     for recipe in args.recipes.split(","):
         rows.append(profile(recipe, victim, data, args.seed))
