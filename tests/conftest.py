@@ -74,3 +74,28 @@ def data_dir() -> str:
     if path is None:
         pytest.skip("the shared data folder is not here (set TIGHTROPE_DATA_DIR)")
     return path
+
+
+def grouped_embedding(groups: list[list[str]], lonely: list[str]):
+    """Hand-made unit word vectors: the words of one group nearly parallel (synonyms), each lonely word
+    orthogonal to everything else; seeded, so every test sees the same neighbours."""
+    import numpy as np
+
+    from tightrope.attacks.counterfit import WordEmbedding
+
+    rng = np.random.default_rng(0)
+    dim = len(groups) + len(lonely) + 4
+    words, vectors = [], []
+    for g, group in enumerate(groups):
+        for w in group:
+            v = np.zeros(dim)
+            v[g] = 1.0
+            v[-4:] = rng.normal(0, 0.1, 4)
+            words.append(w)
+            vectors.append(v / np.linalg.norm(v))
+    for j, w in enumerate(lonely):
+        v = np.zeros(dim)
+        v[len(groups) + j] = 1.0
+        words.append(w)
+        vectors.append(v)
+    return WordEmbedding(words, np.array(vectors, dtype=np.float32), {"source": "hand-made test vectors"})

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from conftest import NEGATIVE, POSITIVE, grouped_embedding, make_tiny_classifier
 
-from conftest import NEGATIVE, POSITIVE, make_tiny_classifier
 from tightrope.attacks.counterfit import WordEmbedding
 from tightrope.attacks.text import AttackedText
 from tightrope.defenses.a2t import A2TTraining, encode_with_offsets, word_tokens
@@ -31,22 +30,7 @@ LONELY = ["watch", "direction"]  # in the vocabulary, but no neighbour within co
 
 
 def _embedding() -> WordEmbedding:
-    rng = np.random.default_rng(0)
-    dim = len(GROUPS) + len(LONELY) + 4
-    words, vectors = [], []
-    for g, group in enumerate(GROUPS):
-        for w in group:
-            v = np.zeros(dim)
-            v[g] = 1.0
-            v[-4:] = rng.normal(0, 0.1, 4)
-            words.append(w)
-            vectors.append(v / np.linalg.norm(v))
-    for j, w in enumerate(LONELY):
-        v = np.zeros(dim)
-        v[len(GROUPS) + j] = 1.0
-        words.append(w)
-        vectors.append(v)
-    return WordEmbedding(words, np.array(vectors, dtype=np.float32), {"source": "hand-made test vectors"})
+    return grouped_embedding(GROUPS, LONELY)
 
 
 def _batch(tokenizer, texts, labels):

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from conftest import grouped_embedding, make_tiny_classifier
 from typer.testing import CliRunner
 
-from conftest import make_tiny_classifier
 from tightrope import inference, models
 from tightrope.attacks.counterfit import WordEmbedding
 from tightrope.cli import app
@@ -29,22 +28,7 @@ TEXTS = ["a wonderful film with great acting", "a dull movie , boring acting", "
 
 
 def _embedding() -> WordEmbedding:
-    rng = np.random.default_rng(0)
-    dim = len(SETS) + len(LONELY) + 4
-    words, vectors = [], []
-    for g, group in enumerate(SETS):
-        for w in group:
-            v = np.zeros(dim)
-            v[g] = 1.0
-            v[-4:] = rng.normal(0, 0.1, 4)
-            words.append(w)
-            vectors.append(v / np.linalg.norm(v))
-    for j, w in enumerate(LONELY):
-        v = np.zeros(dim)
-        v[len(SETS) + j] = 1.0
-        words.append(w)
-        vectors.append(v)
-    return WordEmbedding(words, np.array(vectors, dtype=np.float32), {"source": "hand-made test vectors"})
+    return grouped_embedding(SETS, LONELY)
 
 
 @pytest.fixture
