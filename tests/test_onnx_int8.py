@@ -175,3 +175,19 @@ def test_layers_with_different_head_counts_keep_the_unfused_graph(tokenizer):
     inputs = _padded(tokenizer, "right")
     with torch.no_grad():
         assert P.sqnr_db(pruned(**inputs).logits, model(**inputs).logits) > 25
+
+
+def test_the_onnx_runtime_twin_gives_pytorchs_logits_and_keeps_the_models_encoding(tokenizer):
+    """The exact fast path for attacks: the fp32 graph on ONNX Runtime, checked against PyTorch."""
+    from tightrope.compress.onnxrt import OnnxClassifier, onnx_twin
+
+    clf = inference.TextClassifier(make_tiny_classifier(tokenizer), tokenizer, max_length=32, truncation="head+tail",
+                                   source="tiny", input_transform=lambda texts: [t.upper() for t in texts])
+    fast, gap = onnx_twin(clf, POSITIVE + NEGATIVE)
+    assert isinstance(fast, OnnxClassifier) and gap <= 1e-4
+    assert fast.truncation == "head+tail" and fast.input_transform is clf.input_transform and fast.source == "tiny"
+    assert fast.predict(POSITIVE + NEGATIVE) == clf.predict(POSITIVE + NEGATIVE)
+    with pytest.raises(TightropeError, match="differ from PyTorch's"):
+        onnx_twin(clf, POSITIVE, tolerance=-1.0)
+    with pytest.raises(TightropeError, match="not a full-precision PyTorch classifier"):
+        onnx_twin(fast, POSITIVE)

@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tightrope.cli.base import app, user_errors
+from tightrope.errors import TightropeError
 
 
 def highlighted_diff(original: str, perturbed: str) -> tuple[Text, Text]:
@@ -63,6 +64,8 @@ def attack(
     shard: Annotated[bool, typer.Option(help="Split examples across processes (run under `accelerate launch`).")] = False,
     show: Annotated[int, typer.Option(help="Adversarial examples to print as diffs.")] = 3,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's choice).")] = None,
+    runtime: Annotated[str, typer.Option(help="torch, or onnxruntime: the same fp32 model on ONNX Runtime's fused graph, "
+                                              "checked to give PyTorch's logits within 1e-4 (faster; docs/benchmarks.md).")] = "torch",
 ):
     """Attack a classifier with a text-attack recipe and report TextAttack's metrics.
 
@@ -86,6 +89,15 @@ def attack(
     options = {"query_budget": query_budget}
     if twin:
         options["twin"] = workflows.load(twin, max_length=max_length)
+    if runtime not in ("torch", "onnxruntime"):
+        raise TightropeError(f"--runtime is torch or onnxruntime, not '{runtime}'.")
+    if runtime == "onnxruntime":
+        from tightrope.compress.onnxrt import onnx_twin  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+
+        fast, gap = onnx_twin(victim, data.texts[:16], threads=threads)
+        options.setdefault("twin", victim)  # gradients for HotFlip come from the PyTorch model itself
+        victim = fast
+        console.print(f"victim on ONNX Runtime fp32: logits within {gap:.1e} of PyTorch's on {min(16, len(data))} texts")
     with console.status(f"preparing {recipe} (resources are built once and cached)"):
         attack = recipes.build(recipe, victim, **options)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -22,7 +22,6 @@ table, or a gather when the node takes position ids), the token-type rows, their
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -30,7 +29,7 @@ import numpy as np
 
 from tightrope import inference
 from tightrope.atomic import replaced_dir
-from tightrope.compress import Int8Dynamic, compress_, onnxrt, ortfuse, quant
+from tightrope.compress import Int8Dynamic, compress_, onnxrt, quant
 from tightrope.errors import TightropeError
 from tightrope.serving.bundle import BUNDLE_FORMAT, MODEL_FILE, TOKENIZER_FILE
 
@@ -181,20 +180,6 @@ def quantize_word_embeddings_(model_proto, bits: int = 8) -> dict:
             "max_abs_error": float(err.max()), "max_error_in_steps": float((err / scale[:, None]).max())}
 
 
-def _fp32_graph(model) -> tuple[bytes, dict]:
-    """The fp32 graph of a PyTorch model, fused by ONNX Runtime's transformer optimizer where it can be
-    (the same graph the int8 path quantizes), and the fusion counts."""
-
-    with tempfile.TemporaryDirectory() as tmp:
-        raw, fused = Path(tmp) / "model.onnx", Path(tmp) / "model.fused.onnx"
-        if ortfuse.unfusable_reason(model) is None:
-            onnxrt.export_onnx(model, raw, attn_implementation="eager")
-            fusions = ortfuse.fuse(raw, fused, model)
-            return fused.read_bytes(), fusions
-        onnxrt.export_onnx(model, raw)
-        return raw.read_bytes(), {}
-
-
 def _source_graph(model: str, precision: str = "int8"):
     """``(graph bytes, tokenizer, config, card, compression history)`` of the int8 ONNX Runtime
     variant of ``model``: read from an ``onnx-int8`` directory, or built from a PyTorch model (fp32
@@ -220,7 +205,7 @@ def _source_graph(model: str, precision: str = "int8"):
     if history:
         clf.model._tightrope_compression = history
     if precision == "fp32":
-        blob, fusions = _fp32_graph(clf.model)
+        blob, fusions = onnxrt.fp32_graph(clf.model)
         return blob, clf.tokenizer, clf.model.config, card, history + [{"method": "fp32 ONNX export", "fused": fusions}]
     compress_(clf.model, Int8Dynamic(backend="onnxruntime"))
     return quant.onnx_bytes(clf.model), clf.tokenizer, clf.model.config, card, getattr(clf.model, "_tightrope_compression", history)

@@ -215,3 +215,38 @@ def _load_onnx_classifier(path: Path, card: dict) -> TextClassifier:
     tok = card.get("tokenization", {})
     return OnnxClassifier(ort_session(file.read_bytes()), tokenizer, labels, max_length=tok.get("max_length", 256),
                           truncation=tok.get("truncation", "head"), source=str(path), card=card)
+
+
+def fp32_graph(model) -> tuple[bytes, dict]:
+    """The fp32 graph of a PyTorch model, fused by ONNX Runtime's transformer optimizer where it can be
+    (the same graph the int8 path quantizes), and the fusion counts."""
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, fused = Path(tmp) / "model.onnx", Path(tmp) / "model.fused.onnx"
+        if ortfuse.unfusable_reason(model) is None:
+            export_onnx(model, raw, attn_implementation="eager")
+            fusions = ortfuse.fuse(raw, fused, model)
+            return fused.read_bytes(), fusions
+        export_onnx(model, raw)
+        return raw.read_bytes(), {}
+
+
+def onnx_twin(clf: TextClassifier, probe: list[str], *, tolerance: float = 1e-4, threads: int | None = None) -> tuple[TextClassifier, float]:
+    """The same fp32 PyTorch classifier run by ONNX Runtime on its fused fp32 graph: the exact fast path
+    for attacks (its forward pass is the attack's cost, docs/benchmarks.md). Its logits on ``probe`` must
+    match PyTorch's within ``tolerance``; returns ``(classifier, largest logit difference)``. The input
+    transform, tokenization and source stay the model's."""
+    if not isinstance(getattr(clf, "model", None), nn.Module) or type(clf) is not TextClassifier:
+        raise TightropeError(f"{clf.source or 'this model'} is not a full-precision PyTorch classifier; "
+                             "the ONNX Runtime path runs those only.")
+    if not _onnxruntime_available():
+        raise TightropeError("The onnxruntime path needs onnxruntime, which is not installed: pip install onnx onnxruntime.")
+    blob, _ = fp32_graph(clf.model)
+    fast = OnnxClassifier(ort_session(blob, threads), clf.tokenizer, list(clf.label_names), max_length=clf.max_length,
+                          truncation=clf.truncation, source=clf.source, card=clf.card, input_transform=clf.input_transform)
+    with torch.inference_mode():
+        gap = float((fast.logits(probe) - clf.logits(probe)).abs().max()) if probe else 0.0
+    if not gap <= tolerance:
+        raise TightropeError(f"ONNX Runtime's logits differ from PyTorch's by {gap:.3g} on this model (tolerance "
+                             f"{tolerance:g}); attack it with --runtime torch.")
+    return fast, gap
