@@ -281,3 +281,24 @@ def test_quantized_gather_in_an_unfused_graph(tmp_path, tokenizer):
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(feeds["input_ids"]), attention_mask=torch.from_numpy(feeds["attention_mask"])).logits
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-5)
+
+
+def test_a_defense_on_the_input_ships_inside_the_bundle(tmp_path, tokenizer):
+    """A model whose card names an input transform exports it into the bundle, and the torch-free
+    runtime applies it: synonyms in one cluster give the same prediction."""
+    from conftest import make_tiny_classifier
+
+    from tightrope.models import save_model
+    from tightrope.serving import Bundle
+    from tightrope.transforms import SynonymEncoding
+
+    transform = SynonymEncoding({"superb": "good", "great": "good"})
+    card = {"kind": "tightrope.model", "tokenization": {"max_length": 32, "truncation": "head"},
+            "input_transform": transform.card_entry()}
+    model_dir = save_model((make_tiny_classifier(tokenizer), tokenizer), tmp_path / "defended",
+                           extra={**transform.files(), "card.json": card})
+    export_bundle(str(model_dir), tmp_path / "bundle")
+    bundle = Bundle(tmp_path / "bundle", threads=1)
+    assert bundle.input_transform is not None and bundle.input_transform(["a superb film"]) == ["a good film"]
+    assert bundle.encode(["a superb film"]) == bundle.encode(["a good film"])
+    assert np.array_equal(bundle.logits(["a great film"]), bundle.logits(["a good film"]))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from tightrope import models
+from tightrope import models, transforms
 from tightrope.encoding import Truncation, collate, encode, length_sorted_batches
 from tightrope.errors import TightropeError
 
@@ -90,7 +90,7 @@ def register_format(name: str):
     return wrap
 
 
-TRANSFORMS: dict[str, Callable[[Path, dict], Callable[[list[str]], list[str]]]] = {}
+TRANSFORMS: dict[str, Callable[[Path, dict], Callable[[list[str]], list[str]]]] = dict(transforms.LOADERS)
 
 
 def register_transform(kind: str):

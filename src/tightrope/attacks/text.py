@@ -6,11 +6,10 @@ other character, and word indices stay stable across substitutions (as TextAttac
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-# A word: letters or digits, with inner apostrophes or hyphens ("don't", "well-made").
-WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
+# WORD: a word is letters or digits, with inner apostrophes or hyphens ("don't", "well-made")
+from tightrope.transforms import WORD
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,7 @@ from tightrope.attacks.resources import wordnet
 from tightrope.attacks.text import AttackedText, Part, word_tokens
 from tightrope.encoding import encode_with_offsets
 from tightrope.errors import TightropeError
-
-
-def recover_case(template: str, word: str) -> str:
-    """Give ``word`` the casing pattern of ``template`` (all caps, capitalised, or lower)."""
-    if template.isupper() and len(template) > 1:
-        return word.upper()
-    if template[:1].isupper():
-        return word[:1].upper() + word[1:]
-    return word
+from tightrope.transforms import recover_case
 
 
 class Transformation(Part):

@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-from tightrope import inference
+from tightrope import inference, transforms
 from tightrope.atomic import replaced_dir
 from tightrope.compress import Int8Dynamic, compress_, onnxrt, quant
 from tightrope.errors import TightropeError
@@ -253,7 +253,13 @@ def export_bundle(model: str, out: str | Path, *, embeddings: Literal["int8", "i
                  "precision": precision, "compression": history, "word_embeddings": {"storage": embeddings, **record},
                  "runtime": {"onnxruntime": onnxruntime.__version__, "inputs": ["input_ids", "attention_mask"],
                              "outputs": ["logits"]}})
+    entry = source_card.get("input_transform")
+    transform = transforms.load(Path(model).expanduser(), entry) if entry else None  # checked against its hash
+    if transform is not None:  # a defense that rewrites the input ships inside the bundle
+        card["input_transform"] = transform.card_entry()
     with replaced_dir(out) as tmp:
+        for name, payload in (transform.files() if transform is not None else {}).items():
+            (tmp / name).write_text(json.dumps(payload))
         onnx.save_model(proto, str(tmp / MODEL_FILE))
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import string
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -66,17 +65,12 @@ from tightrope.attacks.constraints import PartOfSpeech
 from tightrope.attacks.recipes import default_embedding
 from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS
 from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS as STOP
-from tightrope.attacks.text import WORD, AttackedText
+from tightrope.attacks.text import AttackedText
 from tightrope.attacks.words import recover_case, wordnet_synonyms
 from tightrope.defenses.adversarial import cross_entropy
 from tightrope.encoding import collate, encode
 from tightrope.errors import MissingResourceError, TightropeError
-from tightrope.inference import register_transform
-
-KIND = "synonym-encoding"
-FILE = "input_transform.json"
-FORMAT_VERSION = 1
-LETTERS = string.ascii_lowercase
+from tightrope.transforms import FILE, KIND, SynonymEncoding, edits1
 
 
 def sem_encoding(words: Iterable[str], synonyms: Callable[[str], list[str]]) -> dict[str, str]:
@@ -92,112 +86,6 @@ def sem_encoding(words: Iterable[str], synonyms: Callable[[str], list[str]]) -> 
         for u in near:
             code.setdefault(u, code[word])
     return code
-
-
-def edits1(word: str) -> set[str]:
-    """Every string one delete, adjacent transposition, substitution or insertion away (Norvig)."""
-    splits = [(word[:i], word[i:]) for i in range(len(word) + 1)]
-    deletes = [a + b[1:] for a, b in splits if b]
-    swaps = [a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1]
-    subs = [a + c + b[1:] for a, b in splits if b for c in LETTERS]
-    inserts = [a + c + b for a, b in splits for c in LETTERS]
-    return set(deletes + swaps + subs + inserts)
-
-
-class SynonymEncoding:
-    """The input transform: word recognition (optional), then the synonym encoding, word by word.
-
-    ``table`` maps a lower-case word to its representative (only words that change are stored);
-    ``vocabulary`` lists the recogniser's known words, most frequent first (empty: no recognition).
-    """
-
-    def __init__(self, table: dict[str, str], vocabulary: list[str] | None = None, params: dict | None = None):
-        self.table = dict(table)
-        self.vocabulary = list(vocabulary or [])
-        self.rank = {w: i for i, w in enumerate(self.vocabulary)}
-        self.params = dict(params or {})
-        self.calls = 0  # calls of the transform (one per batch of texts)
-        self.texts = 0  # texts transformed
-        self._memo: dict[str, str] = {}
-
-    # --- the transform ------------------------------------------------------------------------------
-
-    def recognise(self, word: str) -> str:
-        """A word outside the vocabulary -> the most frequent vocabulary word one edit away (else itself)."""
-        if not self.rank or word in self.rank or word in self.table or not word.isalpha():
-            return word
-        best = min((e for e in edits1(word) if e in self.rank), key=self.rank.__getitem__, default=None)
-        return best if best is not None else word
-
-    def canonical_word(self, word: str) -> str:
-        low = word.lower()
-        out = self._memo.get(low)
-        if out is None:
-            recognised = self.recognise(low)
-            out = self.table.get(recognised, recognised)
-            if len(self._memo) > 500_000:
-                self._memo.clear()
-            self._memo[low] = out
-        return word if out == low else recover_case(word, out)
-
-    def __call__(self, texts: list[str]) -> list[str]:
-        self.calls += 1
-        self.texts += len(texts)
-        return [WORD.sub(lambda m: self.canonical_word(m.group()), text) for text in texts]
-
-    def clusters(self) -> dict[str, list[str]]:
-        """Representative -> its members (the representative first)."""
-        out: dict[str, list[str]] = {}
-        for word, rep in self.table.items():
-            out.setdefault(rep, [rep]).append(word)
-        return out
-
-    # --- saving with the model -----------------------------------------------------------------------
-
-    def to_json(self) -> dict:
-        return {"kind": KIND, "version": FORMAT_VERSION, "params": self.params,
-                "clusters": self.clusters(), "vocabulary": self.vocabulary}
-
-    @classmethod
-    def from_json(cls, payload: dict, where: str = "the input transform") -> "SynonymEncoding":
-        if not isinstance(payload, dict) or payload.get("kind") != KIND or "clusters" not in payload:
-            raise TightropeError(f"{where} is not a synonym-encoding table; the model directory is damaged.")
-        table = {m: rep for rep, members in payload["clusters"].items() for m in members if m != rep}
-        return cls(table, payload.get("vocabulary") or [], payload.get("params") or {})
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
-
-    def card_entry(self) -> dict:
-        """What card.json records: kind, file, content hash, parameters, sizes, citations."""
-        return {"kind": KIND, "file": FILE, "sha256_16": self.digest(), "params": self.params,
-                "clusters": len(self.clusters()), "encoded_words": len(self.table),
-                "spelling_vocabulary": len(self.vocabulary),
-                "citations": ["Wang et al., Natural Language Adversarial Defense through Synonym Encoding, UAI 2021",
-                              "Pruthi et al., Combating Adversarial Misspellings with Robust Word Recognition, ACL 2019"]}
-
-    def files(self) -> dict[str, dict]:
-        """The files that go into a model directory beside card.json (for ``models.save_model(extra=...)``)."""
-        return {FILE: self.to_json()}
-
-    @classmethod
-    def load(cls, model_dir: str | Path, entry: dict) -> "SynonymEncoding":
-        file = Path(model_dir) / entry.get("file", FILE)
-        if not file.exists():
-            raise MissingResourceError(
-                f"The model in {model_dir} applies a synonym encoding, but its table {file.name} is missing; "
-                "copy it from the model it was made from, or retrain with --defense canonical.")
-        try:
-            payload = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise TightropeError(f"{file} is not valid JSON; the model directory is damaged.") from err
-        transform = cls.from_json(payload, str(file))
-        if entry.get("sha256_16") and entry["sha256_16"] != transform.digest():
-            raise TightropeError(f"{file} does not match the table its card.json records; the model directory is damaged.")
-        return transform
-
-
-# --- building the table from the attacks' resources ----------------------------------------------------
 
 
 def build(neighbours: int = 50, min_cos: float = 0.95, wordnet: bool = False, spelling_vocab: int = 50_000,
@@ -350,8 +238,6 @@ def load_transform(model_dir: str | Path, card: dict):
                              "that this tightrope does not know.")
     return SynonymEncoding.load(model_dir, entry)
 
-
-register_transform(KIND)(SynonymEncoding.load)  # inference.load applies it to every model whose card names it
 
 __all__ = ["FILE", "KIND", "SynonymEncoding", "SynonymEncodingTraining", "build", "edits1", "load_transform",
            "sem_encoding"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tightrope import transforms
 from tightrope.errors import TightropeError
 
 BUNDLE_FORMAT = "onnx-bundle"
@@ -136,6 +137,11 @@ class Bundle:
         if self.budget < 1:
             raise BundleError(f"The bundle's max length {self.max_length} leaves no room for text.")
         self.pad_id = int(self.card.get("pad_id", 0))
+        entry = self.card.get("input_transform")
+        try:  # a defense that rewrites the input ships inside the bundle and runs on every text
+            self.input_transform = transforms.load(self.path, entry) if entry else None
+        except TightropeError as err:
+            raise BundleError(str(err)) from None
         self.session = ort_session(self.path / MODEL_FILE, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
@@ -155,6 +161,8 @@ class Bundle:
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, special tokens included, truncated as the model was trained."""
         head = self.budget if self.truncation == "head" else self.budget // 4
+        if self.input_transform is not None:
+            texts = self.input_transform(list(texts))
         out = []
         for enc in self.tokenizer.encode_batch(list(texts), add_special_tokens=False):
             ids = enc.ids

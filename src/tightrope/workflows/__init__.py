@@ -7,16 +7,15 @@ defines a saved format or an input transform.
 - :mod:`.evaluate`: accuracy, F1, latency, throughput and memory of a model directory;
 - :mod:`.memprobe`: the fresh process that measures peak memory.
 
-Importing this package imports :mod:`tightrope.compress` (which registers its saved formats with
-:func:`tightrope.inference.register_format`) and the input transforms of :mod:`tightrope.defenses`
-(each registers itself with :func:`tightrope.inference.register_transform`), so the dispatch in
-:func:`tightrope.inference.load` knows them all while the lower layers never import the higher ones.
+Importing this package imports :mod:`tightrope.compress`, which registers its saved formats with
+:func:`tightrope.inference.register_format`, so the dispatch in :func:`tightrope.inference.load` knows
+them all while the lower layers never import the higher ones; input transforms (a defense's
+rewriting of the text) come from :mod:`tightrope.transforms`, which inference reads directly.
 """
 
 from __future__ import annotations
 
 import tightrope.compress  # noqa: F401 - importing it registers the saved formats
-import tightrope.defenses.canonical  # noqa: F401 - importing it registers the synonym-encoding transform
 from tightrope import inference
 
 
