@@ -3,7 +3,7 @@ constraint checks, candidate generation, and the Python around them (issue 24's 
 
     python benchmarks/profile_attacks.py --model runs/defense-mr/base --task textfooler-mr --n 100 \\
         --recipes deepwordbug,pwws,textfooler --max-length 64 --json runs/profile-mr.json
-    python benchmarks/profile_attacks.py --model runs/defense-mr/base --task textfooler-imdb --n 8 \\
+    python benchmarks/profile_attacks.py --model runs/defense-mr/base --task textfooler-imdb --n 5 \\
         --recipes deepwordbug,pwws,textfooler --max-length 256 --truncation head+tail --json runs/profile-imdb.json
     python benchmarks/profile_attacks.py --model runs/defense-mr/base --task textfooler-mr --n 256 --forward \\
         --bundle runs/mr-fp32-bundle      # the bundle from: tightrope export MODEL --precision fp32 --out ...
