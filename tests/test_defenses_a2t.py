@@ -187,3 +187,35 @@ def test_a_study_file_can_name_a2t(tiny_model_dir, tokenizer):
     assert objective.query_budget == 5 and objective.tokenizer.pad_token_id is not None
     with pytest.raises(TightropeError, match="a2t defense: nonsense"):
         defense_of({"method": "a2t", "params": {"nonsense": 1}}, str(tiny_model_dir))
+
+
+def test_wordnet_candidates_follow_the_counter_fitted_ones(tokenizer, monkeypatch):
+    from tightrope.defenses import a2t as a2t_module
+
+    monkeypatch.setattr(a2t_module, "wordnet_synonyms", lambda w: ("precipitous", "great", "ice-cold") if w == "wonderful" else ())
+    plain = A2TTraining(tokenizer, _embedding(), max_candidates=3)
+    both = A2TTraining(tokenizer, _embedding(), max_candidates=3, wordnet=True)
+    assert "precipitous" not in plain.synonyms("wonderful")
+    found = both.synonyms("Wonderful")
+    assert found[:len(plain.synonyms("Wonderful"))] == plain.synonyms("Wonderful")  # counter-fitted first
+    assert "Precipitous" in found and "Ice-cold" not in found  # single alphabetic words, in the word's case
+    assert len(found) == len(set(w.lower() for w in found))  # "great" (in both sources) once
+
+
+def test_an_input_transform_rewrites_what_the_attack_scores_and_rides_along(tokenizer):
+    calls = []
+
+    def transform(texts):  # an input transform that the model reads through: here, "great" -> "wonderful"
+        calls.append(len(texts))
+        return [t.replace("great", "wonderful") for t in texts]
+
+    transform.card_entry = lambda: {"kind": "test"}
+    model = make_tiny_classifier(tokenizer, seed=1)
+    a2t = A2TTraining(tokenizer, _embedding(), max_length=32, max_share=1.0, min_words=10, query_budget=1000,
+                      input_transform=transform)
+    results = a2t.perturb(model, TEXTS + TEXTS, LABELS + [1 - y for y in LABELS])
+    assert calls and sum(calls) > len(TEXTS) * 2  # the originals and every scored candidate went through it
+    assert all("great" not in r.text for r in results)  # the attack ran on the rewritten text
+    assert a2t.input_transform is transform and a2t.describe()["input_transform"] == {"kind": "test"}
+    ids = a2t._ids(["a great film"], 32)
+    assert ids == encode(tokenizer, ["a wonderful film"], 32, "head")

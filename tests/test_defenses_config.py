@@ -56,6 +56,8 @@ CASES = [  # (CLI flags, study method, study params)
      {"epsilon": 0.005, "mix": 0.5, "distill": {"a": 0.5}}),
     (["--teacher", TEACHER, "--temperature", "3"], "distill", {"temperature": 3}),
     (["--defense", "a2t", "--query-budget", "50", "--adv-share", "0.3"], "a2ttraining", {"query_budget": 50, "adv_share": 0.3}),
+    (["--defense", "a2t", "--wordnet-candidates", "--synonym-encoding", "--synonym-min-cos", "0.9"], "a2t",
+     {"wordnet_candidates": True, "synonym_encoding": True, "synonym_min_cos": 0.9}),
 ]
 
 
@@ -76,6 +78,7 @@ def test_every_kind_is_covered_and_defaults_are_the_configs():
     ("pgd", {"epsilon": -1}, "epsilon"),
     ("shield", {}, "Unknown defense 'shield'"),
     ("pgd", {"query_budget": 5}, "does not use --query-budget"),
+    ("a2t", {"synonym_min_cos": 0.9}, "only with --synonym-encoding"),
 ])
 def test_a_misspelt_defense_setting_fails_the_preflight_before_any_work(tmp_path, method, params, message):
     spec = parse_spec({"name": "t", "data": {"task": "rotten-tomatoes", "max_length": 32},

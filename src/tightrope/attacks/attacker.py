@@ -68,6 +68,8 @@ class Attacker:
         windows = dict(zip(todo, model_windows(model, [data.texts[i] for i in todo], self.long_texts)))
         settings = {"seed": self.seed, "data_fingerprint": data.fingerprint(), "examples": len(data),
                     "long_texts": self.long_texts, "max_length": getattr(model, "max_length", None)}
+        if getattr(model, "temperature", None) is not None:  # an attack on tempered logits is another run
+            settings["temperature"] = model.temperature
         file, done = None, {}
         if self.out is not None:
             meta = {"attack": self.attack.describe(), "victim": victim, "task": data.name, "split": data.split, **settings}

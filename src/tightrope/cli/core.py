@@ -45,6 +45,8 @@ def train(
     query_budget: Annotated[Optional[int], typer.Option(help="a2t: candidate texts scored per attacked text [default: 100].", rich_help_panel=_DEFENSE)] = None,
     max_candidates: Annotated[Optional[int], typer.Option(help="a2t: synonyms tried per word [default: 20].", rich_help_panel=_DEFENSE)] = None,
     max_share: Annotated[Optional[float], typer.Option(help="a2t: share of words an attack may change [default: 0.1, at least 4 words].", rich_help_panel=_DEFENSE)] = None,
+    wordnet_candidates: Annotated[Optional[bool], typer.Option("--wordnet-candidates/--no-wordnet-candidates", help="a2t: also try WordNet synonyms (PWWS's candidates) after the counter-fitted ones [default: off].", rich_help_panel=_DEFENSE)] = None,
+    synonym_encoding: Annotated[Optional[bool], typer.Option("--synonym-encoding/--no-synonym-encoding", help="a2t: train through the canonical defense's input transform (synonym encoding + word recognition), saved with the model [default: off].", rich_help_panel=_DEFENSE)] = None,
     synonym_neighbours: Annotated[Optional[int], typer.Option(help="canonical: counter-fitted neighbours per word clustered [default: 50, TextFooler's].", rich_help_panel=_DEFENSE)] = None,
     synonym_min_cos: Annotated[Optional[float], typer.Option(help="canonical: least cosine of a clustered neighbour [default: 0.95; TextFooler's 0.5 chains every word into a few clusters].", rich_help_panel=_DEFENSE)] = None,
     synonym_wordnet: Annotated[Optional[bool], typer.Option("--synonym-wordnet/--no-synonym-wordnet", help="canonical: also cluster WordNet synonyms (PWWS's) [default: off; they chain into giant clusters].", rich_help_panel=_DEFENSE)] = None,
@@ -83,7 +85,8 @@ def train(
         raise _validation_error(err) from None
     given = {"epsilon": epsilon, "steps": steps, "step_size": step_size, "norm": norm, "mix": mix,
              "adv_share": adv_share, "query_budget": query_budget, "max_candidates": max_candidates,
-             "max_share": max_share, "synonym_neighbours": synonym_neighbours, "synonym_min_cos": synonym_min_cos,
+             "max_share": max_share, "wordnet_candidates": wordnet_candidates, "synonym_encoding": synonym_encoding,
+             "synonym_neighbours": synonym_neighbours, "synonym_min_cos": synonym_min_cos,
              "synonym_wordnet": synonym_wordnet, "spelling_vocab": spelling_vocab, "substitution_rate": substitution_rate, "teacher": teacher, "a": alpha, "temperature": temperature}
     given = {k: v for k, v in given.items() if v is not None}
     pipeline = {"prune_sparsity": prune_sparsity, "quantize": quantize, "noise_sigma": noise_sigma}

@@ -19,6 +19,17 @@ L(x_adv, y)] (their Eq. 1; alpha = 1 is our ``mix = 0.5`` up to a factor 2). The
    pass (no gradients, eval mode), so a step costs one importance pass plus at most
    ``min(budget / candidates, words cap)`` scoring passes.
 
+Two additions to the recipe, both off by default:
+
+- ``wordnet=True`` also tries PWWS's candidates (every WordNet synonym of the word, single words),
+  after the counter-fitted neighbours: the attacks that win on sentiment data swap WordNet synonyms
+  of other senses ("sharp" -> "precipitous"), which no counter-fitted neighbour set contains.
+- ``input_transform`` (a :class:`tightrope.transforms.SynonymEncoding`) is a rewrite of every input
+  that the model applies before tokenization (the ``canonical`` defense's): the attack then runs on
+  the rewritten text and every candidate is rewritten before it is scored, so the model is trained
+  against the swaps that survive its own transform, as an adaptive attacker would pick them. The
+  transform rides along as ``input_transform`` and is saved with the model.
+
 Left out of A2T's recipe to keep it cheap: the part-of-speech and sentence-encoder constraints
 (A2T's DistilBERT-STS threshold 0.9). A2T uses cosine >= 0.8 on the 300d counter-fitted vectors;
 the default here is TextFooler's 0.5 on the 50d vectors tightrope builds (``min_cos`` to change it).
@@ -44,7 +55,7 @@ from tightrope.attacks.embedding import logits_from_embeddings, word_embeddings
 from tightrope.attacks.recipes import default_embedding
 from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS
 from tightrope.attacks.text import AttackedText, word_tokens
-from tightrope.attacks.words import recover_case
+from tightrope.attacks.words import recover_case, wordnet_synonyms
 from tightrope.defenses.adversarial import _check_mix, cross_entropy
 from tightrope.encoding import Truncation, collate, encode, encode_with_offsets
 from tightrope.errors import TightropeError
@@ -87,7 +98,8 @@ class A2TTraining:
     def __init__(self, tokenizer, embedding=None, *, adv_share: float = 0.5, mix: float = 0.5,
                  max_candidates: int = 20, min_cos: float = 0.5, max_share: float = 0.1, min_words: int = 4,
                  query_budget: int = 100, max_length: int | None = None, truncation: Truncation = "head",
-                 stopwords: frozenset[str] | None = None, criterion=None, score_batch_size: int = 64):
+                 stopwords: frozenset[str] | None = None, criterion=None, score_batch_size: int = 64,
+                 wordnet: bool = False, input_transform=None):
 
         if not 0.0 < adv_share <= 1.0:
             raise TightropeError(f"adv_share, the share of each batch that is attacked, must lie in (0, 1], got {adv_share}.")
@@ -121,6 +133,8 @@ class A2TTraining:
         self.criterion = criterion or cross_entropy
         self.score_batch_size = int(score_batch_size)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.wordnet = bool(wordnet)
+        self.input_transform = input_transform
         self._synonyms: dict[str, list[str]] = {}
         self.last: list[A2TExample] = []
         self.stats = {"attacked": 0, "skipped": 0, "flipped": 0, "words_changed": 0, "queries": 0}
@@ -150,11 +164,16 @@ class A2TTraining:
         if not todo:
             return
         for word, near in zip(todo, self.embedding.neighbours(todo, self.max_candidates, self.min_cos)):
-            self._synonyms[word] = [s for s, _ in near if s.isalpha() and s.lower() != word]
+            found = [s for s, _ in near if s.isalpha() and s.lower() != word]
+            if self.wordnet:
+                found += [s for s in wordnet_synonyms(word) if s.isalpha() and s != word and s not in found]
+            self._synonyms[word] = found
         if len(self._synonyms) > 200_000:
             self._synonyms = {w: self._synonyms[w] for w in todo}
 
     def _ids(self, texts: list[str], width: int) -> list[list[int]]:
+        if self.input_transform is not None:
+            texts = self.input_transform(list(texts))
         return encode(self.tokenizer, texts, self.max_length or width, self.truncation)
 
     @torch.no_grad()
@@ -185,6 +204,8 @@ class A2TTraining:
             model.train(was_training)
 
     def _perturb(self, model, texts, labels, width, device) -> list[A2TExample]:
+        if self.input_transform is not None:  # attack what the model reads; candidates are rewritten in _ids
+            texts = self.input_transform(list(texts))
         originals = [AttackedText.from_text(t) for t in texts]
         ids, spans = encode_with_offsets(self.tokenizer, texts, self.max_length or width, self.truncation)
         batch = collate(ids, self.pad_id)
@@ -286,7 +307,8 @@ class A2TTraining:
         return {"defense": self.name, "adv_share": self.adv_share, "mix": self.mix,
                 "max_candidates": self.max_candidates, "min_cos": self.min_cos, "max_share": self.max_share,
                 "min_words": self.min_words, "query_budget": self.query_budget, "max_length": self.max_length,
-                "truncation": self.truncation, "stopwords": len(self.stopwords),
+                "truncation": self.truncation, "stopwords": len(self.stopwords), "wordnet": self.wordnet,
+                **({"input_transform": self.input_transform.card_entry()} if self.input_transform is not None else {}),
                 "embedding": (self._embedding.description.get("source") if self._embedding is not None
                               else "counter-fitted GloVe 6B 50d (Mrkšić et al. 2016)"),
                 "criterion": getattr(self.criterion, "__name__", type(self.criterion).__name__)}

@@ -23,6 +23,7 @@ from tightrope import inference
 from tightrope.defenses.a2t import A2TTraining
 from tightrope.defenses.adversarial import DEFENSES, Criterion, cross_entropy
 from tightrope.defenses.canonical import SynonymEncodingTraining
+from tightrope.defenses.canonical import build as build_encoding
 from tightrope.defenses.distill import Distillation
 from tightrope.defenses.fakequant import QuantAware
 from tightrope.errors import TightropeError
@@ -47,6 +48,8 @@ class DefenseConfig(BaseModel):
     max_share: float = Field(default=0.1, gt=0, le=1)  # share of words an attack may change
     min_words: int = Field(default=4, ge=0)  # ... but at least this many (A2T's min_threshold)
     min_cos: float = Field(default=0.5, ge=-1, le=1)  # cosine of a synonym to the original word
+    wordnet_candidates: bool = False  # also try PWWS's WordNet synonyms
+    synonym_encoding: bool = False  # a2t through the canonical defense's input transform (saved with the model)
     # canonical (synonym encoding, Wang et al. 2021; word recognition, Pruthi et al. 2019): the neighbour
     # sets clustered (TextFooler's 50 counter-fitted neighbours, kept from cosine 0.95 up, and optionally
     # PWWS's WordNet synonyms; see tightrope.defenses.canonical for why not cosine 0.5) and the
@@ -115,11 +118,13 @@ class Supervised:
 
 
 EMBEDDING_FIELDS = ("epsilon", "steps", "step_size", "norm", "init_magnitude")
-A2T_FIELDS = ("adv_share", "query_budget", "max_candidates", "max_share", "min_words", "min_cos")
-CANONICAL_FIELDS = ("synonym_neighbours", "synonym_min_cos", "synonym_wordnet", "spelling_vocab", "substitution_rate")
+A2T_FIELDS = ("adv_share", "query_budget", "max_candidates", "max_share", "min_words", "min_cos",
+              "wordnet_candidates", "synonym_encoding")
+ENCODING_FIELDS = ("synonym_neighbours", "synonym_min_cos", "synonym_wordnet", "spelling_vocab")
+CANONICAL_FIELDS = (*ENCODING_FIELDS, "substitution_rate")
 OWN_FIELDS = {"none": (), "pgd": ("epsilon", "steps", "step_size", "norm", "mix"),
               "fast": ("epsilon", "step_size", "norm", "mix"), "freelb": EMBEDDING_FIELDS,
-              "a2t": ("mix", *A2T_FIELDS), "canonical": CANONICAL_FIELDS}
+              "a2t": ("mix", *A2T_FIELDS, *ENCODING_FIELDS), "canonical": CANONICAL_FIELDS}
 
 
 def check_fields(config: DefenseConfig) -> None:
@@ -132,6 +137,9 @@ def check_fields(config: DefenseConfig) -> None:
             raise TightropeError(f"{flags} set a defense, but no defense is chosen; "
                                  "name one with --defense (pgd, fast, freelb, a2t or canonical).")
         raise TightropeError(f"The {config.kind} defense does not use {flags}; drop them or choose a defense that does.")
+    if config.kind == "a2t" and not config.synonym_encoding and set(ENCODING_FIELDS) & config.model_fields_set:
+        flags = ", ".join("--" + f.replace("_", "-") for f in ENCODING_FIELDS if f in config.model_fields_set)
+        raise TightropeError(f"{flags} describe the synonym encoding, which a2t uses only with --synonym-encoding.")
     if config.teacher is None and {"a", "temperature"} & config.model_fields_set:
         raise TightropeError("a and temperature weigh the distillation loss, which needs a --teacher.")
 
@@ -164,7 +172,10 @@ def build_objective(config: DefenseConfig, *, student_labels: list[str] | None =
                                 max_candidates=config.max_candidates, min_cos=config.min_cos,
                                 max_share=config.max_share, min_words=config.min_words,
                                 query_budget=config.query_budget, max_length=max_length, truncation=truncation,
-                                criterion=criterion)
+                                criterion=criterion, wordnet=config.wordnet_candidates,
+                                input_transform=(build_encoding(config.synonym_neighbours, config.synonym_min_cos,
+                                                                config.synonym_wordnet, config.spelling_vocab)
+                                                 if config.synonym_encoding else None))
     elif config.kind == "canonical":
 
         objective = SynonymEncodingTraining(config.synonym_neighbours, config.synonym_min_cos, config.synonym_wordnet,
