@@ -189,6 +189,32 @@ def test_train_defense_canonical_saves_the_transform_and_compression_keeps_it(ti
     assert json.loads((small / "card.json").read_text())["input_transform"] == card["input_transform"]
     assert inference.load(str(small)).input_transform.table == clf.input_transform.table
 
+    # Pruning with recovery, and plain fine-tuning of the defended model, train through its transform and keep it.
+    seen = []
+    original = SynonymEncoding.__call__
+
+    def counted(self, texts):
+        seen.extend(texts)
+        return original(self, texts)
+
+    SynonymEncoding.__call__ = counted
+    try:
+        pruned = tmp_path / "s30"
+        result = CliRunner().invoke(app, ["compress", str(run), "--prune", "structured:heads=0.25,ffn=0.25",
+                                          "--recover-steps", "2", "--recover-task", str(tiny_task), "--out", str(pruned)])
+        assert result.exit_code == 0, result.output
+        assert "a wonderful, moving film" in seen  # the recovery's training texts went through the defense
+        assert json.loads((pruned / "card.json").read_text())["input_transform"] == card["input_transform"]
+        seen.clear()
+        more = tmp_path / "more"
+        result = CliRunner().invoke(app, ["train", "--model", str(run), "--task", str(tiny_task), "--out", str(more),
+                                          "--n-eval", "8", "--max-length", "16", "--batch-size", "8", "--epochs", "1"])
+        assert result.exit_code == 0, result.output
+        assert "a wonderful, moving film" in seen
+        assert json.loads((more / "card.json").read_text())["input_transform"] == card["input_transform"]
+    finally:
+        SynonymEncoding.__call__ = original
+
 
 def test_a_study_file_can_name_the_canonical_defense(tiny_model_dir, fake_resources):
     from tightrope.defenses.config import build_objective

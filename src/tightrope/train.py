@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
-from tightrope import models
+from tightrope import models, transforms
 from tightrope.data import TaskData, has_split, load_task
 from tightrope.encoding import Truncation, collate, encode, predict_logits
 from tightrope.errors import TightropeError
@@ -112,6 +112,15 @@ def input_transform_of(objective):
     return None
 
 
+def inherited_transform(model: str):
+    """The input transform the card of the model directory ``model`` names (None for anything else)."""
+    card_file = Path(model) / "card.json"
+    if not card_file.is_file():
+        return None
+    entry = json.loads(card_file.read_text()).get("input_transform")
+    return transforms.load(model, entry) if entry else None
+
+
 def cross_entropy_objective(model, batch) -> torch.Tensor:
     return F.cross_entropy(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                            batch["labels"])
@@ -147,8 +156,13 @@ def train(
     stop_after_steps: int | None = None,
     extra_card: dict | None = None,
     initial_model: models.LoadedModel | None = None,
+    input_transform: Callable[[list[str]], list[str]] | None = None,
 ) -> dict:
     """Fine-tune ``config.model`` on ``config.task`` and write a model directory with ``card.json``.
+
+    The input transform (a defense that rewrites every text before tokenization) is the objective's
+    when it carries one, else ``input_transform``, else the one the starting model's card names: a
+    defended model fine-tuned further (recovery after pruning, say) keeps reading through its defense.
 
     ``stop_after_steps`` ends the run early *without* finishing it (used by tests to simulate a kill;
     the checkpoint stays and a second call resumes). ``initial_model`` starts from a model already in
@@ -177,7 +191,7 @@ def train(
     model, tokenizer = loaded.model, loaded.tokenizer
     # A defense that rewrites the input (tightrope.defenses.canonical) trains on rewritten texts and is
     # saved with the model, whose TextClassifier then applies it at inference.
-    transform = input_transform_of(objective)
+    transform = input_transform_of(objective) or input_transform or inherited_transform(config.model)
     prepared = (lambda texts: transform(list(texts))) if transform is not None else list  # noqa: E731
     train_ids = encode(tokenizer, prepared(train_data.texts), config.max_length, config.truncation)
     eval_ids = encode(tokenizer, prepared(eval_data.texts), config.max_length, config.truncation)

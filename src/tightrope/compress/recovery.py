@@ -103,11 +103,13 @@ def recover(
     seed: int = 0,
     data_dir: str | None = None,
     progress: bool = True,
+    input_transform=None,
 ) -> dict:
     """Short recovery fine-tuning of a pruned model with :func:`tightrope.train.train`, sparsity held.
 
     Runs exactly ``steps`` optimizer steps and writes a model directory (same format as the input,
-    so a structurally pruned model stays loadable). Returns the card.
+    so a structurally pruned model stays loadable). ``input_transform``: the model's defense on its
+    input (see :func:`tightrope.train.train`), applied to the recovery's texts. Returns the card.
     """
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -129,11 +131,12 @@ def recover(
     extra = {"created_by": "tightrope recover", "recovered_from": str(model_dir),
              **{k: before[k] for k in ("compression",) if k in before}, **pruning_card(loaded.model)}
     with hold_sparsity(loaded.model):
-        return train(config, out_dir, initial_model=loaded, progress=progress, extra_card=extra)
+        return train(config, out_dir, initial_model=loaded, progress=progress, extra_card=extra,
+                     input_transform=input_transform)
 
 
 def recover_model(model: nn.Module, tokenizer, task: str, *, steps: int, max_length: int = 128, card: dict | None = None,
-                  out_dir: str | Path | None = None, progress: bool = False) -> nn.Module:
+                  out_dir: str | Path | None = None, progress: bool = False, input_transform=None) -> nn.Module:
     """:func:`recover` for a pruned model in memory: returns the recovered model (tokenizer attached
     for calibration-based compressors). With ``out_dir`` the recovered model is kept there, and an
     ``out_dir`` that already holds one is loaded instead of trained again (recovery is seeded)."""
@@ -149,5 +152,6 @@ def recover_model(model: nn.Module, tokenizer, task: str, *, steps: int, max_len
     with tempfile.TemporaryDirectory() as tmp:
         pruned = save_compressed(model, tokenizer, Path(tmp) / "pruned", card=card)
         target = Path(out_dir) if out_dir is not None else Path(tmp) / "recovered"
-        recover(pruned, task, target, steps=steps, max_length=max_length, progress=progress)
+        recover(pruned, task, target, steps=steps, max_length=max_length, progress=progress,
+                input_transform=input_transform)
         return load(target)

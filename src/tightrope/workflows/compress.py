@@ -45,7 +45,7 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
 
         tok = card.get("tokenization", {})
         clf.model = recover_model(clf.model, clf.tokenizer, str(task), steps=recover_steps, card=card, progress=progress,
-                                  max_length=min(tok.get("max_length", 128), 128))
+                                  max_length=min(tok.get("max_length", 128), 128), input_transform=clf.input_transform)
         card["recovery"] = {"task": str(task), "steps": recover_steps}
     if quant is not None:
         summaries.append(compress_(clf.model, quant))
