@@ -88,24 +88,13 @@ def sem_encoding(words: Iterable[str], synonyms: Callable[[str], list[str]]) -> 
     return code
 
 
-def build(neighbours: int = 50, min_cos: float = 0.95, wordnet: bool = False, spelling_vocab: int = 50_000,
-          embedding=None, progress: Callable[[str], None] | None = None) -> SynonymEncoding:
-    """The synonym encoding over the counter-fitted vocabulary (and WordNet), cached on disk as JSON."""
-
-    if neighbours < 1 or not -1.0 <= min_cos <= 1.0 or spelling_vocab < 0:
-        raise TightropeError("The synonym encoding needs neighbours >= 1, -1 <= min_cos <= 1 and spelling_vocab >= 0.")
-    if embedding is None:
-
-        embedding = default_embedding()
-    params = {"neighbours": neighbours, "min_cos": min_cos, "wordnet": wordnet, "spelling_vocab": spelling_vocab,
-              "attack_filters": "TextFooler stopwords, WordNet part-of-speech compatibility",
-              "embedding": embedding.description.get("source"), "embedding_key": embedding.description.get("key")}
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    # cached only for an embedding that names its own content (the counter-fitted one does)
-    cache = assets.cache_dir() / "synonym-encoding" / f"{key}.json" if embedding.description.get("key") else None
-    if cache is not None and cache.exists():
-        return SynonymEncoding.from_json(json.loads(cache.read_text()))
-
+def neighbour_sets(embedding, neighbours: int, min_cos: float, wordnet: bool,
+                   progress: Callable[[str], None] | None = None) -> tuple[dict[str, list[str]], list[str]]:
+    """The attacker's candidates of every word of ``embedding``'s vocabulary: its ``neighbours`` nearest
+    counter-fitted words with cosine >= ``min_cos`` (TextFooler's), then, with ``wordnet``, its WordNet
+    synonyms (PWWS's) by counter-fitted cosine; only swaps the attacks could make (neither word a
+    TextFooler stopword, parts of speech compatible). Returns (word -> candidates nearest first, the
+    words in frequency order followed by the WordNet-only words reached)."""
     pos = PartOfSpeech(allow_verb_noun_swap=True)  # TextFooler's setting
     usable = lambda w, u: u not in STOP and pos.compatible(w, u)  # noqa: E731 - a swap the attack could make
     words = embedding.words
@@ -132,8 +121,30 @@ def build(neighbours: int = 50, min_cos: float = 0.95, wordnet: bool = False, sp
             near[w] = near[w] + extra
         seen = set(order)
         order += [u for w in words for u in near[w] if u not in seen and not seen.add(u)]
+    return near, order
+
+
+def build(neighbours: int = 50, min_cos: float = 0.95, wordnet: bool = False, spelling_vocab: int = 50_000,
+          embedding=None, progress: Callable[[str], None] | None = None) -> SynonymEncoding:
+    """The synonym encoding over the counter-fitted vocabulary (and WordNet), cached on disk as JSON."""
+
+    if neighbours < 1 or not -1.0 <= min_cos <= 1.0 or spelling_vocab < 0:
+        raise TightropeError("The synonym encoding needs neighbours >= 1, -1 <= min_cos <= 1 and spelling_vocab >= 0.")
+    if embedding is None:
+
+        embedding = default_embedding()
+    params = {"neighbours": neighbours, "min_cos": min_cos, "wordnet": wordnet, "spelling_vocab": spelling_vocab,
+              "attack_filters": "TextFooler stopwords, WordNet part-of-speech compatibility",
+              "embedding": embedding.description.get("source"), "embedding_key": embedding.description.get("key")}
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    # cached only for an embedding that names its own content (the counter-fitted one does)
+    cache = assets.cache_dir() / "synonym-encoding" / f"{key}.json" if embedding.description.get("key") else None
+    if cache is not None and cache.exists():
+        return SynonymEncoding.from_json(json.loads(cache.read_text()))
+
+    near, order = neighbour_sets(embedding, neighbours, min_cos, wordnet, progress)
     code = sem_encoding(order, lambda w: near.get(w, []))
-    vocabulary = [w for w in words if w.isalpha()][:spelling_vocab]
+    vocabulary = [w for w in embedding.words if w.isalpha()][:spelling_vocab]
     transform = SynonymEncoding({w: r for w, r in code.items() if w != r}, vocabulary, params)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
