@@ -55,7 +55,7 @@ def search(
     trials: Annotated[Optional[int], typer.Option(help="Complete trials wanted in total (default: the study's).")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes on this machine.")] = 1,
     storage: Annotated[Optional[str], typer.Option(help="Database URL shared by workers (default: SQLite in OUT/search).")] = None,
-    study_name: Annotated[Optional[str], typer.Option(help="Name of the search in the store (default: study name + fingerprint).")] = None,
+    study_name: Annotated[Optional[str], typer.Option(help="Name of the search in the store (default: study name + fingerprints of its settings and search space).")] = None,
     max_latency_ms: Optional[float] = None,
     min_accuracy: Optional[float] = None,
     max_asr: Optional[float] = None,
@@ -63,7 +63,8 @@ def search(
     prefer: Annotated[str, typer.Option(help="Objective the choice optimizes among those meeting the limits.")] = "asr",
     export: Annotated[Optional[Path], typer.Option(help="Copy the chosen model here, ready to load, with its card.")] = None,
 ):
-    """Multi-objective search (Optuna NSGA-II) over compression settings; Pareto front and constrained choice.
+    """Multi-objective search (Optuna: a grid on small discrete spaces, else NSGA-II) over defenses and compression
+    settings; Pareto front of accuracy, strongest attack's success rate and latency; constrained choice.
 
     Example: tightrope search studies/quickstart.yaml --out runs/quickstart --max-latency-ms 30 --min-accuracy 0.75 --export runs/chosen
     """
@@ -77,8 +78,10 @@ def search(
     from tightrope.study.search import (  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
         OBJECTIVES,
         Constraints,
+        default_study_name,
         export_choice,
         open_storage,
+        preflight_search,
         search_study,
         storage_url,
         summarize,
@@ -90,12 +93,13 @@ def search(
         raise TightropeError(f"{study} has no 'search' section; add one (trials, objectives, quant, sparsity).")
     if workers < 1:
         raise TightropeError("--workers must be at least 1.")
+    preflight_search(spec)  # a misspelt defense setting fails here, before the run folder is made
     from tightrope.study.plan import identity  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
     from tightrope.study.runner import claim_run_dir  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     claim_run_dir(out, identity(spec))  # before the SQLite file is created inside it
     url = storage_url(storage, out)
-    name = study_name or f"{spec.name}-{spec.fingerprint()}"
+    name = study_name or default_study_name(spec)
     if workers == 1:
         search_study(spec, out, storage=url, study_name=name, n_trials=trials)
     else:
@@ -114,11 +118,11 @@ def search(
                               max_memory_mb=max_memory_mb)
     summary = summarize(loaded, [OBJECTIVES[o] for o in loaded.user_attrs["objectives"]], constraints, prefer)
     write_result(out / "search" / "search.json", summary)
-    objectives = summary["objectives"]
-    rows = [[str(t["number"]), ", ".join(f"{k}={v}" for k, v in t["params"].items()),
-             *(f"{t['values'][o]:.4g}" for o in objectives)]
-            for t in summary["trials"] if t["number"] in summary["front"]]
-    out_console.print(markdown_table(["trial", "params", *objectives], rows))
+    from tightrope.report.render import render_search, search_rows  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+
+    out_console.print(markdown_table(*search_rows(summary)))
+    written = render_search(out)
+    out_console.print(f"[green]front[/] {written['markdown']}" + (f" and {written['figure']}" if "figure" in written else ""))
     chosen = summary["chosen"]
     out_console.print(f"[green]chosen[/] trial {chosen['number']}: {chosen['params']} -> {chosen['values']}")
     if export is not None:

@@ -91,3 +91,29 @@ def pareto_plot(points: list[dict], x: str, y: str, front: set[int]) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def search_front(points: list[dict], front: set[int]) -> bytes:
+    """The search's trade-off in two panels: clean accuracy and latency, each against the strongest attack's
+    success rate. One colour per defense (the legend names it); the Pareto front over all three filled and
+    numbered by trial (the report's table gives each one's compression); dominated trials hollow."""
+    defenses = list(dict.fromkeys(p["defense"] for p in points))
+    colour = {d: f"C{i % 10}" for i, d in enumerate(defenses)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for ax, y, label in ((axes[0], "accuracy", "clean accuracy"), (axes[1], "latency_ms", "median latency, batch 1 (ms)")):
+        for d in defenses:
+            rest = [p for p in points if p["defense"] == d and p["number"] not in front]
+            best = [p for p in points if p["defense"] == d and p["number"] in front]
+            ax.scatter([p["asr"] for p in rest], [p[y] for p in rest], s=30, facecolors="none", edgecolors=colour[d])
+            ax.scatter([p["asr"] for p in best], [p[y] for p in best], s=60, c=colour[d], edgecolors="black",
+                       label=d if ax is axes[0] else None)
+        for p in points:
+            if p["number"] in front:  # the trial's number: its row in the report's table of the front
+                ax.annotate(f"#{p['number']}", (p["asr"], p[y]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.set_xlabel("strongest attack's success rate")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Accuracy against the strongest attack")
+    axes[1].set_title("Latency against the strongest attack")
+    axes[0].legend(title="defense (filled: Pareto front)", fontsize=7, title_fontsize=7)
+    return _png(fig)

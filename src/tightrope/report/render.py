@@ -3,8 +3,10 @@
 Everything comes from the run's result files (``run.json``, each step's ``result.json``, and the
 search's ``search/search.json`` when a search ran), never from a model: a report can be re-rendered
 anywhere. Contents: the seed paper's Table I (before / after) and Table II (per technique); plots of
-accuracy against latency, attack success rate per model, training curves and the Pareto front;
-a few adversarial examples with their changes highlighted; the environment.
+accuracy against latency, attack success rate per model, training curves and the search's Pareto
+front (clean accuracy, strongest attack's success rate and latency, one colour per defense);
+a few adversarial examples with their changes highlighted; the environment. :func:`render_search`
+writes the search's front alone (``search/front.md`` and ``front.png``) from ``search/search.json``.
 """
 
 from __future__ import annotations
@@ -131,7 +133,9 @@ def make_plots(data: RunData) -> dict[str, bytes]:
                                                      for a, per in data.attacks.items()})
     if data.histories:
         out["training_curves"] = plots.training_curves(data.histories)
-    if data.search and data.search.get("trials"):
+    if data.search and data.search.get("trials") and data.search.get("trade_off"):
+        out["search_front"] = search_figure(data.search)
+    elif data.search and data.search.get("trials"):
         objectives = data.search["objectives"]
         x, y = (objectives + objectives)[:2] if len(objectives) == 1 else objectives[:2]
         if "latency_ms" in objectives and "accuracy" in objectives:
@@ -146,6 +150,8 @@ CAPTIONS = {
     "attack_success_rate": "Attack success rate (succeeded / (succeeded + failed); skipped examples apart).",
     "training_curves": "Validation accuracy and training loss over epochs (from each model card's history).",
     "pareto_front": "Search trials on two of its objectives; red points are Pareto-optimal over all objectives.",
+    "search_front": "Search trials: clean accuracy and latency against the strongest attack's success rate, one colour "
+                    "per defense (legend); filled points are the Pareto front of the three, numbered as in the front's table.",
 }
 
 
@@ -157,20 +163,102 @@ def _environment(data: RunData) -> dict:
     return environment()
 
 
-def _search_rows(data: RunData) -> tuple[list[str], list[list[str]]] | None:
-    if not data.search:
-        return None
-    objectives = data.search["objectives"]
-    header = ["trial", "params", *objectives, "chosen"]
-    chosen = (data.search.get("chosen") or {}).get("number")
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def trial_defense(trial: dict) -> str:
+    """The defense a search trial started from (searches before the defense dimension called it ``source``)."""
+    params = trial.get("params", {})
+    return trial.get("attrs", {}).get("defense") or params.get("defense") or params.get("source") or "baseline"
+
+
+def trial_compression(trial: dict) -> str:
+    """A search trial's compression in a few words: '30% magnitude + Int8Dynamic', or 'none'."""
+    params = trial.get("params", {})
+    parts = []
+    sparsity = params.get("sparsity") or 0
+    if sparsity > 0:
+        parts.append(f"{100 * sparsity:.0f}% {'structured' if params.get('structured') else 'magnitude'}")
+    if params.get("quant", "none") != "none":
+        parts.append(params["quant"])
+    return " + ".join(parts) or "none"
+
+
+def search_figure(search: dict) -> bytes:
+    """The trade-off figure of a search summary (accuracy / latency against the strongest attack's success rate)."""
+    points = [{"number": t["number"], **t["values"], "defense": trial_defense(t), "compression": trial_compression(t)}
+              for t in search["trials"]]
+    return plots.search_front(points, set(search["trade_off"]["front"]))
+
+
+def search_rows(search: dict) -> tuple[list[str], list[list[str]]]:
+    """The search's Pareto front as a table. With the trade-off of accuracy, strongest attack and latency:
+    one row per member of that front (and the chosen model), its defense, compression and each attack's rate."""
+    objectives = search["objectives"]
+    chosen = (search.get("chosen") or {}).get("number")
+    trade_off = search.get("trade_off")
+    if not trade_off:
+        header = ["trial", "params", *objectives, "chosen"]
+        rows = []
+        for t in search["trials"]:
+            if t["number"] not in search["front"]:
+                continue
+            params = ", ".join(f"{k}={v}" for k, v in t["params"].items())
+            rows.append([str(t["number"]), params, *(f"{t['values'][o]:.4g}" for o in objectives),
+                         "yes" if t["number"] == chosen else ""])
+        return header, rows
+    attacks = list(dict.fromkeys(a for t in search["trials"] for a in t.get("attrs", {}).get("asr_by_attack", {})))
+    others = [o for o in objectives if o not in ("accuracy", "asr", "latency_ms")]
+    header = ["trial", "defense", "compression", "accuracy", "strongest ASR", *(f"{a} ASR" for a in attacks),
+              "latency (ms)", *others, "chosen"]
+    front = set(trade_off["front"])
     rows = []
-    for t in data.search["trials"]:
-        if t["number"] not in data.search["front"]:
+    for t in sorted(search["trials"], key=lambda t: -t["values"]["accuracy"]):
+        if t["number"] not in front and t["number"] != chosen:
             continue
-        params = ", ".join(f"{k}={v}" for k, v in t["params"].items())
-        rows.append([str(t["number"]), params, *(f"{t['values'][o]:.4g}" for o in objectives),
-                     "yes" if t["number"] == chosen else ""])
+        attrs, v = t.get("attrs", {}), t["values"]
+        by_attack = attrs.get("asr_by_attack", {})
+        strongest = attrs.get("strongest_attack")
+        rows.append([str(t["number"]), trial_defense(t), trial_compression(t), _percent(v["accuracy"]),
+                     _percent(v["asr"]) + (f" ({strongest})" if strongest and len(attacks) > 1 else ""),
+                     *(_percent(by_attack.get(a)) for a in attacks), f"{v['latency_ms']:.1f}",
+                     *(f"{v[o]:.4g}" for o in others),
+                     ("yes" if t["number"] in front else "yes (not on this front)") if t["number"] == chosen else ""])
     return header, rows
+
+
+def _search_rows(data: RunData) -> tuple[list[str], list[list[str]]] | None:
+    return search_rows(data.search) if data.search else None
+
+
+SEARCH_NOTE = ("The Pareto front of clean accuracy, the strongest attack's success rate (the highest over the attacks "
+               "the search ran, each listed) and median latency: no other trial is at least as good on all three and "
+               "better on one. Each setting was measured once; the chosen model is the front's member that meets the "
+               "limits given to `tightrope search`.")
+
+
+def render_search(root: str | Path) -> dict[str, Path]:
+    """Write the search's front as ``search/front.md`` and its figure as ``search/front.png`` from
+    ``search/search.json`` alone (``tightrope search`` without a finished ``tightrope run``)."""
+    folder = Path(root) / "search"
+    file = folder / "search.json"
+    if not file.exists():
+        raise TightropeError(f"{Path(root)} holds no search summary (search/search.json); run `tightrope search` first.")
+    search = json.loads(file.read_text())
+    out: dict[str, Path] = {}
+    md = ["# Search: the Pareto front", ""]
+    if search.get("trials"):
+        md += [markdown_table(*search_rows(search)), ""]
+        if search.get("trade_off"):
+            md += [SEARCH_NOTE, "", f"![{CAPTIONS['search_front']}](front.png)", ""]
+            png = folder / "front.png"
+            png.write_bytes(search_figure(search))
+            out["figure"] = png
+    else:
+        md += ["No trial has finished yet.", ""]
+    out["markdown"] = _write_text(folder / "front.md", "\n".join(md))
+    return out
 
 
 # --- documents ------------------------------------------------------------------------------------
@@ -271,6 +359,8 @@ def render_report(root: str | Path) -> dict[str, Path]:
             body += ["<h2>Accuracy under embedding attacks, per epsilon</h2>", _html_table(*curve)]
         if search is not None:
             body += ["<h2>Search: the Pareto front</h2>", _html_table(*search)]
+            if data.search.get("trade_off"):
+                body.append(f"<p>{html.escape(SEARCH_NOTE)}</p>")
         if figures:
             body.append("<h2>Plots</h2>")
         for name, png in figures.items():
@@ -298,6 +388,8 @@ def render_report(root: str | Path) -> dict[str, Path]:
             md += ["## Accuracy under embedding attacks, per epsilon", "", markdown_table(*curve), ""]
         if search is not None:
             md += ["## Search: the Pareto front", "", markdown_table(*search), ""]
+            if data.search.get("trade_off"):
+                md += [SEARCH_NOTE, ""]
         for name, png in figures.items():
             (files / f"{name}.png").write_bytes(png)
             md += [f"![{CAPTIONS[name]}](report_files/{name}.png)", ""]

@@ -1,10 +1,20 @@
 """The feedback loop as a multi-objective search (Optuna), its Pareto front, and the model chosen.
 
 The seed's loop "compress -> attack -> evaluate -> compare -> adjust" becomes an Optuna study:
-each trial picks a source model (baseline or a defense), a quantization method and a sparsity
+each trial picks a defense (a model of the study such as the undefended baseline, or a defense
+setting that the search trains from the baseline), a quantization method and a sparsity
 (structured or not), runs those steps through the study runner (so everything already computed
-by this or another trial is reused), and reports clean accuracy, attack success rate, latency and
-memory. The default sampler is NSGA-II (Deb et al. 2002), Optuna's ``NSGAIISampler``.
+by this or another trial is reused), and reports clean accuracy, the strongest attack's success
+rate, latency and memory.
+
+No setting is measured twice. On a discrete space with at most ``trials`` points the sampler is
+a grid (Optuna's ``GridSampler``: each combination once); otherwise NSGA-II (Deb et al. 2002,
+Optuna's ``NSGAIISampler``), and a trial that proposes the parameters of a completed trial is
+answered from that trial (``duplicate_of``) instead of being run. Each step a trial needs is cached
+by its inputs in the run directory, so trials that share a defense train it once.
+
+The ``asr`` objective is the highest success rate over the study's attacks (``search.attack``
+restricts them); each attack's rate is kept in the trial's ``asr_by_attack``.
 
 Storage: an embedded SQLite file (``<run>/search/optuna.db``) by default; any SQLAlchemy URL
 otherwise, e.g. ``postgresql+psycopg2://user@host/db``, so that workers on several machines join
@@ -18,6 +28,7 @@ tightrope model directory whose card records the search.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import shutil
@@ -27,17 +38,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from tightrope.defenses.config import check_fields, defense_config
 from tightrope.errors import TightropeError
 from tightrope.study.plan import (
     attack_inputs,
+    attack_kind,
     compress_inputs,
+    defense_inputs,
     evaluate_inputs,
     identity,
     plan_study,
     preflight,
 )
 from tightrope.study.runner import Step, claim_run_dir, run_steps
-from tightrope.study.spec import Range
+from tightrope.study.spec import DefenseSpec, Range, SearchDefense, StudySpec
 from tightrope.study.steps import compression_config
 
 Direction = Literal["minimize", "maximize"]
@@ -136,9 +150,14 @@ def open_storage(url: str):
             raise TightropeError(f"Could not open the search store {url.split('@')[-1]}: {first}") from None
 
 
-def make_sampler(kind: str, seed: int):
+def make_sampler(kind: str, seed: int, space: dict[str, list] | None = None):
+    """The Optuna sampler of ``kind``; ``grid`` needs the discrete ``space`` (parameter -> choices)."""
     import optuna  # noqa: PLC0415
 
+    if kind == "grid":
+        if space is None:
+            raise TightropeError("A grid search needs a discrete space; give sparsity as a list of values.")
+        return optuna.samplers.GridSampler(space, seed=seed)
     if kind == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
     if kind == "tpe":
@@ -146,12 +165,35 @@ def make_sampler(kind: str, seed: int):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def grid_left(study, space: dict[str, list]) -> int:
+    """Points of the grid that no finished trial has visited yet (as Optuna's GridSampler counts them)."""
+    from optuna.trial import TrialState  # noqa: PLC0415
+
+    names = sorted(space)
+    visited = {tuple(t.params.get(n) for n in names) for t in study.get_trials(deepcopy=False)
+               if t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)}
+    return sum(point not in visited for point in itertools.product(*(space[n] for n in names)))
+
+
+def completed_twin(trial):
+    """A completed trial (itself measured, not a copy) with the same parameters as ``trial``, or None."""
+    from optuna.trial import TrialState  # noqa: PLC0415
+
+    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.params == trial.params and "duplicate_of" not in t.user_attrs:
+            return t
+    return None
+
+
 def run_search(objective: Callable, objectives: Sequence[tuple[str, Direction]], *, storage: str, study_name: str,
-               n_trials: int, seed: int = 0, sampler: str = "nsga2", worker: int = 0, progress: bool = False):
+               n_trials: int, seed: int = 0, sampler: str = "nsga2", worker: int = 0, progress: bool = False,
+               space: dict[str, list] | None = None):
     """Add trials to the shared study until it holds ``n_trials`` complete ones; returns the Optuna study.
 
-    ``objective(trial) -> dict`` returns every objective by name (and may add ``model_dir``); failed
-    trials (a TightropeError) are recorded as failed and the search goes on.
+    ``objective(trial) -> dict`` returns every objective by name (and may add ``model_dir`` and other
+    attributes, kept as the trial's user attributes); failed trials (a TightropeError) are recorded as
+    failed and the search goes on. ``space`` (parameter -> choices) is the discrete space: a ``grid``
+    sampler visits each of its points once, and the search stops when none is left.
     """
     import optuna  # noqa: PLC0415
     from optuna.study import MaxTrialsCallback  # noqa: PLC0415
@@ -161,13 +203,15 @@ def run_search(objective: Callable, objectives: Sequence[tuple[str, Direction]],
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = [n for n, _ in objectives]
     study = optuna.create_study(storage=open_storage(storage), study_name=study_name, load_if_exists=True,
-                                directions=[d for _, d in objectives], sampler=make_sampler(sampler, seed + 1000 * worker))
-    stored = study.user_attrs.get("objectives")
-    if stored is None:
-        study.set_user_attr("objectives", names)
-    elif stored != names:
-        raise TightropeError(f"The search '{study_name}' in this store optimizes {stored}, not {names}; "
-                             "use another --study-name.")
+                                directions=[d for _, d in objectives],
+                                sampler=make_sampler(sampler, seed + 1000 * worker, space))
+    for key, value in (("objectives", names), ("space", space)):
+        stored = study.user_attrs.get(key)
+        if stored is None and value is not None:
+            study.set_user_attr(key, value)
+        elif stored != value:
+            what = f"optimizes {stored}, not {names}" if key == "objectives" else "explores another search space"
+            raise TightropeError(f"The search '{study_name}' in this store {what}; use another --study-name.")
 
     def wrapped(trial):
         values = objective(trial)
@@ -177,8 +221,11 @@ def run_search(objective: Callable, objectives: Sequence[tuple[str, Direction]],
         return tuple(values[n] for n in names)
 
     done = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
-    if done < n_trials:
-        study.optimize(wrapped, n_trials=n_trials - done, catch=(TightropeError,),
+    wanted = n_trials - done
+    if sampler == "grid" and space is not None:
+        wanted = min(wanted, grid_left(study, space))  # a finished grid is not run again
+    if wanted > 0:
+        study.optimize(wrapped, n_trials=wanted, catch=(TightropeError,),
                        callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))])
     return study
 
@@ -192,14 +239,29 @@ def trial_records(study) -> list[dict]:
              "attrs": dict(t.user_attrs)} for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
 
 
+# The trade-off the report draws: clean accuracy, the strongest attack's success rate, latency.
+TRADE_OFF = ("accuracy", "asr", "latency_ms")
+
+
 def summarize(study, directions: Sequence[Direction], constraints: Constraints | None = None,
               prefer: str = "asr") -> dict:
-    """The search as JSON: objectives, every complete trial, the front, and the choice (if constrained)."""
+    """The search as JSON: objectives, every measured trial, the front, and the choice (if constrained).
+
+    Trials answered from an earlier trial with the same parameters (``duplicate_of``) are listed
+    apart under ``duplicates``, not as points of their own. When the search optimizes accuracy,
+    ``asr`` and latency, ``trade_off`` holds the front over those three alone (the report's figure).
+    """
     names = study.user_attrs["objectives"]
-    trials = trial_records(study)
+    records = trial_records(study)
+    trials = [t for t in records if "duplicate_of" not in t["attrs"]]
     front = [trials[i]["number"] for i in pareto_front([[t["values"][n] for n in names] for t in trials], directions)]
     summary = {"study_name": study.study_name, "objectives": names, "directions": list(directions),
-               "trials": trials, "front": front, "chosen": None}
+               "trials": trials, "front": front, "chosen": None,
+               "duplicates": {str(t["number"]): t["attrs"]["duplicate_of"] for t in records if "duplicate_of" in t["attrs"]}}
+    if all(n in names for n in TRADE_OFF):
+        dirs = [OBJECTIVES[n] for n in TRADE_OFF]
+        summary["trade_off"] = {"objectives": list(TRADE_OFF), "front": [
+            trials[i]["number"] for i in pareto_front([[t["values"][n] for n in TRADE_OFF] for t in trials], dirs)]}
     if constraints is not None and trials:
         members = [t for t in trials if t["number"] in front]
         chosen = choose(members, constraints, prefer if prefer in names else names[0])
@@ -244,72 +306,157 @@ def toy_objective(trial) -> dict:
 # --- the study's own search -----------------------------------------------------------------------
 
 
-def trial_variant(spec, trial) -> tuple[str, list[dict]]:
-    """The source model and compression steps a trial picks from the study's search space."""
+@dataclass(frozen=True)
+class TrialSetting:
+    """What one trial measures: the defense (a label of ``search.defenses``) and the compression after it."""
 
+    defense: str
+    quant: str
+    sparsity: float
+    structured: bool
+
+    def compression(self) -> list[dict]:
+        steps = []
+        if self.sparsity > 0:
+            steps.append({"method": "StructuredPruning", "params": {"heads": self.sparsity, "ffn": self.sparsity}}
+                         if self.structured else {"method": "MagnitudePruning", "params": {"sparsity": self.sparsity}})
+        if self.quant != "none":
+            steps.append({"method": self.quant, "params": {}})
+        return steps
+
+
+def trial_setting(spec: StudySpec, trial) -> TrialSetting:
+    """The setting a trial picks from the study's search space (each dimension one Optuna parameter)."""
     s = spec.search
-    source = trial.suggest_categorical("source", s.sources) if len(s.sources) > 1 else s.sources[0]
+    defense = trial.suggest_categorical("defense", list(s.defense_choices()))
     quant = trial.suggest_categorical("quant", s.quant)
     if isinstance(s.sparsity, Range):
         sparsity = trial.suggest_float("sparsity", s.sparsity.low, s.sparsity.high, step=s.sparsity.step, log=s.sparsity.log)
     else:
         sparsity = trial.suggest_categorical("sparsity", s.sparsity)
-    structured = trial.suggest_categorical("structured", s.structured) if len(s.structured) > 1 else s.structured[0]
-    steps = []
-    if sparsity > 0:
-        steps.append({"method": "StructuredPruning", "params": {"heads": sparsity, "ffn": sparsity}} if structured
-                     else {"method": "MagnitudePruning", "params": {"sparsity": sparsity}})
-    if quant != "none":
-        steps.append({"method": quant, "params": {}})
-    return source, steps
+    structured = trial.suggest_categorical("structured", s.structured)
+    return TrialSetting(defense, quant, sparsity, structured)
 
 
-def study_objective(spec, run_root: str | Path, progress: bool = False) -> Callable:
-    """The objective of a study's search: run the trial's steps (cached) and read its measurements."""
+def _ancestors(steps: list[Step], target: str) -> list[Step]:
+    """The steps ``target`` needs (itself included), in plan order: a trial trains only its own defense."""
+    by_name = {s.name: s for s in steps}
+    needed, todo = set(), [target]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += by_name[name].deps
+    return [s for s in steps if s.name in needed]
 
+
+def search_defense(entry: SearchDefense, params: dict) -> DefenseSpec:
+    """A setting of ``search.defenses`` as the study's own defense section would write it."""
+    return DefenseSpec(name="search", method=entry.method, source=entry.source, params=params, train=entry.train)
+
+
+def search_attacks(spec: StudySpec) -> list:
+    """The attacks whose strongest success rate is the ``asr`` objective (``search.attack``: a subset)."""
+    chosen = spec.search.attack_labels()
+    return [a for a in spec.attacks if chosen is None or a.label in chosen]
+
+
+def trial_steps(spec: StudySpec, setting: TrialSetting) -> tuple[list[Step], str]:
+    """The steps of one trial, and the name of the step that makes the model it measures."""
     base_steps, producer = plan_study(spec)
-    attack = next((a for a in spec.attacks if a.label == spec.search.attack), spec.attacks[0] if spec.attacks else None)
-    needs_attack = "asr" in spec.search.objectives
+    choice = spec.search.defense_choices()[setting.defense]
+    if isinstance(choice, str):  # a model of the study: baseline or one of its defenses
+        model_step = producer[choice]
+        steps = _ancestors(base_steps, model_step)
+    else:  # a defense the search trains (cached by its inputs, so each setting trains once)
+        entry, params = choice
+        steps = _ancestors(base_steps, producer[entry.source])
+        model_step = f"defend/{setting.defense}"
+        steps.append(Step(model_step, "defend", defense_inputs(spec, search_defense(entry, params)),
+                          (producer[entry.source],)))
+    compress_steps = setting.compression()
+    if compress_steps:
+        tag = hashlib.sha256(json.dumps([setting.defense, compress_steps], sort_keys=True).encode()).hexdigest()[:10]
+        steps.append(Step(f"compress/search-{tag}", "compress", compress_inputs(spec, compress_steps), (model_step,)))
+        model_step = f"compress/search-{tag}"
+    steps.append(Step("evaluate/trial", "evaluate", evaluate_inputs(spec), (model_step,)))
+    if "asr" in spec.search.objectives:
+        for attack in search_attacks(spec):
+            steps.append(Step(f"attack/{attack.label}/trial", attack_kind(attack), attack_inputs(spec, attack),
+                              (model_step,)))
+    return steps, model_step
+
+
+def strongest(asr_by_attack: dict[str, float | None]) -> tuple[str, float]:
+    """The attack with the highest success rate and that rate (None, no attackable example, counts as 0)."""
+    rates = {name: 0.0 if asr is None else asr for name, asr in asr_by_attack.items()}
+    name = max(rates, key=lambda n: rates[n])
+    return name, rates[name]
+
+
+def study_objective(spec: StudySpec, run_root: str | Path, progress: bool = False) -> Callable:
+    """The objective of a study's search: run the trial's steps (cached) and read its measurements.
+
+    A trial whose parameters equal a completed trial's is answered from that trial, unrun.
+    """
 
     def objective(trial) -> dict:
-        source, compress_steps = trial_variant(spec, trial)
-        steps = [s for s in base_steps if s.kind in ("train", "defend")]
-        model_step = producer[source]
-        if compress_steps:
-            tag = hashlib.sha256(json.dumps([source, compress_steps], sort_keys=True).encode()).hexdigest()[:10]
-            model_step = f"compress/search-{tag}"
-            steps.append(Step(model_step, "compress", compress_inputs(spec, compress_steps), (producer[source],)))
-        steps.append(Step("evaluate/trial", "evaluate", evaluate_inputs(spec), (model_step,)))
-        if needs_attack:
-            steps.append(Step("attack/trial", "attack", attack_inputs(spec, attack), (model_step,)))
+        setting = trial_setting(spec, trial)
+        twin = completed_twin(trial)
+        if twin is not None:
+            return {**{k: v for k, v in twin.user_attrs.items() if k != "worker"}, "duplicate_of": twin.number}
+        steps, model_step = trial_steps(spec, setting)
         run = run_steps(steps, run_root, identity=identity(spec), progress=progress, manifest=False)
         ev = run.result("evaluate/trial")
         values = {"accuracy": ev["metrics"]["accuracy"],
                   "latency_ms": (ev.get("latency") or {}).get("median_ms", math.nan),
                   "memory_mb": (ev.get("peak_rss_bytes") or math.nan) / 1e6,
                   "weight_mb": (ev.get("weight_bytes") or math.nan) / 1e6}
-        if needs_attack:
-            asr = run.result("attack/trial").get("attack_success_rate")
-            values["asr"] = 0.0 if asr is None else asr  # None: no example was attackable
+        extra: dict = {}
+        if "asr" in spec.search.objectives:
+            by_attack = {a.label: run.result(f"attack/{a.label}/trial").get("attack_success_rate")
+                         for a in search_attacks(spec)}
+            extra["strongest_attack"], values["asr"] = strongest(by_attack)
+            extra["asr_by_attack"] = by_attack
         values = {k: v for k, v in values.items() if k in spec.search.objectives}
-        return {**values, "model_dir": str(Path(run_root).resolve() / run.result(model_step)["model_dir"])}
+        return {**values, **extra, "defense": setting.defense, "compression": setting.compression(),
+                "model_dir": str(Path(run_root).resolve() / run.result(model_step)["model_dir"])}
 
     return objective
 
 
-def search_study(spec, out: str | Path, *, storage: str | None = None, study_name: str | None = None,
-                 n_trials: int | None = None, worker: int = 0, progress: bool = True):
-    """One worker of a study's search (start several with the same storage to share the work)."""
-
+def preflight_search(spec: StudySpec) -> None:
+    """The search section's own checks, before any work: every quantization method and every defense
+    setting of ``search.defenses`` (each grid point), built as ``tightrope train --defense`` builds it."""
     if spec.search is None:
         raise TightropeError("This study has no 'search' section; add one (trials, objectives, quant, sparsity).")
-    preflight(spec)
     for i, method in enumerate(spec.search.quant):
         if method != "none":
             compression_config(method, {}, f"search.quant.{i}")
+    for j, entry in enumerate(spec.search.defenses):
+        if isinstance(entry, str):
+            continue
+        for label, params in entry.settings():
+            try:
+                check_fields(defense_config(entry.method, params, teacher=entry.source))
+            except TightropeError as err:
+                raise TightropeError(f"search.defenses.{j} ({label}): {err}") from None
+
+
+def default_study_name(spec: StudySpec) -> str:
+    """The search's name in its store: the study, its settings and its search space (an edited space is a new search)."""
+    return f"{spec.name}-{spec.fingerprint()}-{spec.search.fingerprint()}"
+
+
+def search_study(spec: StudySpec, out: str | Path, *, storage: str | None = None, study_name: str | None = None,
+                 n_trials: int | None = None, worker: int = 0, progress: bool = True):
+    """One worker of a study's search (start several with the same storage to share the work)."""
+
+    preflight_search(spec)
+    preflight(spec)
     claim_run_dir(Path(out), identity(spec))
     objectives = [(o, OBJECTIVES[o]) for o in spec.search.objectives]
     return run_search(study_objective(spec, out, progress), objectives, storage=storage_url(storage, out),
-                      study_name=study_name or f"{spec.name}-{spec.fingerprint()}",
-                      n_trials=n_trials or spec.search.trials, seed=spec.seed, sampler=spec.search.sampler,
-                      worker=worker, progress=progress)
+                      study_name=study_name or default_study_name(spec),
+                      n_trials=n_trials or spec.search.trials, seed=spec.seed, sampler=spec.search.resolved_sampler(),
+                      worker=worker, progress=progress, space=spec.search.space())

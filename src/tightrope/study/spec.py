@@ -12,15 +12,19 @@ Model names used across the file: ``baseline`` (the fine-tuned model), each defe
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -146,17 +150,86 @@ class Range(_Strict):
         return self
 
 
+class SearchDefense(_Strict):
+    """A defense the search may train from ``source`` before a trial compresses it.
+
+    A list as the value of a setting (``params: {query_budget: [50, 100]}``, also inside ``distill``)
+    is a grid axis: the entry stands for one defense per combination of its lists. Each setting is
+    validated by :func:`tightrope.defenses.config.defense_config` before the search starts, as
+    ``tightrope train --defense`` validates it.
+    """
+
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="Label of the setting (default: the method).")
+    method: str = Field(description="A defense of tightrope.defenses (pgd, fast, freelb, a2t, canonical, distill).")
+    source: str = Field("baseline", description="The model the defense starts from: baseline or a study defense.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Its settings; a list is a grid of values.")
+    train: TrainSpec | None = Field(None, description="Training settings (default: the study's train section).")
+
+    def settings(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every (label, params) this entry stands for: one per combination of its grid axes, in order."""
+        axes = grid_axes(self.params)
+        base = self.name or self.method
+        if not axes:
+            return [(base, dict(self.params))]
+        out = []
+        for combo in itertools.product(*(values for _, values in axes)):
+            params = json.loads(json.dumps(self.params))  # a deep copy of plain data
+            for (path, _), value in zip(axes, combo):
+                node = params
+                for key in path[:-1]:
+                    node = node[key]
+                node[path[-1]] = value
+            shown = ", ".join(f"{'.'.join(path)}={value}" for (path, _), value in zip(axes, combo))
+            out.append((f"{base}({shown})", params))
+        return out
+
+
+def grid_axes(params: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], list]]:
+    """The lists in ``params`` (nested mappings such as ``distill`` included): each is one grid axis."""
+    axes = []
+    for key, value in params.items():
+        if isinstance(value, list):
+            axes.append(((*prefix, key), value))
+        elif isinstance(value, dict):
+            axes += grid_axes(value, (*prefix, key))
+    return axes
+
+
+# An entry of search.defenses: a model name or a setting (tagged, so an error names the setting's bad key).
+DefenseChoice = Annotated[Union[Annotated[str, Tag("tag-model")], Annotated[SearchDefense, Tag("tag-setting")]],
+                          Discriminator(lambda v: "tag-model" if isinstance(v, str) else "tag-setting")]
+
+
 class SearchSpec(_Strict):
-    """The feedback loop: choices the search may combine, and what it optimizes."""
+    """The feedback loop: choices the search may combine, and what it optimizes.
+
+    ``defenses`` is the defense dimension: each entry is either the name of a model of the study that
+    compression may start from (``baseline``, undefended, or a name in the study's ``defenses``) or a
+    defense setting (:class:`SearchDefense`) that the search trains itself. ``sources`` is the former
+    name of ``defenses`` and is still read (its entries are model names).
+    """
 
     trials: int = Field(20, gt=0)
-    attack: str | None = Field(None, description="The attack (by name) whose success rate is an objective.")
+    attack: str | list[str] | None = Field(None, description="The attack(s), by name, whose success rate the 'asr' "
+                                           "objective takes (default: every attack of the study; the strongest counts).")
     objectives: list[Literal["accuracy", "asr", "latency_ms", "memory_mb", "weight_mb"]] = ["accuracy", "asr", "latency_ms"]
-    sources: list[str] = ["baseline"]
-    quant: list[str] = Field(["none", "Int8Dynamic", "NF4"], description="Quantization methods ('none' allowed).")
+    defenses: list[DefenseChoice] = Field(["baseline"], min_length=1, description="Models or defense settings "
+                                                "each trial starts from (baseline: no defense).")
+    quant: list[str] = Field(["none", "Int8Dynamic", "NF4"], min_length=1, description="Quantization methods ('none' allowed).")
     sparsity: list[float] | Range = [0.0, 0.3, 0.5]
-    structured: list[bool] = [False]
-    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
+    structured: list[bool] = Field([False], min_length=1)
+    sampler: Literal["auto", "grid", "nsga2", "tpe", "random"] = Field(
+        "auto", description="auto: a grid when the space is discrete and has at most 'trials' points, else nsga2.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_names(cls, data):
+        if isinstance(data, dict) and "sources" in data:
+            if "defenses" in data:
+                raise ValueError("sources is the former name of defenses; keep only defenses")
+            data = {**data, "defenses": data["sources"]}
+            del data["sources"]
+        return data
 
     @field_validator("sparsity")
     @classmethod
@@ -165,6 +238,43 @@ class SearchSpec(_Strict):
         if any(not 0 <= s < 1 for s in values):
             raise ValueError("sparsity must lie in [0, 1)")
         return v
+
+    def defense_choices(self) -> dict[str, str | tuple[SearchDefense, dict[str, Any]]]:
+        """Every value of the defense dimension by label: a model name, or (entry, its params)."""
+        out: dict[str, str | tuple[SearchDefense, dict[str, Any]]] = {}
+        for entry in self.defenses:
+            if isinstance(entry, str):
+                out[entry] = entry
+            else:
+                out.update({label: (entry, params) for label, params in entry.settings()})
+        return out
+
+    def space(self) -> dict[str, list] | None:
+        """The discrete search space (parameter -> choices), or None when sparsity is a continuous range."""
+        if isinstance(self.sparsity, Range):
+            return None
+        return {"defense": list(self.defense_choices()), "quant": list(self.quant), "sparsity": list(self.sparsity),
+                "structured": list(self.structured)}
+
+    def space_size(self) -> int | None:
+        space = self.space()
+        return None if space is None else math.prod(len(v) for v in space.values())
+
+    def resolved_sampler(self) -> str:
+        """``auto`` resolved: a grid when the space is discrete and ``trials`` can cover it, else NSGA-II."""
+        if self.sampler != "auto":
+            return self.sampler
+        size = self.space_size()
+        return "grid" if size is not None and size <= self.trials else "nsga2"
+
+    def attack_labels(self) -> list[str] | None:
+        return None if self.attack is None else [self.attack] if isinstance(self.attack, str) else list(self.attack)
+
+    def fingerprint(self) -> str:
+        """Hash of the search space and objectives (not of trials or sampler): an Optuna study explores one space."""
+        payload = self.model_dump(mode="json", include={"attack", "objectives", "defenses", "quant", "sparsity",
+                                                        "structured"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
 
 class StudySpec(_Strict):
@@ -206,13 +316,30 @@ class StudySpec(_Strict):
         if self.report.attack is not None and self.report.attack not in labels:
             raise ValueError(f"report.attack: no attack is called '{self.report.attack}' (known: {', '.join(labels)})")
         if self.search is not None:
-            if self.search.attack is not None and self.search.attack not in labels:
-                raise ValueError(f"search.attack: no attack is called '{self.search.attack}' (known: {', '.join(labels)})")
+            for attack in self.search.attack_labels() or []:
+                if attack not in labels:
+                    raise ValueError(f"search.attack: no attack is called '{attack}' (known: {', '.join(labels)})")
             if "asr" in self.search.objectives and not self.attacks:
                 raise ValueError("search.objectives: 'asr' needs at least one attack in attacks")
-            for j, source in enumerate(self.search.sources):
-                if source not in names[: 1 + len(self.defenses)]:
-                    raise ValueError(f"search.sources.{j}: '{source}' is neither baseline nor a defense")
+            seen: list[str] = []
+            for j, entry in enumerate(self.search.defenses):
+                if not isinstance(entry, str) and entry.name in names:
+                    raise ValueError(f"search.defenses.{j}.name: '{entry.name}' is a model of the study; give the "
+                                     "setting another name, or list the model by its name alone")
+                for label in [entry] if isinstance(entry, str) else [label for label, _ in entry.settings()]:
+                    if label in seen:
+                        raise ValueError(f"search.defenses.{j}: the setting '{label}' appears twice; give each "
+                                         "entry a name")
+                    seen.append(label)
+            if self.search.sampler == "grid" and isinstance(self.search.sparsity, Range):
+                raise ValueError("search.sampler: a grid needs a discrete space; give sparsity as a list of values")
+            starts = names[: 1 + len(self.defenses)]
+            for j, entry in enumerate(self.search.defenses):
+                model, where = (entry, f"search.defenses.{j}") if isinstance(entry, str) else \
+                    (entry.source, f"search.defenses.{j}.source")
+                if model not in starts:
+                    raise ValueError(f"{where}: '{model}' is neither baseline nor a defense of the study "
+                                     f"(known: {', '.join(starts)})")
         return self
 
     @property
@@ -232,7 +359,7 @@ def _where(loc: tuple) -> str:
 def validation_message(err: ValidationError, source: str) -> str:
     """One sentence naming the bad key's path (and how many other problems there are)."""
     first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[", "float"))))
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list[", "float", "tag-"))))
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         text = f"unknown key '{_where(loc)}'"
@@ -258,9 +385,9 @@ def _lookup_model(loc: tuple):
         if field is None:
             return None
         ann = field.annotation
-        candidates = [ann, *getattr(ann, "__args__", ())]
-        for cand in list(candidates):
-            candidates += list(getattr(cand, "__args__", ()))
+        candidates = [ann]
+        for cand in candidates:  # grows while it is read: every type nested in list[...], unions, Annotated
+            candidates += [a for a in getattr(cand, "__args__", ()) if a not in candidates]
         model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if model is None:
             return None
