@@ -46,8 +46,9 @@ def shuffled_order(size: int, seed: int) -> list[int]:
     return random.Random(seed).sample(range(size), size)
 
 
-def build_variants(model: str, out: Path, names: list[str], given: dict[str, str]) -> dict[str, str]:
-    """Path of each variant: given on the command line, already built under ``out``, or built now."""
+def build_variants(model: str, out: Path, names: list[str], given: dict[str, str], build: bool = True) -> dict[str, str]:
+    """Path of each variant: given on the command line, already built under ``out``, or built now (with
+    ``build=False``, as a dry run plans: only where it would be built)."""
     paths = {}
     for name in names:
         if name == "fp32":
@@ -59,7 +60,7 @@ def build_variants(model: str, out: Path, names: list[str], given: dict[str, str
                 sys.exit(f"Unknown variant '{name}'; give it as --variant {name}=PATH or pick from fp32, "
                          f"{', '.join(VARIANT_FLAGS)}.")
             path = out / "variants" / name
-            if not (path / "card.json").exists():
+            if build and not (path / "card.json").exists():
                 print(f"building {name} -> {path}", file=sys.stderr)
                 subprocess.run([sys.executable, "-m", "tightrope.cli", "compress", model, *VARIANT_FLAGS[name],
                                 "--out", str(path)], check=True)
@@ -82,7 +83,7 @@ def read_cells(out: Path) -> dict[str, dict[str, Path]]:
     return cells
 
 
-def grid_sweep(args, out: Path):
+def grid_sweep(args, out: Path, build: bool = True):
     """The grid as a tightrope.workflows.sweep.Sweep: one cell per (recipe, variant), on the first --n
     examples of a seeded shuffle of the task."""
     from tightrope.data import load_task
@@ -92,7 +93,7 @@ def grid_sweep(args, out: Path):
     if bad:
         sys.exit(f"--variant takes NAME=PATH, not '{bad[0]}'.")
     given = dict(v.split("=", 1) for v in args.variant)
-    variants = build_variants(args.model, out, args.variants.split(","), given)
+    variants = build_variants(args.model, out, args.variants.split(","), given, build=build)
     size = len(load_task(args.task, args.split, seed=args.seed, data_dir=args.data_dir))
     order = shuffled_order(size, args.seed)[: args.n]
     cells = tuple(Cell(recipe, name, path, str(cell_dir(Path("."), recipe, name)))
@@ -130,7 +131,7 @@ def run(args) -> None:
 
     out = Path(args.out)
     try:
-        sweep = grid_sweep(args, out)
+        sweep = grid_sweep(args, out, build=not args.dry_run)
         if args.dry_run:
             print("\n".join(plan(sweep, out, shard_size=args.shard_size).lines(sorted({1, 2, 8, 32, 128, args.workers or 1}))))
             return

@@ -287,6 +287,10 @@ def test_a_grid_on_two_nodes_survives_a_killed_worker_and_a_killed_driver(slow_g
     mismatch = subprocess.run([sys.executable, "-c", other, cluster["address"]], capture_output=True, text=True,
                               env=os.environ.copy(), timeout=120)
     assert "but this machine has Ray 2.0.0" in mismatch.stdout and mismatch.stdout.count("\n") == 1, mismatch.stdout + mismatch.stderr[-1500:]
+    # a driver without the cluster's token: one sentence
+    stranger = subprocess.run([sys.executable, "-c", other.replace("ray.__version__ = '2.0.0'", "pass"), cluster["address"]],
+                              capture_output=True, text=True, env={**os.environ, "RAY_AUTH_TOKEN": "0" * 64}, timeout=180)
+    assert "refused this process's authentication token" in stranger.stdout, stranger.stdout + stranger.stderr[-1500:]
 
 
 @pytest.mark.slow

@@ -90,6 +90,27 @@ def connect(address: str, *, workers: int | None = None):
             kwargs["_node_ip_address"] = "127.0.0.1"  # a head on the loopback: the driver stays there too
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
+        _init(ray, address, target, kwargs)
+    except Exception as err:  # noqa: BLE001 - Ray wraps an authentication failure in several layers
+        if not _auth_problem(err):
+            raise
+        raise TightropeError(f"The Ray cluster at {address} refused this process's authentication token: set the "
+                             "cluster's token here too (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, or the head's "
+                             f"~/.ray/auth_token), then rerun ({RESUME}).") from err
+    return ray
+
+
+def _auth_problem(err: BaseException) -> bool:
+    seen = 0
+    while err is not None and seen < 10:
+        if "InvalidAuthToken" in str(err) or type(err).__name__ == "AuthenticationError":
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _init(ray, address: str, target: str, kwargs: dict) -> None:
+    try:
         ray.init(address=target, **kwargs)
     except ConnectionError as err:
         if address == "auto":
@@ -101,7 +122,6 @@ def connect(address: str, *, workers: int | None = None):
         if sentence:
             raise TightropeError(sentence) from err
         raise
-    return ray
 
 
 def _first_line(err: BaseException) -> str:
