@@ -136,6 +136,34 @@ def test_ray_missing_is_one_sentence(monkeypatch):
     assert "pip install" in text and "\n" not in text and text.endswith(".")
 
 
+def test_attack_with_ray_missing_says_how_to_install_it(grid, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tightrope.cli import app
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    cell = grid.cells[0]
+    result = CliRunner().invoke(app, ["attack", cell.model, "--recipe", cell.recipe, "--task", grid.task, "--ray", "local"])
+    assert result.exit_code == 2 and "pip install" in result.output and "Traceback" not in result.output
+
+
+def test_worker_errors_are_one_sentence():
+    from tightrope.errors import MissingResourceError, TightropeError
+    from tightrope.workflows.ray_backend import worker_error
+
+    class Wrapped(Exception):  # what Ray raises in the driver: the worker's exception as .cause
+        def __init__(self, cause):
+            super().__init__(f"ray::CellWorker.describe()\n  File ...\n{cause}")
+            self.cause = cause
+
+    missing = worker_error(Wrapped(MissingResourceError("WordNet 3.0 was not found at /x; run bash scripts/setup.sh.")), "worker 1 of 2")
+    refused = worker_error(Wrapped(TightropeError("The task 't' has 3 labels but the model predicts 2.")), "worker 2 of 2")
+    crashed = worker_error(Wrapped(ValueError("boom\nmore")), "worker 1 of 2")
+    for err, words in ((missing, "lacks a packaged asset: WordNet"), (refused, "3 labels"), (crashed, "ValueError: boom")):
+        text = str(err)
+        assert words in text and "\n" not in text and "resume" in text and text.endswith(".")
+
+
 def test_an_unreachable_address_is_one_sentence():
     from tightrope.errors import TightropeError
     from tightrope.workflows import ray_backend

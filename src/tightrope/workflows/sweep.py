@@ -136,6 +136,7 @@ class CellWorker:
         self.sweep, self.data = sweep, data
         self._models: dict[str, object] = {}
         self._attackers: dict[Cell, Attacker] = {}
+        self._victims: dict[Cell, object] = {}  # what each cell's attack queries (the ONNX session with --runtime onnxruntime)
         self._twin = None
         self._stack = contextlib.ExitStack()  # the twin's fake quantization stays on for the worker's life
 
@@ -187,14 +188,12 @@ class CellWorker:
             attacker = Attacker(recipes.build(cell.recipe, victim, **options), seed=sweep.seed,
                                 long_texts=sweep.long_texts, indices=sweep.examples(self.data))
             attacker.open(victim, self.data)
-            self._attackers[cell] = attacker
+            self._attackers[cell], self._victims[cell] = attacker, victim
         return self._attackers[cell]
 
     def describe(self, cell: Cell) -> dict:
         """The cell's ``attack.json``: what the driver checks against the folder before any work."""
-        attacker = self.attacker(cell)
-        model = attacker._opened[0]
-        return attacker.describe_run(model, self.data)
+        return self.attacker(cell).describe_run(self._victims[cell], self.data)
 
     def attack(self, cell: Cell, indices: Iterable[int]) -> list[dict]:
         attacker = self.attacker(cell)
