@@ -98,7 +98,7 @@ def attack(
             raise TightropeError("--shard splits a run between `accelerate launch` processes and --ray between Ray workers; pick one.")
         plan = sweeps.Sweep((sweeps.Cell(recipe, Path(model).name, model),), task=task, split=split, n=n, seed=seed,
                             data_dir=data_dir, query_budget=query_budget, max_length=max_length, long_texts=long_texts,
-                            twin=twin, runtime=runtime, threads=threads or 1)
+                            twin=twin, runtime=runtime, threads=threads or 1, temperature=temperature)
         if dry_run:
             for line in sweeps.plan(plan, out, shard_size=shard_size).lines(sorted({1, 2, 8, 32, 128, workers or 1})):
                 out_console.print(line)
@@ -127,16 +127,9 @@ def attack(
         victim = fast
         console.print(f"victim on ONNX Runtime fp32: logits within {gap:.1e} of PyTorch's on {min(16, len(data))} texts")
     if temperature is not None:
-        from tightrope.evaluate.calibration import fit_temperature, tempered  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+        from tightrope.workflows.sweep import with_temperature  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
-        if temperature == "fit":
-            value = fit_temperature(victim.logits(data.texts), data.labels)
-        else:
-            try:
-                value = float(temperature)
-            except ValueError:
-                raise TightropeError(f"--temperature is a positive number or 'fit', not '{temperature}'.") from None
-        victim = tempered(victim, value)
+        victim, value = with_temperature(victim, temperature, data)
         console.print(f"attacking the victim's logits divided by T = {value:.4g}")
     with console.status(f"preparing {recipe} (resources are built once and cached)"):
         attack = recipes.build(recipe, victim, **options)

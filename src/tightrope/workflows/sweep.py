@@ -32,7 +32,7 @@ from filelock import FileLock, Timeout
 
 from tightrope import workflows
 from tightrope.attacks import recipes
-from tightrope.attacks.attacker import Attacker, append_result, check_meta, read_results
+from tightrope.attacks.attacker import SETTINGS, Attacker, append_result, check_meta, read_results
 from tightrope.attacks.results import AttackReport, AttackResult, summarize
 from tightrope.data import TaskData, load_task
 from tightrope.errors import TightropeError
@@ -89,6 +89,7 @@ class Sweep:
     twin_scheme: str | None = None
     runtime: str = "torch"
     threads: int | None = 1
+    temperature: str | None = None  # a number, or "fit" (tightrope attack --temperature)
 
     def __post_init__(self):
         if not self.cells:
@@ -119,6 +120,21 @@ class Task:
 
     cell: Cell
     indices: tuple[int, ...]
+
+
+def with_temperature(victim, temperature: str, data: TaskData):
+    """The victim with its logits divided by T (``tightrope attack --temperature``): a number, or "fit" for
+    the T that minimises the NLL on the data's clean texts; returns the tempered victim and T."""
+    from tightrope.evaluate.calibration import fit_temperature, tempered  # noqa: PLC0415 - only with --temperature
+
+    if temperature == "fit":
+        value = fit_temperature(victim.logits(data.texts), data.labels)
+    else:
+        try:
+            value = float(temperature)
+        except ValueError:
+            raise TightropeError(f"--temperature is a positive number or 'fit', not '{temperature}'.") from None
+    return tempered(victim, value), value
 
 
 # --- the worker: models and attacks loaded once, examples attacked on demand ----------------------------------
@@ -185,6 +201,8 @@ class CellWorker:
                 fast, _ = onnx_twin(victim, self.data.texts[:16], threads=sweep.threads)
                 options.setdefault("twin", victim)  # HotFlip's gradients come from the PyTorch model itself
                 victim = fast
+            if sweep.temperature is not None:
+                victim, _ = with_temperature(victim, sweep.temperature, self.data)
             attacker = Attacker(recipes.build(cell.recipe, victim, **options), seed=sweep.seed,
                                 long_texts=sweep.long_texts, indices=sweep.examples(self.data))
             attacker.open(victim, self.data)
@@ -403,7 +421,7 @@ def _summarize(sweep: Sweep, data: TaskData, order: list[int], folder: CellFolde
     meta = {}
     if folder.path is not None and (folder.path / "attack.json").exists():
         meta = json.loads((folder.path / "attack.json").read_text())
-    settings = {k: meta[k] for k in ("seed", "data_fingerprint", "examples", "long_texts", "max_length") if k in meta}
+    settings = {k: meta[k] for k in SETTINGS if k in meta}
     victim = meta.get("victim", folder.cell.model)
     report = summarize(results, recipe=folder.cell.recipe, victim=victim, task=f"{data.name}:{data.split}",
                        attack=meta.get("attack"), settings={**settings, "wall_seconds_this_run": wall})
