@@ -62,7 +62,7 @@ def markdown(path: str) -> str:
     with open(path) as f:
         saved = json.load(f)
     meta = saved["meta"]
-    lines = [f"Student {meta.get('model', 'minilm')}, {meta['n_train']} IMDB reviews x {meta['max_length']} tokens, batch {meta['batch']} "
+    lines = [f"Student {meta.get('model', 'minilm')}, {meta['n_train']} {meta.get('task', 'imdb')} texts x {meta['max_length']} tokens, batch {meta['batch']} "
              f"({meta['steps']} steps), {meta['threads']} torch threads, median of {meta['rounds']} rounds; "
              f"load average {meta['load_start']} at the start, {meta['load_end']} at the end.", "",
              "| defense | wall s | x clean (wall) | CPU s | x clean (CPU) | wall of each round (s) |",
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--markdown", default=None, help="print the table of a saved --json run and exit")
     parser.add_argument("--model", default="minilm", help="student to start from (a fine-tuned directory: the "
                         "attack of A2T then has to work for its flips, as in real training)")
+    parser.add_argument("--task", default="imdb", help="training data (imdb, or a data file such as MR's carve)")
     parser.add_argument("--n-train", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=256)
@@ -101,7 +102,7 @@ def main() -> None:
     torch.manual_seed(0)
     load_start = load_average()
 
-    data = load_task("imdb", "train").subset(args.n_train, seed=0)
+    data = load_task(args.task, "train").subset(args.n_train, seed=0)
     labels = list(data.label_names)
     loaded = models.load_classifier(args.model, label_names=labels, require_head=False)
     model, tok = loaded.model, loaded.tokenizer
@@ -119,6 +120,11 @@ def main() -> None:
     kd = Distillation(teacher, a=0.5, temperature=2.0, student_labels=labels)
     a2t = A2TTraining(tok, adv_share=0.5, mix=0.5, max_length=args.max_length)
     a2t.embedding  # noqa: B018 - load the counter-fitted vectors before timing
+    from tightrope.defenses.canonical import build as build_encoding
+
+    encoding = build_encoding()  # the canonical defense's input transform (cached table)
+    a2t_wn = A2TTraining(tok, adv_share=0.5, mix=0.5, max_length=args.max_length, max_candidates=40, query_budget=80,
+                         wordnet=True, input_transform=encoding, embedding=a2t.embedding)
 
     defenses = {
         "clean": ("clean fine-tuning (cross-entropy)", Supervised()),
@@ -126,6 +132,7 @@ def main() -> None:
         "pgd3": ("PGD-3, eps 0.02 (Madry 2018)", PGDTraining(epsilon=0.02, steps=3)),
         "freelb3": ("FreeLB K=3, eps 0.5 (Zhu 2020)", FreeLB(epsilon=0.5, steps=3)),
         "a2t": ("A2T: 50% of batch attacked, budget 100 (Yoo 2021)", a2t),
+        "a2t-wn-enc": ("A2T + WordNet candidates, through the synonym encoding: 40 neighbours, budget 80", a2t_wn),
         "fast+kd": ("fast + KD (a 0.5, T 2, MiniLM teacher)", FastAdversarial(epsilon=0.02, criterion=kd)),
     }
     if args.only:
@@ -177,7 +184,7 @@ def main() -> None:
     print(f"load average: start {load_start}, end {load_end}")
     if args.json:
         meta = {"model": args.model, "device": "cpu", "processor": platform.processor(), "cpus": os.cpu_count(), "threads": args.threads,
-                "n_train": args.n_train, "batch": args.batch_size, "max_length": args.max_length, "steps": steps,
+                "task": args.task, "n_train": args.n_train, "batch": args.batch_size, "max_length": args.max_length, "steps": steps,
                 "rounds": args.rounds, "torch": torch.__version__, "priority": priority,
                 "load_start": load_start, "load_end": load_end, "a2t_stats": a2t_stats}
         with open(args.json, "w") as f:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -142,22 +143,23 @@ def fgws(model: str, out: Path, deltas: list[int], threads: int, max_drop: float
     import torch
 
     from tightrope import workflows
-    from tightrope.defenses.fgws import build_fgws
+    from tightrope.defenses.fgws import AttackCandidates, build_fgws
     from tightrope.train import TrainConfig, split_train_eval
     from tightrope.transforms import FILE
 
     torch.set_num_threads(threads)
     card = json.loads((Path(model) / "card.json").read_text())
-    config = TrainConfig(**{k: v for k, v in card["config"].items() if k in TrainConfig.model_fields})
+    # every training sentence of the task's carve (a model fine-tuned from another on part of it saw the rest)
+    config = TrainConfig(**{k: v for k, v in card["config"].items() if k in TrainConfig.model_fields} | {"n_train": None})
     train_data, eval_data = split_train_eval(config)
     clf = workflows.load(model)
     base = clf.input_transform
     accuracy = lambda: sum(int(p == y) for p, y in zip(clf.predict(eval_data.texts), eval_data.labels)) / len(eval_data)  # noqa: E731
     reference = accuracy()
     print(f"{model}: validation accuracy {reference:.4f} on {len(eval_data)} sentences", flush=True)
-    chosen = None
+    chosen, candidates = None, AttackCandidates()
     for delta in sorted(deltas):
-        transform = build_fgws(train_data.texts, delta, base)
+        transform = build_fgws(train_data.texts, delta, base, candidates=candidates)
         clf.input_transform = transform
         acc = accuracy()
         changed = sum(a != b for a, b in zip(base(eval_data.texts), transform(eval_data.texts)))
@@ -179,6 +181,78 @@ def fgws(model: str, out: Path, deltas: list[int], threads: int, max_drop: float
                     "validation_accuracy_before": reference}
     (dest / "card.json").write_text(json.dumps(card, indent=1))
     print(f"wrote {dest} (delta {delta})", flush=True)
+
+
+def latency(models: list[str], out: Path, threads: int, rounds: int = 5, n: int = 256) -> None:
+    """Inference time per sentence of every model, side by side in one process: each round times every
+    model in turn on the same MR test sentences (batches of 32, input transform included), so that the
+    load of a shared machine hits them alike; the median over rounds, relative to the first model."""
+    import statistics
+    import time
+
+    import torch
+
+    from tightrope import workflows
+    from tightrope.data import load_task
+
+    torch.set_num_threads(threads)
+    texts = load_task("mr", "test").texts[:n]
+    loaded = {m: workflows.load(m) for m in models}
+    for clf in loaded.values():
+        clf.logits(texts[:32], batch_size=32)  # warm-up (and the transform's memo, as in a long-running server)
+    times = {m: [] for m in models}
+    for _ in range(rounds):
+        for m, clf in loaded.items():
+            t0 = time.perf_counter()
+            clf.logits(texts, batch_size=32)
+            times[m].append(1000 * (time.perf_counter() - t0) / len(texts))
+    first = statistics.median(times[models[0]])
+    rows = {_label(m): {"ms_per_text": statistics.median(t), "relative": statistics.median(t) / first} for m, t in times.items()}
+    file = out / "latency.json"
+    file.write_text(json.dumps({"threads": threads, "rounds": rounds, "texts": len(texts), "load": os.getloadavg(), "rows": rows}, indent=1))
+    for name, row in rows.items():
+        print(f"| `{name}` | {row['ms_per_text']:.2f} | {row['relative']:.2f} |")
+
+
+def curve(models: list[str], out: Path, figure: Path, recipes_: list[str], threads: int) -> None:
+    """The explored curve: clean accuracy (MR test) against each attack's success rate, one point per
+    model and attack, the strongest attack of each model joined by a line to its others."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"textfooler": "o", "pwws": "s", "deepwordbug": "^", "pgd": "x"}
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for k, model in enumerate(models):
+        acc = clean(model, out, threads)["accuracy"]
+        color = f"C{k % 10}"
+        points = []
+        for recipe in (*recipes_, "pgd"):
+            file = out / "attacks" / _label(model) / recipe / "summary.json"
+            if not file.exists():
+                continue
+            r = json.loads(file.read_text())
+            if recipe == "pgd":
+                r = r["points"][0]
+            asr = r["succeeded"] / max(1, r["succeeded"] + r["failed"])
+            points.append(asr)
+            ax.scatter(acc * 100, asr * 100, marker=markers[recipe], color=color, s=60 if recipe != "pgd" else 40)
+        if points:
+            text_max = max(points[:len(recipes_)]) if len(points) > 1 else points[0]
+            ax.vlines(acc * 100, min(points) * 100, max(points) * 100, color=color, alpha=0.3)
+            ax.annotate(_label(model), (acc * 100, text_max * 100), textcoords="offset points", xytext=(5, 4), fontsize=8, color=color)
+    for recipe, m in markers.items():
+        ax.scatter([], [], marker=m, color="grey", label=recipe if recipe != "pgd" else "PGD eps 0.002")
+    ax.set_xlabel("clean accuracy on MR test (%)")
+    ax.set_ylabel("attack success rate on 100 sentences of TextFooler's MR sample (%)")
+    ax.set_title("Defenses explored on MR: every attack queries the whole defended pipeline")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(figure, dpi=120)
+    print(f"wrote {figure}")
 
 
 def wilson(won: int, attacked: int) -> tuple[float, float]:
@@ -224,7 +298,8 @@ def clean(model: str, out: Path, threads: int) -> dict:
 
 def table(models: list[str], out: Path, recipes_: list[str], threads: int) -> None:
     head = ["model", "clean acc. (MR test)", "macro-F1"] + [f"{r} ASR (95% CI)" for r in recipes_] + \
-        ["strongest", "strongest, logits tempered", "PGD eps 0.002 ASR", "transform ms/text", "model ms/text"]
+        ["strongest", "strongest, logits tempered", "PGD eps 0.002 ASR", "latency ms/text (x first row)"]
+    lat = json.loads((out / "latency.json").read_text())["rows"] if (out / "latency.json").exists() else {}
     rows = []
     for model in models:
         c = clean(model, out, threads)
@@ -257,7 +332,8 @@ def table(models: list[str], out: Path, recipes_: list[str], threads: int) -> No
             cells.append(f"{point['attack_success_rate']:.1%} ({point['succeeded']}/{point['succeeded'] + point['failed']})")
         else:
             cells.append("-")
-        cells += [f"{c['transform_ms_per_text']:.3f}", f"{c['model_ms_per_text']:.2f}"]
+        row = lat.get(_label(model))
+        cells.append(f"{row['ms_per_text']:.2f} ({row['relative']:.2f}x)" if row else "-")
         rows.append(cells)
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -320,12 +396,13 @@ def swaps(models: list[str], out: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("prepare", "coverage", "attack", "pgd", "fgws", "swaps", "table"))
+    parser.add_argument("step", choices=("prepare", "coverage", "attack", "pgd", "fgws", "latency", "swaps", "table", "curve"))
     parser.add_argument("models", nargs="*")
     parser.add_argument("--out", type=Path, default=Path("runs/defense-mr"))
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--figure", type=Path, default=Path("docs/figures/defense-mr-curve.png"))
     parser.add_argument("--deltas", default="1,2,3,5,10", help="fgws: frequency thresholds tried")
     parser.add_argument("--temperature", default=None, help="attack: 'fit' or a number (the temperature check)")
     args = parser.parse_intermixed_args(argv)
@@ -339,6 +416,10 @@ def main(argv=None) -> None:
         attack(args.models, args.out, args.n, args.recipes.split(","), args.threads, args.temperature)
     elif args.step == "fgws":
         fgws(args.models[0], args.out, [int(d) for d in args.deltas.split(",")], args.threads)
+    elif args.step == "curve":
+        curve(args.models, args.out, args.figure, args.recipes.split(","), args.threads)
+    elif args.step == "latency":
+        latency(args.models, args.out, args.threads)
     elif args.step == "pgd":
         pgd(args.models, args.out, args.n, args.threads)
     else:

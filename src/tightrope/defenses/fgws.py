@@ -71,18 +71,32 @@ def with_fgws(encoding: SynonymEncoding, fgws: Mapping[str, str], params: dict) 
     return SynonymEncoding(table, encoding.vocabulary, {**encoding.params, "fgws": params})
 
 
-def build_fgws(train_texts: Iterable[str], delta: int, encoding: SynonymEncoding, *, embedding=None,
-               neighbours: int = 50, min_cos: float = 0.5, progress: Callable[[str], None] | None = None) -> SynonymEncoding:
-    """FGWS over the attacker's candidate sets, with frequencies from ``train_texts``, joined to ``encoding``."""
-    from tightrope.attacks.recipes import default_embedding  # noqa: PLC0415 - heavy resources, built only here
-    from tightrope.attacks.words import wordnet_synonyms  # noqa: PLC0415 - heavy resources, built only here
-    from tightrope.defenses.canonical import neighbour_sets  # noqa: PLC0415 - canonical imports this module's users
+class AttackCandidates:
+    """S(w) for FGWS: TextFooler's and PWWS's candidates of every word, computed once per process."""
 
-    embedding = embedding or default_embedding()
+    def __init__(self, embedding=None, neighbours: int = 50, min_cos: float = 0.5,
+                 progress: Callable[[str], None] | None = None):
+        from tightrope.attacks.recipes import default_embedding  # noqa: PLC0415 - heavy resources, built only here
+        from tightrope.defenses.canonical import neighbour_sets  # noqa: PLC0415 - canonical is this module's user
+
+        self.embedding = embedding or default_embedding()
+        self.neighbours, self.min_cos = neighbours, min_cos
+        self.near, self.order = neighbour_sets(self.embedding, neighbours, min_cos, True, progress)
+
+    def __call__(self, word: str):
+        from tightrope.attacks.words import wordnet_synonyms  # noqa: PLC0415 - WordNet, read only here
+
+        # words outside the embedding's vocabulary (reached through WordNet) take their WordNet synonyms
+        return self.near[word] if word in self.near else wordnet_synonyms(word)
+
+
+def build_fgws(train_texts: Iterable[str], delta: int, encoding: SynonymEncoding, *,
+               candidates: AttackCandidates | None = None) -> SynonymEncoding:
+    """FGWS over the attacker's candidate sets, with frequencies from ``train_texts``, joined to ``encoding``."""
+    candidates = candidates or AttackCandidates()
+    neighbours, min_cos = candidates.neighbours, candidates.min_cos
     freq = word_frequencies(train_texts)
-    near, order = neighbour_sets(embedding, neighbours, min_cos, True, progress)
-    # words outside the embedding's vocabulary (reached through WordNet) take their WordNet synonyms
-    table = fgws_table(order, lambda w: near[w] if w in near else wordnet_synonyms(w), freq, delta)
+    table = fgws_table(candidates.order, candidates, freq, delta)
     params = {"delta": delta, "neighbours": neighbours, "min_cos": min_cos, "wordnet": True,
               "training_words": sum(freq.values()), "replaced_words": len(table),
               "citation": "Mozes et al., Frequency-Guided Word Substitutions for Detecting Textual Adversarial "
@@ -90,4 +104,4 @@ def build_fgws(train_texts: Iterable[str], delta: int, encoding: SynonymEncoding
     return with_fgws(encoding, table, params)
 
 
-__all__ = ["build_fgws", "fgws_table", "with_fgws", "word_frequencies"]
+__all__ = ["AttackCandidates", "build_fgws", "fgws_table", "with_fgws", "word_frequencies"]
