@@ -137,13 +137,37 @@ def collect(root: Path, names: list[str], n_probe: int) -> None:
 
     for name in names or CLEAN:
         out = root / "collect" / f"{name}.json"
-        if out.exists() or not (root / "clean" / name / "card.json").exists():
+        if not (root / "clean" / name / "card.json").exists():
+            continue
+        if out.exists():
+            _refresh_weights(root / "clean" / name, out)
             continue
         started = time.perf_counter()
         report = audit(str(root / "clean" / name), task="mr", n_probe=n_probe,
                        config=AuditConfig(quantizers=QUANTIZERS), judge=False)
         write_json_atomic(out, report.to_dict())
         print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def _refresh_weights(model_dir: Path, out: Path) -> None:
+    """Recompute the weight statistics of an earlier report (behaviour and search kept) when the audit's set of
+    weight statistics has changed since it was written."""
+    from tightrope import workflows
+    from tightrope.evaluate.results import write_json_atomic
+    from tightrope.qattack.audit import AuditConfig, audit_model
+
+    report = json.loads(out.read_text())
+    if all("layer_spike" in q["statistics"] for q in report["quantizers"]):
+        return
+    started = time.perf_counter()
+    model = workflows.load(str(model_dir)).model.float().eval()
+    weights = audit_model(model, config=AuditConfig(quantizers=QUANTIZERS, search=None), judge=False).to_dict()
+    keep = ("disagreement", "kl", "search_kl")
+    for old, new in zip(report["quantizers"], weights["quantizers"], strict=True):
+        old["statistics"] = {**new["statistics"], **{k: v for k, v in old["statistics"].items() if k in keep}}
+        old["layers"] = new["layers"]
+    write_json_atomic(out, report)
+    print(f"{model_dir.name}: weight statistics recomputed in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def _reports(root: Path) -> dict[str, dict]:
@@ -154,7 +178,7 @@ def _reports(root: Path) -> dict[str, dict]:
 def build_null(root: Path, out: Path, n_probe: int) -> dict:
     """The null JSON: per quantizer and statistic, the clean values (model-level: one per clean model;
     per-layer: one per layer of every clean model, with the index of its model in ``layer_models``)."""
-    from tightrope.qattack.calibration import Null, null_statistics
+    from tightrope.qattack.calibration import TAILS, Null, null_statistics
 
     reports = _reports(root)
     names = list(reports)
@@ -175,6 +199,7 @@ def build_null(root: Path, out: Path, n_probe: int) -> dict:
         "models": [{"name": n, **dict(zip(("task", "seed", "n_train", "lr", "batch_size", "truncation"), CLEAN[n],
                                           strict=True))} for n in names],
         "layer_models": owners,
+        "tails": dict(TAILS),
         "statistics": stats,
     }
     null = Null.from_dict(data, str(out))
@@ -204,7 +229,7 @@ def leave_one_out(null, reports: dict[str, dict], alpha: float) -> dict:
     return {"models": len(reports), "false_positives": len(flagged), "flagged": flagged, "per_model": rows}
 
 
-def detect(root: Path, n_probe: int, null_path: Path | None) -> None:
+def detect(root: Path, n_probe: int, null_path: Path | None, only: list[str]) -> None:
     """Audit every planted model with the (shipped) null and print one row per model and quantizer."""
     from tightrope.evaluate.results import write_json_atomic
     from tightrope.qattack.audit import AuditConfig, audit
@@ -212,7 +237,7 @@ def detect(root: Path, n_probe: int, null_path: Path | None) -> None:
     for card in sorted((root / "planted").glob("*/card.json")):
         model = card.parent
         out = model.with_suffix(".audit.json")
-        if not out.exists():
+        if not out.exists() and (not only or model.name in only):
             started = time.perf_counter()
             report = audit(str(model), task="mr", n_probe=n_probe,
                            config=AuditConfig(quantizers=QUANTIZERS, null=str(null_path) if null_path else None))
@@ -294,7 +319,7 @@ def main() -> None:
             r = leave_one_out(null, _reports(args.root), float(a))
             print(f"alpha {a}: {r['false_positives']} of {r['models']} clean models flagged {r['flagged']}")
     else:
-        detect(args.root, args.n_probe, args.null)
+        detect(args.root, args.n_probe, args.null, args.only)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,19 @@ def test_t_tail_matches_tables():
     assert C.t_sf(50.0, 11) < 1e-13
 
 
+def test_gumbel_tail_for_maxima():
+    assert C.gumbel_sf(2.0, 2.0, 0.5) == pytest.approx(1 - math.exp(-math.exp(-0.5772156649)), abs=1e-6)
+    xs = [1.0, 2.0, 3.0, 4.0, 6.0]
+    ps = [C.gumbel_sf(x, 2.5, 0.4) for x in xs]
+    assert all(a > b for a, b in zip(ps, ps[1:]))
+    # the maximum of 100 standard normals: simulated tail matches the moment fit
+    rng = random.Random(2)
+    maxima = [max(rng.gauss(0, 1) for _ in range(100)) for _ in range(3000)]
+    fit = C.StatNull(tuple(maxima[:1000]), "gumbel")
+    assert fit.p_value(3.8) == pytest.approx(sum(m > 3.8 for m in maxima[1000:]) / 2000, abs=0.01)
+    assert C.StatNull(tuple(maxima[:1000])).p_value(4.2) < fit.p_value(4.2)  # a normal fit's tail is too thin
+
+
 def test_p_value_is_monotone_in_the_statistic_and_in_its_error():
     null = C.StatNull((1.00, 1.01, 0.99, 1.02, 1.00, 0.98, 1.01))
     xs = [0.9, 0.99, 1.0, 1.01, 1.03, 1.1, 1.5]
@@ -75,15 +88,26 @@ def test_layer_p_value_is_bonferroni_over_layers():
     assert C.layer_p_value(null, [], []) == (1.0, -1)
 
 
-def test_peak_excess_removes_the_chance_maximum():
+def test_position_statistics_ignore_smooth_shapes_and_catch_parking():
     import torch
 
-    from tightrope.qattack.audit import peak_ratio
+    from tightrope.qattack.audit import contrast_se, edge_contrast, position_histogram, spike
 
     g = torch.Generator().manual_seed(0)
-    for n in (2_000, 20_000, 200_000):
-        excess = [C.peak_excess(peak_ratio(torch.rand(n, generator=g)), n) / C.peak_se(n) for _ in range(20)]
-        assert abs(sum(excess) / len(excess)) < 1.0  # about 0 standard errors whatever the size
+    for n in (4_000, 40_000, 400_000):
+        u = torch.rand(n, generator=g)
+        shapes = {"uniform": u, "sloped": u.sqrt(),  # density 2u: more weights near the upper wall
+                  "curved": (torch.rand(n, generator=g) + torch.rand(n, generator=g)) / 2}  # triangular
+        for name, x in shapes.items():
+            counts = position_histogram(x)
+            if name != "curved":  # a tent density is not smooth at its peak, nor flat near the walls
+                assert abs(edge_contrast(counts, 0.05) - 1) < 4 * contrast_se(counts, 0.05), (name, n)
+            assert spike(counts) < 4.5, (name, n)  # the largest of 100 near-standard normals
+        parked = torch.cat([u, torch.full((n // 50,), 0.1), torch.full((n // 50,), 0.9)])  # a 10% margin
+        assert spike(position_histogram(parked)) > 8
+        walls = torch.cat([u, torch.zeros(n // 20), torch.ones(n // 20)])  # clamped onto the walls
+        counts = position_histogram(walls)
+        assert edge_contrast(counts, 0.05) > 1 + 6 * contrast_se(counts, 0.05)
 
 
 def test_shipped_null_is_small_says_how_it_was_made_and_loads():
@@ -92,8 +116,8 @@ def test_shipped_null_is_small_says_how_it_was_made_and_loads():
     assert len(null.meta["models"]) >= 10 and {m["task"] for m in null.meta["models"]} >= {"mr", "sst2", "imdb"}
     assert "benchmarks/audit_null.py" in null.meta["made_by"]
     for q in ("llm-int8", "nf4", "fp4", "int8-tensor", "all"):
-        assert null.get(q, "edge_ratio").n == len(null.meta["models"])
-        assert null.get(q, "layer_edge").n > 10 * len(null.meta["models"])
+        assert null.get(q, "edge_contrast").n == len(null.meta["models"])
+        assert null.get(q, "layer_contrast").n > 10 * len(null.meta["models"])
     for q in ("llm-int8", "nf4", "fp4", "int8-tensor"):
         assert null.get(q, "search_kl") is not None and null.get(q, "kl") is not None
     assert "0.01" in null.meta["leave_one_out"]
@@ -118,9 +142,9 @@ def test_null_file_errors_are_one_sentence(tmp_path):
 
 def test_leave_one_out_drops_a_models_layers_too():
     data = {"kind": "tightrope.audit-null", "statistics": {"nf4": {"edge_ratio": [1.0, 1.1, 1.2],
-                                                                    "layer_edge": [1, 2, 3, 4, 5, 6]}},
-            "layer_models": {"nf4": {"layer_edge": [0, 0, 1, 1, 2, 2]}}}
+                                                                    "layer_spike": [1, 2, 3, 4, 5, 6]}},
+            "layer_models": {"nf4": {"layer_spike": [0, 0, 1, 1, 2, 2]}}}
     null = C.Null.from_dict(data, "test")
     held = null.without(1)
     assert held.get("nf4", "edge_ratio").values == (1.0, 1.2)
-    assert held.get("nf4", "layer_edge").values == (1, 2, 5, 6)
+    assert held.get("nf4", "layer_spike").values == (1, 2, 5, 6)

@@ -146,7 +146,7 @@ def test_calibrated_verdict_on_tiny_models(tok, tmp_path):
     reports = [_audit(text_model(tok, seed), tok, base, judge=False).to_dict() for seed in range(5)]
     assert all(r["quantizers"][0]["verdict"] == "inconclusive" for r in reports)  # judge=False judges nothing
     stats, owners = null_statistics(reports)
-    assert set(stats["nf4"]) >= {"edge_ratio", "peak_excess", "flip_ratio", "layer_edge", "disagreement", "kl",
+    assert set(stats["nf4"]) >= {"edge_contrast", "spike", "flip_ratio", "layer_contrast", "disagreement", "kl",
                                  "search_kl"}
     path = tmp_path / "null.json"
     path.write_text(json.dumps({"kind": "tightrope.audit-null", "models": [{"name": str(i)} for i in range(5)],
@@ -157,7 +157,7 @@ def test_calibrated_verdict_on_tiny_models(tok, tmp_path):
     nf4 = clean.quantizers[0]
     assert clean.verdict == "clean", nf4.reasons
     assert nf4.p_value > nf4.level and nf4.level == pytest.approx(0.01)
-    assert "combined p = " in nf4.reasons[0] and set(nf4.p_values) == set(nf4.empirical_p) | {"layer_edge", "layer_peak"}
+    assert "combined p = " in nf4.reasons[0] and set(nf4.p_values) == set(nf4.empirical_p) | {"layer_contrast", "layer_spike"}
     assert any("false-positive rate" in n and "0 flagged" in n for n in clean.notes)
     model = text_model(tok, 7)
     g = torch.Generator().manual_seed(3)
@@ -167,8 +167,8 @@ def test_calibrated_verdict_on_tiny_models(tok, tmp_path):
     attacked = _audit(model, tok, config)
     nf4 = attacked.quantizers[0]
     assert attacked.verdict == "flagged" and nf4.p_value <= nf4.level
-    assert min(nf4.p_values, key=nf4.p_values.get) in {"edge_ratio", "peak_excess", "flip_ratio", "layer_edge",
-                                                       "layer_peak"}
+    assert min(nf4.p_values, key=nf4.p_values.get) in {"edge_contrast", "spike", "flip_ratio", "layer_contrast",
+                                                       "layer_spike"}
     # a stricter alpha only raises the bar: the clean model stays clean
     strict = _audit(text_model(tok, 7), tok, config.model_copy(update={"alpha": 0.001}))
     assert strict.verdict == "clean" and strict.quantizers[0].level == pytest.approx(0.001)

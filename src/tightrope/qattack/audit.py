@@ -143,6 +143,9 @@ class LayerEvidence:
     edge_ratio: float | None  # near_edge / (2 * edge)
     mean_width: float | None  # mean box width relative to the layer's absmax
     peak_ratio: float | None = None  # 100 x the fullest of 100 position bins
+    edge_contrast: float | None = None  # share near a wall / share in the next band inwards (1: smooth)
+    contrast_se: float | None = None
+    spike: float | None = None  # largest standardized excess of a position bin over its neighbours (~2.5: smooth)
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,45 @@ def peak_ratio(position: torch.Tensor, bins: int = 100) -> float:
     return (counts.max() / u.numel() * bins).item()
 
 
+def position_histogram(position: torch.Tensor, bins: int = 100) -> torch.Tensor:
+    """Counts of box positions (NaN ignored) in ``bins`` equal bins of [0, 1]."""
+    u = position[~torch.isnan(position)]
+    return torch.histc(u, bins=bins, min=0.0, max=1.0) if u.numel() else torch.zeros(bins)
+
+
+def edge_contrast(counts: torch.Tensor, edge: float) -> float:
+    """Share within ``edge`` of a wall divided by the share in the next band inwards (as wide): about 1 for
+    any smooth density of positions (a slope cancels between the two walls, a curvature to first order), far
+    above 1 when weights are parked on the walls. Counts from :func:`position_histogram`."""
+    k = max(1, round(edge * len(counts)))
+    near = counts[:k].sum() + counts[-k:].sum()
+    inner = counts[k:2 * k].sum() + counts[-2 * k:-k].sum()
+    return (near / inner).item() if inner > 0 else float("nan")
+
+
+def contrast_se(counts: torch.Tensor, edge: float) -> float:
+    """Poisson standard error of :func:`edge_contrast` when both bands hold the same expected count."""
+    k = max(1, round(edge * len(counts)))
+    inner = (counts[k:2 * k].sum() + counts[-2 * k:-k].sum()).item()
+    return math.sqrt(2 / inner) if inner > 0 else float("inf")
+
+
+def spike(counts: torch.Tensor, reach: int = 2) -> float:
+    """The largest standardized excess of one position bin over its ``reach`` neighbours on each side:
+    ``max_b 2 (sqrt(c_b + 3/8) - sqrt(m_b + 3/8)) / sqrt(1 + 1/k)`` with ``m_b`` the mean of its ``k`` neighbours
+    (Anscombe's transform, so small layers' skewed Poisson counts do not inflate it). A smooth density
+    of positions gives the maximum of 100 near-standard normals (about 2.5) whatever the layer size; weights
+    parked at a margin inside their boxes make one bin stand out."""
+    c = counts.double().tolist()
+    best = -math.inf
+    for b in range(len(c)):
+        nb = [c[j] for j in range(max(0, b - reach), min(len(c), b + reach + 1)) if j != b]
+        m = sum(nb) / len(nb)
+        if m > 0:  # Anscombe's root transform: Poisson counts of any size become near-standard normal
+            best = max(best, 2 * (math.sqrt(c[b] + 3 / 8) - math.sqrt(m + 3 / 8)) / math.sqrt(1 + 1 / len(nb)))
+    return best if best > -math.inf else float("nan")
+
+
 def expected_flip_rate(noise: float) -> float:
     """Share of uniformly placed weights that Gaussian noise of ``noise`` box widths pushes out:
     ``2 * noise / sqrt(2 pi)`` (each wall: ``E[max(N(0, sigma), 0)] / width``), valid for noise << 1."""
@@ -241,6 +283,7 @@ def _weight_evidence(model, quantizer: str, config: AuditConfig, generator: torc
     free = near = at = flips = 0.0
     noisy: dict[str, torch.Tensor] = {}
     positions: list[torch.Tensor] = []
+    total = torch.zeros(100)
     for name, module in quantized_linears(model).items():
         w = module.weight.detach().float()
         lo, hi = weight_box(w, quantizer)
@@ -248,10 +291,13 @@ def _weight_evidence(model, quantizer: str, config: AuditConfig, generator: torc
         n, near_l, at_l = edge_statistics(pos, config.edge)
         width = hi - lo
         absmax = w.abs().max().clamp(min=1e-12)
+        counts = position_histogram(pos)
+        total += counts
         layers.append(LayerEvidence(name, n, near_l if n else None, at_l if n else None,  # None: all pinned
                                     near_l / (2 * config.edge) if n else None,
                                     (width[width > 0].mean() / absmax).item() if n else None,
-                                    peak_ratio(pos) if n else None))
+                                    peak_ratio(pos) if n else None, edge_contrast(counts, config.edge) if n else None,
+                                    contrast_se(counts, config.edge) if n else None, spike(counts) if n else None))
         if n:
             positions.append(pos[~torch.isnan(pos)])
             free += n
@@ -263,10 +309,10 @@ def _weight_evidence(model, quantizer: str, config: AuditConfig, generator: torc
             flips += left.sum().item()
             noisy[name] = moved
     if free == 0:
-        return layers, None, None, None, None, None, noisy
+        return layers, None, None, None, None, None, noisy, total
     flip_rate = flips / free
     peak = peak_ratio(torch.cat(positions))
-    return layers, near / free, at / free, peak, flip_rate, flip_rate / expected_flip_rate(config.noise), noisy
+    return layers, near / free, at / free, peak, flip_rate, flip_rate / expected_flip_rate(config.noise), noisy, total
 
 
 def _with_weights(model, weights: dict[str, torch.Tensor]):
@@ -513,7 +559,7 @@ def audit_model(model, *, classifier=None, tokenizer=None, probe_texts: list[str
             progress(q)
         members = ("llm-int8", "nf4", "fp4") if q == "all" else (q,)
         missing = [r for r in (missing_library(m) for m in members) if r]
-        layers, near, at, peak, flip_rate, flip_ratio, noisy = _weight_evidence(model, q, config, generator)
+        layers, near, at, peak, flip_rate, flip_ratio, noisy, counts = _weight_evidence(model, q, config, generator)
         free = sum(layer.free_weights for layer in layers)
         reasons: list[str] = []
         unchecked: list[str] = list(missing)
@@ -564,7 +610,7 @@ def audit_model(model, *, classifier=None, tokenizer=None, probe_texts: list[str
                     probe.last_quantized = None
                 elif config.search is not None:
                     unchecked.append(f"the trigger search has no differentiable twin of {q}")
-        stats = {} if fixed else statistics(config, layers, edge_ratio, peak, flip_ratio, free, disagreement, kl, kl_se,
+        stats = {} if fixed else statistics(config, layers, counts, flip_ratio, free, disagreement, kl, kl_se,
                                         len(probe) if probe is not None else 0, found)
         p_values: dict[str, float] = {}
         empirical: dict[str, float] = {}
@@ -607,27 +653,31 @@ def audit_model(model, *, classifier=None, tokenizer=None, probe_texts: list[str
 
 # --- the calibrated verdict (classifiers and bare models) -----------------------------------------
 
-STAT_NAMES = {"edge_ratio": "near-edge ratio", "peak_excess": "peak ratio excess", "flip_ratio": "noise flip ratio",
-              "layer_edge": "worst layer's near-edge ratio", "layer_peak": "worst layer's peak excess",
+STAT_NAMES = {"edge_contrast": "near-wall / next-band share", "spike": "position spike (z)",
+              "flip_ratio": "noise flip ratio", "layer_contrast": "worst layer's near-wall / next-band share",
+              "layer_spike": "worst layer's position spike (z)",
               "disagreement": "disagreement", "kl": "KL(fp || quantized)", "search_kl": "trigger search's best KL"}
 
 
-def statistics(config: AuditConfig, layers: list[LayerEvidence], edge_ratio, peak, flip_ratio, free: int,
+def statistics(config: AuditConfig, layers: list[LayerEvidence], counts: torch.Tensor, flip_ratio, free: int,
                disagreement, kl, kl_se, probe_size: int, found) -> dict:
     """Every statistic of one quantizer with its sampling error (``{"value", "se"}``; per-layer ones as
-    ``{"values", "ses", "names"}``), as :func:`judge_quantizer` and the null builder read them."""
+    ``{"values", "ses", "names"}``), as :func:`judge_quantizer` and the null builder read them.
+
+    The box-position statistics are the shape-robust forms: :func:`edge_contrast` (near a wall vs the next band
+    inwards) and :func:`spike` (one bin vs its neighbours), so a layer whose natural positions are not uniform
+    (a wide 4-bit box over a curved weight density, a small layer) is compared with what it should show, not
+    with a flat histogram. ``edge_ratio`` and ``peak_ratio`` stay in the report for reading."""
     stats: dict = {}
-    if edge_ratio is not None and free:
-        stats["edge_ratio"] = {"value": edge_ratio, "se": C.edge_se(free, config.edge)}
-        stats["peak_excess"] = {"value": C.peak_excess(peak, free), "se": C.peak_se(free)}
+    if free:
+        stats["edge_contrast"] = {"value": edge_contrast(counts, config.edge), "se": contrast_se(counts, config.edge)}
+        stats["spike"] = {"value": spike(counts), "se": 0.0}  # already standardized
         stats["flip_ratio"] = {"value": flip_ratio, "se": C.flip_se(free, expected_flip_rate(config.noise))}
-        kept = [layer for layer in layers if layer.free_weights]
-        stats["layer_edge"] = {"values": [layer.edge_ratio for layer in kept],
-                               "ses": [C.edge_se(layer.free_weights, config.edge) for layer in kept],
-                               "names": [layer.name for layer in kept]}
-        stats["layer_peak"] = {"values": [C.peak_excess(layer.peak_ratio, layer.free_weights) for layer in kept],
-                               "ses": [C.peak_se(layer.free_weights) for layer in kept],
-                               "names": [layer.name for layer in kept]}
+        kept = [layer for layer in layers if layer.free_weights and not math.isnan(layer.edge_contrast)]
+        stats["layer_contrast"] = {"values": [layer.edge_contrast for layer in kept],
+                                   "ses": [layer.contrast_se for layer in kept], "names": [layer.name for layer in kept]}
+        stats["layer_spike"] = {"values": [layer.spike for layer in kept], "ses": [0.0] * len(kept),
+                                "names": [layer.name for layer in kept]}
     if disagreement is not None and probe_size:
         stats["disagreement"] = {"value": disagreement,
                                  "se": math.sqrt(disagreement * (1 - disagreement) / probe_size)}

@@ -17,7 +17,7 @@ models.
   how much more the quantized model believes ``c`` than full precision does. It has a useful gradient
   even where the two models agree (unlike KL, which is flat at zero divergence). One token is searched
   towards every class in turn; longer insertions extend the best one, towards the class it moved most
-  (the budget is sized for a CPU: about 2,000 short forward passes per quantizer with the defaults).
+  (the budget is sized for a shared CPU: about 1,000 short forward passes per quantizer with the defaults).
 - Each step: the gradient of the objective with respect to the one-hot of every inserted token gives a
   first-order score for every vocabulary token at every slot; ``batch`` single-slot substitutions are
   drawn from the ``top_k`` of each slot, scored exactly through full precision and the twin, and the
@@ -55,10 +55,10 @@ class SearchConfig(BaseModel):
     lengths: tuple[int, ...] = (1, 2, 3)  # insertion lengths, each started from the best of the previous
     steps: int = Field(default=2, gt=0)  # GCG steps for the first length, once per target class
     longer_steps: int = Field(default=1, gt=0)  # GCG steps per longer length, towards the best class only
-    top_k: int = Field(default=64, gt=0)  # candidate tokens per slot, by the gradient's first-order score
-    batch: int = Field(default=32, gt=0)  # substitutions scored exactly per step
-    n_search: int = Field(default=6, gt=0)  # probe texts the search optimises on, per target class
-    n_eval: int = Field(default=48, gt=0)  # held-out probe texts the found insertions are scored on
+    top_k: int = Field(default=32, gt=0)  # candidate tokens per slot, by the gradient's first-order score
+    batch: int = Field(default=16, gt=0)  # substitutions scored exactly per step
+    n_search: int = Field(default=4, gt=0)  # probe texts the search optimises on, per target class
+    n_eval: int = Field(default=32, gt=0)  # held-out probe texts the found insertions are scored on
     max_tokens: int = Field(default=24, ge=8)  # search texts are cut to this many tokens (speed)
     keep: int = Field(default=3, gt=0)  # best insertions reported per quantizer
     seed: int = 0
