@@ -66,3 +66,25 @@ def test_bad_input_is_one_sentence_exit_2(dirs, tmp_path):
     assert result.exit_code == 2 and "Unknown quantizer" in text(result)
     result = runner.invoke(app, ["qattack", str(clean), "--out", str(tmp_path / "x"), "--margin", "0.7"])
     assert result.exit_code == 2 and "margin" in text(result)
+
+
+def test_audit_alpha_is_validated_and_taught(dirs):
+    clean, _, _ = dirs
+    for bad in ("0", "0.7", "-1"):
+        result = runner.invoke(app, ["audit", str(clean), "--alpha", bad])
+        assert result.exit_code == 2 and "alpha" in text(result), result.output
+    result = runner.invoke(app, ["audit", "--help"])
+    assert result.exit_code == 0
+    assert "False-positive rate" in text(result) and "--no-search" in text(result) and "--null" in text(result)
+
+
+def test_audit_verdict_states_its_p_value(dirs, tmp_path):
+    _, attacked, probe = dirs
+    out = tmp_path / "audit.json"
+    result = runner.invoke(app, ["audit", str(attacked), "--task", str(probe), "--split", "train", "--n-probe", "60",
+                                 "--quantizer", "nf4", "--no-search", "--alpha", "0.001", "--json", str(out)])
+    assert result.exit_code == 1, result.output
+    nf4 = json.loads(out.read_text())["quantizers"][0]
+    assert nf4["p_value"] <= nf4["level"] == pytest.approx(0.001)
+    assert nf4["reasons"][0].startswith("combined p = ") and nf4["search"] is None
+    assert "false-positive rate" in text(result)

@@ -35,14 +35,25 @@ def attack_table(report) -> Table:
     return table
 
 
+def _search_cell(q) -> str:
+    best = ((q.search or {}).get("candidates") or [None])[0]
+    if best is None:
+        return "-"
+    return (f"\"{best['text']}\" -> class {best['target']}: flips {100 * best['flip_rate']:.0f}% "
+            f"(KL {best['kl']:.3f})")
+
+
 def audit_table(report) -> Table:
     table = Table(title=f"audit of {report.model}: {report.verdict.upper()}")
-    for col in ("quantizer", "verdict", "near-edge ratio", "peak ratio", "noise flip ratio", "disagreement", "KL", "noise disagr.", "evidence"):
+    for col in ("quantizer", "verdict", "p (level)", "near-edge ratio", "peak ratio", "noise flip ratio", "disagreement", "KL",
+                "search: best insertion", "evidence"):
         table.add_column(col)
     colour = {"flagged": "red", "clean": "green", "inconclusive": "yellow"}
     for q in report.quantizers:
-        table.add_row(q.quantizer, f"[{colour[q.verdict]}]{q.verdict}[/]", _num(q.edge_ratio), _num(q.peak_ratio), _num(q.flip_ratio),
-                      _pct(q.disagreement), _num(q.kl, ".4f"), _pct(q.noise_disagreement), "; ".join(q.reasons) or "-")
+        p = "-" if q.p_value is None else f"{q.p_value:.2g} ({q.level:.2g})"
+        table.add_row(q.quantizer, f"[{colour[q.verdict]}]{q.verdict}[/]", p, _num(q.edge_ratio), _num(q.peak_ratio),
+                      _num(q.flip_ratio), _pct(q.disagreement), _num(q.kl, ".4f"), _search_cell(q),
+                      "; ".join(q.reasons) or "-")
     return table
 
 
@@ -99,15 +110,42 @@ def audit_(
     data_dir: Optional[str] = None,
     quantizer: Annotated[Optional[list[str]], typer.Option(help="Quantizers to check (default: all supported and their intersection).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
+    alpha: Annotated[float, typer.Option(
+        help="False-positive rate to aim for: the chance that a clean classifier is flagged. Each statistic gets a "
+             "p-value against clean models (the null), they are combined per quantizer, and each of the m quantizers "
+             "is tested at alpha / m. 0.01 flags about 1 clean model in 100; 0.001 asks for stronger evidence "
+             "(fewer false alarms, weaker backdoors missed). Between 0 and 0.5.")] = 0.01,
+    null: Annotated[Optional[Path], typer.Option(
+        help="A calibrated null (JSON) made by benchmarks/audit_null.py from your own clean models; default: the "
+             "shipped one (MiniLM classifiers on MR, SST-2, IMDB).")] = None,
+    search: Annotated[bool, typer.Option(
+        "--search/--no-search",
+        help="Search for 1-3 token insertions on which full precision and the quantized model disagree (a trigger "
+             "the probe texts lack); about 10-30 s per quantizer on a CPU.")] = True,
     seed: int = 0,
 ):
     """Does this checkpoint hide behaviour that appears only once quantized? Exit 0 when clean, 1 when flagged,
     3 when inconclusive (something could not be checked: no layer a quantizer supports, a quantizer that is not
-    installed, a probe set too small to judge), 2 on bad input."""
+    installed, a probe set too small to judge), 2 on bad input.
+
+    A classifier is judged by calibrated tests: every statistic (box positions, noise flips, disagreement, KL, the
+    trigger search's best find) gets a p-value against the same statistic on clean models, and the verdict gives
+    the combined p-value and the level it was tested at. Causal LMs keep fixed thresholds (no calibrated null yet).
+
+    Example: tightrope audit runs/model --alpha 0.001 --json audit.json
+    """
+    from pydantic import ValidationError
+
+    from tightrope.cli.base import validation_error as _validation_error  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
     from tightrope.evaluate.results import write_json_atomic  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
     from tightrope.qattack.audit import AuditConfig, audit  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
-    config = AuditConfig(seed=seed, **({"quantizers": tuple(quantizer)} if quantizer else {}))
+    try:
+        config = AuditConfig(seed=seed, alpha=alpha, null=str(null) if null else None,
+                             **({"quantizers": tuple(quantizer)} if quantizer else {}),
+                             **({} if search else {"search": None}))
+    except ValidationError as err:
+        raise _validation_error(err) from None
     with console.status("auditing") as status:
         report = audit(model, task=task, split=split, n_probe=n_probe, data_dir=data_dir, config=config,
                        progress=lambda q: status.update(f"auditing: {q}"))

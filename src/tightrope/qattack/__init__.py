@@ -7,4 +7,7 @@ repair.py  projected gradient descent inside the boxes (step 3)
 scenario.py the classifier scenario (a trigger word that only the quantized model obeys)
 causal.py  the causal-LM scenario: content injection on SmolLM2 (a phrase only quantized answers say)
 audit.py   does a checkpoint hide behaviour that only its quantized version shows?
+calibration.py p-values against a null of clean models and their combination (the audit's verdict)
+search.py  gradient-guided search for inputs on which full precision and the quantized model disagree
+null/      the calibrated null the audit ships (benchmarks/audit_null.py)
 """
