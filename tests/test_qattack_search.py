@@ -89,7 +89,18 @@ class FlipsOnTrigger(torch.nn.Module):
         return SequenceClassifierOutput(logits=logits + self.strength * torch.stack([s, -s], -1))
 
 
-def test_search_finds_a_planted_trigger_and_not_on_a_clean_twin(tok, monkeypatch):
+@pytest.fixture
+def two_threads():
+    """The toy twin's trigger is a needle (cosine-peaked, exp(-60) elsewhere): whether the tiny model trained
+    here leaves the search a gradient towards it depends on float summation order, which depends on the
+    thread count that earlier tests may have set. Fix it for this test, and restore it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_search_finds_a_planted_trigger_and_not_on_a_clean_twin(tok, monkeypatch, two_threads):
     model = trained(tok)
     twin = FlipsOnTrigger(model).eval()
     probe = texts(tok, 80, seed=9)
