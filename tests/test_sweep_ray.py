@@ -287,7 +287,7 @@ def test_a_grid_on_two_nodes_survives_a_killed_worker_and_a_killed_driver(slow_g
         cluster["nodes"][1].kill()  # the worker node, mid-run
         killed_at = lines_in(tmp_path / "ray")
         cluster["start_worker"]()
-        wait_for(lambda: lines_in(tmp_path / "ray") >= killed_at + 8 or first.poll() is not None, 240, "results after the restart")
+        wait_for(lambda: lines_in(tmp_path / "ray") >= killed_at + 2 or first.poll() is not None, 240, "results after the restart")
         assert first.poll() is None, "the grid finished before the driver could be killed; make it slower"
         first.kill()  # the driver, mid-run
         first.wait(timeout=30)
@@ -300,7 +300,9 @@ def test_a_grid_on_two_nodes_survives_a_killed_worker_and_a_killed_driver(slow_g
     assert second.returncode == 0, output[-3000:]
     assert "2 Ray worker(s) on 2 node(s)" in output
     left = [int(m) for m in re.findall(r"(\d+) examples to attack", output)]
-    assert len(left) == 2 and 0 < left[1] < left[0] == 4 * n  # the second driver resumed the first one's folder
+    # the second driver resumed the first one's folder (on a quiet machine the first may have written its
+    # last results between the check above and the kill: then the second finds nothing left to attack)
+    assert len(left) == 2 and 0 <= left[1] < left[0] == 4 * n
     for cell in grid.cells:
         got = rows(tmp_path / "ray" / cell.folder)
         assert sorted(r["index"] for r in got) == list(range(n))  # nothing lost, nothing twice
