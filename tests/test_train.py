@@ -64,3 +64,15 @@ def test_schedule_and_order_are_pure():
     assert lr_lambda("cosine", 0, 100)(50) == pytest.approx(0.5)
     assert epoch_order(10, 1, 0) == epoch_order(10, 1, 0) != epoch_order(10, 1, 1)
     assert sorted(epoch_order(10, 1, 0)) == list(range(10))
+
+
+def test_a_task_too_small_to_carve_a_validation_set_is_one_sentence(tmp_path):
+    import json
+
+    from tightrope.errors import TightropeError
+    from tightrope.train import TrainConfig, split_train_eval
+
+    task = tmp_path / "four.jsonl"
+    task.write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in [("good", 1), ("bad", 0), ("fine", 1), ("dull", 0)]))
+    with pytest.raises(TightropeError, match="too few to carve a validation set"):
+        split_train_eval(TrainConfig(model="minilm", task=str(task), n_eval=2))

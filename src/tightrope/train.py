@@ -138,6 +138,9 @@ def split_train_eval(config: TrainConfig) -> tuple[TaskData, TaskData]:
     order = list(range(len(train)))
     random.Random(config.seed).shuffle(order)
     n_eval = min(config.n_eval, len(order) // 5)
+    if n_eval < 1:
+        raise TightropeError(f"{config.task} has {len(order)} training examples and no validation split: too few to "
+                             "carve a validation set from (a fifth of them at most); give more data or --eval-split.")
     pick = lambda idx: TaskData(train.name, train.split, [train.texts[i] for i in idx],  # noqa: E731
                                 [train.labels[i] for i in idx], train.label_names)
     held = pick(sorted(order[:n_eval]))
