@@ -77,17 +77,17 @@ class AttackCandidates:
     def __init__(self, embedding=None, neighbours: int = 50, min_cos: float = 0.5,
                  progress: Callable[[str], None] | None = None):
         from tightrope.attacks.recipes import default_embedding  # noqa: PLC0415 - heavy resources, built only here
+        from tightrope.attacks.words import wordnet_synonyms  # noqa: PLC0415 - WordNet, read only here
         from tightrope.defenses.canonical import neighbour_sets  # noqa: PLC0415 - canonical is this module's user
 
+        self.wordnet_synonyms = wordnet_synonyms
         self.embedding = embedding or default_embedding()
         self.neighbours, self.min_cos = neighbours, min_cos
         self.near, self.order = neighbour_sets(self.embedding, neighbours, min_cos, True, progress)
 
     def __call__(self, word: str):
-        from tightrope.attacks.words import wordnet_synonyms  # noqa: PLC0415 - WordNet, read only here
-
         # words outside the embedding's vocabulary (reached through WordNet) take their WordNet synonyms
-        return self.near[word] if word in self.near else wordnet_synonyms(word)
+        return self.near[word] if word in self.near else self.wordnet_synonyms(word)
 
 
 def build_fgws(train_texts: Iterable[str], delta: int, encoding: SynonymEncoding, *,
