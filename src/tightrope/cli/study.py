@@ -30,18 +30,35 @@ def run(
     report: Annotated[bool, typer.Option(help="Write report.html and report.md at the end.")] = True,
     update: Annotated[bool, typer.Option(help="The study file was edited since OUT was run: reuse every step whose "
                                               "settings did not change, run the new ones.")] = False,
+    ray: Annotated[Optional[str], typer.Option(help="Run each step as a Ray task: auto (the cluster this machine joined), "
+                                                    "local (Ray inside this run) or HOST:PORT of a head node; every node "
+                                                    "must see OUT at the same path. Default: this process.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Steps run at once on Ray, one CPU each (default: every CPU).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the steps left, the estimated CPU hours and the wall "
+                                                            "time on N workers, and run nothing.")] = False,
 ):
     """Run a whole study: baseline, defenses, compression, attacks, evaluation, report.
 
     Example: tightrope run studies/quickstart.yaml --out runs/quickstart
 
     After adding a model or an attack to the study file: tightrope run studies/quickstart.yaml --out runs/quickstart --update
+
+    On a Ray cluster, each step a task: tightrope run studies/quickstart.yaml --out /shared/runs/quickstart --ray auto
     """
     from tightrope.study.plan import run_study  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
     from tightrope.study.spec import load_spec  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     spec = load_spec(study)  # every key is checked before any work starts
-    run_study(spec, out, report=report, update=update)
+    backend = None
+    if ray or dry_run:
+        from tightrope.study.distributed import RayStepBackend, plan_run  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+
+        if dry_run:
+            for line in plan_run(spec, out).lines(sorted({1, 2, 4, 8, workers or 1})):
+                out_console.print(line)
+            return
+        backend = RayStepBackend(ray, workers=workers)
+    run_study(spec, out, report=report, update=update, backend=backend)
     if report and (out / "report.html").exists():
         out_console.print(f"[green]report[/] {out / 'report.html'}  (and {out / 'report.md'})")
     else:
@@ -53,7 +70,8 @@ def search(
     study: Annotated[Path, typer.Argument(help="Study file with a 'search' section.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (shared with `tightrope run`).")],
     trials: Annotated[Optional[int], typer.Option(help="Complete trials wanted in total (default: the study's).")] = None,
-    workers: Annotated[int, typer.Option(help="Worker processes on this machine.")] = 1,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes on this machine (default 1); with --ray, trials "
+                                                       "run at once, one CPU each (default: every CPU).")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Database URL shared by workers (default: SQLite in OUT/search).")] = None,
     study_name: Annotated[Optional[str], typer.Option(help="Name of the search in the store (default: study name + fingerprints of its settings and search space).")] = None,
     max_latency_ms: Optional[float] = None,
@@ -62,11 +80,16 @@ def search(
     max_memory_mb: Optional[float] = None,
     prefer: Annotated[str, typer.Option(help="Objective the choice optimizes among those meeting the limits.")] = "asr",
     export: Annotated[Optional[Path], typer.Option(help="Copy the chosen model here, ready to load, with its card.")] = None,
+    ray: Annotated[Optional[str], typer.Option(help="Run each trial as a Ray task: auto, local or HOST:PORT of a head node "
+                                                    "(as `tightrope run --ray`); the store stays the one record of the "
+                                                    "search. Default: processes on this machine.")] = None,
 ):
     """Multi-objective search (Optuna: a grid on small discrete spaces, else NSGA-II) over defenses and compression
     settings; Pareto front of accuracy, strongest attack's success rate and latency; constrained choice.
 
     Example: tightrope search studies/quickstart.yaml --out runs/quickstart --max-latency-ms 30 --min-accuracy 0.75 --export runs/chosen
+
+    On a Ray cluster, one trial a task: tightrope search studies/quickstart.yaml --out /shared/runs/quickstart --ray auto --storage postgresql+psycopg2://tightrope@db/tightrope
     """
     import multiprocessing as mp  # noqa: PLC0415
 
@@ -91,7 +114,7 @@ def search(
     spec = load_spec(study)
     if spec.search is None:
         raise TightropeError(f"{study} has no 'search' section; add one (trials, objectives, quant, sparsity).")
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise TightropeError("--workers must be at least 1.")
     preflight_search(spec)  # a misspelt defense setting fails here, before the run folder is made
     from tightrope.study.plan import identity  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
@@ -100,7 +123,12 @@ def search(
     claim_run_dir(out, identity(spec))  # before the SQLite file is created inside it
     url = storage_url(storage, out)
     name = study_name or default_study_name(spec)
-    if workers == 1:
+    if ray:
+        from tightrope.study.distributed import search_on_ray  # noqa: PLC0415 - imported when the command runs: Ray is optional
+
+        search_on_ray(spec, out, storage=url, study_name=name, n_trials=trials or spec.search.trials, address=ray,
+                      workers=workers)
+    elif (workers or 1) == 1:
         search_study(spec, out, storage=url, study_name=name, n_trials=trials)
     else:
         ctx = mp.get_context("spawn")

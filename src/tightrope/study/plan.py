@@ -139,15 +139,16 @@ def identity(spec: StudySpec) -> dict:
 
 
 def run_study(spec: StudySpec, out: str | Path, *, progress: bool = True, report: bool = True,
-              update: bool = False) -> RunResult:
+              update: bool = False, backend=None) -> RunResult:
     """Run a whole study under ``out`` (resuming a previous run of the same study) and write its report.
 
     ``update=True`` lets an edited study (same name) take over its earlier run directory, reusing every
-    step whose settings did not change."""
+    step whose settings did not change. ``backend`` runs the steps elsewhere (see
+    :func:`tightrope.study.runner.run_steps`); None: in this process."""
     out = Path(out)
     steps, producer = plan_study(spec)
     preflight(spec)
-    result = run_steps(steps, out, identity=identity(spec), progress=progress, update=update)
+    result = run_steps(steps, out, identity=identity(spec), progress=progress, update=update, backend=backend)
     write_result(out / "spec.json", {**spec.model_dump(mode="json"), "_producers": producer})
     if report:
 

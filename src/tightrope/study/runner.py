@@ -190,13 +190,17 @@ def claim_run_dir(root: Path, identity: dict, *, update: bool = False) -> None:
 
 def run_steps(steps: list[Step], root: str | Path, *, identity: dict | None = None, progress: bool = True,
               manifest: bool = True, on_step: Callable[[StepRecord], None] | None = None,
-              update: bool = False) -> RunResult:
+              update: bool = False, backend=None) -> RunResult:
     """Run ``steps`` in order under ``root``, reusing every finished step; returns all results.
 
     ``identity`` (when given) is written to ``study.json`` on the first run and must match on later
     ones (``update=True``: or be an edited version of the same study). Each step is computed under its own lock file (the OS frees it on kill), so several
     processes (search workers) can share one run directory: a step two of them need is computed
     once, and the other waits and reuses it. ``manifest=False`` leaves ``run.json`` alone.
+
+    ``backend`` runs the steps elsewhere: an object whose ``run(steps, keys, root, progress, on_step)``
+    returns every step's :class:`StepRecord` by name, each step computed by :func:`run_step` (as
+    :class:`tightrope.study.distributed.RayStepBackend` does on Ray workers); None: in this process, in order.
     """
     root = Path(root)
     keys = plan_keys(steps)  # every check that can fail does so before any work starts
@@ -204,8 +208,13 @@ def run_steps(steps: list[Step], root: str | Path, *, identity: dict | None = No
         claim_run_dir(root, identity, update=update)
     root.mkdir(parents=True, exist_ok=True)
     records: dict[str, StepRecord] = {}
+    if backend is not None:
+        finished = backend.run(steps, keys, root, progress, on_step)
+        records = {step.name: finished[step.name] for step in steps}  # plan order, as a local run lists them
     for step in steps:
-        record = _run_one(step, keys[step.name], records, root, progress)
+        if step.name in records:
+            continue
+        record = run_step(step, keys[step.name], records, root, progress)
         records[step.name] = record
         if on_step:
             on_step(record)
@@ -217,14 +226,24 @@ def run_steps(steps: list[Step], root: str | Path, *, identity: dict | None = No
     return RunResult(root, records)
 
 
-def _run_one(step: Step, key: str, done: dict[str, StepRecord], root: Path, progress: bool) -> StepRecord:
+def finished_step(step: Step, key: str, root: Path) -> StepRecord | None:
+    """The step's record when its ``result.json`` is in the run folder, else None."""
+    rel_dir = f"steps/{step.kind}-{key}"
+    stored = read_result(root / rel_dir)
+    if stored is not None and stored.get("key") == key:
+        return StepRecord(step.name, step.kind, key, rel_dir, True, stored.get("seconds", 0.0), stored["result"])
+    return None
+
+
+def run_step(step: Step, key: str, done: dict[str, StepRecord], root: Path, progress: bool) -> StepRecord:
+    """One step, reused when finished, else computed under its lock; ``done`` holds its dependencies' records."""
     from filelock import FileLock  # noqa: PLC0415
 
     rel_dir = f"steps/{step.kind}-{key}"
     step_dir = root / rel_dir
-    stored = read_result(step_dir)
-    if stored is not None and stored.get("key") == key:
-        return StepRecord(step.name, step.kind, key, rel_dir, True, stored.get("seconds", 0.0), stored["result"])
+    finished = finished_step(step, key, root)
+    if finished is not None:
+        return finished
     step_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(step_dir.parent / f".{step.kind}-{key}.lock")):
         return _run_locked(step, key, done, root, progress, rel_dir, step_dir)
@@ -233,9 +252,9 @@ def _run_one(step: Step, key: str, done: dict[str, StepRecord], root: Path, prog
 def _run_locked(step: Step, key: str, done: dict[str, StepRecord], root: Path, progress: bool, rel_dir: str,
                 step_dir: Path) -> StepRecord:
     kind = STEP_KINDS[step.kind]
-    stored = read_result(step_dir)  # another process may have finished it while we waited
-    if stored is not None and stored.get("key") == key:
-        return StepRecord(step.name, step.kind, key, rel_dir, True, stored.get("seconds", 0.0), stored["result"])
+    finished = finished_step(step, key, root)  # another process may have finished it while we waited
+    if finished is not None:
+        return finished
     if step_dir.exists() and not kind.resumable:
         shutil.rmtree(step_dir)  # a step killed half-way: start it again from nothing
     step_dir.mkdir(parents=True, exist_ok=True)

@@ -185,19 +185,10 @@ def completed_twin(trial):
     return None
 
 
-def run_search(objective: Callable, objectives: Sequence[tuple[str, Direction]], *, storage: str, study_name: str,
-               n_trials: int, seed: int = 0, sampler: str = "nsga2", worker: int = 0, progress: bool = False,
-               space: dict[str, list] | None = None):
-    """Add trials to the shared study until it holds ``n_trials`` complete ones; returns the Optuna study.
-
-    ``objective(trial) -> dict`` returns every objective by name (and may add ``model_dir`` and other
-    attributes, kept as the trial's user attributes); failed trials (a TightropeError) are recorded as
-    failed and the search goes on. ``space`` (parameter -> choices) is the discrete space: a ``grid``
-    sampler visits each of its points once, and the search stops when none is left.
-    """
+def open_search(objectives: Sequence[tuple[str, Direction]], *, storage: str, study_name: str, seed: int = 0,
+                sampler: str = "nsga2", worker: int = 0, progress: bool = False, space: dict[str, list] | None = None):
+    """The shared Optuna study (created on first use), checked to optimize ``objectives`` over ``space``."""
     import optuna  # noqa: PLC0415
-    from optuna.study import MaxTrialsCallback  # noqa: PLC0415
-    from optuna.trial import TrialState  # noqa: PLC0415
 
     if not progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -212,18 +203,49 @@ def run_search(objective: Callable, objectives: Sequence[tuple[str, Direction]],
         elif stored != value:
             what = f"optimizes {stored}, not {names}" if key == "objectives" else "explores another search space"
             raise TightropeError(f"The search '{study_name}' in this store {what}; use another --study-name.")
+    return study
 
-    def wrapped(trial):
-        values = objective(trial)
-        trial.set_user_attr("worker", worker)
-        for key, value in values.items():
-            trial.set_user_attr(key, value)
-        return tuple(values[n] for n in names)
+
+def trials_left(study, n_trials: int, sampler: str = "nsga2", space: dict[str, list] | None = None) -> int:
+    """Trials still to run for the study to hold ``n_trials`` complete ones (a finished grid: none)."""
+    from optuna.trial import TrialState  # noqa: PLC0415
 
     done = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
     wanted = n_trials - done
     if sampler == "grid" and space is not None:
         wanted = min(wanted, grid_left(study, space))  # a finished grid is not run again
+    return max(0, wanted)
+
+
+def record_values(trial, values: dict, names: Sequence[str], worker: int) -> tuple:
+    """Keep the objective's answer as the trial's user attributes; the objectives' values, in order."""
+    trial.set_user_attr("worker", worker)
+    for key, value in values.items():
+        trial.set_user_attr(key, value)
+    return tuple(values[n] for n in names)
+
+
+def run_search(objective: Callable, objectives: Sequence[tuple[str, Direction]], *, storage: str, study_name: str,
+               n_trials: int, seed: int = 0, sampler: str = "nsga2", worker: int = 0, progress: bool = False,
+               space: dict[str, list] | None = None):
+    """Add trials to the shared study until it holds ``n_trials`` complete ones; returns the Optuna study.
+
+    ``objective(trial) -> dict`` returns every objective by name (and may add ``model_dir`` and other
+    attributes, kept as the trial's user attributes); failed trials (a TightropeError) are recorded as
+    failed and the search goes on. ``space`` (parameter -> choices) is the discrete space: a ``grid``
+    sampler visits each of its points once, and the search stops when none is left.
+    """
+    from optuna.study import MaxTrialsCallback  # noqa: PLC0415
+    from optuna.trial import TrialState  # noqa: PLC0415
+
+    names = [n for n, _ in objectives]
+    study = open_search(objectives, storage=storage, study_name=study_name, seed=seed, sampler=sampler, worker=worker,
+                        progress=progress, space=space)
+
+    def wrapped(trial):
+        return record_values(trial, objective(trial), names, worker)
+
+    wanted = trials_left(study, n_trials, sampler, space)
     if wanted > 0:
         study.optimize(wrapped, n_trials=wanted, catch=(TightropeError,),
                        callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))])
@@ -455,8 +477,12 @@ def search_study(spec: StudySpec, out: str | Path, *, storage: str | None = None
     preflight_search(spec)
     preflight(spec)
     claim_run_dir(Path(out), identity(spec))
-    objectives = [(o, OBJECTIVES[o]) for o in spec.search.objectives]
-    return run_search(study_objective(spec, out, progress), objectives, storage=storage_url(storage, out),
-                      study_name=study_name or default_study_name(spec),
-                      n_trials=n_trials or spec.search.trials, seed=spec.seed, sampler=spec.search.resolved_sampler(),
-                      worker=worker, progress=progress, space=spec.search.space())
+    return run_search(study_objective(spec, out, progress), storage=storage_url(storage, out),
+                      study_name=study_name or default_study_name(spec), n_trials=n_trials or spec.search.trials,
+                      worker=worker, progress=progress, **search_settings(spec))
+
+
+def search_settings(spec: StudySpec) -> dict:
+    """The study's search as :func:`run_search` and :func:`open_search` take it: objectives, seed, sampler, space."""
+    return {"objectives": [(o, OBJECTIVES[o]) for o in spec.search.objectives], "seed": spec.seed,
+            "sampler": spec.search.resolved_sampler(), "space": spec.search.space()}

@@ -46,8 +46,9 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast, in one sentence, where Ray itself would retry for a minute."""
+def check_reachable(address: str, timeout: float = 5.0, resume: str = RESUME) -> None:
+    """Fail fast, in one sentence, where Ray itself would retry for a minute; ``resume`` ends it (what the
+    run keeps and how to go on)."""
     host, port = _host_port(address)
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -55,24 +56,25 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     except OSError as err:
         reason = err.strerror or type(err).__name__
         raise TightropeError(f"No Ray head node answers at {host}:{port} ({reason.lower()}): start one there with "
-                             f"`ray start --head --port {port}` or fix the address; {RESUME}.") from err
+                             f"`ray start --head --port {port}` or fix the address; {resume}.") from err
 
 
-def version_mismatch(message: str, address: str) -> str | None:
+def version_mismatch(message: str, address: str, resume: str = RESUME) -> str | None:
     """Ray's multi-line "Version mismatch" error as one sentence (None for another error)."""
     if "Version mismatch" not in message:
         return None
     rays = re.findall(r"Ray: (\S+)", message)
     pythons = re.findall(r"Python: (\S+)", message)
     if len(rays) < 2 or len(pythons) < 2:
-        return f"The Ray cluster at {address} runs another Ray or Python version than this machine; install the same on both, then rerun ({RESUME})."
+        return f"The Ray cluster at {address} runs another Ray or Python version than this machine; install the same on both, then rerun ({resume})."
     return (f"The Ray cluster at {address} runs Ray {rays[0]} on Python {pythons[0]} but this machine has Ray {rays[1]} "
             f"on Python {pythons[1]}; install `ray=={rays[0]}` here (or restart the cluster with Ray {rays[1]}), "
-            f"then rerun: {RESUME}.")
+            f"then rerun: {resume}.")
 
 
-def connect(address: str, *, workers: int | None = None):
-    """Connect this process to Ray (or start a local instance); returns the ray module."""
+def connect(address: str, *, workers: int | None = None, resume: str = RESUME):
+    """Connect this process to Ray (or start a local instance); returns the ray module. Every failure is one
+    sentence ending with ``resume``."""
     ray = require_ray()
     if ray.is_initialized():
         return ray
@@ -84,19 +86,19 @@ def connect(address: str, *, workers: int | None = None):
     elif address == "auto":
         target = "auto"
     else:
-        check_reachable(address)
+        check_reachable(address, resume=resume)
         target = address
         if _host_port(address)[0] in ("127.0.0.1", "localhost"):
             kwargs["_node_ip_address"] = "127.0.0.1"  # a head on the loopback: the driver stays there too
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        _init(ray, address, target, kwargs)
+        _init(ray, address, target, kwargs, resume)
     except Exception as err:  # noqa: BLE001 - Ray wraps an authentication failure in several layers
         if not _auth_problem(err):
             raise
         raise TightropeError(f"The Ray cluster at {address} refused this process's authentication token: set the "
                              "cluster's token here too (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, or the head's "
-                             f"~/.ray/auth_token), then rerun ({RESUME}).") from err
+                             f"~/.ray/auth_token), then rerun ({resume}).") from err
     return ray
 
 
@@ -109,16 +111,16 @@ def _auth_problem(err: BaseException) -> bool:
     return False
 
 
-def _init(ray, address: str, target: str, kwargs: dict) -> None:
+def _init(ray, address: str, target: str, kwargs: dict, resume: str) -> None:
     try:
         ray.init(address=target, **kwargs)
     except ConnectionError as err:
         if address == "auto":
             raise TightropeError("--ray auto found no Ray cluster on this machine: start one with `ray start --head` "
                                  "(or set RAY_ADDRESS), or use --ray local for a Ray instance inside this run.") from err
-        raise TightropeError(f"Could not connect to the Ray cluster at {address} ({_first_line(err)}); {RESUME}.") from err
+        raise TightropeError(f"Could not connect to the Ray cluster at {address} ({_first_line(err)}); {resume}.") from err
     except RuntimeError as err:
-        sentence = version_mismatch(str(err), address)
+        sentence = version_mismatch(str(err), address, resume)
         if sentence:
             raise TightropeError(sentence) from err
         raise
@@ -129,18 +131,18 @@ def _first_line(err: BaseException) -> str:
     return text[0].rstrip(".") if text else type(err).__name__
 
 
-def worker_error(err: BaseException, where: str) -> TightropeError:
+def worker_error(err: BaseException, where: str, resume: str = RESUME) -> TightropeError:
     """What a worker raised, as one sentence for the user."""
     cause = getattr(err, "cause", None) or err
     if isinstance(cause, MissingResourceError):
         return TightropeError(f"A Ray worker ({where}) lacks a packaged asset: {_first_line(cause)}; install tightrope "
-                              f"there with `bash scripts/setup.sh`, then rerun ({RESUME}).")
+                              f"there with `bash scripts/setup.sh`, then rerun ({resume}).")
     if isinstance(cause, TightropeError):
-        return TightropeError(f"A Ray worker ({where}) refused the work: {_first_line(cause)}; {RESUME}.")
+        return TightropeError(f"A Ray worker ({where}) refused the work: {_first_line(cause)}; {resume}.")
     if isinstance(cause, (ModuleNotFoundError, ImportError)):
         return TightropeError(f"A Ray worker ({where}) cannot import tightrope ({_first_line(cause)}): install it there "
-                              f"with `bash scripts/setup.sh`, then rerun ({RESUME}).")
-    return TightropeError(f"A Ray worker ({where}) failed: {type(cause).__name__}: {_first_line(cause)}; {RESUME}.")
+                              f"with `bash scripts/setup.sh`, then rerun ({resume}).")
+    return TightropeError(f"A Ray worker ({where}) failed: {type(cause).__name__}: {_first_line(cause)}; {resume}.")
 
 
 class _RayCellWorker(CellWorker):

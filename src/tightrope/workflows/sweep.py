@@ -309,11 +309,11 @@ class Plan:
         for key, seconds in self.seconds_per_example.items():
             out.append(f"  {key}: {seconds:.2f} s per example ({self.source[key]})")
         for n in workers:
-            out.append(f"expected wall time on {n} worker{'s' if n != 1 else ''}: {_duration(self.wall_seconds(n))}")
+            out.append(f"expected wall time on {n} worker{'s' if n != 1 else ''}: {duration(self.wall_seconds(n))}")
         return out
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
