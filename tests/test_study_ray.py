@@ -14,21 +14,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests.test_study_finetuned import tiny_model_dir  # noqa: F401 - the fixture: a tiny model with the task's labels
 from tightrope.cli import app
-from tightrope.models import save_model
 
 NEEDS_RAY = "Ray is not installed (pip install 'ray==2.60.0'; requirements.lock has it)"
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path, tokenizer):
-    """A tiny classifier that predicts the tiny task's labels."""
-    from conftest import make_tiny_classifier
-
-    model = make_tiny_classifier(tokenizer)
-    model.config.id2label = {0: "negative", 1: "positive"}
-    model.config.label2id = {"negative": 0, "positive": 1}
-    return save_model((model, tokenizer), tmp_path / "tiny")
 
 
 def study_file(tmp_path: Path, model_dir: Path, task: Path, **extra) -> Path:
@@ -188,3 +177,62 @@ def test_a_version_mismatch_names_what_the_run_keeps():
     for resume, kept in ((STEPS_RESUME, "finished step"), (TRIALS_RESUME, "finished trial")):
         text = version_mismatch(ray_text, "10.0.0.1:6379", resume)
         assert "ray==2.60.0" in text and kept in text and "\n" not in text
+
+
+@pytest.mark.slow
+def test_run_on_ray_resumes_after_a_killed_worker_and_a_killed_driver(tmp_path, tiny_model_dir):
+    """A Ray worker is killed (SIGKILL) in the middle of an attack step, then the driver is killed; the same
+    command run again finishes, every step once, with the results of a local run."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+
+    from tests.conftest import NEGATIVE, POSITIVE
+    from tightrope.study.plan import run_study
+    from tightrope.study.spec import load_spec
+
+    pytest.importorskip("ray", reason=NEEDS_RAY)
+    psutil = pytest.importorskip("psutil")
+    rng = random.Random(0)
+    rows = [(" and ".join(rng.sample(POSITIVE if k % 2 else NEGATIVE, 4)), "positive" if k % 2 else "negative")
+            for k in range(40)]  # long enough sentences that PWWS takes a while on each
+    task = tmp_path / "long.csv"
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(task, index=False)
+    study = study_file(tmp_path, tiny_model_dir, task, attacks=[{"recipe": "pwws", "n": 16}])
+    run_study(load_spec(study), tmp_path / "local", progress=False, report=False)
+    command = [sys.executable, "-m", "tightrope.cli", "run", str(study), "--out", str(tmp_path / "ray"), "--ray", "local",
+               "--workers", "1", "--no-report"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    attacked = lambda: sum(len(f.read_text().splitlines()) for f in (tmp_path / "ray").glob("steps/attack-*/attack/results.jsonl"))  # noqa: E731
+
+    def wait_for(check, what: str) -> None:
+        deadline = time.monotonic() + 240
+        while not check():
+            assert driver.poll() is None, f"the run ended before {what}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.1)
+
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: attacked() >= 2, "the first attacked examples")
+        workers = [p for p in psutil.Process(driver.pid).children(recursive=True)
+                   if any("_step_task" in part for part in p.cmdline())]
+        assert workers, "no Ray worker is running a step"
+        for worker in workers:
+            worker.kill()  # the worker, mid-step: Ray runs its task again
+        killed_at = attacked()
+        wait_for(lambda: attacked() >= killed_at + 2, "results after the worker's restart")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver, mid-run, and the Ray it started
+        driver.wait(timeout=60)
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert step_results(tmp_path / "ray") == step_results(tmp_path / "local")
+    for results in (tmp_path / "ray").glob("steps/attack-*/attack/results.jsonl"):
+        indices = [json.loads(line)["index"] for line in results.read_text().splitlines()]
+        assert sorted(indices) == list(range(16))  # every example once

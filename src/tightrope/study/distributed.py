@@ -86,6 +86,19 @@ def _step_task(step: Step, key: str, deps: dict[str, StepRecord], root: str, exp
     return run_step(step, key, deps, Path(root), False)
 
 
+def _outcome(ray, ref, what: str, resume: str):
+    """A finished task's value; what it raised, or the loss of its worker, as one sentence."""
+    from ray.exceptions import RayError, RayTaskError  # noqa: PLC0415 - optional dependency, only with --ray
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as err:
+        raise ray_backend.worker_error(err, what, resume) from err
+    except RayError as err:
+        raise TightropeError(f"The Ray worker running {what} was lost {RETRIES + 1} times ({type(err).__name__}); "
+                             f"{resume}.") from err
+
+
 def _workers(ray, workers: int | None) -> int:
     return workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
@@ -110,7 +123,6 @@ class RayStepBackend:
         if not waiting:
             return records
         ray = ray_backend.connect(self.address, workers=self.workers, resume=STEPS_RESUME)
-        from ray.exceptions import RayError, RayTaskError  # noqa: PLC0415 - optional dependency, only with --ray
 
         n = _workers(ray, self.workers)
         say(progress, f"{len(waiting)} step(s) to run on {self.name}, {n} at a time")
@@ -131,13 +143,7 @@ class RayStepBackend:
                 ready, _ = ray.wait(list(inflight), num_returns=1)
                 for ref in ready:
                     step = inflight.pop(ref)
-                    try:
-                        record = ray.get(ref)
-                    except RayTaskError as err:
-                        raise ray_backend.worker_error(err, f"step {step.name}", STEPS_RESUME) from err
-                    except RayError as err:
-                        raise TightropeError(f"The Ray worker running step {step.name} was lost {RETRIES + 1} times "
-                                             f"({type(err).__name__}); {STEPS_RESUME}.") from err
+                    record = _outcome(ray, ref, f"step {step.name}", STEPS_RESUME)
                     records[step.name] = record
                     if on_step:
                         on_step(record)
@@ -194,7 +200,6 @@ def search_on_ray(spec: StudySpec, out: str | Path, *, storage: str, study_name:
         say(progress, f"the store already holds the {n_trials} trial(s) wanted")
         return study
     ray = ray_backend.connect(address, workers=workers, resume=TRIALS_RESUME)
-    from ray.exceptions import RayError, RayTaskError  # noqa: PLC0415 - optional dependency, only with --ray
 
     n = min(_workers(ray, workers), wanted)
     say(progress, f"{wanted} trial(s) to run on Ray ({address}), {n} at a time")
@@ -216,13 +221,7 @@ def search_on_ray(spec: StudySpec, out: str | Path, *, storage: str, study_name:
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for ref in ready:
                 k, number = inflight.pop(ref)
-                try:
-                    told = ray.get(ref)
-                except RayTaskError as err:
-                    raise ray_backend.worker_error(err, f"worker {k}, trial {number}", TRIALS_RESUME) from err
-                except RayError as err:
-                    raise TightropeError(f"The Ray worker running trial {number} was lost {RETRIES + 1} times "
-                                         f"({type(err).__name__}); {TRIALS_RESUME}.") from err
+                told = _outcome(ray, ref, f"trial {number}", TRIALS_RESUME)
                 if told["state"] == "FAIL":
                     say(progress, f"trial {number} failed: {told.get('error', 'see the worker log')}")
                 else:
