@@ -24,6 +24,23 @@ def test_the_layer_contracts_hold():
     assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), cache_dir=None, no_logo=True) is True
 
 
+def test_every_top_level_module_sits_in_a_layer():
+    """A module left out of the layers contract would be free to import anything: each of tightrope's
+    top-level modules and packages is named in a layer, and every one but cli is barred from tightrope.cli."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layered = {name.strip() for c in contracts if c["type"] == "layers" for layer in c["layers"]
+               for name in layer.replace("|", ":").split(":")}
+    barred = {m for c in contracts if c["type"] == "forbidden" and "tightrope.cli" in c["forbidden_modules"]
+              for m in c["source_modules"]}
+    package = ROOT / "src" / "tightrope"
+    top = {f"tightrope.{p.stem}" for p in package.glob("*.py") if p.stem != "__init__"}
+    top |= {f"tightrope.{p.parent.name}" for p in package.glob("*/__init__.py")}
+    assert sorted(top - layered) == []
+    assert sorted(top - barred) == ["tightrope.cli"]
+
+
 def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
     """Tarjan's algorithm: the groups of two or more modules that import each other, directly or not."""
     index: dict[str, int] = {}
