@@ -14,14 +14,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from tightrope.cli.base import app, user_errors
+from tightrope.cli.base import command, model_argument, out_option
 
 
-@app.command()
-@user_errors
+@command()
 def export(
-    model: Annotated[str, typer.Argument(help="A fine-tuned classifier: fp32 or pruned model directory, or an int8 ONNX Runtime one.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (replaced whole, never half-written).")],
+    model: Annotated[str, model_argument("A fine-tuned classifier (fp32, pruned, or an int8 ONNX Runtime one)")],
+    out: Annotated[Path, out_option("the bundle (replaced whole, never half-written)")],
     embeddings: Annotated[str, typer.Option(help="Word embeddings: int8 (per-row quantized gather), int4 (two codes per byte) or fp32.")] = "int8",
     precision: Annotated[str, typer.Option(help="int8, or fp32 for an unquantized baseline bundle.")] = "int8",
 ):
@@ -39,8 +38,7 @@ def export(
     files = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items() if k != "total")
     typer.echo(f"wrote {out}: {sizes['total'] / 1e6:.2f} MB ({files})")
 
-@app.command()
-@user_errors
+@command()
 def predict(
     bundle: Annotated[str, typer.Argument(help="A bundle folder written by `tightrope export`.")],
     input: Annotated[Optional[str], typer.Option("--input", "-i", help="JSONL, CSV or text file; - or absent: stdin.")] = None,
@@ -60,8 +58,7 @@ def predict(
     if output not in (None, "-"):
         typer.echo(f"wrote {count} predictions to {output}", err=True)
 
-@app.command()
-@user_errors
+@command()
 def serve(
     bundle: Annotated[str, typer.Argument(help="A bundle folder written by `tightrope export`.")],
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
