@@ -113,6 +113,41 @@ def test_function_local_imports_of_tightrope_state_their_reason():
     assert not silent, f"function-local imports without a reason: {silent}"
 
 
+# Library modules that import an optional dependency at their top, so that the library imports them inside
+# the functions that need them (the command line's modules import the library lazily so that it starts
+# without torch, and predict / serve without anything but the serve extra).
+OPTIONAL = {"tightrope.compress.bnb4": "bitsandbytes"}
+
+
+def is_module(name: str) -> bool:
+    path = ROOT / "src" / Path(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def test_the_library_imports_itself_inside_functions_only_for_optional_dependencies():
+    import ast
+
+    hidden = []
+    for path in sorted((ROOT / "src" / "tightrope").rglob("*.py")):
+        if "cli" in path.relative_to(ROOT / "src" / "tightrope").parts:
+            continue
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tightrope"):
+                    targets = {f"{node.module}.{a.name}" if is_module(f"{node.module}.{a.name}") else node.module
+                               for a in node.names}
+                elif isinstance(node, ast.Import):
+                    targets = {a.name for a in node.names if a.name.startswith("tightrope")}
+                else:
+                    continue
+                if targets - set(OPTIONAL):
+                    hidden.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(targets - set(OPTIONAL))}")
+    assert not hidden, f"function-local imports of tightrope modules without an optional dependency: {hidden}"
+
+
 def test_only_the_command_line_draws_progress_bars():
     """Library modules report progress through tightrope.progress callbacks; rich bars and consoles
     belong to tightrope.cli (report/ may still build rich tables for printing)."""

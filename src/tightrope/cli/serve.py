@@ -52,7 +52,7 @@ def predict(
 
     Example: tightrope predict runs/bundle --input reviews.jsonl --output predictions.jsonl
     """
-    from tightrope.serving.predict import predict_file  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.serving.predict import predict_file  # noqa: PLC0415 - onnxruntime (the serve extra) loads when the command runs
 
     count = predict_file(bundle, input, output, fmt=format, field=field, batch_size=batch_size, threads=threads)
     if output not in (None, "-"):
@@ -73,7 +73,7 @@ def serve(
 
     Example: tightrope serve runs/bundle --port 8000
     """
-    from tightrope.serving.server import serve as run_server  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.serving.server import serve as run_server  # noqa: PLC0415 - starlette and uvicorn (the serve extra) load when the command runs
 
     run_server(bundle, host=host, port=port, threads=threads, max_batch=max_batch, max_chars=max_chars,
                batch_size=batch_size, concurrency=concurrency)
