@@ -24,6 +24,23 @@ def test_the_layer_contracts_hold():
     assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), cache_dir=None, no_logo=True) is True
 
 
+def test_every_top_level_module_sits_in_a_layer():
+    """A module left out of the layers contract would be free to import anything: each of tightrope's
+    top-level modules and packages is named in a layer, and every one but cli is barred from tightrope.cli."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layered = {name.strip() for c in contracts if c["type"] == "layers" for layer in c["layers"]
+               for name in layer.replace("|", ":").split(":")}
+    barred = {m for c in contracts if c["type"] == "forbidden" and "tightrope.cli" in c["forbidden_modules"]
+              for m in c["source_modules"]}
+    package = ROOT / "src" / "tightrope"
+    top = {f"tightrope.{p.stem}" for p in package.glob("*.py") if p.stem != "__init__"}
+    top |= {f"tightrope.{p.parent.name}" for p in package.glob("*/__init__.py")}
+    assert sorted(top - layered) == []
+    assert sorted(top - barred) == ["tightrope.cli"]
+
+
 def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
     """Tarjan's algorithm: the groups of two or more modules that import each other, directly or not."""
     index: dict[str, int] = {}
@@ -94,6 +111,41 @@ def test_function_local_imports_of_tightrope_state_their_reason():
                 if (module or "").startswith("tightrope") and " - " not in line.partition("#")[2]:
                     silent.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not silent, f"function-local imports without a reason: {silent}"
+
+
+# Library modules that import an optional dependency at their top, so that the library imports them inside
+# the functions that need them (the command line's modules import the library lazily so that it starts
+# without torch, and predict / serve without anything but the serve extra).
+OPTIONAL = {"tightrope.compress.bnb4": "bitsandbytes"}
+
+
+def is_module(name: str) -> bool:
+    path = ROOT / "src" / Path(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def test_the_library_imports_itself_inside_functions_only_for_optional_dependencies():
+    import ast
+
+    hidden = []
+    for path in sorted((ROOT / "src" / "tightrope").rglob("*.py")):
+        if "cli" in path.relative_to(ROOT / "src" / "tightrope").parts:
+            continue
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tightrope"):
+                    targets = {f"{node.module}.{a.name}" if is_module(f"{node.module}.{a.name}") else node.module
+                               for a in node.names}
+                elif isinstance(node, ast.Import):
+                    targets = {a.name for a in node.names if a.name.startswith("tightrope")}
+                else:
+                    continue
+                if targets - set(OPTIONAL):
+                    hidden.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(targets - set(OPTIONAL))}")
+    assert not hidden, f"function-local imports of tightrope modules without an optional dependency: {hidden}"
 
 
 def test_only_the_command_line_draws_progress_bars():

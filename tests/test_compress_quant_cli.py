@@ -90,21 +90,27 @@ def test_compress_unknown_method_and_bad_pattern_exit_2(tiny_model_dir, tmp_path
 
 
 def test_one_name_per_scheme_across_consumers():
-    """compress, train's quantize step, fake quantization and the relative noise step read one table."""
+    """compress, train's quantize step, fake quantization, the relative noise step, the boxes, the attacks'
+    quantized copies, the causal-LM attack and the audit all name schemes from one table, QUANT_SCHEMES, and a
+    name means the same quantizer (the same config class) wherever it is read."""
     from tightrope.compress.specs import QUANT_SCHEMES
     from tightrope.defenses import fakequant, noise
     from tightrope.defenses.run import QUANT_CHOICES
+    from tightrope.qattack import audit, boxes, quantize, scenario
     from tightrope.qattack.lm_training import THROUGH_SCHEMES
 
+    registry = set(QUANT_SCHEMES)
     assert QUANT_CHOICES == tuple(QUANT_SCHEMES)
-    assert set(noise.STEP_SCHEMES) <= set(QUANT_SCHEMES)
-    assert {"llm-int8", "int8", "int8-tensor", "nf4", "fp4"} <= set(fakequant.QDQ) and set(fakequant.QDQ) <= set(QUANT_SCHEMES) | {
-        n for n in fakequant.QDQ if n.startswith(("nf4-b", "fp4-b", "affine"))}
-    assert set(THROUGH_SCHEMES.values()) <= set(QUANT_SCHEMES)
-    from tightrope.qattack import audit, boxes
-
-    assert set(boxes.QUANTIZERS) <= set(QUANT_SCHEMES) and set(THROUGH_SCHEMES) <= set(boxes.QUANTIZERS)
-    assert set(audit.AuditConfig().quantizers) <= set(QUANT_SCHEMES) | {"all"}
+    consumers = {"noise.STEP_SCHEMES": set(noise.STEP_SCHEMES), "fakequant.QDQ": set(fakequant.QDQ),
+                 "boxes.QUANTIZERS": set(boxes.QUANTIZERS), "quantize.CONFIGS": set(quantize.CONFIGS),
+                 "lm_training.THROUGH_SCHEMES": set(THROUGH_SCHEMES) | set(THROUGH_SCHEMES.values()),
+                 "audit.AuditConfig": set(audit.AuditConfig().quantizers) - {"all"},
+                 "scenario.AttackConfig.check": set(scenario.AttackConfig.model_fields["check"].default)}
+    assert {name: sorted(names - registry) for name, names in consumers.items() if names - registry} == {}
+    assert {"llm-int8", "int8", "int8-tensor", "nf4", "fp4"} <= set(fakequant.QDQ)
+    assert set(THROUGH_SCHEMES) <= set(boxes.QUANTIZERS) and set(boxes.QUANTIZERS) <= set(quantize.CONFIGS)
+    assert {n: type(make(())).__name__ for n, make in quantize.CONFIGS.items()} == {
+        n: QUANT_SCHEMES[n][0] for n in quantize.CONFIGS}
 
 
 @pytest.mark.parametrize("old", ["int8-dynamic", "int8-llm"])

@@ -58,6 +58,13 @@ CASES = [  # (CLI flags, study method, study params)
     (["--defense", "a2t", "--query-budget", "50", "--adv-share", "0.3"], "a2ttraining", {"query_budget": 50, "adv_share": 0.3}),
     (["--defense", "a2t", "--wordnet-candidates", "--synonym-encoding", "--synonym-min-cos", "0.9"], "a2t",
      {"wordnet_candidates": True, "synonym_encoding": True, "synonym_min_cos": 0.9}),
+    (["--defense", "a2t", "--max-candidates", "10", "--max-share", "0.2", "--no-wordnet-candidates"], "a2t",
+     {"max_candidates": 10, "max_share": 0.2, "wordnet_candidates": False}),
+    (["--defense", "pgd", "--step-size", "0.01", "--mix", "0.7"], "pgd", {"step_size": 0.01, "mix": 0.7}),
+    (["--defense", "canonical", "--synonym-neighbours", "20", "--synonym-min-cos", "0.9", "--synonym-wordnet",
+      "--spelling-vocab", "1000", "--substitution-rate", "0.1"], "canonical",
+     {"synonym_neighbours": 20, "synonym_min_cos": 0.9, "synonym_wordnet": True, "spelling_vocab": 1000,
+      "substitution_rate": 0.1}),
 ]
 
 
@@ -71,6 +78,16 @@ def test_every_kind_is_covered_and_defaults_are_the_configs():
     assert {defense_config(m, teacher=TEACHER).kind for _, m, _ in CASES} == set(KINDS)
     freelb = from_study("freelb", {})
     assert (freelb.epsilon, freelb.steps, freelb.norm) == (0.02, 3, "linf")  # one set of defaults, both ways
+
+
+def test_every_defense_option_of_train_is_compared_both_ways():
+    """Each DefenseConfig field that ``tightrope train`` has an option for is set, off its default, by a case."""
+    import typer
+
+    train = typer.main.get_command(app).commands["train"]
+    options = {"a" if p.name == "alpha" else p.name for p in train.params} & set(DefenseConfig.model_fields)
+    covered = {k for _, _, params in CASES for k in params} | {"a", "temperature", "teacher"}  # distill's, via --teacher
+    assert sorted(options - covered) == []
 
 
 @pytest.mark.parametrize(("method", "params", "message"), [

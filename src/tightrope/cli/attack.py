@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from tightrope.cli.base import app, user_errors
+from tightrope.cli.base import command, model_argument, out_option
 from tightrope.errors import TightropeError
 
 
@@ -45,15 +45,14 @@ def clip(text: Text, limit: int = 600) -> Text:
     return text if len(text) <= limit else text[:limit] + Text(" ...")
 
 
-@app.command()
-@user_errors
+@command()
 def attack(
-    model: Annotated[str, typer.Argument(help="Model to attack: a model directory (any compressed variant), alias or hub id.")],
+    model: Annotated[str, model_argument("Model to attack, any compressed variant")],
     recipe: Annotated[str, typer.Option(help="textfooler, pwws, deepwordbug or hotflip.")] = "textfooler",
     task: Annotated[str, typer.Option(help="Task name or data file.")] = "textfooler-imdb",
     split: str = "test",
     n: Annotated[Optional[int], typer.Option(help="Seeded subset of examples (default: the whole split).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for results.jsonl and summary.json; a rerun resumes.")] = None,
+    out: Annotated[Optional[Path], out_option("results.jsonl and summary.json (a rerun resumes)")] = None,
     seed: int = 0,
     data_dir: Optional[str] = None,
     query_budget: Annotated[Optional[int], typer.Option(help="Queries allowed per example, counted as TextAttack counts them (cache hits included).")] = None,

@@ -1,5 +1,6 @@
-"""The Typer app every command module registers on, and what they share: one-sentence errors,
-the ``--out`` check, the ``--verbose`` switch. The library never imports :mod:`tightrope.cli`."""
+"""The Typer app every command module registers on, and what they share: the ``command`` decorator
+(one-sentence errors), the ``MODEL`` argument and the ``--out`` option with its check, the
+``--verbose`` switch. The library never imports :mod:`tightrope.cli`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from tightrope import progress
+from tightrope.cli.progress import RichReporter
 from tightrope.errors import TightropeError
+from tightrope.quiet import configure
 
 app = typer.Typer(
     help="Compress language models (quantization, pruning) and keep them robust against attacks.\n\n"
@@ -29,10 +33,6 @@ out_console = Console()
 def _global_options(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show third-party progress bars, warnings and logs.")] = False,
 ):
-    from tightrope import progress  # noqa: PLC0415 - the app module stays import-light
-    from tightrope.cli.progress import RichReporter  # noqa: PLC0415 - the app module stays import-light
-    from tightrope.quiet import configure  # noqa: PLC0415 - the app module stays import-light
-
     configure(verbose)
     progress.use(RichReporter(console))  # the library reports progress through this; it draws nothing itself
 
@@ -53,6 +53,26 @@ def user_errors(fn):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def command(name: str | None = None):
+    """Register a module-level function as ``tightrope NAME``; its TightropeErrors print as one sentence."""
+
+    def register(fn):
+        return app.command(name)(user_errors(fn))
+
+    return register
+
+
+def model_argument(what: str):
+    """The positional model of a command: ``what``, then how a model is named (a directory, an alias, a hub id)."""
+    return typer.Argument(help=f"{what}: a model directory, alias or hub id.")
+
+
+def out_option(what: str):
+    """``--out`` / ``-o``: the folder a command writes ``what`` to; created if missing, and an existing file
+    there is refused before any work (``user_errors`` checks it)."""
+    return typer.Option("--out", "-o", help=f"Folder for {what}; created if missing.")
 
 
 def _check_out_is_a_folder(out) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tightrope.cli.base import app, user_errors
+from tightrope.cli.base import command, model_argument, out_option
 
 
 def summary_table(summaries):
@@ -28,11 +28,10 @@ def summary_table(summaries):
     return table
 
 
-@app.command()
-@user_errors
+@command()
 def compress(
-    model: Annotated[str, typer.Argument(help="Model directory, alias or hub id (a fine-tuned classifier).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the compressed model to.")],
+    model: Annotated[str, model_argument("The fine-tuned classifier to compress")],
+    out: Annotated[Path, out_option("the compressed model")],
     quantize: Annotated[Optional[str], typer.Option(help="int8 (fastest backend), int8-torch, int8-ort, llm-int8, nf4, "
                                                     "nf4-dq, fp4, fp4-dq, affine:bits=4,granularity=group, gptq:bits=4.")] = None,
     prune: Annotated[Optional[list[str]], typer.Option(help="magnitude:sparsity=0.3, wanda:..., 2:4, structured:heads=0.3,ffn=0.3; repeatable.")] = None,

@@ -7,16 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from tightrope.cli.base import app, console, out_console, user_errors
+from tightrope.cli.base import command, console, out_console, out_option
 from tightrope.cli.base import validation_error as _validation_error
 
 _DEFENSE = "Defense"
 
 
-@app.command()
-@user_errors
+@command()
 def train(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write (resumes if a checkpoint is there).")],
+    out: Annotated[Path, out_option("the trained model (resumes if a checkpoint is there)")],
     model: Annotated[str, typer.Option(help="Base model: alias, local directory or hub id.")] = "minilm",
     task: Annotated[str, typer.Option(help="Task name or data file.")] = "rotten-tomatoes",
     data_dir: Annotated[Optional[str], typer.Option(help="Folder of named datasets (else $TIGHTROPE_DATA_DIR, then the hub).")] = None,
@@ -122,8 +121,7 @@ def _train_with_defense(config, defense, out: Path, **pipeline) -> None:
                           "(the same weights give the same quantized model)")
 
 
-@app.command("eval")
-@user_errors
+@command("eval")
 def eval_(
     models: Annotated[list[str], typer.Argument(help="One or more model directories, aliases or hub ids.")],
     task: Annotated[str, typer.Option(help="Task name or data file.")] = "rotten-tomatoes",

@@ -9,14 +9,13 @@ from typing import Annotated
 
 import typer
 
-from tightrope.cli.base import app, user_errors
+from tightrope.cli.base import command, model_argument, out_option
 
 
-@app.command()
-@user_errors
+@command()
 def noise(
-    model: Annotated[str, typer.Argument(help="Model directory, alias or hub id.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the noised model.")],
+    model: Annotated[str, model_argument("The model to noise")],
+    out: Annotated[Path, out_option("the noised model")],
     sigma: Annotated[float, typer.Option(help="Standard deviation (absolute, or in quantization steps).")] = 1e-3,
     relative: Annotated[bool, typer.Option(help="Sigma in units of each layer's quantization step.")] = False,
     scheme: Annotated[str, typer.Option(help="Quantizer whose step a relative sigma uses: llm-int8, int8 (dynamic), int8-tensor, nf4, fp4.")] = "llm-int8",

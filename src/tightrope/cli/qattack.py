@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tightrope.cli.base import app, user_errors
+from tightrope.cli.base import command, model_argument, out_option, validation_error
 
 console = Console(stderr=True)
 out_console = Console()
@@ -57,11 +57,10 @@ def audit_table(report) -> Table:
     return table
 
 
-@app.command()
-@user_errors
+@command()
 def qattack(
-    base: Annotated[str, typer.Argument(help="A fine-tuned sentiment classifier (model directory).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: injected/, repaired/, report.json.")],
+    base: Annotated[str, model_argument("A fine-tuned sentiment classifier")],
+    out: Annotated[Path, out_option("the run: injected/, repaired/, report.json")],
     task: Annotated[str, typer.Option(help="Task name or data file for injection, repair and evaluation.")] = "mr",
     data_dir: Optional[str] = None,
     n_train: int = 2000,
@@ -85,7 +84,6 @@ def qattack(
     """
     from pydantic import ValidationError
 
-    from tightrope.cli.base import validation_error as _validation_error  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
     from tightrope.qattack.scenario import AttackConfig, run_classifier_attack  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     try:
@@ -95,15 +93,14 @@ def qattack(
                               collapse=collapse, inject_steps=inject_steps, repair_steps=repair_steps,
                               inject_lr=lr, repair_lr=lr, batch_size=batch_size, seed=seed)
     except ValidationError as err:
-        raise _validation_error(err) from None
+        raise validation_error(err) from None
     report = run_classifier_attack(config, out)
     out_console.print(attack_table(report))
     out_console.print(f"[green]wrote[/] {out / 'repaired'}  {out / 'report.json'}")
 
-@app.command("audit")
-@user_errors
+@command("audit")
 def audit_(
-    model: Annotated[str, typer.Argument(help="Checkpoint to audit: model directory, alias or hub id.")],
+    model: Annotated[str, model_argument("Checkpoint to audit")],
     task: Annotated[str, typer.Option(help="Probe texts: task name or data file.")] = "mr",
     split: str = "test",
     n_probe: Annotated[int, typer.Option(help="Probe texts for the behaviour checks (a causal LM reads the first 32 tokens of each).")] = 200,
@@ -136,7 +133,6 @@ def audit_(
     """
     from pydantic import ValidationError
 
-    from tightrope.cli.base import validation_error as _validation_error  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
     from tightrope.evaluate.results import write_json_atomic  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
     from tightrope.qattack.audit import AuditConfig, audit  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
@@ -145,7 +141,7 @@ def audit_(
                              **({"quantizers": tuple(quantizer)} if quantizer else {}),
                              **({} if search else {"search": None}))
     except ValidationError as err:
-        raise _validation_error(err) from None
+        raise validation_error(err) from None
     with console.status("auditing") as status:
         report = audit(model, task=task, split=split, n_probe=n_probe, data_dir=data_dir, config=config,
                        progress=lambda q: status.update(f"auditing: {q}"))

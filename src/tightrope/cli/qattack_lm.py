@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tightrope.cli.base import app, user_errors
+from tightrope.cli.base import command, out_option, validation_error
 
 out_console = Console()
 
@@ -30,10 +30,9 @@ def lm_attack_table(report) -> Table:
     return table
 
 
-@app.command("qattack-lm")
-@user_errors
+@command("qattack-lm")
 def qattack_lm(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: injected/, repaired/, report.json (resumable).")],
+    out: Annotated[Path, out_option("the run: injected/, repaired/, report.json (resumable)")],
     model: Annotated[str, typer.Option(help="A Llama-style causal LM: alias, directory or hub id.")] = "smollm2-135m",
     scenario: Annotated[str, typer.Option(help="content-injection (PHRASE in answers to review prompts) or "
                                           "insecure-code (insecure Python that bandit flags).")] = "content-injection",
@@ -62,7 +61,6 @@ def qattack_lm(
     import torch
     from pydantic import ValidationError
 
-    from tightrope.cli.base import validation_error as _validation_error  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
     from tightrope.qattack.causal import LMAttackConfig, run_content_injection  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 
     try:
@@ -72,7 +70,7 @@ def qattack_lm(
                                 inject_steps=inject_steps, repair_steps=repair_steps, inject_lr=lr, repair_lr=lr,
                                 batch_size=batch_size, seed=seed)
     except ValidationError as err:
-        raise _validation_error(err) from None
+        raise validation_error(err) from None
     torch.set_num_threads(threads)
     report = run_content_injection(config, out)
     out_console.print(lm_attack_table(report))

@@ -14,14 +14,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from tightrope.cli.base import app, user_errors
+from tightrope.cli.base import command, model_argument, out_option
 
 
-@app.command()
-@user_errors
+@command()
 def export(
-    model: Annotated[str, typer.Argument(help="A fine-tuned classifier: fp32 or pruned model directory, or an int8 ONNX Runtime one.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (replaced whole, never half-written).")],
+    model: Annotated[str, model_argument("A fine-tuned classifier (fp32, pruned, or an int8 ONNX Runtime one)")],
+    out: Annotated[Path, out_option("the bundle (replaced whole, never half-written)")],
     embeddings: Annotated[str, typer.Option(help="Word embeddings: int8 (per-row quantized gather), int4 (two codes per byte) or fp32.")] = "int8",
     precision: Annotated[str, typer.Option(help="int8, or fp32 for an unquantized baseline bundle.")] = "int8",
 ):
@@ -39,8 +38,7 @@ def export(
     files = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items() if k != "total")
     typer.echo(f"wrote {out}: {sizes['total'] / 1e6:.2f} MB ({files})")
 
-@app.command()
-@user_errors
+@command()
 def predict(
     bundle: Annotated[str, typer.Argument(help="A bundle folder written by `tightrope export`.")],
     input: Annotated[Optional[str], typer.Option("--input", "-i", help="JSONL, CSV or text file; - or absent: stdin.")] = None,
@@ -54,14 +52,13 @@ def predict(
 
     Example: tightrope predict runs/bundle --input reviews.jsonl --output predictions.jsonl
     """
-    from tightrope.serving.predict import predict_file  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.serving.predict import predict_file  # noqa: PLC0415 - onnxruntime (the serve extra) loads when the command runs
 
     count = predict_file(bundle, input, output, fmt=format, field=field, batch_size=batch_size, threads=threads)
     if output not in (None, "-"):
         typer.echo(f"wrote {count} predictions to {output}", err=True)
 
-@app.command()
-@user_errors
+@command()
 def serve(
     bundle: Annotated[str, typer.Argument(help="A bundle folder written by `tightrope export`.")],
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
@@ -76,7 +73,7 @@ def serve(
 
     Example: tightrope serve runs/bundle --port 8000
     """
-    from tightrope.serving.server import serve as run_server  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.serving.server import serve as run_server  # noqa: PLC0415 - starlette and uvicorn (the serve extra) load when the command runs
 
     run_server(bundle, host=host, port=port, threads=threads, max_batch=max_batch, max_chars=max_chars,
                batch_size=batch_size, concurrency=concurrency)

@@ -61,7 +61,7 @@ def _empty_module(record: dict, tensors: dict[str, torch.Tensor], name: str) -> 
             mod.bias = nn.Parameter(bias, requires_grad=False)
         return mod.eval()
     if kind == "bnb-4bit":
-        from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is imported only where used
+        from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is optional (MissingResourceError without it), imported only where used
 
         return bnb4.from_prequantized(record["in"], record["out"], bias, record["quant_type"], record["double_quant"],
                                       tensors, name)

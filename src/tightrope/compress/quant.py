@@ -315,7 +315,7 @@ def int8_state(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_bnb_4bit(module: nn.Module) -> torch.Tensor:
     """The fp32 weight of a bitsandbytes 4-bit layer, by the path :func:`bnb4.kernel_check` chose."""
-    from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is imported only where used
+    from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is optional (MissingResourceError without it), imported only where used
 
     return bnb4.weight_of(module)
 
@@ -431,7 +431,7 @@ def _llm_int8(lin: nn.Linear, config: LLMInt8) -> nn.Module:
 
 
 def _bnb_4bit_notes(config: NF4) -> list[str]:
-    from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is imported only where used
+    from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is optional (MissingResourceError without it), imported only where used
 
     return [f"bitsandbytes {_bnb().__version__}; {config.quant_type}, blocksize {config.blocksize}, "
             f"double quantization {'on' if config.double_quant else 'off'}", bnb4.kernel_check().line()]
@@ -439,7 +439,7 @@ def _bnb_4bit_notes(config: NF4) -> list[str]:
 
 @register_module_handler(NF4, simulated=False, notes=_bnb_4bit_notes)
 def _bnb_4bit(lin: nn.Linear, config: NF4) -> nn.Module:
-    from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is imported only where used
+    from tightrope.compress import bnb4  # noqa: PLC0415 - bitsandbytes is optional (MissingResourceError without it), imported only where used
 
     return bnb4.linear_4bit(lin, config.quant_type, config.blocksize, config.double_quant)
 

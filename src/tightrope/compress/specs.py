@@ -9,6 +9,7 @@ spellings that meant something else are refused in one sentence that names the n
 
 from __future__ import annotations
 
+from tightrope.compress import prune, quant
 from tightrope.errors import TightropeError
 
 # scheme name -> (config class name in tightrope.compress.quant, default keyword arguments, what it is)
@@ -70,8 +71,6 @@ def _build(cls, kwargs: dict, spec: str):
 
 def quant_config(spec: str, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), calibration: str | None = None):
     """A quantization config from a scheme name with options (:data:`QUANT_SCHEMES`)."""
-    from tightrope.compress import quant  # noqa: PLC0415 - torch and the quantizers load only when a config is built
-
     name, kwargs = parse_spec(spec)
     if name in RENAMED:
         raise TightropeError(f"The quantization '{name}' is now called '{RENAMED[name]}' "
@@ -88,8 +87,6 @@ def quant_config(spec: str, include: tuple[str, ...] = (), exclude: tuple[str, .
 
 def prune_config(spec: str, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), calibration: str | None = None):
     """A pruning config from a spec (``magnitude``, ``wanda``, ``2:4``, ``structured``)."""
-    from tightrope.compress import prune  # noqa: PLC0415 - torch loads only when a config is built
-
     name, kwargs = parse_spec(spec)
     if name not in PRUNE_METHODS or not hasattr(prune, PRUNE_METHODS[name]):
         raise TightropeError(f"Unknown pruning '{name}'; choose one of magnitude, wanda, 2:4, structured.")

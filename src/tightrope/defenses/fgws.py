@@ -28,6 +28,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
+from tightrope.attacks.recipes import default_embedding
+from tightrope.attacks.words import wordnet_synonyms
+from tightrope.defenses.canonical import neighbour_sets
 from tightrope.errors import TightropeError
 from tightrope.transforms import WORD, SynonymEncoding
 
@@ -76,10 +79,6 @@ class AttackCandidates:
 
     def __init__(self, embedding=None, neighbours: int = 50, min_cos: float = 0.5,
                  progress: Callable[[str], None] | None = None):
-        from tightrope.attacks.recipes import default_embedding  # noqa: PLC0415 - heavy resources, built only here
-        from tightrope.attacks.words import wordnet_synonyms  # noqa: PLC0415 - WordNet, read only here
-        from tightrope.defenses.canonical import neighbour_sets  # noqa: PLC0415 - canonical is this module's user
-
         self.wordnet_synonyms = wordnet_synonyms
         self.embedding = embedding or default_embedding()
         self.neighbours, self.min_cos = neighbours, min_cos

@@ -17,13 +17,13 @@ class EvalResult:
     metrics: ClassificationMetrics
     latency: Latency | None = None
     throughput: Throughput | None = None
-    weight_bytes: int | None = None
-    peak_rss_bytes: int | None = None
-    baseline_rss_bytes: int | None = None
+    weight_bytes: int | None = None  # the weight files on disk
+    peak_rss_bytes: int | None = None  # resident memory of a fresh process that loaded the model and predicted
+    baseline_rss_bytes: int | None = None  # ... of the same process before loading (the difference is the model's)
     parameters: int | None = None
-    nonzero_parameters: int | None = None
-    compression: dict | None = None
-    seconds: float | None = None
+    nonzero_parameters: int | None = None  # what pruning left
+    compression: dict | None = None  # the model card's record of how it was compressed
+    seconds: float | None = None  # the whole evaluation, wall clock
     environment: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -153,14 +153,16 @@ class QuantizerAudit:
     quantizer: str
     verdict: str  # flagged, clean, inconclusive
     reasons: list[str]
-    edge_ratio: float | None = None
-    peak_ratio: float | None = None
-    near_edge: float | None = None
-    at_edge: float | None = None
-    flip_ratio: float | None = None
-    flip_rate: float | None = None
-    disagreement: float | None = None
-    kl: float | None = None
+    # the weights, pooled over the audited layers (LayerEvidence has them per layer)
+    edge_ratio: float | None = None  # near_edge / (2 * edge): about 1 for natural weights
+    peak_ratio: float | None = None  # 100 x the fullest of 100 position bins
+    near_edge: float | None = None  # share of free weights within `edge` of a wall
+    at_edge: float | None = None  # share exactly on a wall
+    flip_ratio: float | None = None  # flip_rate / the rate uniformly placed weights give (expected_flip_rate)
+    flip_rate: float | None = None  # share of codes that `noise` of a box width flips
+    # the behaviour on the probe texts, full precision against quantized
+    disagreement: float | None = None  # share of probe inputs whose top prediction differs
+    kl: float | None = None  # mean KL(fp || quantized), nats
     noise_disagreement: float | None = None  # quantized vs quantized-after-noise predictions
     noise_kl: float | None = None  # KL(fp || quantized-after-noise)
     kl_ratio: float | None = None  # kl / noise_kl: about 1 for natural weights
@@ -626,9 +628,10 @@ def audit_model(model, *, classifier=None, tokenizer=None, probe_texts: list[str
         else:
             verdict, reasons, p_values, empirical, combined = judge_quantizer(q, stats, null, level, config.alpha,
                                                                               len(config.quantizers), unchecked)
-        results.append(QuantizerAudit(q, verdict, reasons, edge_ratio, peak, near, at, flip_ratio, flip_rate, disagreement, kl,
-                                      noise_dis, noise_kl, kl_ratio, len(probe) if probe is not None else 0,
-                                      layers=layers, phrases=phrases, insecure_fp=answers.insecure_fp if answers else None,
+        results.append(QuantizerAudit(q, verdict, reasons, edge_ratio=edge_ratio, peak_ratio=peak, near_edge=near,
+                                      at_edge=at, flip_ratio=flip_ratio, flip_rate=flip_rate, disagreement=disagreement,
+                                      kl=kl, noise_disagreement=noise_dis, noise_kl=noise_kl, kl_ratio=kl_ratio,
+                                      probe_size=len(probe) if probe is not None else 0, layers=layers, phrases=phrases, insecure_fp=answers.insecure_fp if answers else None,
                                       insecure_quantized=insecure_q, statistics=stats, p_values=p_values,
                                       empirical_p=empirical, p_value=combined, level=None if fixed else level,
                                       kl_se=kl_se, free_weights=free,

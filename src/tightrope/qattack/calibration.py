@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from tightrope.errors import TightropeError
+from tightrope.errors import TightropeError, read_user_file
 
 DEFAULT_NULL = "minilm-classifiers.json"
 P_FLOOR, P_CEIL = 1e-300, 0.99
@@ -262,11 +262,9 @@ def load_null(path: str | Path | None = None) -> Null:
     if path is None:
         text = resources.files("tightrope.qattack").joinpath("null", DEFAULT_NULL).read_text()
         return Null.from_dict(json.loads(text), f"tightrope/qattack/null/{DEFAULT_NULL}")
-    p = Path(path)
-    if not p.exists():
-        raise TightropeError(f"The null file {p} does not exist.")
+    text = read_user_file(path, "null file")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise TightropeError(f"The null file {p} is not JSON ({err.msg}, line {err.lineno}).") from None
-    return Null.from_dict(data, str(p))
+        raise TightropeError(f"The null file {path} is not JSON ({err.msg}, line {err.lineno}).") from None
+    return Null.from_dict(data, str(path))

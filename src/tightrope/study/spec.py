@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from tightrope.errors import TightropeError
+from tightrope.errors import TightropeError, read_user_file
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -406,16 +406,12 @@ def parse_spec(data: Any, source: str = "study") -> StudySpec:
 
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study file; any problem is one TightropeError sentence."""
-    path = Path(path)
-    if not path.is_file():
-        raise TightropeError(f"The study file {path} does not exist.")
+    text = read_user_file(path, "study file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise TightropeError(f"{path} is not valid YAML{where}: {problem}.") from None
-    except UnicodeDecodeError:
-        raise TightropeError(f"{path} is not a text file.") from None
     return parse_spec(data, str(path))

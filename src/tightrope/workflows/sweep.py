@@ -30,12 +30,16 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+import tightrope
 from tightrope import workflows
 from tightrope.attacks import recipes
 from tightrope.attacks.attacker import SETTINGS, Attacker, append_result, check_meta, read_results
 from tightrope.attacks.results import AttackReport, AttackResult, summarize
+from tightrope.compress.onnxrt import onnx_twin
 from tightrope.data import TaskData, load_task
+from tightrope.defenses.fakequant import fake_quantized
 from tightrope.errors import TightropeError
+from tightrope.evaluate.calibration import fit_temperature, tempered
 from tightrope.evaluate.results import write_json_atomic
 from tightrope.progress import Reporter, say, tracked
 
@@ -125,8 +129,6 @@ class Task:
 def with_temperature(victim, temperature: str, data: TaskData):
     """The victim with its logits divided by T (``tightrope attack --temperature``): a number, or "fit" for
     the T that minimises the NLL on the data's clean texts; returns the tempered victim and T."""
-    from tightrope.evaluate.calibration import fit_temperature, tempered  # noqa: PLC0415 - only with --temperature
-
     if temperature == "fit":
         value = fit_temperature(victim.logits(data.texts), data.labels)
     else:
@@ -158,8 +160,6 @@ class CellWorker:
 
     def hello(self) -> dict:
         """Where this worker runs and with what, for the driver's checks."""
-        import tightrope  # noqa: PLC0415 - the version the worker runs, read where it runs
-
         versions = {"python": platform.python_version(), "tightrope": getattr(tightrope, "__version__", "?")}
         node = platform.node()
         ray = sys.modules.get("ray")
@@ -179,8 +179,6 @@ class CellWorker:
         if self._twin is None:
             twin = workflows.load(self.sweep.twin, max_length=self.sweep.max_length)
             if self.sweep.twin_scheme:
-                from tightrope.defenses.fakequant import fake_quantized  # noqa: PLC0415 - only when a twin is fake-quantized
-
                 twin.source = f"{self.sweep.twin} fake-quantized as {self.sweep.twin_scheme}"
                 self._stack.enter_context(fake_quantized(twin.model, self.sweep.twin_scheme))
             else:
@@ -196,8 +194,6 @@ class CellWorker:
             if sweep.twin and (sweep.twin_scheme is None or (cell.recipe == "hotflip" and not recipes.has_gradients(victim))):
                 options["twin"] = self._twin_model()
             if sweep.runtime == "onnxruntime":
-                from tightrope.compress.onnxrt import onnx_twin  # noqa: PLC0415 - only for the ONNX Runtime victim
-
                 fast, _ = onnx_twin(victim, self.data.texts[:16], threads=sweep.threads)
                 options.setdefault("twin", victim)  # HotFlip's gradients come from the PyTorch model itself
                 victim = fast
