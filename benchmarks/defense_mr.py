@@ -255,57 +255,35 @@ def curve(models: list[str], out: Path, figure: Path, recipes_: list[str], threa
     print(f"wrote {figure}")
 
 
-def smooth(model: str, out: Path, n: int, recipes_: list[str], rate: float, copies: int, threads: int) -> None:
-    """The randomized-smoothing pilot (SAFER, Ye et al. 2020): every query answers the mean probability over
-    ``copies`` copies of the text, each non-stopword swapped with probability ``rate`` for a random
-    TextFooler / PWWS candidate; the copies are seeded by the text itself, so the smoothed pipeline is a
-    deterministic function that the attack queries directly (its expectation over the randomness)."""
-    import hashlib
-    import random
-
-    import torch
+def smooth(model: str, out: Path, rate: float, copies: int, seed: int) -> None:
+    """``model`` with SAFER's randomized smoothing joined to its input transform
+    (:func:`tightrope.defenses.canonical.with_smoothing`, what ``tightrope train --defense canonical
+    --smoothing-copies K`` saves): OUT/NAME-smR x K[-sS], written whole or not at all. Attack it with the
+    ``attack`` step like any model: every query is the mean over its copies, seeded by the text, so the
+    attack queries the expectation the pipeline answers."""
+    import os
+    import shutil
+    import tempfile
 
     from tightrope import workflows
-    from tightrope.attacks import Attacker, recipes
-    from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS
-    from tightrope.attacks.text import AttackedText
-    from tightrope.data import load_task
-    from tightrope.defenses.canonical import SynonymEncodingTraining
-    from tightrope.evaluate.results import write_json_atomic
-    from tightrope.transforms import recover_case
+    from tightrope.defenses.canonical import with_smoothing
+    from tightrope.transforms import FILE
 
-    torch.set_num_threads(threads)
-    victim = workflows.load(model)
-    victim.source = f"{model} smoothed (rate {rate}, {copies} copies)"
-    sampler = SynonymEncodingTraining(transform=victim.input_transform)  # its candidates(): the attacks' sets
-    plain = victim.logits
-
-    def perturb(text: str, rng: random.Random) -> str:
-        words = AttackedText.from_text(text)
-        for i, word in enumerate(words.words):
-            if word.lower() in TEXTFOOLER_STOPWORDS or rng.random() >= rate:
-                continue
-            found = sampler.candidates(word.lower())
-            if found:
-                words = words.replace(i, recover_case(word, found[rng.randrange(len(found))]))
-        return words.text
-
-    def smoothed(texts, batch_size=64, progress=None):
-        copies_ = []
-        for text in texts:
-            rng = random.Random(int(hashlib.sha256(text.encode()).hexdigest()[:16], 16))
-            copies_ += [perturb(text, rng) for _ in range(copies)]
-        probs = plain(copies_, batch_size=batch_size).softmax(-1).view(len(texts), copies, -1).mean(1)
-        return probs.clamp_min(1e-9).log()
-
-    victim.logits = smoothed
-    data = load_task("textfooler-mr", "test", n=n, seed=0)
-    for recipe in recipes_:
-        folder = out / "attacks" / f"{_label(model)}-smooth{rate:g}x{copies}" / recipe
-        report = Attacker(recipes.build(recipe, victim), out=folder, seed=0).run(victim, data)
-        write_json_atomic(folder / "summary.json", report.to_dict())
-        print(f"{recipe} on {victim.source}: ASR {report.attack_success_rate:.3f} "
-              f"({report.succeeded}/{report.succeeded + report.failed})", flush=True)
+    clf = workflows.load(model)
+    transform = with_smoothing(clf.input_transform, rate, copies, seed)
+    card = json.loads((Path(model) / "card.json").read_text())
+    dest = out / f"{_label(model)}-sm{rate:g}x{copies}" if seed == 0 else out / f"{_label(model)}-sm{rate:g}x{copies}-s{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{dest.name}."))
+    shutil.copytree(model, tmp, dirs_exist_ok=True, copy_function=os.link,
+                    ignore=shutil.ignore_patterns(FILE, "card.json", "checkpoint"))
+    (tmp / FILE).write_text(json.dumps(transform.to_json()))
+    card["input_transform"] = transform.card_entry()
+    (tmp / "card.json").write_text(json.dumps(card, indent=1))
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.replace(dest)
+    print(f"wrote {dest} (rate {rate}, {copies} copies, seed {seed})", flush=True)
 
 
 def wilson(won: int, attacked: int) -> tuple[float, float]:
@@ -458,6 +436,7 @@ def main(argv=None) -> None:
     parser.add_argument("--figure", type=Path, default=Path("docs/figures/defense-mr-curve.png"))
     parser.add_argument("--rate", type=float, default=0.25, help="smooth: chance of a swap per word")
     parser.add_argument("--copies", type=int, default=8, help="smooth: copies per query")
+    parser.add_argument("--seed", type=int, default=0, help="smooth: seed of the copies")
     parser.add_argument("--deltas", default="1,2,3,5,10", help="fgws: frequency thresholds tried")
     parser.add_argument("--temperature", default=None, help="attack: 'fit' or a number (the temperature check)")
     args = parser.parse_intermixed_args(argv)
@@ -472,7 +451,8 @@ def main(argv=None) -> None:
     elif args.step == "fgws":
         fgws(args.models[0], args.out, [int(d) for d in args.deltas.split(",")], args.threads)
     elif args.step == "smooth":
-        smooth(args.models[0], args.out, args.n, args.recipes.split(","), args.rate, args.copies, args.threads)
+        for model in args.models:
+            smooth(model, args.out, args.rate, args.copies, args.seed)
     elif args.step == "curve":
         curve(args.models, args.out, args.figure, args.recipes.split(","), args.threads)
     elif args.step == "latency":

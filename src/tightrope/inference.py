@@ -71,10 +71,34 @@ class TextClassifier:
         return out
 
     def logits(self, texts: list[str], batch_size: int = 64, progress: Callable | None = None) -> torch.Tensor:
-        return self.logits_of_ids(self.encode(texts), batch_size, progress)
+        """Logits of ``texts`` through the model's input transform; a transform with randomized smoothing
+        (:class:`tightrope.transforms.Smoothing`) answers the log of the mean probability over its copies."""
+        smoothing = getattr(self.input_transform, "smoothing", None)
+        if smoothing is None:
+            return self.logits_of_ids(self.encode(texts), batch_size, progress)
+        texts = list(texts)
+        copies = smoothing.expand(texts)
+        raw = self.logits_of_ids(self.encode(copies), batch_size, per_text(progress, smoothing.copies))
+        return transforms.smoothed_log_probs(raw, smoothing.copies)
 
     def predict(self, texts: list[str], batch_size: int = 64) -> list[int]:
         return self.logits(texts, batch_size).argmax(-1).tolist()
+
+
+def per_text(progress: Callable | None, copies: int) -> Callable | None:
+    """A progress callback counting texts, fed with counts of their ``copies`` (smoothing's forward passes)."""
+    if progress is None or copies == 1:
+        return progress
+    done = [0, 0]  # copies seen, texts reported
+
+    def advance(n: int) -> None:
+        done[0] += n
+        texts = done[0] // copies
+        if texts > done[1]:
+            progress(texts - done[1])
+            done[1] = texts
+
+    return advance
 
 
 LOADERS: dict[str, Callable[[Path, dict], TextClassifier]] = {}

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -70,7 +71,7 @@ from tightrope.attacks.words import recover_case, wordnet_synonyms
 from tightrope.defenses.adversarial import cross_entropy
 from tightrope.encoding import collate, encode
 from tightrope.errors import MissingResourceError, TightropeError
-from tightrope.transforms import FILE, KIND, SynonymEncoding, edits1
+from tightrope.transforms import FILE, KIND, Smoothing, SynonymEncoding, edits1
 
 
 def sem_encoding(words: Iterable[str], synonyms: Callable[[str], list[str]]) -> dict[str, str]:
@@ -154,6 +155,42 @@ def build(neighbours: int = 50, min_cos: float = 0.95, wordnet: bool = False, sp
     return transform
 
 
+def candidate_table(neighbours: int = 50, min_cos: float = 0.5, embedding=None,
+                    progress: Callable[[str], None] | None = None) -> dict[str, list[str]]:
+    """The attacks' candidates of every word: TextFooler's (``neighbours`` nearest counter-fitted words with
+    cosine >= ``min_cos``, compatible parts of speech) then PWWS's (WordNet synonyms), as
+    :func:`neighbour_sets` finds them; words without candidates left out. Cached on disk as JSON (about
+    28 MB for the 65,000-word counter-fitted vocabulary); randomized smoothing stores it with the model."""
+    if embedding is None:
+        embedding = default_embedding()
+    params = {"neighbours": neighbours, "min_cos": min_cos, "wordnet": True,
+              "attack_filters": "TextFooler stopwords, WordNet part-of-speech compatibility",
+              "embedding": embedding.description.get("source"), "embedding_key": embedding.description.get("key")}
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    cache = assets.cache_dir() / "attack-candidates" / f"{key}.json" if embedding.description.get("key") else None
+    if cache is not None and cache.exists():
+        return json.loads(cache.read_text())
+    near, _ = neighbour_sets(embedding, neighbours, min_cos, True, progress)
+    table = {w: c for w, c in near.items() if c}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(table))
+        tmp.replace(cache)
+    return table
+
+
+def with_smoothing(transform: SynonymEncoding | None, rate: float, copies: int, seed: int = 0,
+                   candidates: dict[str, list[str]] | None = None) -> SynonymEncoding:
+    """``transform`` (or the identity, for a model without one) with SAFER's randomized smoothing over the
+    attacks' candidate sets (:class:`tightrope.transforms.Smoothing`); the model saves it in its folder."""
+    base = transform if transform is not None else SynonymEncoding({}, [], {"identity": True})
+    smoothing = Smoothing(candidates if candidates is not None else candidate_table(), rate, copies, seed,
+                          {"candidates": "TextFooler's 50 counter-fitted neighbours (cosine >= 0.5) and PWWS's "
+                                         "WordNet synonyms"})
+    return SynonymEncoding(base.table, base.vocabulary, base.params, smoothing)
+
+
 class SynonymEncodingTraining:
     """The ``canonical`` defense: plain training (or distillation) on synonym-encoded text.
 
@@ -174,7 +211,8 @@ class SynonymEncodingTraining:
     def __init__(self, synonym_neighbours: int = 50, synonym_min_cos: float = 0.95, synonym_wordnet: bool = False,
                  spelling_vocab: int = 50_000, substitution_rate: float = 0.0, tokenizer=None,
                  max_length: int | None = None, truncation: str = "head", criterion=None,
-                 transform: SynonymEncoding | None = None, embedding=None):
+                 transform: SynonymEncoding | None = None, embedding=None,
+                 smoothing_copies: int = 0, smoothing_rate: float | None = None, smoothing_seed: int = 0):
 
         if not 0.0 <= float(substitution_rate) <= 1.0:
             raise TightropeError(f"substitution_rate is a probability per word, got {substitution_rate}.")
@@ -185,6 +223,10 @@ class SynonymEncodingTraining:
             tokenizer = models.load_tokenizer(models.resolve(tokenizer), tokenizer)
         self.criterion = criterion or cross_entropy
         self.input_transform = transform or build(synonym_neighbours, synonym_min_cos, synonym_wordnet, spelling_vocab)
+        if smoothing_copies:
+            # SAFER: the classifier is trained on the perturbations it will be smoothed over
+            self.input_transform = with_smoothing(self.input_transform, smoothing_rate or substitution_rate,
+                                                  smoothing_copies, smoothing_seed)
         self.substitution_rate, self.tokenizer = float(substitution_rate), tokenizer
         self.max_length, self.truncation = max_length, truncation
         self._embedding, self._candidates = embedding, {}
@@ -207,6 +249,9 @@ class SynonymEncodingTraining:
         return self._candidates[word]
 
     def substitute(self, text: str) -> str:
+        smoothing = self.input_transform.smoothing
+        if smoothing is not None:  # the very perturbation the smoothed model answers over, at the training rate
+            return smoothing.perturb(text, random.Random(int(torch.randint(0, 2**62, ()))), self.substitution_rate)
 
         words = AttackedText.from_text(text)
         for i, word in enumerate(words.words):
@@ -250,5 +295,5 @@ def load_transform(model_dir: str | Path, card: dict):
     return SynonymEncoding.load(model_dir, entry)
 
 
-__all__ = ["FILE", "KIND", "SynonymEncoding", "SynonymEncodingTraining", "build", "edits1", "load_transform",
-           "sem_encoding"]
+__all__ = ["FILE", "KIND", "SynonymEncoding", "SynonymEncodingTraining", "build", "candidate_table", "edits1",
+           "load_transform", "sem_encoding", "with_smoothing"]

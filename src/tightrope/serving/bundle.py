@@ -186,7 +186,12 @@ class Bundle:
         return out
 
     def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        return self.logits_of_ids(self.encode(texts), batch_size)
+        """As :meth:`tightrope.inference.TextClassifier.logits`, randomized smoothing included."""
+        smoothing = getattr(self.input_transform, "smoothing", None)
+        if smoothing is None:
+            return self.logits_of_ids(self.encode(texts), batch_size)
+        raw = self.logits_of_ids(self.encode(smoothing.expand(list(texts))), batch_size)
+        return transforms.smoothed_log_probs(raw, smoothing.copies)
 
     def predict(self, texts: list[str], batch_size: int = 32) -> list[dict]:
         """``[{"label": name, "probabilities": {name: p, ...}}, ...]`` in input order."""

@@ -40,9 +40,8 @@ def evaluate_model(
     clf = clf or workflows.load(model, max_length=max_length)
     if data.num_labels > clf.num_labels:
         raise TightropeError(f"{task} has {data.num_labels} labels but {model} predicts {clf.num_labels}.")
-    ids = clf.encode(data.texts)
-    with tracked(progress, f"eval {model}", len(ids)) as bar:
-        logits = clf.logits_of_ids(ids, batch_size, progress=bar.advance)
+    with tracked(progress, f"eval {model}", len(data.texts)) as bar:
+        logits = clf.logits(data.texts, batch_size, progress=bar.advance)  # through the whole defended pipeline
     metrics = classification_metrics(data.labels, logits.argmax(-1).tolist(), list(clf.label_names))
     # a model with a shorter position table (a small or custom encoder) is timed at its longest input
     positions = getattr(getattr(getattr(clf, "model", None), "config", None), "max_position_embeddings", None)
