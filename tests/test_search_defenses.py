@@ -134,6 +134,27 @@ def test_a_repeated_setting_executes_no_step(tmp_path, fake_steps):
     assert dict(fake_steps) == once
 
 
+def test_a_grid_point_drawn_while_another_trial_measures_it_is_pruned_not_counted(tmp_path, fake_steps):
+    """Two grid workers that read the store at once can draw one point; the second draw is pruned, so the
+    grid still measures every point (it used to count the twin as a point and skip another one)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    spec = _spec(**GRID)
+    point = {"defense": "baseline", "quant": "none", "sparsity": 0.0, "structured": False}
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s",
+                                directions=["maximize", "minimize", "minimize"])
+    study.enqueue_trial(point)
+    running = study.ask({k: optuna.distributions.CategoricalDistribution(v) for k, v in spec.search.space().items()})
+    assert running.params == point  # another worker's trial, still running
+    study.enqueue_trial(point)
+    study = _search(spec, tmp_path, n_trials=1)
+    pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
+    assert [t.params for t in pruned] == [point]
+    assert sum(t.state == TrialState.COMPLETE for t in study.get_trials()) == 1  # a different point was measured
+    assert next(t for t in study.get_trials() if t.state == TrialState.COMPLETE).params != point
+
+
 def test_a_study_defense_and_the_same_search_setting_train_once(tmp_path, fake_steps):
     spec = parse_spec({"name": "s", "attacks": ATTACKS,
                        "defenses": [{"name": "hardened", "method": "fast", "params": {"epsilon": 0.01}}],

@@ -185,6 +185,17 @@ def completed_twin(trial):
     return None
 
 
+def twin_elsewhere(trial):
+    """Another trial with ``trial``'s parameters, running or complete, or None. Two grid workers that read
+    the store at the same moment can draw the same point (Optuna's GridSampler does not lock it)."""
+    from optuna.trial import TrialState  # noqa: PLC0415
+
+    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
+        if t.number != trial.number and t.params == trial.params:
+            return t
+    return None
+
+
 def open_search(objectives: Sequence[tuple[str, Direction]], *, storage: str, study_name: str, seed: int = 0,
                 sampler: str = "nsga2", worker: int = 0, progress: bool = False, space: dict[str, list] | None = None):
     """The shared Optuna study (created on first use), checked to optimize ``objectives`` over ``space``."""
@@ -245,10 +256,12 @@ def run_search(objective: Callable, objectives: Sequence[tuple[str, Direction]],
     def wrapped(trial):
         return record_values(trial, objective(trial), names, worker)
 
-    wanted = trials_left(study, n_trials, sampler, space)
-    if wanted > 0:
+    while (wanted := trials_left(study, n_trials, sampler, space)) > 0:
+        pruned = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
         study.optimize(wrapped, n_trials=wanted, catch=(TightropeError,),
                        callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))])
+        if len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))) == pruned:
+            break  # only a pruned grid twin is made up for; failed trials are not retried
     return study
 
 
@@ -422,8 +435,15 @@ def study_objective(spec: StudySpec, run_root: str | Path, progress: bool = Fals
     A trial whose parameters equal a completed trial's is answered from that trial, unrun.
     """
 
+    grid = spec.search.resolved_sampler() == "grid"
+
     def objective(trial) -> dict:
         setting = trial_setting(spec, trial)
+        if grid and twin_elsewhere(trial) is not None:
+            # a grid point drawn twice: pruned, so that it neither runs twice nor counts as one more point
+            import optuna  # noqa: PLC0415 - optional dependency of the search
+
+            raise optuna.TrialPruned(f"grid point {trial.params} is measured by another trial")
         twin = completed_twin(trial)
         if twin is not None:
             return {**{k: v for k, v in twin.user_attrs.items() if k != "worker"}, "duplicate_of": twin.number}
