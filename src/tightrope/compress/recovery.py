@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from tightrope.compress import wanda
+from tightrope.compress import quant, wanda
 from tightrope.compress.api import (
     CompressionConfig,
     CompressionSummary,
@@ -288,8 +288,6 @@ def _refuse(model: nn.Module, config: Recovery) -> CompressionSummary:
 
 def check_order(configs: list) -> None:
     """A recovery step comes after a pruning step and before any quantization: one sentence otherwise."""
-    from tightrope.compress import quant  # noqa: PLC0415
-
     pruned = quantized = False
     for config in configs:
         if isinstance(config, Recovery):
