@@ -6,6 +6,7 @@
     python benchmarks/ship.py run runs/ship --threads 2
     # 3. latency and throughput again, in interleaved rounds (fair on a shared machine)
     python benchmarks/ship.py speed runs/ship --threads 2 --rounds 30
+    # (--only "fp32 torch" "structured+int8 bundle" on prepare, run and speed: just those variants)
     # 4. the Markdown table of docs/benchmarks.md
     python benchmarks/ship.py table runs/ship/results.json --speed runs/ship/speed.json
 
@@ -68,16 +69,15 @@ def prepare(args) -> None:
     with open(out / "data.jsonl", "w") as f:
         for text, label in zip(data.texts, data.labels):
             f.write(json.dumps({"text": text, "label": int(label)}) + "\n")
+    wanted = lambda name: not args.only or name in args.only  # noqa: E731
     plan = {"fp32 torch": str(Path(args.model).resolve())}
-    export_bundle(args.model, out / "fp32-bundle", precision="fp32")
-    plan["fp32 ORT"] = str(out / "fp32-bundle")
-    export_bundle(args.model, out / "int8-bundle")
-    plan["int8 bundle"] = str(out / "int8-bundle")
-    export_bundle(args.model, out / "int4-bundle", embeddings="int4")
-    plan["int8 bundle, int4 embeddings"] = str(out / "int4-bundle")
-    if args.pruned:
-        export_bundle(args.pruned, out / "pruned-int8-bundle")
-        plan["structured+int8 bundle"] = str(out / "pruned-int8-bundle")
+    for name, model, folder, options in (("fp32 ORT", args.model, "fp32-bundle", {"precision": "fp32"}),
+                                         ("int8 bundle", args.model, "int8-bundle", {}),
+                                         ("int8 bundle, int4 embeddings", args.model, "int4-bundle", {"embeddings": "int4"}),
+                                         ("structured+int8 bundle", args.pruned, "pruned-int8-bundle", {})):
+        if model and wanted(name):
+            export_bundle(model, out / folder, **options)
+            plan[name] = str(out / folder)
     (out / "plan.json").write_text(json.dumps({"variants": plan, "n": args.n, "seed": args.seed, "model": args.model,
                                                "pruned": args.pruned}, indent=2))
     print(f"wrote {out}/plan.json, data.jsonl and the bundles")
@@ -193,7 +193,7 @@ def speed(args) -> None:
     plan = json.loads((folder / "plan.json").read_text())
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": str(args.threads)}
-    names = [n for n, _, _ in VARIANTS if n in plan["variants"]]
+    names = [n for n, _, _ in VARIANTS if n in plan["variants"] and (not args.only or n in args.only)]
     kinds = {n: k for n, k, _ in VARIANTS}
     procs = {}
     try:
@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--only", nargs="*", default=None, help="variants to export (default: all; fp32 torch is always in the plan)")
     p.set_defaults(fn=prepare)
     m = sub.add_parser("measure")
     m.add_argument("kind", choices=("torch", "bundle"))
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("--rounds", type=int, default=30)
     sp.add_argument("--lat-per-visit", type=int, default=3)
+    sp.add_argument("--only", nargs="*", default=None, help="variant names to time (default: all in the plan)")
     sp.add_argument("--json", default=None)
     sp.set_defaults(fn=speed)
     r = sub.add_parser("run")

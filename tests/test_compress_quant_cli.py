@@ -62,7 +62,7 @@ def test_compress_recovers_between_pruning_and_quantization(tiny_model_dir, tiny
     assert result.exit_code == 0, result.output
     clf = inference.load(str(out))
     assert clf.card["recovery"] == {"task": str(tiny_task), "steps": 2}
-    assert [s["method"] for s in clf.card["compression"]] == ["StructuredPruning", "Int8Dynamic"]
+    assert [s["method"] for s in clf.card["compression"]] == ["StructuredPruning", "Recovery", "Int8Dynamic"]
     plain = tmp_path / "plain"
     assert runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(plain), "--prune", "structured:heads=0.5,ffn=0.5",
                                "--quantize", "int8-torch"]).exit_code == 0

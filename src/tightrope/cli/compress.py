@@ -43,10 +43,23 @@ def compress(
                                                "on IMDB from 0.790 back to 0.868.")] = 0,
     recover_task: Annotated[Optional[str], typer.Option(help="Task or data file whose train split the recovery "
                                                        "uses (default: the task the model was trained on).")] = None,
+    recover_teacher: Annotated[Optional[str], typer.Option(help="Distil the recovery from this teacher: 'auto' (the "
+                                                          "model being compressed, before pruning, frozen) or a model "
+                                                          "with the same tokenizer and labels; loss a*CE + (1-a)*KD.")] = None,
+    recover_a: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Weight a of cross-entropy in the "
+                                                       "distilled recovery's a*CE + (1-a)*KD (default 0.5).")] = None,
+    recover_temperature: Annotated[Optional[float], typer.Option(min=0.0, help="Temperature T of the distilled "
+                                                                 "recovery's KD term (default 2).")] = None,
+    recover_max_length: Annotated[Optional[int], typer.Option(min=8, help="Tokens per recovery text (default: the "
+                                                              "model's max length, at most 128).")] = None,
+    recover_lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate of the recovery "
+                                                        "(default 2e-5, linear decay).")] = None,
 ):
     """Quantize and / or prune a model and write it back with what each step bought.
 
     Example: tightrope compress runs/minilm-imdb --prune structured:heads=0.3,ffn=0.3 --recover-steps 200 --quantize int8 --out runs/small
+
+    Distilled recovery: add --recover-teacher auto (the unpruned model teaches, a=0.5, T=2 unless --recover-a / --recover-temperature).
     """
     from rich.console import Console  # noqa: PLC0415
 
@@ -54,7 +67,9 @@ def compress(
 
     summaries = compress_model(model, out, quantize=quantize, prune=prune, include=tuple(include or ()),
                                exclude=tuple(exclude or ()), calibration=calibration, recover_steps=recover_steps,
-                               recover_task=recover_task)
+                               recover_task=recover_task, recover_teacher=recover_teacher, recover_a=recover_a,
+                               recover_temperature=recover_temperature, recover_max_length=recover_max_length,
+                               recover_lr=recover_lr)
     console = Console()
     console.print(summary_table(summaries))
     for s in summaries:

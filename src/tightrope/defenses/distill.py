@@ -74,6 +74,9 @@ class Distillation:
     ``tightrope.inference.load(path)``); it is frozen here. ``student_labels`` are the student's
     label names, checked against the teacher's. ``student_tokenizer`` lets the teacher reuse the
     student's token ids when both share a vocabulary; otherwise the batch must carry ``texts``.
+    ``student_ids``: the teacher always reads the student's token ids, never the raw texts (the same
+    input the student sees, as in recovery after pruning, whose teacher is the unpruned model); the
+    two tokenizers must then share a vocabulary.
     """
 
     teacher: object
@@ -81,6 +84,7 @@ class Distillation:
     temperature: float = 2.0
     student_labels: list[str] | None = None
     student_tokenizer: object | None = None
+    student_ids: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.a <= 1.0:
@@ -99,6 +103,9 @@ class Distillation:
             self._columns = label_permutation(list(self.student_labels), list(self.teacher.label_names))
         self._shares_vocab = (self.student_tokenizer is not None
                               and self.student_tokenizer.get_vocab() == self.teacher.tokenizer.get_vocab())
+        if self.student_ids and not self._shares_vocab:
+            raise TightropeError("The teacher tokenizes with another vocabulary than the student, so it cannot read "
+                                 "the student's token ids; give a teacher with the same tokenizer.")
         self._memo: tuple[object, torch.Tensor] | None = None
 
     def teacher_logits(self, batch: dict) -> torch.Tensor:
@@ -108,7 +115,7 @@ class Distillation:
         model = self.teacher.model
         model.eval()  # in case someone switched it back
         with torch.no_grad():
-            if "texts" in batch:
+            if "texts" in batch and not self.student_ids:
                 logits = self.teacher.logits(list(batch["texts"]))
             elif self._shares_vocab:
                 logits = self.teacher.forward_ids(batch["input_ids"], batch["attention_mask"])

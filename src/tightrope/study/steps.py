@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from tightrope.inference import transform_card, transform_files
 from tightrope.progress import say
 from tightrope.study.runner import StepContext, register_step
 from tightrope.train import TrainConfig, input_transform_of, train
+from tightrope.workflows.compress import run_steps
 from tightrope.workflows.evaluate import evaluate_model
 
 
@@ -99,7 +101,7 @@ def _norm(name: str) -> str:
 def compression_classes() -> dict[str, type]:
     """Config classes of tightrope.compress by normalised name (``int8dynamic`` -> Int8Dynamic)."""
     classes: dict[str, type] = {}
-    for module in ("tightrope.compress.quant", "tightrope.compress.prune"):
+    for module in ("tightrope.compress.quant", "tightrope.compress.prune", "tightrope.compress.recovery"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:
@@ -140,19 +142,25 @@ def compression_config(method: str, params: dict[str, Any], where: str = "compre
         raise TightropeError(f"{where}.params: {cls.__name__}: {err}.") from None
 
 
-@register_step("compress")
+@register_step("compress", resumable=True)  # a Recovery step resumes from its checkpoint in the step folder
 def compress_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     configs = [compression_config(s["method"], s.get("params", {}), f"compress step {i}", inputs.get("defaults"))
                for i, s in enumerate(inputs["steps"])]
 
     clf = workflows.load(source_model(deps, ctx))
-    summaries, twin = [], None
-    for config in configs:
+    twin = None
+
+    def before(config) -> None:
+        nonlocal twin
         if _is_quantization(config) and twin is None:
             twin = _save_twin(clf.model, clf.tokenizer, clf.card, config, ctx.workdir / "twin")
-        summaries.append(compress_mod.compress_(clf.model, config).to_dict())
+
+    keep = {k: clf.card[k] for k in ("tokenization", "data", "task", "label_names", "base_model") if k in clf.card}
+    summaries = [s.to_dict() for s in run_steps(clf, configs, card={**keep, **transform_card(clf)}, before=before,
+                                                work_dir=ctx.workdir / "recovery", progress=ctx.progress)]
     out = ctx.workdir / "model"
     _save_compressed(clf, out, summaries)
+    shutil.rmtree(ctx.workdir / "recovery", ignore_errors=True)  # the recovered model is in "model" now
     return {"model_dir": ctx.rel(out), "summaries": summaries, **_twin_result(twin, ctx)}
 
 
