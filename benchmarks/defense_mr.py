@@ -258,7 +258,7 @@ def curve(models: list[str], out: Path, figure: Path, recipes_: list[str], threa
 def smooth(model: str, out: Path, rate: float, copies: int, seed: int) -> None:
     """``model`` with SAFER's randomized smoothing joined to its input transform
     (:func:`tightrope.defenses.canonical.with_smoothing`, what ``tightrope train --defense canonical
-    --smoothing-copies K`` saves): OUT/NAME-smR x K[-sS], written whole or not at all. Attack it with the
+    --smoothing K`` saves): OUT/NAME-smR x K[-sS], written whole or not at all. Attack it with the
     ``attack`` step like any model: every query is the mean over its copies, seeded by the text, so the
     attack queries the expectation the pipeline answers."""
     import os

@@ -65,9 +65,10 @@ CASES = [  # (CLI flags, study method, study params)
       "--spelling-vocab", "1000", "--substitution-rate", "0.1"], "canonical",
      {"synonym_neighbours": 20, "synonym_min_cos": 0.9, "synonym_wordnet": True, "spelling_vocab": 1000,
       "substitution_rate": 0.1}),
-    (["--defense", "canonical", "--substitution-rate", "0.5", "--smoothing-copies", "8", "--smoothing-rate", "0.6",
-      "--smoothing-seed", "3"], "canonical",
-     {"substitution_rate": 0.5, "smoothing_copies": 8, "smoothing_rate": 0.6, "smoothing_seed": 3}),
+    (["--defense", "canonical", "--substitution-rate", "0.5", "--smoothing", "copies=8,rate=0.6,seed=3"], "canonical",
+     {"substitution_rate": 0.5, "smoothing": {"copies": 8, "rate": 0.6, "seed": 3}}),
+    (["--defense", "canonical", "--substitution-rate", "0.5", "--smoothing", "8"], "canonical",
+     {"substitution_rate": 0.5, "smoothing": {"copies": 8}}),
 ]
 
 

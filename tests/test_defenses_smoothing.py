@@ -118,10 +118,10 @@ def test_train_with_smoothing_saves_it_and_compression_keeps_it(tiny_model_dir, 
     result = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), "--task", str(tiny_task), "--out", str(run),
                                       "--n-eval", "8", "--max-length", "16", "--batch-size", "8", "--lr", "1e-3",
                                       "--defense", "canonical", "--synonym-neighbours", "10", "--spelling-vocab", "100",
-                                      "--substitution-rate", "0.5", "--smoothing-copies", "3", "--smoothing-seed", "2"])
+                                      "--substitution-rate", "0.5", "--smoothing", "copies=3,seed=2"])
     assert result.exit_code == 0, result.output
     card = json.loads((run / "card.json").read_text())
-    assert card["defense"]["smoothing_copies"] == 3
+    assert card["defense"]["smoothing"] == {"copies": 3, "rate": None, "seed": 2}
     entry = card["input_transform"]["smoothing"]
     assert (entry["copies"], entry["rate"], entry["seed"], entry["words"]) == (3, 0.5, 2, len(CANDIDATES))
     clf = inference.load(str(run))
@@ -134,11 +134,13 @@ def test_train_with_smoothing_saves_it_and_compression_keeps_it(tiny_model_dir, 
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--smoothing-rate", "0.3"], "which --smoothing-copies turns on"),
-    (["--smoothing-copies", "4"], "give one of them"),
-    (["--defense", "pgd", "--smoothing-copies", "4"], "does not use --smoothing-copies"),
+    (["--smoothing", "copies=4,rate=0.3,sed=1"], "sed"),
+    (["--smoothing", "4"], "give one of them"),
+    (["--smoothing", "copies=0,rate=0.5"], "copies"),
+    (["--defense", "pgd", "--smoothing", "4"], "does not use --smoothing"),
 ])
-def test_smoothing_settings_without_their_switch_are_one_sentence(tiny_model_dir, tiny_task, tmp_path, flags, message):
+def test_bad_smoothing_settings_on_the_command_line_are_one_sentence(tiny_model_dir, tiny_task, tmp_path, flags,
+                                                                     message):
     defense = [] if "--defense" in flags else ["--defense", "canonical"]
     result = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), "--task", str(tiny_task),
                                       "--out", str(tmp_path / "r"), *defense, *flags])

@@ -51,9 +51,7 @@ def train(
     synonym_wordnet: Annotated[Optional[bool], typer.Option("--synonym-wordnet/--no-synonym-wordnet", help="canonical: also cluster WordNet synonyms (PWWS's) [default: off; they chain into giant clusters].", rich_help_panel=_DEFENSE)] = None,
     spelling_vocab: Annotated[Optional[int], typer.Option(help="canonical: words known to the misspelling recogniser, most frequent first; 0 turns it off [default: 50000].", rich_help_panel=_DEFENSE)] = None,
     substitution_rate: Annotated[Optional[float], typer.Option(help="canonical: chance that a training word is swapped for a random TextFooler / PWWS candidate [default: 0].", rich_help_panel=_DEFENSE)] = None,
-    smoothing_copies: Annotated[Optional[int], typer.Option(help="canonical: randomized smoothing (SAFER) saved with the model: every prediction is the mean over this many randomly swapped copies (cost: as many forward passes) [default: 0, off].", rich_help_panel=_DEFENSE)] = None,
-    smoothing_rate: Annotated[Optional[float], typer.Option(help="canonical: chance that smoothing swaps a word [default: --substitution-rate].", rich_help_panel=_DEFENSE)] = None,
-    smoothing_seed: Annotated[Optional[int], typer.Option(help="canonical: seed of the smoothing's copies (with the text itself) [default: 0].", rich_help_panel=_DEFENSE)] = None,
+    smoothing: Annotated[Optional[str], typer.Option(help="canonical: randomized smoothing (SAFER) saved with the model: each prediction is the mean over K randomly swapped copies, K forward passes. K, or copies=K,rate=R,seed=S [rate default: --substitution-rate].", rich_help_panel=_DEFENSE)] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Fine-tuned teacher for a*CE + (1-a)*KD (may use its own tokenizer).", rich_help_panel=_DEFENSE)] = None,
     alpha: Annotated[Optional[float], typer.Option("--a", help="Weight a of cross-entropy against distillation [default: 0.5].", rich_help_panel=_DEFENSE)] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature T [default: 2].", rich_help_panel=_DEFENSE)] = None,
@@ -90,7 +88,7 @@ def train(
              "max_share": max_share, "wordnet_candidates": wordnet_candidates, "synonym_encoding": synonym_encoding,
              "synonym_neighbours": synonym_neighbours, "synonym_min_cos": synonym_min_cos,
              "synonym_wordnet": synonym_wordnet, "spelling_vocab": spelling_vocab, "substitution_rate": substitution_rate,
-             "smoothing_copies": smoothing_copies, "smoothing_rate": smoothing_rate, "smoothing_seed": smoothing_seed,
+             "smoothing": _key_values(smoothing, "copies"),
              "teacher": teacher, "a": alpha, "temperature": temperature}
     given = {k: v for k, v in given.items() if v is not None}
     pipeline = {"prune_sparsity": prune_sparsity, "quantize": quantize, "noise_sigma": noise_sigma}
@@ -100,6 +98,17 @@ def train(
     card = run_training(config, out)
     best = card["metrics"]["best_validation_accuracy"]
     out_console.print(f"[green]wrote[/] {out}  (validation accuracy {best:.4f}, {card['train_seconds']:.0f} s)")
+
+
+def _key_values(value: str | None, first: str) -> dict | None:
+    """``"8"`` -> ``{first: 8}``; ``"copies=8,rate=0.5"`` -> ``{"copies": 8, "rate": 0.5}`` (as compress specs)."""
+    if value is None:
+        return None
+    if value.strip().isdigit():
+        return {first: int(value)}
+    from tightrope.compress.specs import parse_spec  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+
+    return parse_spec("settings:" + value)[1]
 
 
 def _train_with_defense(config, defense, out: Path, **pipeline) -> None:

@@ -211,8 +211,7 @@ class SynonymEncodingTraining:
     def __init__(self, synonym_neighbours: int = 50, synonym_min_cos: float = 0.95, synonym_wordnet: bool = False,
                  spelling_vocab: int = 50_000, substitution_rate: float = 0.0, tokenizer=None,
                  max_length: int | None = None, truncation: str = "head", criterion=None,
-                 transform: SynonymEncoding | None = None, embedding=None,
-                 smoothing_copies: int = 0, smoothing_rate: float | None = None, smoothing_seed: int = 0):
+                 transform: SynonymEncoding | None = None, embedding=None, smoothing=None):
 
         if not 0.0 <= float(substitution_rate) <= 1.0:
             raise TightropeError(f"substitution_rate is a probability per word, got {substitution_rate}.")
@@ -223,10 +222,10 @@ class SynonymEncodingTraining:
             tokenizer = models.load_tokenizer(models.resolve(tokenizer), tokenizer)
         self.criterion = criterion or cross_entropy
         self.input_transform = transform or build(synonym_neighbours, synonym_min_cos, synonym_wordnet, spelling_vocab)
-        if smoothing_copies:
+        if smoothing is not None:  # a SmoothingConfig: copies, rate, seed
             # SAFER: the classifier is trained on the perturbations it will be smoothed over
-            self.input_transform = with_smoothing(self.input_transform, smoothing_rate or substitution_rate,
-                                                  smoothing_copies, smoothing_seed)
+            self.input_transform = with_smoothing(self.input_transform, smoothing.rate or substitution_rate,
+                                                  smoothing.copies, smoothing.seed)
         self.substitution_rate, self.tokenizer = float(substitution_rate), tokenizer
         self.max_length, self.truncation = max_length, truncation
         self._embedding, self._candidates = embedding, {}

@@ -29,6 +29,19 @@ from tightrope.defenses.fakequant import QuantAware
 from tightrope.errors import TightropeError
 
 
+class SmoothingConfig(BaseModel):
+    """Randomized smoothing (SAFER, Ye et al. 2020; :class:`tightrope.transforms.Smoothing`): every
+    prediction is the mean probability over ``copies`` copies of the text, each word swapped with
+    probability ``rate`` (default: the defense's ``substitution_rate``) for a random attack candidate;
+    the copies are seeded by ``seed`` and the text."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    copies: int = Field(ge=1, le=64)
+    rate: float | None = Field(default=None, gt=0, le=1)
+    seed: int = Field(default=0, ge=0)
+
+
 class DefenseConfig(BaseModel):
     """A defense for training: adversarial kind, its attack, distillation, fake quantization."""
 
@@ -59,11 +72,7 @@ class DefenseConfig(BaseModel):
     synonym_wordnet: bool = False
     spelling_vocab: int = Field(default=50_000, ge=0)
     substitution_rate: float = Field(default=0.0, ge=0, le=1)  # random swaps from the attacks' candidate sets
-    # canonical: randomized smoothing at inference (SAFER, Ye et al. 2020), saved with the model: the mean
-    # probability over this many copies, each word swapped with smoothing_rate (default: substitution_rate)
-    smoothing_copies: int = Field(default=0, ge=0, le=64)  # 0: no smoothing
-    smoothing_rate: float | None = Field(default=None, gt=0, le=1)
-    smoothing_seed: int = Field(default=0, ge=0)
+    smoothing: SmoothingConfig | None = None  # canonical: randomized smoothing at inference, saved with the model
     teacher: str | None = None  # a fine-tuned classifier: directory, alias or hub id
     a: float = Field(default=0.5, ge=0, le=1)  # weight of CE in a*CE + (1-a)*KD
     temperature: float = Field(default=2.0, gt=0)
@@ -126,8 +135,7 @@ EMBEDDING_FIELDS = ("epsilon", "steps", "step_size", "norm", "init_magnitude")
 A2T_FIELDS = ("adv_share", "query_budget", "max_candidates", "max_share", "min_words", "min_cos",
               "wordnet_candidates", "synonym_encoding")
 ENCODING_FIELDS = ("synonym_neighbours", "synonym_min_cos", "synonym_wordnet", "spelling_vocab")
-SMOOTHING_FIELDS = ("smoothing_copies", "smoothing_rate", "smoothing_seed")
-CANONICAL_FIELDS = (*ENCODING_FIELDS, "substitution_rate", *SMOOTHING_FIELDS)
+CANONICAL_FIELDS = (*ENCODING_FIELDS, "substitution_rate", "smoothing")
 OWN_FIELDS = {"none": (), "pgd": ("epsilon", "steps", "step_size", "norm", "mix"),
               "fast": ("epsilon", "step_size", "norm", "mix"), "freelb": EMBEDDING_FIELDS,
               "a2t": ("mix", *A2T_FIELDS, *ENCODING_FIELDS), "canonical": CANONICAL_FIELDS}
@@ -146,12 +154,9 @@ def check_fields(config: DefenseConfig) -> None:
     if config.kind == "a2t" and not config.synonym_encoding and set(ENCODING_FIELDS) & config.model_fields_set:
         flags = ", ".join("--" + f.replace("_", "-") for f in ENCODING_FIELDS if f in config.model_fields_set)
         raise TightropeError(f"{flags} describe the synonym encoding, which a2t uses only with --synonym-encoding.")
-    if not config.smoothing_copies and {"smoothing_rate", "smoothing_seed"} & config.model_fields_set:
-        raise TightropeError("--smoothing-rate and --smoothing-seed describe randomized smoothing, which "
-                             "--smoothing-copies turns on.")
-    if config.smoothing_copies and not (config.smoothing_rate or config.substitution_rate):
-        raise TightropeError("Randomized smoothing swaps words with --smoothing-rate (default: --substitution-rate); "
-                             "give one of them.")
+    if config.smoothing is not None and not (config.smoothing.rate or config.substitution_rate):
+        raise TightropeError("Randomized smoothing swaps words with its rate (default: --substitution-rate); "
+                             "give one of them, e.g. --smoothing copies=8,rate=0.5.")
     if config.teacher is None and {"a", "temperature"} & config.model_fields_set:
         raise TightropeError("a and temperature weigh the distillation loss, which needs a --teacher.")
 
@@ -193,8 +198,7 @@ def build_objective(config: DefenseConfig, *, student_labels: list[str] | None =
         objective = SynonymEncodingTraining(config.synonym_neighbours, config.synonym_min_cos, config.synonym_wordnet,
                                             config.spelling_vocab, config.substitution_rate,
                                             tokenizer=student_tokenizer, max_length=max_length, truncation=truncation,
-                                            criterion=criterion, smoothing_copies=config.smoothing_copies,
-                                            smoothing_rate=config.smoothing_rate, smoothing_seed=config.smoothing_seed)
+                                            criterion=criterion, smoothing=config.smoothing)
     elif config.kind == "freelb":
         if mix != 1.0:
             raise TightropeError("FreeLB averages the loss over its own ascent steps; it takes no mix ratio.")
@@ -210,4 +214,4 @@ def build_objective(config: DefenseConfig, *, student_labels: list[str] | None =
     return objective
 
 
-__all__ = ["KINDS", "METHOD_ALIASES", "DefenseConfig", "Supervised", "build_objective", "check_fields", "defense_config"]
+__all__ = ["KINDS", "METHOD_ALIASES", "DefenseConfig", "SmoothingConfig", "Supervised", "build_objective", "check_fields", "defense_config"]
