@@ -27,6 +27,10 @@ Steps (each resumable; run from the repository root with $TIGHTROPE_DATA_DIR set
         sentences, after the model's input transform. A quantized model (ONNX Runtime int8) has no
         input gradients: it is attacked through its differentiable twin, the full-precision model it
         was compressed from (its card's ``source``), fake-quantized with the same int8 scheme.
+    python benchmarks/defense_mr.py smooth --out runs/mr --rate 0.6 --copies 8 [--seed S] MODEL_DIR...
+        OUT/NAME-sm0.6x8: the model with SAFER's randomized smoothing joined to its input transform (as
+        ``tightrope train --defense canonical --smoothing copies=8,rate=0.6`` saves it); attack it with
+        the ``attack`` step: every query answers the mean over its 8 copies.
     python benchmarks/defense_mr.py table --out runs/defense-mr MODEL_DIR...
         clean accuracy on MR's test carve (1,066 sentences) and the ASR of each recipe with Wilson 95%
         intervals, as a Markdown table.
