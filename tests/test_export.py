@@ -302,3 +302,27 @@ def test_a_defense_on_the_input_ships_inside_the_bundle(tmp_path, tokenizer):
     assert bundle.input_transform is not None and bundle.input_transform(["a superb film"]) == ["a good film"]
     assert bundle.encode(["a superb film"]) == bundle.encode(["a good film"])
     assert np.array_equal(bundle.logits(["a great film"]), bundle.logits(["a good film"]))
+
+
+def test_randomized_smoothing_ships_inside_the_bundle_and_answers_as_in_torch(tmp_path, tokenizer):
+    """A smoothed model (SAFER) exported as a bundle: the torch-free runtime draws the same seeded copies
+    and averages their probabilities as the torch classifier does (fp32 bundle: equal to 1e-4)."""
+    from conftest import make_tiny_classifier
+
+    from tightrope import inference
+    from tightrope.models import save_model
+    from tightrope.serving import Bundle
+    from tightrope.transforms import Smoothing, SynonymEncoding
+
+    smoothing = Smoothing({"superb": ["great", "fine"], "film": ["movie", "picture"], "dull": ["boring"]}, 0.5, 6, seed=4)
+    transform = SynonymEncoding({"great": "good"}, smoothing=smoothing)
+    card = {"kind": "tightrope.model", "tokenization": {"max_length": 32, "truncation": "head"},
+            "input_transform": transform.card_entry()}
+    model_dir = save_model((make_tiny_classifier(tokenizer), tokenizer), tmp_path / "smoothed",
+                           extra={**transform.files(), "card.json": card})
+    export_bundle(str(model_dir), tmp_path / "bundle", precision="fp32")
+    bundle = Bundle(tmp_path / "bundle", threads=1)
+    texts = ["a superb film", "a dull film, a dull evening", "superb"]
+    assert bundle.input_transform.smoothing.copies == 6
+    torch_logits = inference.load(str(model_dir)).logits(texts).numpy()
+    np.testing.assert_allclose(bundle.logits(texts), torch_logits, atol=1e-4)
