@@ -85,6 +85,27 @@ def test_the_dry_run_counts_the_steps_left_and_runs_nothing(tmp_path, tiny_model
     assert not (tmp_path / "run").exists()
 
 
+def test_the_search_dry_run_prices_every_point_once_and_runs_nothing(tmp_path, tiny_model_dir, tiny_task, monkeypatch):
+    import sys
+
+    from tightrope.study.distributed import plan_search
+    from tightrope.study.spec import load_spec
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # the dry run needs no Ray
+    study = study_file(tmp_path, tiny_model_dir, tiny_task, search=SEARCH)
+    spec = load_spec(study)
+    plan = plan_search(spec, tmp_path / "run")
+    points = spec.search.space_size()
+    kinds = [step.kind for step, _ in plan.todo]
+    # every point is evaluated and attacked once; the baseline they share appears once
+    assert kinds.count("evaluate") == points and kinds.count("attack") == points * len(spec.attacks)
+    assert len({step.name for step, _ in plan.todo}) == len(plan.todo)
+    out = invoke("search", study, "--out", tmp_path / "run", "--dry-run", "--trials", "1").output
+    assert f"the space has {points} points and the search runs 1 trials" in out
+    assert f"{len(plan.todo)} tasks" in out and "attack deepwordbug, per example" in out
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_on_local_ray_equals_a_local_run_and_a_rerun_resumes(tmp_path, tiny_model_dir, tiny_task, local_ray,
                                                                  monkeypatch):
     import sys

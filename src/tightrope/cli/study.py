@@ -83,6 +83,9 @@ def search(
     ray: Annotated[Optional[str], typer.Option(help="Run each trial as a Ray task: auto, local or HOST:PORT of a head node "
                                                     "(as `tightrope run --ray`); the store stays the one record of the "
                                                     "search. Default: processes on this machine.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the steps every point of the search space needs "
+                                                            "(each once), the estimated CPU hours and the wall time on "
+                                                            "N workers, and run nothing.")] = False,
 ):
     """Multi-objective search (Optuna: a grid on small discrete spaces, else NSGA-II) over defenses and compression
     settings; Pareto front of accuracy, strongest attack's success rate and latency; constrained choice.
@@ -117,6 +120,16 @@ def search(
     if workers is not None and workers < 1:
         raise TightropeError("--workers must be at least 1.")
     preflight_search(spec)  # a misspelt defense setting fails here, before the run folder is made
+    if dry_run:
+        from tightrope.study.distributed import plan_search  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+
+        size, wanted = spec.search.space_size(), trials or spec.search.trials
+        if size is not None and wanted < size:
+            out_console.print(f"the space has {size} points and the search runs {wanted} trials: the plan below "
+                              "prices every point, an upper bound")
+        for line in plan_search(spec, out).lines(sorted({1, 2, 4, 8, workers or 1})):
+            out_console.print(line)
+        return
     from tightrope.study.plan import identity  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
     from tightrope.study.runner import claim_run_dir  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
 

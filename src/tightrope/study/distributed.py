@@ -23,6 +23,7 @@ Ray is optional: it is imported only by the functions that need it, through
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from tightrope.study.runner import (
     run_step,
 )
 from tightrope.study.search import (
+    TrialSetting,
     open_search,
     open_storage,
     preflight_search,
@@ -51,6 +53,7 @@ from tightrope.study.search import (
     search_settings,
     study_objective,
     trial_setting,
+    trial_steps,
     trials_left,
 )
 from tightrope.study.spec import StudySpec
@@ -295,9 +298,33 @@ def plan_run(spec: StudySpec, out: str | Path) -> StudyPlan:
     (:data:`tightrope.workflows.sweep.SECONDS_PER_EXAMPLE`); any other step costs the mean of the finished
     steps of its kind in this run folder, and is left out of the totals, and named, where there is none.
     """
-    root = Path(out)
     steps, _ = plan_study(spec)
     keys = plan_keys(steps)
+    return plan_steps([(step, keys[step.name]) for step in steps], out)
+
+
+def plan_search(spec: StudySpec, out: str | Path) -> StudyPlan:
+    """The dry run of ``tightrope search``: every step of every point of the discrete search space, each
+    step once (trials share their baseline, defenses and compressions), priced as :func:`plan_run` does.
+    A search with fewer trials than points runs only some of them: the plan is its upper bound."""
+    space = spec.search.space()
+    if space is None:
+        raise TightropeError("A dry run of a search needs a discrete space; give sparsity as a list of values.")
+    names = list(space)
+    unique: dict[str, Step] = {}
+    for point in itertools.product(*(space[n] for n in names)):
+        steps, _ = trial_steps(spec, TrialSetting(**dict(zip(names, point))))
+        keys = plan_keys(steps)
+        for step in steps:
+            # trials name their own steps alike ("evaluate/trial"): a step is known by its key
+            unique.setdefault(keys[step.name], Step(f"{step.name}@{keys[step.name]}", step.kind, step.inputs,
+                                                    tuple(f"{d}@{keys[d]}" for d in step.deps)))
+    return plan_steps([(step, key) for key, step in unique.items()], out)
+
+
+def plan_steps(steps: list[tuple[Step, str]], out: str | Path) -> StudyPlan:
+    """The plan of ``steps`` (each with its cache key) against what the run folder ``out`` holds."""
+    root = Path(out)
     finished = _finished_steps(root) if root.is_dir() else []
     per_kind: dict[str, list[float]] = {}
     per_recipe: dict[str, list[tuple[float, int]]] = {}
@@ -309,8 +336,8 @@ def plan_run(spec: StudySpec, out: str | Path) -> StudyPlan:
             per_recipe.setdefault(recipe, []).append((float(stored.get("seconds", 0.0)), int(examples)))
     todo, seconds, source, unknown, done = [], {}, {}, Counter(), 0
     lengths: dict[tuple, tuple[str, int]] = {}
-    for step in steps:
-        if finished_step(step, keys[step.name], root) is not None:
+    for step, key in steps:
+        if finished_step(step, key, root) is not None:
             done += 1
             continue
         recipe = step.inputs.get("recipe", "")
@@ -321,7 +348,7 @@ def plan_run(spec: StudySpec, out: str | Path) -> StudyPlan:
                 data = load_task(i["task"], i["split"], n=i["n"], seed=i["seed"], data_dir=i.get("data_dir"))
                 lengths[where] = (text_length(data, list(range(len(data)))), len(data))
             length, n = lengths[where]
-            n -= _attacked(root / f"steps/{step.kind}-{keys[step.name]}")
+            n -= _attacked(root / f"steps/{step.kind}-{key}")
             key = f"attack {recipe}, per example"
             if recipe in per_recipe:
                 total, count = map(sum, zip(*per_recipe[recipe]))
