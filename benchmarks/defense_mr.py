@@ -316,13 +316,12 @@ def clean(model: str, out: Path, threads: int) -> dict:
     data = load_task("mr", "test")
     clf = workflows.load(model)
     t0 = time.perf_counter()
-    transformed = clf.input_transform(list(data.texts)) if clf.input_transform is not None else list(data.texts)
+    if clf.input_transform is not None:
+        clf.input_transform(list(data.texts))  # timed alone: the transform's share of the pipeline
     t1 = time.perf_counter()
-    transform, clf.input_transform = clf.input_transform, None
-    ids = clf.encode(transformed)
-    logits = clf.logits_of_ids(ids, 64)
+    logits = clf.logits(list(data.texts), 64)  # the whole defended pipeline (smoothing's copies included)
     t2 = time.perf_counter()
-    clf.input_transform = transform
+    t2 -= t1 - t0  # the pipeline ran the transform again: the model's own time
     metrics = classification_metrics(data.labels, logits.argmax(-1).tolist(), list(data.label_names)).summary()
     result = {"model": model, "examples": len(data), **metrics,
               "transform_ms_per_text": 1000 * (t1 - t0) / len(data), "model_ms_per_text": 1000 * (t2 - t1) / len(data)}
