@@ -1,0 +1,120 @@
+"""GGUF legacy block types: tightrope's quantizer against llama.cpp's own (gguf.quants), bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as T  # noqa: E402
+from gguf import quants as Q  # noqa: E402
+
+from tightrope.compress import gguf as G  # noqa: E402
+from tightrope.errors import TightropeError  # noqa: E402
+
+TYPE_NAMES = list(G.TYPES)
+
+
+def cases(seed: int) -> list[np.ndarray]:
+    """Small tensors of whole blocks: normal, heavy-tailed, edge blocks (zero, one outlier, negative only,
+    constant, ties of the absmax with both signs, tiny values)."""
+    rng = np.random.default_rng(seed)
+    normal = rng.standard_normal((3, 64)).astype(np.float32)
+    heavy = (rng.standard_t(2, (2, 96)) * 0.02).astype(np.float32)
+    edge = rng.standard_normal((8, 32)).astype(np.float32) * 0.1
+    edge[0] = 0.0  # all-zero block
+    edge[1, 7] = 40.0  # one large outlier
+    edge[2] = -np.abs(edge[2])  # negative only
+    edge[3] = 0.25  # constant
+    edge[4, 3], edge[4, 20] = -1.5, 1.5  # absmax tie, opposite signs (the first wins for Q4_0 / Q5_0)
+    edge[5, 0], edge[5, 31] = 2.0, 2.0  # absmax tie, same sign
+    edge[6] *= 1e-6  # tiny values (fp16 scale underflows)
+    edge[7, ::2] = -edge[7, ::2]
+    return [normal, heavy, edge]
+
+
+def test_the_block_types_match_ggml():
+    for t in G.TYPES.values():
+        assert int(T[t.name]) == t.type_id
+        assert gguf.GGML_QUANT_SIZES[T[t.name]] == (G.QK, t.type_size)
+
+
+@pytest.mark.parametrize("name", TYPE_NAMES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bytes_and_values_equal_llama_cpps_reference(name, seed):
+    """Every byte tightrope writes equals gguf.quants.quantize's; both dequantizers give the reference's values."""
+    for x in cases(seed):
+        ref = Q.quantize(x, T[name])
+        mine = G.quantize(torch.from_numpy(x), name)
+        np.testing.assert_array_equal(mine.data.numpy(), ref)
+        assert mine.tobytes() == ref.tobytes()
+        values = Q.dequantize(ref, T[name])
+        np.testing.assert_array_equal(mine.dequantized.numpy(), values)
+        np.testing.assert_array_equal(G.dequantize(ref, name).numpy(), values)
+
+
+def test_rows_that_are_not_whole_blocks_are_refused():
+    with pytest.raises(TightropeError, match="not a multiple of 32"):
+        G.quantize(torch.zeros(2, 48), "Q4_0")
+
+
+def _requantized(x: np.ndarray, name: str) -> np.ndarray:
+    return Q.quantize(np.ascontiguousarray(x, dtype=np.float32), T[name])
+
+
+# --- names and files ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "hint"), [("gguf-q4-0", "did you mean 'gguf-q4_0'"), ("Q8-0", "did you mean 'Q8_0'"),
+                                            ("Q4_K_M", "k-, i- or ternary quant")])
+def test_a_misspelt_or_unsupported_type_is_one_sentence(name, hint):
+    with pytest.raises(TightropeError, match=hint) as err:
+        G.block_type(name)
+    assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")
+
+
+def _write_gguf(path, tensors: dict[str, tuple[np.ndarray, T | None]]) -> None:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name, (data, raw) in tensors.items():
+        if raw is None:
+            writer.add_tensor(name, data)
+        else:
+            writer.add_tensor(name, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_file_reads_back_as_the_references_values(tmp_path):
+    x = cases(1)[0]
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, {"q4": (Q.quantize(x, T.Q4_0), T.Q4_0), "q8": (Q.quantize(x, T.Q8_0), T.Q8_0),
+                       "f32": (x, None), "f16": (x.astype(np.float16), None)})
+    got = G.read_gguf(path)
+    assert {k: tuple(v.shape) for k, v in got.items()} == {k: x.shape for k in ("q4", "q8", "f32", "f16")}
+    np.testing.assert_array_equal(got["q4"].numpy(), Q.dequantize(Q.quantize(x, T.Q4_0), T.Q4_0))
+    np.testing.assert_array_equal(got["q8"].numpy(), Q.dequantize(Q.quantize(x, T.Q8_0), T.Q8_0))
+    np.testing.assert_array_equal(got["f32"].numpy(), x)
+
+
+def test_a_gguf_file_with_a_type_tightrope_does_not_read_is_one_sentence(tmp_path):
+    path = tmp_path / "k.gguf"
+    size = gguf.GGML_QUANT_SIZES[T.Q4_K][1]
+    _write_gguf(path, {"blk.0.w": (np.zeros((2, size), dtype=np.uint8), T.Q4_K)})
+    with pytest.raises(TightropeError, match=r"tensor 'blk\.0\.w' of type Q4_K, which tightrope does not read; it reads"):
+        G.read_gguf(path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.98, 24 / 1000])
+def test_a_truncated_gguf_file_is_one_sentence(tmp_path, keep):
+    path = tmp_path / "whole.gguf"
+    x = cases(2)[0]
+    _write_gguf(path, {"a": (Q.quantize(x, T.Q5_0), T.Q5_0), "b": (x, None)})
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(TightropeError, match="is truncated or damaged"):
+        G.read_gguf(cut)
+    with pytest.raises(TightropeError, match="does not exist"):
+        G.read_gguf(tmp_path / "missing.gguf")
