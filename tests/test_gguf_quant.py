@@ -1,4 +1,4 @@
-"""GGUF legacy block types: tightrope's quantizer against llama.cpp's own (gguf.quants), bad input."""
+"""GGUF legacy block types: tightrope's quantizer against llama.cpp's own (gguf.quants), the boxes, bad input."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from gguf import quants as Q  # noqa: E402
 
 from tightrope.compress import gguf as G  # noqa: E402
 from tightrope.errors import TightropeError  # noqa: E402
+from tightrope.qattack import boxes as B  # noqa: E402
 
 TYPE_NAMES = list(G.TYPES)
 
@@ -61,6 +62,62 @@ def test_rows_that_are_not_whole_blocks_are_refused():
 
 def _requantized(x: np.ndarray, name: str) -> np.ndarray:
     return Q.quantize(np.ascontiguousarray(x, dtype=np.float32), T[name])
+
+
+@pytest.mark.parametrize("scheme", B.GGUF_QUANTIZERS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_points_inside_the_box_requantize_to_the_same_bytes(scheme, seed):
+    """Random points in every weight's box, and all weights at their lower or upper ends at once, give
+    exactly the reference's bytes of the original weights."""
+    name = G.block_type(scheme).name
+    rng = np.random.default_rng(100 + seed)
+    for x in cases(seed):
+        lo, hi = B.weight_box(torch.from_numpy(x), scheme)
+        assert (lo <= torch.from_numpy(x)).all() and (torch.from_numpy(x) <= hi).all()
+        ref = _requantized(x, name)
+        for _ in range(3):
+            u = torch.from_numpy(rng.random(x.shape).astype(np.float32))
+            inside = torch.minimum(torch.maximum(lo + u * (hi - lo), lo), hi)
+            np.testing.assert_array_equal(_requantized(inside.numpy(), name), ref)
+        np.testing.assert_array_equal(_requantized(lo.numpy(), name), ref)
+        np.testing.assert_array_equal(_requantized(hi.numpy(), name), ref)
+        assert (lo < hi).float().mean() > 0.5  # most weights are free to move
+
+
+@pytest.mark.parametrize("scheme", B.GGUF_QUANTIZERS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_next_float_beyond_a_box_edge_changes_the_bytes(scheme, seed):
+    """The boxes are tight: moving one free weight one float past an end that is a code boundary changes its
+    block. (An end at the block's range, +-absmax or min / max, is where the scale would move: it is kept
+    as the paper does, although a one-ulp larger absmax may leave the fp16 scale and every code unchanged.)"""
+    t = G.block_type(scheme)
+    rng = np.random.default_rng(seed)
+    checked = 0
+    for x in cases(seed):
+        lo, hi = (e.numpy().reshape(-1) for e in B.weight_box(torch.from_numpy(x), scheme))
+        blocks = x.reshape(-1, G.QK)
+        bounds = ([blocks.min(1), blocks.max(1)] if t.offset else [-np.abs(blocks).max(1), np.abs(blocks).max(1)])
+        low, high = (np.repeat(b, G.QK) for b in bounds)
+        ref = _requantized(x, t.name)
+        for end, away, limit in ((hi, np.inf, high), (lo, -np.inf, low)):
+            edges = np.nonzero((lo < hi) & (end != limit))[0]
+            for i in rng.choice(edges, size=min(10, edges.size), replace=False):
+                moved = x.copy().reshape(-1)
+                moved[i] = np.nextafter(end[i], np.float32(away))
+                assert not np.array_equal(_requantized(moved.reshape(x.shape), t.name), ref), (i, away)
+                checked += 1
+    assert checked >= 40
+
+
+def test_q4_0_boxes_keep_the_signed_setter_on_ties():
+    """A weight before Q4_0's setter may not reach -M (it would become the setter and flip d); one after may."""
+    x = torch.zeros(1, 32)
+    x[0, 10], x[0, 5], x[0, 20] = 1.0, -0.9, -0.9  # code 15, the clipped end
+    lo, hi = B.weight_box(x, "gguf-q4_0")
+    assert lo[0, 5] > -1.0 and lo[0, 20] == -1.0
+    assert lo[0, 10] == hi[0, 10] == 1.0  # the setter is pinned
+    zero_lo, zero_hi = B.weight_box(torch.zeros(1, 32), "gguf-q8_0")
+    assert (zero_lo == 0).all() and (zero_hi == 0).all()  # an all-zero block is pinned whole
 
 
 # --- names and files ----------------------------------------------------------------------------------
