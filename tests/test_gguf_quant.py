@@ -130,6 +130,31 @@ def test_a_misspelt_or_unsupported_type_is_one_sentence(name, hint):
     assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")
 
 
+def test_consumers_refuse_gguf_schemes_they_do_not_support_and_suggest_close_names():
+    from tightrope.compress.specs import quant_config
+
+    with pytest.raises(TightropeError, match="choose one of llm-int8"):
+        B.check_quantizer("gguf-q4_0")  # the audit's and the attack's check
+    with pytest.raises(TightropeError, match="did you mean 'gguf-q8_0'"):
+        B.weight_box(torch.zeros(1, 32), "gguf-q8-0")
+    with pytest.raises(TightropeError, match="did you mean 'nf4'"):
+        B.check_quantizer("nf5")
+    with pytest.raises(TightropeError, match="fake quantization and boxes only so far; compress and train quantize with int8"):
+        quant_config("gguf-q4_0")
+    with pytest.raises(TightropeError, match="did you mean 'gguf-q5_1'"):
+        quant_config("gguf-q5-1")
+
+
+def test_fake_quantization_of_a_gguf_scheme_is_llama_cpps_round_trip():
+    from tightrope.defenses.fakequant import fake_quantize
+
+    x = torch.from_numpy(cases(0)[0]).requires_grad_()
+    out = fake_quantize(x, "gguf-q4_1")
+    np.testing.assert_array_equal(out.detach().numpy(), Q.dequantize(Q.quantize(x.detach().numpy(), T.Q4_1), T.Q4_1))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # straight-through
+
+
 def _write_gguf(path, tensors: dict[str, tuple[np.ndarray, T | None]]) -> None:
     writer = gguf.GGUFWriter(str(path), "llama")
     for name, (data, raw) in tensors.items():
