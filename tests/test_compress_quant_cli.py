@@ -103,6 +103,7 @@ def test_one_name_per_scheme_across_consumers():
     assert QUANT_CHOICES == tuple(QUANT_SCHEMES)
     consumers = {"noise.STEP_SCHEMES": set(noise.STEP_SCHEMES), "fakequant.QDQ": set(fakequant.QDQ),
                  "boxes.QUANTIZERS": set(boxes.QUANTIZERS), "quantize.CONFIGS": set(quantize.CONFIGS),
+                 "boxes.GGUF_QUANTIZERS": set(boxes.GGUF_QUANTIZERS),
                  "lm_training.THROUGH_SCHEMES": set(THROUGH_SCHEMES) | set(THROUGH_SCHEMES.values()),
                  "audit.AuditConfig": set(audit.AuditConfig().quantizers) - {"all"},
                  "scenario.AttackConfig.check": set(scenario.AttackConfig.model_fields["check"].default)}
@@ -111,6 +112,12 @@ def test_one_name_per_scheme_across_consumers():
     assert set(THROUGH_SCHEMES) <= set(boxes.QUANTIZERS) and set(boxes.QUANTIZERS) <= set(quantize.CONFIGS)
     assert {n: type(make(())).__name__ for n, make in quantize.CONFIGS.items()} == {
         n: QUANT_SCHEMES[n][0] for n in quantize.CONFIGS}
+    # the GGUF block types: boxes and fake quantization take them; compress / train refuse them in one sentence
+    gguf_names = {n for n, (cls, _, _) in QUANT_SCHEMES.items() if cls == "GGUF"}
+    assert gguf_names == set(boxes.GGUF_QUANTIZERS) and gguf_names <= set(fakequant.QDQ)
+    for name in gguf_names:
+        with pytest.raises(TightropeError, match="fake quantization and boxes only"):
+            quant_config(name)
 
 
 @pytest.mark.parametrize("old", ["int8-dynamic", "int8-llm"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 
@@ -11,6 +12,12 @@ class TightropeError(Exception):
 
 class MissingResourceError(TightropeError):
     """A model, dataset or linguistic resource that is not installed here."""
+
+
+def did_you_mean(name: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to a misspelt ``name`` (difflib), or ``""``."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def read_user_file(path: str | Path, what: str) -> str:

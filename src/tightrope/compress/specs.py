@@ -5,12 +5,18 @@ One table of quantization schemes (:data:`QUANT_SCHEMES`) serves every command t
 pipeline) and the study files' CLI-equivalent names. The word ``int8`` names one thing everywhere,
 dynamic int8 (:class:`~tightrope.compress.quant.Int8Dynamic`); LLM.int8() is ``llm-int8``. Old
 spellings that meant something else are refused in one sentence that names the new one.
+
+The GGUF legacy block types (``gguf-q8_0``, ``gguf-q4_0``, ``gguf-q4_1``, ``gguf-q5_0``, ``gguf-q5_1``;
+:mod:`tightrope.compress.gguf`) are in the table for the consumers that take them so far, fake
+quantization (:mod:`tightrope.defenses.fakequant`) and boxes (:mod:`tightrope.qattack.boxes`);
+``compress`` and ``train --quantize`` refuse them in one sentence. A misspelt name is answered with the
+closest one.
 """
 
 from __future__ import annotations
 
-from tightrope.compress import prune, quant
-from tightrope.errors import TightropeError
+from tightrope.compress import gguf, prune, quant
+from tightrope.errors import TightropeError, did_you_mean
 
 # scheme name -> (config class name in tightrope.compress.quant, default keyword arguments, what it is)
 QUANT_SCHEMES: dict[str, tuple[str, dict, str]] = {
@@ -27,7 +33,11 @@ QUANT_SCHEMES: dict[str, tuple[str, dict, str]] = {
     "gptq": ("GPTQ", {}, "GPTQ"),
     "gptq4": ("GPTQ", {"bits": 4}, "GPTQ, 4 bits"),
     "gptq8": ("GPTQ", {"bits": 8}, "GPTQ, 8 bits"),
+    **{name: ("GGUF", {"type": t.name}, f"llama.cpp GGUF {t.name}, blocks of 32 (fake quantization and boxes only)")
+       for name, t in gguf.SCHEMES.items()},
 }
+#: Schemes of the table that compress_ (compress, train --quantize) builds: all but the GGUF block types.
+COMPRESS_SCHEMES = tuple(n for n in QUANT_SCHEMES if n not in gguf.SCHEMES)
 # Spellings that named another scheme before the names were unified.
 RENAMED = {"int8-dynamic": "int8", "llm.int8": "llm-int8", "int8-llm": "llm-int8"}
 
@@ -75,8 +85,12 @@ def quant_config(spec: str, include: tuple[str, ...] = (), exclude: tuple[str, .
     if name in RENAMED:
         raise TightropeError(f"The quantization '{name}' is now called '{RENAMED[name]}' "
                              f"({QUANT_SCHEMES[RENAMED[name]][2]}); 'int8' means dynamic int8 everywhere.")
+    if name in gguf.SCHEMES:
+        raise TightropeError(f"The GGUF type '{name}' is supported for fake quantization and boxes only so far; "
+                             f"compress and train quantize with {', '.join(COMPRESS_SCHEMES)}.")
     if name not in QUANT_SCHEMES:
-        raise TightropeError(f"Unknown quantization '{name}'; choose one of {', '.join(QUANT_SCHEMES)}.")
+        raise TightropeError(f"Unknown quantization '{name}'{did_you_mean(name, QUANT_SCHEMES)}; "
+                             f"choose one of {', '.join(COMPRESS_SCHEMES)}.")
     cls_name, defaults, _ = QUANT_SCHEMES[name]
     cls = getattr(quant, cls_name)
     kwargs = {**defaults, **kwargs, "include": include, "exclude": exclude}

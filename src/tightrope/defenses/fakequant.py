@@ -20,6 +20,8 @@ Schemes (the format each one matches, bit for bit):
 - ``int8``          dynamic int8, symmetric per output channel (``quantize_dynamic`` per-channel)
 - ``int8-tensor``   torch.ao dynamic int8, symmetric per tensor (``quantize_dynamic`` default)
 - ``nf4`` / ``fp4`` bitsandbytes 4-bit, block-wise absmax, blocks of 64 (QLoRA)
+- ``gguf-q8_0``, ``gguf-q4_0``, ``gguf-q4_1``, ``gguf-q5_0``, ``gguf-q5_1``: llama.cpp's GGUF blocks of 32
+  (:mod:`tightrope.compress.gguf`, equal to ``gguf.quants``' round trip)
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from tightrope.compress import gguf as G
 from tightrope.compress import primitives as P
 from tightrope.compress.api import CompressionConfig, select_modules
 from tightrope.compress.specs import RENAMED
-from tightrope.errors import TightropeError
+from tightrope.errors import TightropeError, did_you_mean
 from tightrope.train import cross_entropy_objective
 
 
@@ -65,6 +68,7 @@ QDQ: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "int8-tensor": _int8_tensor,
     "nf4": _four_bit("nf4"),
     "fp4": _four_bit("fp4"),
+    **{name: (lambda w, t=t.name: G.quantize(w, t).dequantized) for name, t in G.SCHEMES.items()},
 }
 
 
@@ -79,7 +83,8 @@ def check_scheme(scheme: str) -> None:
         raise TightropeError(f"The fake-quantization scheme '{scheme}' is now called '{RENAMED[scheme]}'; "
                              "'int8' means dynamic int8 everywhere, LLM.int8() is 'llm-int8'.")
     if scheme not in QDQ:
-        raise TightropeError(f"Unknown fake-quantization scheme '{scheme}'; known: {', '.join(QDQ)}.")
+        raise TightropeError(f"Unknown fake-quantization scheme '{scheme}'{did_you_mean(scheme, QDQ)}; "
+                             f"known: {', '.join(QDQ)}.")
 
 
 def quantize_dequantize(w: torch.Tensor, scheme: str) -> torch.Tensor:

@@ -18,6 +18,10 @@ Quantizers (code maths in :mod:`tightrope.compress.primitives`, checked against 
   default qconfig) or per output channel, ``q = clamp(round(w * (1 / s)), -128, 127)``,
   ``s = absmax / 127.5``.
 - ``all``: the intersection of the three bitsandbytes boxes, as in the paper (Sec. 4 "all").
+- ``gguf-q8_0``, ``gguf-q4_0``, ``gguf-q5_0``, ``gguf-q4_1``, ``gguf-q5_1``: llama.cpp's legacy GGUF
+  blocks of 32 (:mod:`tightrope.compress.gguf`, bytes checked against ``gguf.quants``). The element
+  that sets the scale is pinned (the signed largest-magnitude value of Q4_0 / Q5_0, the absmax of
+  Q8_0, the max and min of the ``_1`` types), so every byte of the block stays the same.
 
 Every quantizer is monotone in ``w`` for a fixed scale, so the preimage of a code is an interval.
 Its ends are first computed analytically (code boundary divided by the scale factor) and then
@@ -35,23 +39,32 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tightrope.compress import gguf as G
 from tightrope.compress.primitives import CODES_4BIT
-from tightrope.errors import TightropeError
+from tightrope.errors import TightropeError, did_you_mean
 
 # Scheme names of tightrope.compress.specs.QUANT_SCHEMES (one name per scheme across the package).
 QUANTIZERS = ("llm-int8", "nf4", "fp4", "int8-tensor")
+# GGUF block types with boxes (tightrope.compress.gguf): boxes and fake quantization only for now, so
+# they are not among QUANTIZERS, whose members the attack also verifies with the real library.
+GGUF_QUANTIZERS = tuple(G.SCHEMES)
 ALL_MEMBERS = ("llm-int8", "nf4", "fp4")  # the paper's "all": every bitsandbytes zero-shot format
 CHOICES = (*QUANTIZERS, "all")
 RENAMED = {"int8-dynamic": "int8-tensor"}  # spellings from before the names were unified
 
 
 def check_quantizer(name: str, allowed: tuple[str, ...] = CHOICES, what: str = "") -> None:
-    """Refuse a quantizer name that is not in ``allowed`` in one sentence (an old spelling with its new name)."""
+    """Refuse a quantizer name that is not in ``allowed`` in one sentence (an old spelling with its new name,
+    a GGUF type with the consumers that take it, a misspelling with the closest name)."""
     if name in RENAMED and RENAMED[name] in allowed:
         raise TightropeError(f"The quantizer '{name}' is now called '{RENAMED[name]}' (torch.ao dynamic int8, "
                              "one scale per tensor); 'int8' means dynamic int8 everywhere.")
+    if name in GGUF_QUANTIZERS and name not in allowed:
+        raise TightropeError(f"The GGUF type '{name}'{what} has boxes and fake quantization only so far; "
+                             f"choose one of {', '.join(allowed)}.")
     if name not in allowed:
-        raise TightropeError(f"Unknown quantizer '{name}'{what}; choose one of {', '.join(allowed)}.")
+        raise TightropeError(f"Unknown quantizer '{name}'{what}{did_you_mean(name, allowed)}; "
+                             f"choose one of {', '.join(allowed)}.")
 
 _REFINE_STEPS = 24  # analytic ends are within a few ulps; 24 steps is a wide safety margin
 
@@ -274,6 +287,101 @@ def box_int8_dynamic(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.
     return lo.reshape(w.shape), hi.reshape(w.shape)
 
 
+def _ordered(v: torch.Tensor) -> torch.Tensor:
+    """fp32 -> int64 keys in the floats' order (adjacent floats have adjacent keys; -0.0 and 0.0 share 0)."""
+    bits = v.contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
+
+
+def _from_ordered(key: torch.Tensor) -> torch.Tensor:
+    bits = torch.where(key >= 0, key, (-key) | 0x80000000)
+    return torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32).view(torch.float32)
+
+
+def _bisect(x: torch.Tensor, limit: torch.Tensor, target: torch.Tensor, code_of: Callable,
+            guess: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The float farthest from ``x`` towards ``limit`` (inclusive) whose code is still ``target`` (the code of
+    ``x``), for a code that is monotone in the value: a bisection over the floats between them, exact.
+
+    ``guess``: an analytic bracket ``(inside, outside)`` of the end; each side is used where it checks out
+    (the inside point has the code, the outside one has not), so the bisection runs over a few thousand
+    floats rather than all between ``x`` and ``limit``. Used where :func:`_refine`'s few-ulp walk does not
+    reach: codes computed after adding a constant larger than the scaled value (``x / d + 16.5``) or
+    subtracting a minimum round many neighbouring floats of ``x`` alike.
+    """
+    idx = torch.arange(x.numel())
+    low, high = torch.minimum(x, limit), torch.maximum(x, limit)
+    good, bad = x.clone(), limit.clone()
+    candidates = [limit] if guess is None else [torch.clamp(guess[0], low, high), torch.clamp(guess[1], low, high), limit]
+    for i, point in enumerate(candidates):
+        same = code_of(point, idx) == target
+        good = torch.where(same, point, good)  # candidates go outwards: the last one inside is the best
+        if i == 1 or point is limit:
+            bad = torch.where(~same & (bad == limit), point, bad)
+    good_k, bad_k = _ordered(good), _ordered(bad)
+    open_idx = torch.nonzero((bad_k - good_k).abs() > 1).reshape(-1)
+    while open_idx.numel():
+        g, b = good_k[open_idx], bad_k[open_idx]
+        mid = g + (b - g) // 2
+        same = code_of(_from_ordered(mid), open_idx) == target[open_idx]
+        good_k[open_idx] = torch.where(same, mid, g)
+        bad_k[open_idx] = torch.where(same, b, mid)
+        open_idx = open_idx[(bad_k[open_idx] - good_k[open_idx]).abs() > 1]
+    return _from_ordered(good_k)
+
+
+def box_gguf(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes of a GGUF legacy block type (``gguf-q8_0`` ... ``gguf-q5_1``): every byte of every block stays.
+
+    ``w`` is cut row-major into blocks of 32 (:mod:`tightrope.compress.gguf`). With the block's scale
+    setter pinned, ``d``, its fp16 bytes, ``1/d`` and ``m`` are fixed, and the code is a monotone function
+    of each other weight, so its preimage is an interval; its ends are found exactly by bisection over
+    the floats (:func:`_bisect`). The other weights stay within the setter's range: ``[-absmax, absmax]``
+    (symmetric types) or ``[min, max]`` (``_1`` types). Q4_0 / Q5_0 keep the *signed* largest-magnitude
+    value and take the first on ties, so a weight before the setter may not reach ``-M`` (it would become
+    the setter and flip the sign of ``d``); a weight after it may. Blocks with ``d = 0`` (all zero, or
+    constant for ``_1``) are pinned whole.
+    """
+    t = G.block_type(scheme)
+    shape = w.shape
+    x = G.as_blocks(w)  # (B, 32) fp32, or the one-sentence refusal of a row length that is no multiple of 32
+    d, inv, m, setter = G.block_parameters(x, t)
+    if t.offset:
+        limit_lo, limit_hi = m.expand_as(x), x.gather(1, setter).expand_as(x)
+    else:
+        top = x.gather(1, setter)  # signed (Q8_0: its sign does not matter)
+        limit_lo, limit_hi = (-top.abs()).expand_as(x), top.abs().expand_as(x)
+        if t.bits != 8:  # a weight before the setter reaching -top would become the setter
+            before = torch.arange(G.QK).expand_as(x) < setter
+            inward = torch.nextafter(-top, top).abs()
+            limit_lo = torch.where(before & (top > 0), -inward, limit_lo)
+            limit_hi = torch.where(before & (top < 0), inward, limit_hi)
+    inv_f, m_f = inv.expand_as(x).reshape(-1), m.expand_as(x).reshape(-1)
+
+    def code_of(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return G.block_codes(v, t, inv_f[idx], m_f[idx])
+
+    flat = x.reshape(-1)
+    q = code_of(flat, torch.arange(flat.numel()))
+    # analytic ends (fp64) of the code's interval in x / d (+ offset), and a generous margin for fp32 rounding
+    q64, inv64, m64 = q.double().reshape(x.shape), inv.double(), m.double()
+    shift = 0.0 if t.bits == 8 or t.offset else 2 ** (t.bits - 1)
+    safe = torch.where(inv64 == 0, torch.ones_like(inv64), inv64)
+    a, b = m64 + (q64 - shift - 0.5) / safe, m64 + (q64 - shift + 0.5) / safe
+    end_lo, end_hi = torch.minimum(a, b), torch.maximum(a, b)
+    margin = 8 * 2.0 ** -23 * ((2 ** t.bits + 1) / safe.abs() + end_hi.abs() + (end_hi - m64).abs()) + 1e-37
+    stuck = (d == 0).expand_as(x).reshape(-1)  # pinned whole: nothing to search
+    guess_lo = ((end_lo + margin).float().reshape(-1), (end_lo - margin).float().reshape(-1))
+    guess_hi = ((end_hi - margin).float().reshape(-1), (end_hi + margin).float().reshape(-1))
+    lo = _bisect(flat, torch.where(stuck, flat, limit_lo.reshape(-1)), q, code_of, guess_lo)
+    hi = _bisect(flat, torch.where(stuck, flat, limit_hi.reshape(-1)), q, code_of, guess_hi)
+    pinned = (d == 0).expand_as(x).clone().scatter_(1, setter, True)
+    if t.offset:
+        pinned.scatter_(1, x.argmin(dim=1, keepdim=True), True)
+    lo, hi = _pin(flat, lo, hi, pinned.reshape(-1))
+    return lo.reshape(shape), hi.reshape(shape)
+
+
 def weight_box(w: torch.Tensor, quantizer: str | Iterable[str], blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lo, hi)`` for one weight under one quantizer, ``"all"``, or the intersection of a list."""
     if not isinstance(quantizer, str):
@@ -292,7 +400,10 @@ def weight_box(w: torch.Tensor, quantizer: str | Iterable[str], blocksize: int =
         return box_blockwise(w, CODES_4BIT[quantizer], blocksize)
     if quantizer == "int8-tensor":
         return box_int8_dynamic(w)
-    raise TightropeError(f"Unknown quantizer '{quantizer}'; choose one of {', '.join(CHOICES)}.")
+    if quantizer in GGUF_QUANTIZERS:
+        return box_gguf(w, quantizer)
+    check_quantizer(quantizer, (*CHOICES, *GGUF_QUANTIZERS))
+    raise AssertionError(quantizer)  # check_quantizer refused it
 
 
 def shrink(lo: torch.Tensor, hi: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
