@@ -37,3 +37,13 @@ def test_fgws_joins_the_encoding_before_it_and_is_saved_with_it():
     again = SynonymEncoding.from_json(joined.to_json())
     assert again.table == joined.table and again.params["fgws"] == {"delta": 2}
     assert again.digest() == joined.digest() != encoding.digest()
+
+
+def test_fgws_keeps_the_smoothing_of_the_transform_it_joins():
+    from tightrope.transforms import Smoothing
+
+    smoothing = Smoothing({"sharp": ["keen"]}, 0.5, 4, seed=1)
+    encoding = SynonymEncoding({"heart": "core"}, [], {}, smoothing)
+    joined = with_fgws(encoding, {"pump": "heart"}, {"delta": 2})
+    assert joined.smoothing is smoothing
+    assert SynonymEncoding.from_json(joined.to_json()).smoothing.to_json() == smoothing.to_json()

@@ -71,7 +71,7 @@ def with_fgws(encoding: SynonymEncoding, fgws: Mapping[str, str], params: dict) 
         code = encoding.table.get(frequent, frequent)
         if code != word:
             table[word] = code
-    return SynonymEncoding(table, encoding.vocabulary, {**encoding.params, "fgws": params})
+    return SynonymEncoding(table, encoding.vocabulary, {**encoding.params, "fgws": params}, encoding.smoothing)
 
 
 class AttackCandidates:
