@@ -145,3 +145,17 @@ def test_bad_smoothing_settings_on_the_command_line_are_one_sentence(tiny_model_
     result = CliRunner().invoke(app, ["train", "--model", str(tiny_model_dir), "--task", str(tiny_task),
                                       "--out", str(tmp_path / "r"), *defense, *flags])
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+def test_latency_and_throughput_count_a_smoothed_models_copies(tokenizer, smoothed):
+    from tightrope.evaluate import perf
+
+    clf = inference.TextClassifier(make_tiny_classifier(tokenizer), tokenizer, max_length=32, input_transform=smoothed)
+    rows = []
+    forward = clf.forward_ids
+    clf.forward_ids = lambda input_ids, attention_mask: rows.append(len(input_ids)) or forward(input_ids, attention_mask)
+    perf.measure_latency(clf, "a wonderful film", seq_len=16, runs=2, warmup=1)
+    assert set(rows) == {4}  # one text, its 4 copies
+    rows.clear()
+    result = perf.measure_throughput(clf, "a wonderful film", batch_size=3, seq_len=16, runs=1)
+    assert set(rows) == {12} and result.batch_size == 3

@@ -66,8 +66,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @torch.inference_mode()
+def smoothing_rows(clf) -> int:
+    """Forward rows one text costs: a model with randomized smoothing answers each text with its copies."""
+    smoothing = getattr(getattr(clf, "input_transform", None), "smoothing", None)
+    return smoothing.copies if smoothing is not None else 1
+
+
 def measure_latency(clf: TextClassifier, text: str, seq_len: int = 256, runs: int = 50, warmup: int = 5) -> Latency:
-    batch = fixed_length_batch(clf, text, 1, seq_len)
+    """Latency of one text of ``seq_len`` tokens, the model call only (a smoothed model's copies included)."""
+    batch = fixed_length_batch(clf, text, smoothing_rows(clf), seq_len)
     for _ in range(warmup):
         clf.forward_ids(**batch)
     times = []
@@ -179,7 +186,7 @@ def isolated_latency(builders: dict[str, Callable[[], TextClassifier]], text: st
 
 @torch.inference_mode()
 def measure_throughput(clf: TextClassifier, text: str, batch_size: int = 32, seq_len: int = 128, runs: int = 5) -> Throughput:
-    batch = fixed_length_batch(clf, text, batch_size, seq_len)
+    batch = fixed_length_batch(clf, text, batch_size * smoothing_rows(clf), seq_len)  # texts, or their copies
     clf.forward_ids(**batch)  # warm-up
     start = time.perf_counter()
     for _ in range(runs):
