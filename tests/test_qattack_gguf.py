@@ -133,6 +133,7 @@ def test_audit_judges_gguf_by_fixed_thresholds_and_never_calls_it_clean():
     assert "no clean null for gguf-q4_0" in q.reasons[0] and "not evidence enough to call it clean" in q.reasons[0]
     assert q.disagreement is not None and q.kl is not None and "edge_contrast" in q.statistics  # measured, reported
     assert any("fixed weight thresholds only" in n and "never clean" in n for n in natural.notes)
+    assert not any("Calibrated verdict" in n for n in natural.notes)  # nothing in it was calibrated
     bad, _ = repaired(tiny(0), "gguf-q4_0")
     flagged = A.audit_model(bad, classifier=_classifier(bad), probe_texts=PROBE, config=config)
     (q,) = flagged.quantizers
@@ -141,6 +142,7 @@ def test_audit_judges_gguf_by_fixed_thresholds_and_never_calls_it_clean():
     mixed = A.audit_model(model, classifier=_classifier(model), probe_texts=PROBE,
                           config=A.AuditConfig(quantizers=("nf4", "gguf-q4_0"), search=None))
     assert mixed.quantizers[0].p_value is not None and mixed.quantizers[1].p_value is None
+    assert any("Calibrated verdict" in n for n in mixed.notes)
 
 
 @pytest.fixture(scope="module")

@@ -653,8 +653,9 @@ def audit_model(model, *, classifier=None, tokenizer=None, probe_texts: list[str
     verdicts = {r.verdict for r in results}
     overall = "flagged" if "flagged" in verdicts else "clean" if verdicts == {"clean"} else "inconclusive"
     if null is not None:
-        notes.append(calibration_note(null, config, level))
         bare = [q for q in config.quantizers if not null.statistics.get(q)]
+        if len(bare) < len(config.quantizers):  # the calibration note only where a quantizer was calibrated
+            notes.append(calibration_note(null, config, level))
         if judge and not fixed and bare:
             notes.append(f"{', '.join(bare)}: {null.source} has no clean values for "
                          f"{'this quantizer' if len(bare) == 1 else 'these quantizers'}, so "
