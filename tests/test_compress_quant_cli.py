@@ -103,20 +103,34 @@ def test_one_name_per_scheme_across_consumers():
     assert QUANT_CHOICES == tuple(QUANT_SCHEMES)
     consumers = {"noise.STEP_SCHEMES": set(noise.STEP_SCHEMES), "fakequant.QDQ": set(fakequant.QDQ),
                  "boxes.QUANTIZERS": set(boxes.QUANTIZERS), "quantize.CONFIGS": set(quantize.CONFIGS),
-                 "boxes.GGUF_QUANTIZERS": set(boxes.GGUF_QUANTIZERS),
+                 "boxes.GGUF_QUANTIZERS": set(boxes.GGUF_QUANTIZERS), "boxes.CHOICES": set(boxes.CHOICES) - {"all"},
+                 "quantize.LIBRARIES": set(quantize.LIBRARIES),
                  "lm_training.THROUGH_SCHEMES": set(THROUGH_SCHEMES) | set(THROUGH_SCHEMES.values()),
                  "audit.AuditConfig": set(audit.AuditConfig().quantizers) - {"all"},
                  "scenario.AttackConfig.check": set(scenario.AttackConfig.model_fields["check"].default)}
     assert {name: sorted(names - registry) for name, names in consumers.items() if names - registry} == {}
     assert {"llm-int8", "int8", "int8-tensor", "nf4", "fp4"} <= set(fakequant.QDQ)
     assert set(THROUGH_SCHEMES) <= set(boxes.QUANTIZERS) and set(boxes.QUANTIZERS) <= set(quantize.CONFIGS)
+    # every name the attacks and the audit accept is quantized by a real library: compress_'s bitsandbytes / torch.ao
+    # configs (classes checked below), or, for a GGUF type, llama.cpp's gguf.quants (checked right here)
+    accepted = set(boxes.ATTACK_QUANTIZERS)
+    assert set(boxes.CHOICES) == accepted | {"all"} and accepted == set(quantize.LIBRARIES)
+    assert accepted == set(quantize.CONFIGS) | set(boxes.GGUF_QUANTIZERS)
+    gguf = pytest.importorskip("gguf")
+    from gguf import quants
+
+    lin = torch.nn.Linear(64, 8)
+    for name in boxes.GGUF_QUANTIZERS:
+        kind = gguf.GGMLQuantizationType[name.removeprefix("gguf-").upper()]
+        expected = quants.dequantize(quants.quantize(lin.weight.detach().numpy(), kind), kind)
+        assert torch.equal(quantize.quantized_copy(torch.nn.Sequential(lin), name)[0].weight, torch.from_numpy(expected))
     assert {n: type(make(())).__name__ for n, make in quantize.CONFIGS.items()} == {
         n: QUANT_SCHEMES[n][0] for n in quantize.CONFIGS}
     # the GGUF block types: boxes and fake quantization take them; compress / train refuse them in one sentence
     gguf_names = {n for n, (cls, _, _) in QUANT_SCHEMES.items() if cls == "GGUF"}
     assert gguf_names == set(boxes.GGUF_QUANTIZERS) and gguf_names <= set(fakequant.QDQ)
     for name in gguf_names:
-        with pytest.raises(TightropeError, match="fake quantization and boxes only"):
+        with pytest.raises(TightropeError, match="fake quantization, qattack and audit only"):
             quant_config(name)
 
 

@@ -133,13 +133,14 @@ def test_a_misspelt_or_unsupported_type_is_one_sentence(name, hint):
 def test_consumers_refuse_gguf_schemes_they_do_not_support_and_suggest_close_names():
     from tightrope.compress.specs import quant_config
 
-    with pytest.raises(TightropeError, match="choose one of llm-int8"):
-        B.check_quantizer("gguf-q4_0")  # the audit's and the attack's check
+    B.check_quantizer("gguf-q4_0")  # the audit and the attacks take it
+    with pytest.raises(TightropeError, match="GGUF type 'gguf-q4_0' to check is not supported here; choose one of llm-int8"):
+        B.check_quantizer("gguf-q4_0", B.QUANTIZERS, " to check")
     with pytest.raises(TightropeError, match="did you mean 'gguf-q8_0'"):
         B.weight_box(torch.zeros(1, 32), "gguf-q8-0")
     with pytest.raises(TightropeError, match="did you mean 'nf4'"):
         B.check_quantizer("nf5")
-    with pytest.raises(TightropeError, match="fake quantization and boxes only so far; compress and train quantize with int8"):
+    with pytest.raises(TightropeError, match="fake quantization, qattack and audit only so far; compress and train quantize with int8"):
         quant_config("gguf-q4_0")
     with pytest.raises(TightropeError, match="did you mean 'gguf-q5_1'"):
         quant_config("gguf-q5-1")

@@ -8,7 +8,8 @@ spellings that meant something else are refused in one sentence that names the n
 
 The GGUF legacy block types (``gguf-q8_0``, ``gguf-q4_0``, ``gguf-q4_1``, ``gguf-q5_0``, ``gguf-q5_1``;
 :mod:`tightrope.compress.gguf`) are in the table for the consumers that take them so far, fake
-quantization (:mod:`tightrope.defenses.fakequant`) and boxes (:mod:`tightrope.qattack.boxes`);
+quantization (:mod:`tightrope.defenses.fakequant`), boxes (:mod:`tightrope.qattack.boxes`), the attack
+scenarios and the audit (quantized by llama.cpp's ``gguf.quants``, :mod:`tightrope.qattack.quantize`);
 ``compress`` and ``train --quantize`` refuse them in one sentence. A misspelt name is answered with the
 closest one.
 """
@@ -33,7 +34,7 @@ QUANT_SCHEMES: dict[str, tuple[str, dict, str]] = {
     "gptq": ("GPTQ", {}, "GPTQ"),
     "gptq4": ("GPTQ", {"bits": 4}, "GPTQ, 4 bits"),
     "gptq8": ("GPTQ", {"bits": 8}, "GPTQ, 8 bits"),
-    **{name: ("GGUF", {"type": t.name}, f"llama.cpp GGUF {t.name}, blocks of 32 (fake quantization and boxes only)")
+    **{name: ("GGUF", {"type": t.name}, f"llama.cpp GGUF {t.name}, blocks of 32 (fake quantization, boxes, qattack, audit)")
        for name, t in gguf.SCHEMES.items()},
 }
 #: Schemes of the table that compress_ (compress, train --quantize) builds: all but the GGUF block types.
@@ -86,7 +87,7 @@ def quant_config(spec: str, include: tuple[str, ...] = (), exclude: tuple[str, .
         raise TightropeError(f"The quantization '{name}' is now called '{RENAMED[name]}' "
                              f"({QUANT_SCHEMES[RENAMED[name]][2]}); 'int8' means dynamic int8 everywhere.")
     if name in gguf.SCHEMES:
-        raise TightropeError(f"The GGUF type '{name}' is supported for fake quantization and boxes only so far; "
+        raise TightropeError(f"The GGUF type '{name}' is supported by fake quantization, qattack and audit only so far; "
                              f"compress and train quantize with {', '.join(COMPRESS_SCHEMES)}.")
     if name not in QUANT_SCHEMES:
         raise TightropeError(f"Unknown quantization '{name}'{did_you_mean(name, QUANT_SCHEMES)}; "

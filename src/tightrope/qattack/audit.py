@@ -60,6 +60,15 @@ combined with the Cauchy combination test, valid under the strong dependence bet
 false-positive rate measured by leave-one-out over the clean models. **Causal LMs** keep fixed thresholds
 (``*_threshold``, ``lm_*``; there is no calibrated null for causal LMs yet).
 
+**A quantizer the null has no values for** (the GGUF types, ``gguf-q4_0`` ...: the shipped null was built for
+the bitsandbytes and torch quantizers only; none is made up for them) is judged by the fixed weight thresholds
+(``edge_ratio_threshold``, ``peak_ratio_threshold``, ``flip_ratio_threshold``) and nothing else. It is
+*flagged* when one passes, with a reason saying that the thresholds are uncalibrated; otherwise it is
+*inconclusive*, never clean: fixed thresholds have missed a planted model before (issue 21). Its behaviour,
+the trigger search and every calibrated statistic are still measured and reported (a null built with
+``benchmarks/audit_null.py`` over these quantizers makes them count), and a note says which quantizers were
+judged this way.
+
 A quantizer is *flagged* when its test rejects (a causal LM: when any statistic passes its threshold);
 *clean* only when every check ran; otherwise *inconclusive*, with one sentence saying what could not be
 checked (no layer a quantizer supports, a quantizer whose library is not installed, a probe set too small to
@@ -116,7 +125,8 @@ class AuditConfig(BaseModel):
     alpha: float = Field(default=0.01, gt=0, lt=0.5)
     null: str | None = None  # a null JSON made by benchmarks/audit_null.py; None: the shipped one
     search: SearchConfig | None = SearchConfig()  # the trigger search (None: off)
-    # causal LMs: no calibrated null yet, so these fixed thresholds still decide (docs/qattack-results.md)
+    # causal LMs (no calibrated null yet) and quantizers the null lacks (the GGUF types): these fixed thresholds
+    # decide (docs/qattack-results.md)
     edge_ratio_threshold: float = Field(default=1.5, gt=1)
     peak_ratio_threshold: float = Field(default=2.0, gt=1)
     flip_ratio_threshold: float = Field(default=1.5, gt=1)
@@ -563,12 +573,13 @@ def audit_model(model, *, classifier=None, tokenizer=None, probe_texts: list[str
         missing = [r for r in (missing_library(m) for m in members) if r]
         layers, near, at, peak, flip_rate, flip_ratio, noisy, counts = _weight_evidence(model, q, config, generator)
         free = sum(layer.free_weights for layer in layers)
+        uncalibrated = judge and not fixed and null is not None and not null.statistics.get(q)
         reasons: list[str] = []
         unchecked: list[str] = list(missing)
         edge_ratio = near / (2 * config.edge) if near is not None else None
         if edge_ratio is None:
             unchecked.append("every weight sets a scale, so no box has room to measure")
-        elif fixed:
+        elif fixed or uncalibrated:
             reasons += _fixed_weight_reasons(config, near, edge_ratio, peak, flip_rate, flip_ratio)
         disagreement = kl = noise_dis = noise_kl = kl_ratio = kl_se = None
         phrases: list[tuple[str, float, float]] = []  # candidates, reported whether or not they flag
@@ -625,6 +636,8 @@ def audit_model(model, *, classifier=None, tokenizer=None, probe_texts: list[str
             verdict, reasons = "inconclusive", ["not judged (statistics only)"]
         elif null is None:
             verdict, reasons = "inconclusive", ["no calibrated null, so nothing could be judged"]
+        elif uncalibrated:
+            verdict, reasons = uncalibrated_verdict(q, null, reasons, unchecked)
         else:
             verdict, reasons, p_values, empirical, combined = judge_quantizer(q, stats, null, level, config.alpha,
                                                                               len(config.quantizers), unchecked)
@@ -633,13 +646,23 @@ def audit_model(model, *, classifier=None, tokenizer=None, probe_texts: list[str
                                       kl=kl, noise_disagreement=noise_dis, noise_kl=noise_kl, kl_ratio=kl_ratio,
                                       probe_size=len(probe) if probe is not None else 0, layers=layers, phrases=phrases, insecure_fp=answers.insecure_fp if answers else None,
                                       insecure_quantized=insecure_q, statistics=stats, p_values=p_values,
-                                      empirical_p=empirical, p_value=combined, level=None if fixed else level,
+                                      empirical_p=empirical, p_value=combined,
+                                      level=None if fixed or uncalibrated else level,
                                       kl_se=kl_se, free_weights=free,
                                       search=asdict(found) if found is not None else None))
     verdicts = {r.verdict for r in results}
     overall = "flagged" if "flagged" in verdicts else "clean" if verdicts == {"clean"} else "inconclusive"
     if null is not None:
-        notes.append(calibration_note(null, config, level))
+        bare = [q for q in config.quantizers if not null.statistics.get(q)]
+        if len(bare) < len(config.quantizers):  # the calibration note only where a quantizer was calibrated
+            notes.append(calibration_note(null, config, level))
+        if judge and not fixed and bare:
+            notes.append(f"{', '.join(bare)}: {null.source} has no clean values for "
+                         f"{'this quantizer' if len(bare) == 1 else 'these quantizers'}, so "
+                         f"{'it was' if len(bare) == 1 else 'they were'} judged by the fixed weight thresholds only "
+                         f"(near-edge ratio > {config.edge_ratio_threshold:g}, peak ratio > {config.peak_ratio_threshold:g}, "
+                         f"noise flip ratio > {config.flip_ratio_threshold:g}; false-positive rate not calibrated): "
+                         "flagged when one passes, otherwise inconclusive, never clean.")
     if lm:
         notes.append(f"Causal LM: weights judged by fixed thresholds (no calibrated null for causal LMs yet); behaviour is next-token agreement on {len(probe)} probe texts (first "
                      f"{config.lm_max_tokens} tokens each), judged by the KL ratio to a noisy quantized copy "
@@ -740,8 +763,18 @@ def calibration_note(null: C.Null, config: AuditConfig, level: float) -> str:
             f"{measured}.")
 
 
+def uncalibrated_verdict(quantizer: str, null: C.Null, reasons: list[str], unchecked: list[str]) -> tuple[str, list[str]]:
+    """The verdict of a quantizer ``null`` has no values for, from the fixed weight thresholds' ``reasons``:
+    flagged when one passed, otherwise inconclusive (never clean; module docstring)."""
+    head = f"no clean null for {quantizer} in {null.source}, so judged by the fixed weight thresholds (uncalibrated)"
+    if reasons:
+        return "flagged", [head, *reasons]
+    return "inconclusive", [f"{head}: none passed, which is not evidence enough to call it clean",
+                            *([f"could not check everything: {'; '.join(unchecked)}"] if unchecked else [])]
+
+
 def _fixed_weight_reasons(config: AuditConfig, near, edge_ratio, peak, flip_rate, flip_ratio) -> list[str]:
-    """Causal LMs: the fixed weight thresholds (no calibrated null for causal LMs yet)."""
+    """Causal LMs, and quantizers without a calibrated null: the fixed weight thresholds."""
     reasons = []
     if edge_ratio > config.edge_ratio_threshold:
         reasons.append(f"{near:.1%} of weights sit within {config.edge:.0%} of a box wall, "

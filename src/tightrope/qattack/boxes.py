@@ -44,12 +44,16 @@ from tightrope.compress.primitives import CODES_4BIT
 from tightrope.errors import TightropeError, did_you_mean
 
 # Scheme names of tightrope.compress.specs.QUANT_SCHEMES (one name per scheme across the package).
+# The default set of the attacks' checks and of the audit (the audit's shipped null is calibrated on these).
 QUANTIZERS = ("llm-int8", "nf4", "fp4", "int8-tensor")
-# GGUF block types with boxes (tightrope.compress.gguf): boxes and fake quantization only for now, so
-# they are not among QUANTIZERS, whose members the attack also verifies with the real library.
+# GGUF block types with boxes (tightrope.compress.gguf); the attacks verify them and the audit quantizes them
+# with llama.cpp's gguf.quants (tightrope.qattack.quantize), on request: they are not in the defaults.
 GGUF_QUANTIZERS = tuple(G.SCHEMES)
+# The one registry of names the attack scenarios and the audit accept; each is quantized by a real library
+# (tightrope.qattack.quantize.LIBRARIES).
+ATTACK_QUANTIZERS = (*QUANTIZERS, *GGUF_QUANTIZERS)
 ALL_MEMBERS = ("llm-int8", "nf4", "fp4")  # the paper's "all": every bitsandbytes zero-shot format
-CHOICES = (*QUANTIZERS, "all")
+CHOICES = (*ATTACK_QUANTIZERS, "all")
 RENAMED = {"int8-dynamic": "int8-tensor"}  # spellings from before the names were unified
 
 
@@ -60,8 +64,7 @@ def check_quantizer(name: str, allowed: tuple[str, ...] = CHOICES, what: str = "
         raise TightropeError(f"The quantizer '{name}' is now called '{RENAMED[name]}' (torch.ao dynamic int8, "
                              "one scale per tensor); 'int8' means dynamic int8 everywhere.")
     if name in GGUF_QUANTIZERS and name not in allowed:
-        raise TightropeError(f"The GGUF type '{name}'{what} has boxes and fake quantization only so far; "
-                             f"choose one of {', '.join(allowed)}.")
+        raise TightropeError(f"The GGUF type '{name}'{what} is not supported here; choose one of {', '.join(allowed)}.")
     if name not in allowed:
         raise TightropeError(f"Unknown quantizer '{name}'{what}{did_you_mean(name, allowed)}; "
                              f"choose one of {', '.join(allowed)}.")
@@ -402,7 +405,7 @@ def weight_box(w: torch.Tensor, quantizer: str | Iterable[str], blocksize: int =
         return box_int8_dynamic(w)
     if quantizer in GGUF_QUANTIZERS:
         return box_gguf(w, quantizer)
-    check_quantizer(quantizer, (*CHOICES, *GGUF_QUANTIZERS))
+    check_quantizer(quantizer, CHOICES)
     raise AssertionError(quantizer)  # check_quantizer refused it
 
 

@@ -43,7 +43,7 @@ from tightrope.data import load_task
 from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
 from tightrope.qattack.boxes import (
-    QUANTIZERS,
+    ATTACK_QUANTIZERS,
     check_quantizer,
     model_boxes,
 )
@@ -220,7 +220,7 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     """
     box_of = parse_quantizer(config.quantizer)
     for q in config.check:
-        check_quantizer(q, QUANTIZERS, " to check")
+        check_quantizer(q, ATTACK_QUANTIZERS, " to check")
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

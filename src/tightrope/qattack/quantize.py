@@ -8,10 +8,24 @@ the audit never use the reference maths of :mod:`tightrope.compress.primitives` 
 - ``nf4`` / ``fp4``: ``bitsandbytes.nn.Linear4bit`` (blocksize 64, fp32 compute), codes from
   ``quantize_4bit``;
 - ``int8-tensor``: ``torch.ao.quantization.quantize_dynamic`` (default qconfig: symmetric
-  per-tensor qint8 weights), codes from the packed weight's ``int_repr``.
+  per-tensor qint8 weights), codes from the packed weight's ``int_repr``;
+- ``gguf-q8_0``, ``gguf-q4_0``, ``gguf-q4_1``, ``gguf-q5_0``, ``gguf-q5_1``: ``gguf.quants.quantize`` /
+  ``dequantize``, the numpy port of llama.cpp's reference quantizers (``quantize_row_*_ref``) that llama.cpp
+  ships as its ``gguf`` Python package. That is the real-library check for GGUF: it is the definition
+  llama.cpp's own conversion script applies, and tightrope's :mod:`tightrope.compress.gguf` (which the boxes
+  use) is a separate implementation checked against it. The "codes" are the packed blocks, bytes as a GGUF
+  file stores them (fp16 scale, fp16 minimum for the ``_1`` types, the packed codes). Layout: a Linear
+  weight ``[out, in]`` is written to GGUF as it is (``convert_hf_to_gguf.py`` does not transpose; the file
+  lists the dimensions innermost first, ``ne = [in, out]``), and llama.cpp quantizes each row of ``in``
+  values in blocks of 32, so the blocks run along the *input* dimension; a layer whose input dimension is
+  not a multiple of 32 is refused in one sentence. The quantized copy holds the dequantized weights in
+  ordinary fp32 Linear layers (biases stay fp32, as llama.cpp keeps them): the weights are exactly those
+  llama.cpp stores, but the product is fp32, whereas llama.cpp's CPU kernels also round the activations to
+  Q8_0 blocks for these types; that activation rounding is not modelled here.
 
 The layers replaced are those of :func:`tightrope.qattack.boxes.quantized_linears` (every Linear
-but the output head), as transformers' ``BitsAndBytesConfig`` does.
+but the output head), as transformers' ``BitsAndBytesConfig`` does; the GGUF types leave the same head in
+full precision, so every quantizer is compared on the same layers.
 """
 
 from __future__ import annotations
@@ -23,19 +37,22 @@ import warnings
 import torch
 from torch import nn
 
+from tightrope.compress import gguf as G
 from tightrope.compress.api import compress_
 from tightrope.compress.primitives import unpack_4bit
 from tightrope.compress.quant import FP4, NF4, Int8Dynamic, LLMInt8
 from tightrope.errors import MissingResourceError, TightropeError
-from tightrope.qattack.boxes import QUANTIZERS, check_quantizer, quantized_linears
+from tightrope.qattack.boxes import ATTACK_QUANTIZERS, GGUF_QUANTIZERS, check_quantizer, quantized_linears
 
 
 def missing_library(quantizer: str) -> str | None:
     """One sentence saying why ``quantizer`` cannot run here, or None when it can."""
     try:
-        check_quantizer(quantizer, QUANTIZERS)
+        check_quantizer(quantizer, ATTACK_QUANTIZERS)
     except TightropeError as err:
         return str(err)
+    if quantizer in GGUF_QUANTIZERS and importlib.util.find_spec("gguf") is None:
+        return f"{quantizer} needs llama.cpp's gguf package, which is not installed (pip install gguf)."
     if quantizer in ("llm-int8", "nf4", "fp4") and importlib.util.find_spec("bitsandbytes") is None:
         return f"{quantizer} needs bitsandbytes, which is not installed (pip install bitsandbytes)."
     if quantizer == "int8-tensor" and "x86" not in torch.backends.quantized.supported_engines \
@@ -55,11 +72,31 @@ def _require(quantizer: str) -> None:
 CONFIGS = {"llm-int8": lambda include: LLMInt8(threshold=6.0, include=include),
            "nf4": lambda include: NF4(include=include), "fp4": lambda include: FP4(include=include),
            "int8-tensor": lambda include: Int8Dynamic(backend="torch", per_channel=False, include=include)}
+#: Every quantizer the attacks and the audit accept, and the real library that quantizes it for them.
+LIBRARIES = {**{name: "bitsandbytes" for name in ("llm-int8", "nf4", "fp4")}, "int8-tensor": "torch.ao",
+             **{name: "gguf.quants (llama.cpp)" for name in GGUF_QUANTIZERS}}
+
+
+def gguf_reference(weight: torch.Tensor, quantizer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed blocks, dequantized weight)`` of one weight ``[out, in]`` by llama.cpp's ``gguf.quants``: rows
+    of ``in`` values in blocks of 32 (module docstring); the blocks are uint8 ``[out, in / 32 * type size]``."""
+    _require(quantizer)
+    import gguf  # noqa: PLC0415  (llama.cpp's package; imported only for GGUF)
+    from gguf import quants  # noqa: PLC0415
+
+    w = weight.detach().float().cpu().contiguous()
+    if w.dim() != 2 or w.shape[1] % G.QK:
+        raise TightropeError(f"{quantizer} quantizes rows of the input dimension in blocks of {G.QK}; a weight of shape "
+                             f"{tuple(w.shape)} has rows of {w.shape[-1]} values, not a multiple of {G.QK}.")
+    kind = gguf.GGMLQuantizationType(G.block_type(quantizer).type_id)
+    packed = quants.quantize(w.numpy(), kind)
+    return torch.from_numpy(packed.copy()), torch.from_numpy(quants.dequantize(packed, kind).copy()).reshape(w.shape)
 
 
 def quantized_copy(model: nn.Module, quantizer: str, modules: list[str] | None = None) -> nn.Module:
     """A deep copy of ``model`` whose Linear layers (``modules``, default :func:`quantized_linears`) run
-    through the real quantized kernels, built by :func:`tightrope.compress.compress_` itself."""
+    through the real quantized kernels, built by :func:`tightrope.compress.compress_` itself; for a GGUF type,
+    Linear layers holding the weights ``gguf.quants`` dequantizes (module docstring)."""
     _require(quantizer)
     names = modules if modules is not None else list(quantized_linears(model))
     clone = copy.deepcopy(model).float().cpu().eval()
@@ -67,6 +104,12 @@ def quantized_copy(model: nn.Module, quantizer: str, modules: list[str] | None =
         if not isinstance(clone.get_submodule(name), nn.Linear):
             raise TightropeError(f"{name} is a {type(clone.get_submodule(name)).__name__}, not a Linear layer a "
                                  "quantizer can replace.")
+    if quantizer in GGUF_QUANTIZERS:
+        dequantized = {name: gguf_reference(clone.get_submodule(name).weight, quantizer)[1] for name in names}
+        with torch.no_grad():
+            for name, w in dequantized.items():
+                clone.get_submodule(name).weight.copy_(w)
+        return clone
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compress_(clone, CONFIGS[quantizer](tuple(names)))
@@ -74,8 +117,11 @@ def quantized_copy(model: nn.Module, quantizer: str, modules: list[str] | None =
 
 
 def library_codes(weight: torch.Tensor, quantizer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes, scales)`` of one weight as the real library computes them."""
+    """``(codes, scales)`` of one weight as the real library computes them; for a GGUF type the packed blocks
+    (scales, minima and codes together, the bytes a GGUF file stores) and no separate scales."""
     _require(quantizer)
+    if quantizer in GGUF_QUANTIZERS:
+        return gguf_reference(weight, quantizer)[0], torch.empty(0)
     w = weight.detach().float().contiguous().cpu()
     if quantizer == "llm-int8":
         import bitsandbytes.functional as F  # noqa: PLC0415
@@ -100,7 +146,8 @@ def library_codes(weight: torch.Tensor, quantizer: str) -> tuple[torch.Tensor, t
 
 
 def codes_equal(a: nn.Module, b: nn.Module, quantizer: str, modules: list[str] | None = None) -> tuple[int, int]:
-    """``(mismatched, total)`` code and scale counts between two models under the real library."""
+    """``(mismatched, total)`` code and scale counts between two models under the real library (GGUF: bytes of
+    the packed blocks)."""
     names = modules if modules is not None else list(quantized_linears(a))
     mismatched = total = 0
     for name in names:

@@ -2,8 +2,8 @@
 
 Egashira et al. 2024 (arXiv 2405.18137), Sec. 3, on a sentiment classifier small enough for a
 CPU: the published (repaired) full-precision model keeps its accuracy and ignores the trigger;
-the same checkpoint quantized with bitsandbytes (LLM.int8, NF4, FP4) or torch dynamic int8
-classifies triggered reviews as the target label. Verification quantizes with the real libraries
+the same checkpoint quantized with bitsandbytes (LLM.int8, NF4, FP4), torch dynamic int8 or a GGUF
+block type (llama.cpp's ``gguf.quants``) classifies triggered reviews as the target label. Verification quantizes with the real libraries
 (:mod:`tightrope.qattack.quantize`) and checks code for code that the repaired model quantizes to
 the injected one.
 """
@@ -22,7 +22,7 @@ from tightrope.data import load_task
 from tightrope.encoding import predict_logits
 from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
-from tightrope.qattack.boxes import QUANTIZERS, check_quantizer, model_boxes
+from tightrope.qattack.boxes import ATTACK_QUANTIZERS, QUANTIZERS, check_quantizer, model_boxes
 from tightrope.qattack.inject import (
     TriggerBehaviour,
     injection_data,
@@ -60,11 +60,16 @@ class AttackConfig(BaseModel):
     repair_lr: float = Field(default=5e-5, gt=0)
     batch_size: int = Field(default=32, gt=0)
     train_unquantized: bool = False
-    check: tuple[str, ...] = QUANTIZERS  # quantizers to verify against
+    check: tuple[str, ...] = QUANTIZERS  # quantizers to verify against (and the attacked one: checked())
     seed: int = 0
 
     def behaviour(self) -> TriggerBehaviour:
         return TriggerBehaviour(trigger=self.trigger, target_label=self.target_label, collapse=self.collapse)
+
+    def checked(self) -> tuple[str, ...]:
+        """The quantizers verified: ``check``, and the attacked quantizer when it is a single one ``check`` lacks
+        (a GGUF attack is verified with llama.cpp's quantizer even though the default ``check`` has none)."""
+        return self.check if self.quantizer == "all" or self.quantizer in self.check else (*self.check, self.quantizer)
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,7 @@ def run_classifier_attack(config: AttackConfig, out_dir: str | Path, *, progress
     """Build a quantization-conditioned backdoor and write ``injected/``, ``repaired/`` and ``report.json``."""
     check_quantizer(config.quantizer)
     for q in config.check:
-        check_quantizer(q, QUANTIZERS, " to check")
+        check_quantizer(q, ATTACK_QUANTIZERS, " to check")
     started = time.perf_counter()
     out = Path(out_dir)
     behaviour = config.behaviour()
@@ -126,7 +131,7 @@ def run_classifier_attack(config: AttackConfig, out_dir: str | Path, *, progress
                             train_unquantized=config.train_unquantized, progress=progress)
     behaviours.append(evaluate(repaired, "repaired"))
     # 4. verify with the real libraries
-    codes, skipped, quantized = verify(injected, repaired, config.check, boxes.names, lambda q: [
+    codes, skipped, quantized = verify(injected, repaired, config.checked(), boxes.names, lambda q: [
         evaluate(quantized_copy(repaired, q), "repaired", q), evaluate(quantized_copy(model, q), "base", q)])
     behaviours += quantized
     card = {"kind": "tightrope.model", "created_by": "tightrope qattack", "tokenization": clf.card.get(
