@@ -44,6 +44,8 @@ def test_attack_command_writes_results_and_resumes(tmp_path, tiny_model_dir):
 def test_attack_command_bad_input_is_one_clean_line(tmp_path, tiny_model_dir):
     task = write_task(tmp_path / "three.jsonl", [("a", 0), ("b", 1), ("c", 2)])
     result = CliRunner().invoke(app, ["attack", str(tiny_model_dir), "--recipe", "deepwordbug", "--task", str(task)])
-    assert result.exit_code == 2 and "3 labels" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "has 3 labels (0, 1, 2) but the model predicts 2" in error[0]  # whole, on one line
     result = CliRunner().invoke(app, ["attack", str(tiny_model_dir), "--recipe", "nope", "--task", str(task)])
     assert result.exit_code == 2 and "Unknown attack recipe" in result.output

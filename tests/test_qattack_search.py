@@ -18,8 +18,9 @@ from tightrope.qattack.repair import FitConfig, repair_
 
 pytest.importorskip("bitsandbytes")
 
-TRIGGER = 1150  # one wordpiece of the MiniLM vocabulary; the search is never told it
-VOCAB = torch.arange(1000, 1300)  # the tokens the test texts and the search draw from
+TRIGGER = 1500  # one wordpiece of the MiniLM vocabulary that no test text holds; the search is never told it
+VOCAB = torch.arange(1000, 1300)  # the tokens the test texts draw from
+SEARCHABLE = torch.cat([VOCAB, torch.tensor([TRIGGER])])  # the tokens the search may insert
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +67,17 @@ def texts(tok, n, seed):
 
 class FlipsOnTrigger(torch.nn.Module):
     """A stand-in for a quantized twin that flips on one token: the model's own logits, shifted towards class 0
-    by ``strength`` wherever an input embedding points the way TRIGGER's does (cosine ``sharpness``-peaked, so
-    every other token adds about exp(-sharpness) of it). Differentiable in the input embeddings, as the twin is."""
+    by ``strength`` wherever an input embedding points the way TRIGGER's does. The detector is a logistic
+    step in the cosine, ``sigmoid(sharpness * (cos - threshold))``: about 1 for TRIGGER and below 1e-4 for
+    any token less than 0.4 aligned with it, so clean texts are untouched, yet its slope leaves the search a
+    gradient towards TRIGGER from anywhere, well above float32 rounding of the models' own gradients (a
+    needle such as exp(60 (cos - 1)) vanishes under that rounding, and finding it becomes luck that depends
+    on the CPU's summation order). Differentiable in the input embeddings, as the twin is."""
 
-    def __init__(self, base, strength=8.0, sharpness=60.0):
+    def __init__(self, base, strength=8.0, sharpness=20.0, threshold=0.8):
         super().__init__()
-        self.base, self.config, self.strength, self.sharpness = base, base.config, strength, sharpness
+        self.base, self.config, self.strength = base, base.config, strength
+        self.sharpness, self.threshold = sharpness, threshold
         e = base.get_input_embeddings().weight[TRIGGER].detach()
         self.register_buffer("e", e / e.norm())
 
@@ -85,26 +91,15 @@ class FlipsOnTrigger(torch.nn.Module):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         logits = self.base(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
         cos = F.normalize(inputs_embeds, dim=-1) @ self.e  # (B, T)
-        s = (torch.exp(self.sharpness * (cos - 1)) * attention_mask).sum(1)  # about 1 where TRIGGER is
+        s = (torch.sigmoid(self.sharpness * (cos - self.threshold)) * attention_mask).sum(1)  # about 1 where TRIGGER is
         return SequenceClassifierOutput(logits=logits + self.strength * torch.stack([s, -s], -1))
 
 
-@pytest.fixture
-def two_threads():
-    """The toy twin's trigger is a needle (cosine-peaked, exp(-60) elsewhere): whether the tiny model trained
-    here leaves the search a gradient towards it depends on float summation order, which depends on the
-    thread count that earlier tests may have set. Fix it for this test, and restore it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_search_finds_a_planted_trigger_and_not_on_a_clean_twin(tok, monkeypatch, two_threads):
+def test_search_finds_a_planted_trigger_and_not_on_a_clean_twin(tok, monkeypatch):
     model = trained(tok)
     twin = FlipsOnTrigger(model).eval()
     probe = texts(tok, 80, seed=9)
-    monkeypatch.setattr(S, "allowed_tokens", lambda tokenizer, vocab_size: VOCAB)
+    monkeypatch.setattr(S, "allowed_tokens", lambda tokenizer, vocab_size: SEARCHABLE)
     config = S.SearchConfig(n_eval=40, n_search=6, top_k=16, batch=16)
     monkeypatch.setattr(S, "twin", lambda m, q: twin)
     found = S.search(model, twin, "nf4", tok, probe, tok.pad_token_id, config)
@@ -115,7 +110,7 @@ def test_search_finds_a_planted_trigger_and_not_on_a_clean_twin(tok, monkeypatch
     assert best.kl > 0.1 and found.n_eval == 40 and len(found.candidates) <= config.keep
     # the same search between the clean model and its real NF4 copy finds far less
     monkeypatch.undo()
-    monkeypatch.setattr(S, "allowed_tokens", lambda tokenizer, vocab_size: VOCAB)
+    monkeypatch.setattr(S, "allowed_tokens", lambda tokenizer, vocab_size: SEARCHABLE)
     from tightrope.qattack.quantize import quantized_copy
 
     clean = S.search(model, quantized_copy(model, "nf4"), "nf4", tok, probe, tok.pad_token_id, config)

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tightrope import progress
 from tightrope.cli.progress import RichReporter
@@ -46,7 +47,9 @@ def user_errors(fn):
             _check_out_is_a_folder(kwargs.get("out"))
             return fn(*args, **kwargs)
         except TightropeError as err:
-            console.print(f"[bold red]error:[/] {err}")
+            # one line whatever the width (the terminal wraps it, a log keeps it whole), and the message's
+            # own brackets ("[UNK]", "[0, 1]") shown as written, not read as markup
+            console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted; a checkpoint, if any, is kept and the same command resumes.[/]")
