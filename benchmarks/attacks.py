@@ -7,7 +7,8 @@ changes them (``pip install torch==2.13.0`` into it instead gives the same torch
     python -m venv /tmp/ta-venv
     echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/ta-venv/lib/python3.11/site-packages/zz_main.pth
     /tmp/ta-venv/bin/pip install --no-deps textattack==0.3.11 jieba lru-dict levenshtein rapidfuzz langdetect \
-        editdistance num2words word2number more-itertools terminaltables lemminflect pinyin OpenHowNet
+        editdistance num2words word2number more-itertools terminaltables lemminflect pinyin OpenHowNet six anytree \
+        language_tool_python toml bert_score
     # TextAttack imports flair at start-up; DeepWordBug and PWWS never call it, so a three-file stub stands in:
     python benchmarks/attacks.py --write-flair-stub /tmp/ta-venv
 
@@ -21,9 +22,20 @@ and ``--padded-ablation`` adds a tightrope row padded to 128 too, to show what t
 ``--seeds K`` runs every row under K seeds and pools them: DeepWordBug's character edits are random on
 both sides, and one seed's success rate moves by several examples in a hundred.
 
+``--streams K`` adds tightrope rows in one process with K examples attacked at once on threads
+(``tightrope attack --streams K``), the victim running ``--threads / K`` threads each, on torch and on
+ONNX Runtime's fp32 graph (``--runtime onnxruntime``); each such row reports on how many examples it
+found exactly what the one-stream row found (status, adversarial text, queries). The issue-24 run
+(one process on each side; TextAttack truncates and pads at the head, so tightrope's victim reads the
+head too)::
+
+    python benchmarks/attacks.py --model runs/qs-base --task textfooler-mr --n 100 --max-length 64 \
+        --recipes deepwordbug,pwws --streams 2 --seeds 3 --json runs/bench-attacks/mr.json
+    python benchmarks/attacks.py --model runs/imdb-base --task textfooler-imdb --n 30 --max-length 256 \
+        --recipes deepwordbug --streams 2 --seeds 3 --json runs/bench-attacks/imdb.json
+
 ``--shards K`` adds a tightrope row with the examples split over K processes sharing the same
-threads (``--threads / K`` each): on 2 cores, two one-thread processes use the cores better than one
-two-thread process does for the small batches of an attack.
+threads (``--threads / K`` each): a multi-process figure, kept apart from the one-process rows.
 
 Both sides run the same composition. DeepWordBug (Gao et al. 2018): goal untargeted classification;
 RepeatModification; the same stopword list (TextFooler's, passed to TextAttack's StopwordModification,
@@ -98,6 +110,8 @@ TEXTATTACK_SCRIPT = textwrap.dedent(r"""
     json.dump({"seconds": seconds, "results": out}, open(sys.argv[2], "w"))
 """)
 
+RANDOMIZED = {"deepwordbug"}  # recipes whose edits are drawn at random (TextAttack's and tightrope's alike)
+
 FLAIR_STUB = {
     "__init__.py": "import torch\ndevice = torch.device('cpu')\nfrom . import data, models  # noqa\n",
     "data.py": "class Tokenizer:\n    pass\n\n\nclass Sentence:\n    def __init__(self, *a, **k):\n"
@@ -136,7 +150,8 @@ def pooled(runs: list[dict]) -> dict:
     rows = [row for run in runs for row in run["rows"]]
     return {**metrics(*map(list, zip(*rows)), sum(r["seconds"] for r in runs)),
             "per_seed": [{k: r[k] for k in ("succeeded", "failed", "skipped", "attack_success_rate",
-                                            "examples_per_minute")} for r in runs]}
+                                            "examples_per_minute")} for r in runs],
+            "outcomes": [o for r in runs for o in r.get("outcomes", [])]}
 
 
 def load_victim(model: str, max_length: int, pad_to_max: bool = False):
@@ -146,6 +161,7 @@ def load_victim(model: str, max_length: int, pad_to_max: bool = False):
     from tightrope.encoding import collate
 
     victim = workflows.load(model, max_length=max_length)
+    victim.truncation = "head"  # what TextAttack's HuggingFaceModelWrapper keeps: both sides read the same tokens
     if pad_to_max:
         def logits_of_ids(sequences, batch_size=64, progress=None):
             import torch
@@ -163,20 +179,47 @@ def load_victim(model: str, max_length: int, pad_to_max: bool = False):
     return victim
 
 
-def run_tightrope(model: str, data, seed: int, max_length: int, recipe: str, pad_to_max: bool = False) -> dict:
-    from tightrope.attacks import recipes
+def run_tightrope(model: str, data, seed: int, max_length: int, recipe: str, pad_to_max: bool = False, *,
+                  threads: int = 2, streams: int = 1, runtime: str = "torch") -> dict:
+    """tightrope's attack in this process, as ``tightrope attack --threads T --streams K --runtime R`` runs it:
+    K examples at once on threads, the victim running T // K threads each (torch, or ONNX Runtime's fp32
+    graph checked against torch's logits). The clock starts once the victim and the attack are built."""
+    import torch
 
+    from tightrope.attacks import recipes
+    from tightrope.attacks.attacker import Attacker
+
+    per = max(1, threads // streams)
+    torch.set_num_threads(per)
     victim = load_victim(model, max_length, pad_to_max)
+    if runtime == "onnxruntime":
+        from tightrope.compress.onnxrt import onnx_twin
+
+        victim, _ = onnx_twin(victim, data.texts[:16], threads=per)
+    victim.source = model
     attack = recipes.build(recipe, victim)
-    start = time.perf_counter()
     results = []
-    for i, (t, y) in enumerate(zip(data.texts, data.labels)):
-        results.append(attack.attack(victim, t, y, index=i, seed=seed, victim=model))
-        if (i + 1) % 10 == 0:
-            print(f"  tightrope {recipe}: {i + 1}/{len(data)} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+    def tick(result, done):
+        results.append(result)
+        if len(results) % 10 == 0:
+            print(f"  tightrope {recipe} ({runtime}, {streams} streams): {len(results)}/{len(data)} in "
+                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    Attacker(attack, seed=seed, streams=streams).run(victim, data, progress=tick)
     seconds = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    results.sort(key=lambda r: r.index)
     return {**metrics([r.status for r in results], [r.queries for r in results],
-                      [r.perturbed_share for r in results], seconds), "load_after": os.getloadavg()[0]}
+                      [r.perturbed_share for r in results], seconds), "load_after": os.getloadavg()[0],
+            "threads": threads, "streams": streams, "runtime": runtime,
+            "outcomes": [[r.status, r.perturbed_text, r.queries] for r in results]}
+
+
+def same_outcomes(a: dict, b: dict) -> int:
+    """Examples on which two tightrope rows found the same thing (status, adversarial text, queries)."""
+    return sum(x == y for x, y in zip(a.get("outcomes", []), b.get("outcomes", [])))
 
 
 def _shard_worker(model, data, seed, max_length, recipe, threads, k, shards, barrier, queue):
@@ -269,6 +312,14 @@ def main() -> None:
                         help="also run tightrope with every batch padded to --max-length, as TextAttack pads")
     parser.add_argument("--shards", type=int, default=1,
                         help="also run tightrope split over this many processes (threads shared among them)")
+    parser.add_argument("--streams", type=int, default=1,
+                        help="also run tightrope in one process with this many examples at once (tightrope attack "
+                             "--streams), on torch and on ONNX Runtime")
+    parser.add_argument("--stream-runtimes", default="torch,onnxruntime",
+                        help="victim runtimes of the --streams rows (comma-separated)")
+    parser.add_argument("--no-plain", action="store_true",
+                        help="skip the one-stream tightrope row (long runs; the streams rows are then not checked "
+                             "against it)")
     parser.add_argument("--textattack-python", default="/tmp/ta-venv/bin/python")
     parser.add_argument("--skip-textattack", action="store_true")
     parser.add_argument("--write-flair-stub", type=Path, metavar="VENV", help="write the flair stub into VENV and exit")
@@ -297,10 +348,20 @@ def main() -> None:
              "seeds": list(range(args.seed, args.seed + args.seeds)),
              "max_length": args.max_length, "torch": torch.__version__, "load_before": os.getloadavg()}
     table: dict[str, dict[str, dict]] = {}
-    seeds = range(args.seed, args.seed + args.seeds)
+    all_seeds = list(range(args.seed, args.seed + args.seeds))
     for recipe in recipe_names:
         rows = table.setdefault(recipe, {})
-        rows["tightrope"] = pooled([run_tightrope(args.model, data, s, args.max_length, recipe) for s in seeds])
+        seeds = all_seeds if recipe in RANDOMIZED else all_seeds[:1]  # PWWS is deterministic: one seed says it all
+        if not args.no_plain:
+            rows["tightrope"] = pooled([run_tightrope(args.model, data, s, args.max_length, recipe,
+                                                      threads=args.threads) for s in seeds])
+        if args.streams > 1:
+            for runtime in [r.strip() for r in args.stream_runtimes.split(",") if r.strip()]:
+                row = pooled([run_tightrope(args.model, data, s, args.max_length, recipe, threads=args.threads,
+                                            streams=args.streams, runtime=runtime) for s in seeds])
+                if "tightrope" in rows:
+                    row["same_as_one_stream"] = same_outcomes(row, rows["tightrope"])
+                rows[f"tightrope, {args.streams} streams, {runtime}"] = row
         if args.padded_ablation:
             rows[f"tightrope, padded to {args.max_length}"] = pooled(
                 [run_tightrope(args.model, data, s, args.max_length, recipe, pad_to_max=True) for s in seeds])
@@ -315,14 +376,16 @@ def main() -> None:
     setup["load_after"] = os.getloadavg()
     print(f"{setup['task']} first {len(data)}, seeds {setup['seeds']}, {args.threads} threads, max length {args.max_length}, "
           f"load average {setup['load_before'][0]:.1f} before / {setup['load_after'][0]:.1f} after")
-    print(f"{'recipe':<13}{'implementation':<28}{'ex/min':>9}{'ASR':>8}{'queries':>9}{'perturbed':>11}{'orig acc':>10}")
+    print(f"{'recipe':<13}{'implementation':<36}{'ex/min':>9}{'ASR':>8}{'queries':>9}{'perturbed':>11}{'orig acc':>10}")
     for recipe, rows in table.items():
         for name, m in rows.items():
-            print(f"{recipe:<13}{name:<28}{fmt(m)}")
+            print(f"{recipe:<13}{name:<36}{fmt(m)}")
         if "textattack-0.3.11" in rows:
             peer = rows["textattack-0.3.11"]["examples_per_minute"]
             for name in [n for n in rows if n.startswith("tightrope") and "padded" not in n]:
-                print(f"{recipe:<13}speed-up of {name}: {rows[name]['examples_per_minute'] / peer:.2f}x")
+                same = rows[name].get("same_as_one_stream")
+                same = "" if same is None else f" (results equal to one stream's on {same} of {rows[name]['examples']})"
+                print(f"{recipe:<13}speed-up of {name}: {rows[name]['examples_per_minute'] / peer:.2f}x{same}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"setup": setup, "table": table}, indent=2))

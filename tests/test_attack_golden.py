@@ -7,6 +7,8 @@ expectation holds on every CPU); the expectation was computed before the Attack 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from test_attack_text import BowClassifier, embedding_attack, toy_task
@@ -38,8 +40,48 @@ def _attack(name: str):
     return embedding_attack() if name == "embedding" else recipes.build("deepwordbug", None)
 
 
+@pytest.mark.parametrize("streams", [1, 3])
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_a_fixed_seed_attack_finds_what_it_found_before(name, tmp_path):
-    Attacker(_attack(name), out=tmp_path / name, seed=SEEDS[name]).run(BowClassifier(), toy_task(12))
-    got = [[r.status, r.perturbed_text, r.queries, r.model_queries] for r in read_results(tmp_path / name / "results.jsonl")]
+def test_a_fixed_seed_attack_finds_what_it_found_before(name, streams, tmp_path):
+    """One stream, or three examples at once on threads (written as they finish): the same results."""
+    report = Attacker(_attack(name), out=tmp_path / name, seed=SEEDS[name], streams=streams).run(BowClassifier(), toy_task(12))
+    results = sorted(read_results(tmp_path / name / "results.jsonl"), key=lambda r: r.index)
+    got = [[r.status, r.perturbed_text, r.queries, r.model_queries] for r in results]
     assert got == EXPECTED[name]
+    assert report.examples == 12 and [r.index for r in results] == list(range(12))
+
+
+class MeetsAnotherStream(BowClassifier):
+    """The same victim, whose first call waits (up to 10 s) until a second call is in flight at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.meeting = threading.Barrier(2, timeout=10)
+        self.met = False
+
+    def logits(self, texts, batch_size=64):
+        if not self.met:
+            try:
+                self.meeting.wait()
+                self.met = True
+            except threading.BrokenBarrierError:
+                pass
+        return super().logits(texts, batch_size)
+
+
+def test_streams_attack_examples_at_the_same_time(tmp_path):
+    victim = MeetsAnotherStream()
+    Attacker(_attack("deepwordbug"), seed=3, streams=2).run(victim, toy_task(4))
+    assert victim.met  # two examples' queries were in flight together
+
+    alone = MeetsAnotherStream()
+    alone.meeting = threading.Barrier(2, timeout=0.2)
+    Attacker(_attack("deepwordbug"), seed=3, streams=1).run(alone, toy_task(2))
+    assert not alone.met  # one stream never has two queries in flight
+
+
+def test_streams_must_be_positive():
+    from tightrope.errors import TightropeError
+
+    with pytest.raises(TightropeError, match="at least 1"):
+        Attacker(_attack("deepwordbug"), streams=0)

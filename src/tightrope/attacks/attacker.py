@@ -11,10 +11,12 @@ recipe x variant grid of ``benchmarks/attack_grid.py``) opens one Attacker per c
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from tightrope.attacks.attack import Attack
@@ -36,13 +38,22 @@ class Attacker:
     appends to its own file and the main process writes the report. ``indices`` restricts the run to
     those examples (in that order); the folder is not tied to them, so a later run with more indices
     (a grid grown from 100 to 200 reviews) resumes there.
+
+    ``streams`` attacks that many examples at once in this process, each on its own thread. An attack's
+    cost is the victim's forward pass on a handful of candidates at a time (docs/benchmarks.md), which
+    one core runs better than two share; the forward pass releases the GIL (ONNX Runtime for the whole
+    call, torch per operator), so K streams on victims that run one thread each keep K cores busy.
+    Every example's result is the one a single stream gives (its random draws are seeded by the seed and
+    its index, its queries cached per example); results are written in the order they finish.
     """
 
     def __init__(self, attack: Attack, *, out: str | Path | None = None, seed: int = 0, long_texts: str = "window",
-                 shard: bool = False, indices: list[int] | None = None):
+                 shard: bool = False, indices: list[int] | None = None, streams: int = 1):
         if long_texts not in LONG_TEXTS:
             raise TightropeError(f"long_texts must be one of {', '.join(LONG_TEXTS)}, not '{long_texts}'.")
-        self.attack, self.seed, self.long_texts, self.shard = attack, seed, long_texts, shard
+        if streams < 1:
+            raise TightropeError(f"streams is the number of examples attacked at once, at least 1, not {streams}.")
+        self.attack, self.seed, self.long_texts, self.shard, self.streams = attack, seed, long_texts, shard, streams
         self.out = Path(out) if out is not None else None
         self.indices = list(indices) if indices is not None else None
         self._opened: tuple | None = None
@@ -79,15 +90,43 @@ class Attacker:
 
     def attack_example(self, i: int) -> AttackResult:
         """Attack example ``i`` of the opened dataset and keep the result (appended and fsynced)."""
+        return self._keep(i, self._attack(i))
+
+    def _attack(self, i: int) -> AttackResult:
         if self._opened is None:
             raise TightropeError("Open the attacker on a model and a dataset first (Attacker.open).")
-        model, data, victim, windows, _, file, done, _, _, _, _ = self._opened
-        result = self.attack.attack(model, data.texts[i], data.labels[i], index=i, seed=self.seed,
-                                    window_words=windows.get(i), victim=victim)
+        model, data, victim, windows = self._opened[:4]
+        return self.attack.attack(model, data.texts[i], data.labels[i], index=i, seed=self.seed,
+                                  window_words=windows.get(i), victim=victim)
+
+    def _keep(self, i: int, result: AttackResult) -> AttackResult:
+        file, done = self._opened[5], self._opened[6]
         if file is not None:
             append_result(file, result)
         done[i] = result
         return result
+
+    def _results(self, pending: list[int]):
+        """``(index, result)`` for every pending example: one after the other, or ``streams`` at a time on
+        threads, each result kept (written) by the calling thread as soon as it is done."""
+        if self.streams == 1 or len(pending) < 2:
+            for i in pending:
+                yield i, self.attack_example(i)
+            return
+        queue = iter(pending)
+        pool = ThreadPoolExecutor(self.streams, thread_name_prefix="tightrope-attack")
+        try:
+            running = {pool.submit(self._attack, i): i for i in itertools.islice(queue, self.streams)}
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in sorted(finished, key=running.get):
+                    i = running.pop(future)
+                    yield i, self._keep(i, future.result())
+                    nxt = next(queue, None)
+                    if nxt is not None:
+                        running[pool.submit(self._attack, nxt)] = nxt
+        finally:  # on an error or an interrupt, start nothing new; examples in flight finish unrecorded
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def describe_run(self, model: Classifier, data) -> dict:
         """What ``attack.json`` holds: the attack, the victim, the data and the settings; a folder takes
@@ -109,8 +148,7 @@ class Attacker:
         _, _, victim, _, settings, file, done, todo, rank, world, state = self._opened
         started = time.perf_counter()
         mine = [done[i] for i in todo if i in done]
-        for i in pending:
-            result = self.attack_example(i)
+        for _, result in self._results(pending):
             mine.append(result)
             if progress is not None:
                 progress(result, mine)

@@ -42,10 +42,14 @@ class SentenceEncoder:
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """Unit-norm embeddings (N, H); texts seen before come from a cache."""
-        todo = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        rows = {t: self.cache.get(t) for t in texts}  # read once: another attack stream may evict meanwhile
+        todo = [t for t, row in rows.items() if row is None]
         if todo:
             for text, row in zip(todo, self._embed(todo)):
-                self.cache[text] = row
+                rows[text] = self.cache[text] = row
             while len(self.cache) > 50_000:
-                self.cache.popitem(last=False)
-        return torch.stack([self.cache[t] for t in texts])
+                try:
+                    self.cache.popitem(last=False)
+                except KeyError:  # emptied by another stream at the same moment
+                    break
+        return torch.stack([rows[t] for t in texts])

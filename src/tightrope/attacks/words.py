@@ -50,9 +50,11 @@ class WordSwapEmbedding(Transformation):
 
     def candidates(self, text, index, rng, *, label=None):
         word = text.words[index]
-        if word.lower() not in self._memo:
-            self.prepare(text, [index])
-        return [recover_case(word, w) for w in self._memo[word.lower()]]
+        near = self._memo.get(word.lower())  # read once: another attack stream may clear the memo meanwhile
+        if near is None:
+            near = [w for w, _ in self.embedding.neighbours([word.lower()], self.max_candidates)[0]]
+            self._memo[word.lower()] = near
+        return [recover_case(word, w) for w in near]
 
 
 @lru_cache(maxsize=100_000)
@@ -115,8 +117,19 @@ class WordSwapGradient(Transformation):
         if label is None:
             raise TightropeError("Gradient-guided swaps need the example's label; the search passes it.")
         key = (text.text, label)
-        if key in self._grads:
+        known = self._grads.get(key, {})
+        missing = [i for i in indices if i not in known]
+        if not missing:
             return
+        self._grads[key] = {**known, **self._gradient_candidates(text, missing, label)}
+        while len(self._grads) > 8:  # only the texts in progress are needed again: one per attack stream
+            try:
+                del self._grads[next(iter(self._grads))]
+            except (KeyError, StopIteration, RuntimeError):  # another stream changed it meanwhile
+                break
+
+    def _gradient_candidates(self, text, indices, label) -> dict[int, list[str]]:
+        """The ``top_n`` swaps of every word of ``indices`` ([] for a word that is not one token)."""
         ids, single = self._token_positions(text)
         model = self.twin.model
         emb_layer = model.get_input_embeddings()
@@ -127,7 +140,7 @@ class WordSwapGradient(Transformation):
             loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor([label]))
             (grad,) = torch.autograd.grad(loss, embeds)
         table = emb_layer.weight.detach()  # (V, H)
-        out: dict[int, list[str]] = {}
+        out: dict[int, list[str]] = {i: [] for i in indices}
         wanted = [i for i in indices if i in single]
         if wanted:
             pos = torch.tensor([single[i] for i in wanted])
@@ -138,8 +151,12 @@ class WordSwapGradient(Transformation):
             top = gain.topk(self.top_n, dim=1).indices
             for i, row in zip(wanted, top.tolist()):
                 out[i] = [recover_case(text.words[i], self.vocab[v]) for v in row]
-        self._grads = {key: out}  # only the current text is ever needed again
+        return out
 
     def candidates(self, text, index, rng, *, label=None):
-        self.prepare(text, [index], label=label)
-        return self._grads.get((text.text, label), {}).get(index, [])
+        found = self._grads.get((text.text, label))
+        if found is None or index not in found:  # not prepared, or evicted by another stream: compute it now
+            if label is None:
+                raise TightropeError("Gradient-guided swaps need the example's label; the search passes it.")
+            found = self._gradient_candidates(text, [index], label)
+        return found[index]
