@@ -91,6 +91,31 @@ def evaluate_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     return payload
 
 
+@register_step("relative-latency")
+def relative_latency_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
+    """A model's batch-1 latency relative to a reference (the study's baseline: the second dependency),
+    both in this process, timed in interleaved pairs on the same text and thread count
+    (:func:`tightrope.evaluate.perf.relative_latency`); the absolute figures ride along."""
+    import torch  # noqa: PLC0415
+
+    from tightrope.evaluate import perf  # noqa: PLC0415
+
+    if inputs.get("threads"):
+        torch.set_num_threads(inputs["threads"])
+    model_dep, reference_dep = (deps[name] for name in ctx.step.deps[:2])
+    clf, reference = workflows.load(source_model(deps, ctx)), workflows.load(str(ctx.abs(reference_dep["model_dir"])))
+    data = load_task(inputs["task"], inputs["split"], n=inputs["n"], seed=inputs["seed"], data_dir=inputs.get("data_dir"))
+    seq_len = min([inputs["seq_len"], *(p for p in (_positions(clf), _positions(reference)) if p)])
+    result = perf.relative_latency(clf, reference, max(data.texts, key=len), seq_len=seq_len, pairs=inputs["pairs"])
+    return {**dataclasses.asdict(result), "model": model_dep["model_dir"], "reference": reference_dep["model_dir"]}
+
+
+def _positions(clf) -> int | None:
+    """The longest input a model's position table takes (None: unknown or unlimited)."""
+    positions = getattr(getattr(getattr(clf, "model", None), "config", None), "max_position_embeddings", None)
+    return positions if isinstance(positions, int) else None
+
+
 # --- compress -------------------------------------------------------------------------------------
 
 
