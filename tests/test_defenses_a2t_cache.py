@@ -89,8 +89,6 @@ def test_a_cache_for_another_tokenizer_or_model_is_refused_in_one_sentence(token
     with pytest.raises(TightropeError, match="another max length"):
         A2TTraining(tokenizer, grouped_embedding(GROUPS, LONELY), max_length=16, cache=cache).before_training(
             model, DATA, TrainConfig(max_length=16))
-    with pytest.raises(TightropeError, match="other training data"):
-        _a2t(tokenizer, cache).before_training(model, DATA.subset(5, 0), TrainConfig(max_length=32))
 
     rebuilt = _a2t(tokenizer, cache, cache_rebuild=True)
     meta = _prime(rebuilt, other)["a2t_cache"]
@@ -122,6 +120,35 @@ def test_a_compressed_variant_of_the_same_base_reads_the_cache_only_when_allowed
     assert a2t_cache.base_of(str(variant_dir)) == a2t_cache.base_of(str(base_dir))
     assert _a2t(tokenizer, cache, cache_reuse="base").before_training(
         pruned, DATA, TrainConfig(max_length=32), start=str(variant_dir))["a2t_cache"]["examples"] == 12
+
+
+def test_training_data_is_a_matter_of_coverage(tokenizer, tmp_path):
+    """A subset reads the cache; the same model extends it with new texts; a variant lacking texts is refused."""
+    base_dir = save_model((make_tiny_classifier(tokenizer, seed=1), tokenizer), tmp_path / "base")
+    model = make_tiny_classifier(tokenizer, seed=1)
+    cache = tmp_path / "a2t-cache"
+    _prime(_a2t(tokenizer, cache), model, start=str(base_dir))
+    subset = _a2t(tokenizer, cache)
+    subset.before_training(model, DATA.subset(5, 3), TrainConfig(max_length=32, seed=3), start=str(base_dir))
+    assert subset.calls == []  # a second seed's subset of the same data: all there
+
+    more = TaskData("tiny", "train", [*TEXTS, "a tedious, lifeless script", "a superb and moving film"],
+                    [*LABELS, 0, 1], ("negative", "positive"))
+    grown = _a2t(tokenizer, cache)
+    grown.before_training(model, more, TrainConfig(max_length=32), start=str(base_dir))
+    assert grown.calls == [2]  # only the two new texts are attacked, against the same model
+    meta = json.loads((cache / "cache.json").read_text())
+    assert meta["complete"] and meta["examples"] == 14 and meta["data_added"][0]["fingerprint"] == more.fingerprint()
+    assert len((cache / "texts.jsonl").read_text().splitlines()) == 14
+
+    newer = TaskData("tiny", "train", ["an awful, boring mess"], [0], ("negative", "positive"))
+    pruned = make_tiny_classifier(tokenizer, seed=1)  # a variant of the same base
+    with torch.no_grad():
+        pruned.classifier.weight[0] = 0.0
+    with pytest.raises(TightropeError, match="no adversarial text for 1 of this run's 1 distinct training texts") as err:
+        _a2t(tokenizer, cache, cache_reuse="base").before_training(pruned, newer, TrainConfig(max_length=32),
+                                                                   start=str(base_dir))
+    assert str(err.value).count(". ") == 0
 
 
 def test_a_killed_generation_resumes_where_it_stopped_without_a_line_twice(tokenizer, tmp_path):

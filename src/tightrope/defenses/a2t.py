@@ -311,11 +311,11 @@ class A2TTraining:
                                      seed=config.seed)
         meta = a2t_cache.open_cache(self.cache, wanted, reuse=self.cache_reuse, rebuild=self.cache_rebuild)
         attack = lambda texts, labels: [r.to_dict() for r in self.perturb(model, texts, labels)]  # noqa: E731
-        self._cached = a2t_cache.fill(self.cache, meta, attack, list(data.texts), list(data.labels),
+        self._cached = a2t_cache.fill(self.cache, meta, attack, list(data.texts), list(data.labels), wanted=wanted,
                                       seed=meta["built_for"]["seed"], block=self.cache_block, progress=progress)
         self._cache_meta = {"path": str(self.cache), "reuse": self.cache_reuse,
                             "built_against": meta["built_for"]["model"], "trains": wanted["model"],
-                            "examples": len(self._cached)}
+                            "examples": len(self._cached), "data": wanted["data"]}
         return {"a2t_cache": self._cache_meta}
 
     def from_cache(self, texts: list[str], labels: list[int]) -> list[A2TExample]:

@@ -13,17 +13,22 @@ A cache is a folder:
   its weights, and the base it descends from: the weight files of the first model directory in the
   chain of ``source`` / ``source_model`` that compressed models' cards name), the tokenizer (its
   vocabulary, normaliser and special tokens, hashed), the max length and truncation, the attack and
-  its candidate source, the training data's fingerprint and the seed; and whether it is complete;
+  its candidate source, the training data's fingerprint and the seed (and the fingerprint of every
+  later run's data that added texts, under ``data_added``); and whether it is complete;
 - ``texts.jsonl``: one line per distinct (text, label) of the training data, the attack's result
   (:class:`tightrope.defenses.a2t.A2TExample`), appended a block of texts at a time and fsynced, as
   :mod:`tightrope.attacks.attacker` writes results, so a killed generation resumes at the first block
   it had not finished and never writes a text twice.
 
-Reuse is strict where the cache's content would change: another tokenizer, another max length, other
-attack settings or other training data are refused in one sentence. A cache built against another
-model is refused as well, unless ``reuse="base"`` and both models descend from the same base (a
-compressed variant: pruned, quantization-aware, a second seed's fresh head); the run's card records
-which model the texts were made against. ``rebuild=True`` replaces a cache built for anything else.
+Every line is the attack of one (text, label) against the recorded model, tokenizer, length and
+attack, so reuse is strict where a line's content would change: another tokenizer, another max length
+or other attack settings are refused in one sentence. A cache built against another model is refused
+as well, unless ``reuse="base"`` and both models descend from the same base (a compressed variant:
+pruned, quantization-aware, a second seed's fresh head); the run's card records which model the texts
+were made against. Training data is a matter of coverage: a run whose texts the cache holds reads
+them (a second seed's subset of the same data), a run of the same model with texts it lacks attacks
+those and appends them, and a variant that lacks texts is refused (they cannot be made against the
+cache's model). ``rebuild=True`` replaces a cache built for anything else.
 """
 
 from __future__ import annotations
@@ -84,8 +89,10 @@ def tokenizer_fingerprint(tokenizer) -> dict:
         {"lower": getattr(tokenizer, "do_lower_case", None)}
     payload = {"vocab": sorted(tokenizer.get_vocab().items()), "normalizer": normalizer,
                "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()}}
-    return {"name": Path(str(tokenizer.name_or_path)).name or str(tokenizer.name_or_path),
-            "fingerprint": _digest(payload)}
+    name = str(tokenizer.name_or_path)
+    if Path(name).is_dir():  # a local folder: its last two parts name it well enough (minilm/model)
+        name = "/".join(Path(name).resolve().parts[-2:])
+    return {"name": name, "fingerprint": _digest(payload)}
 
 
 def base_of(start: str | None) -> dict:
@@ -140,10 +147,6 @@ def check_built_for(path: Path, old: dict, new: dict, reuse: Reuse = "model") ->
     if settings:
         names = ", ".join("attack settings" if k == "attack_fingerprint" else k.replace("_", " ") for k in settings)
         return f"{path} was built with another {names} than this run's: {redo}."
-    if old["data"]["fingerprint"] != new["data"]["fingerprint"]:
-        return (f"{path} was built on other training data ({old['data']['task']}:{old['data']['split']}, "
-                f"{old['data']['examples']} examples, {old['data']['fingerprint']}); this run trains on "
-                f"{new['data']['examples']} examples ({new['data']['fingerprint']}): {redo}.")
     was, now = old["model"], new["model"]
     if was["weights"] == now["weights"]:
         return None
@@ -193,9 +196,6 @@ def open_cache(path: str | Path, wanted: dict, *, reuse: Reuse = "model", rebuil
         problem = f"{path} is an A2T cache of format {meta.get('version')}, not {VERSION}: pass --a2t-cache-rebuild."
     elif meta is not None:
         problem = check_built_for(path, meta["built_for"], wanted, reuse)
-        if problem is None and not meta.get("complete") and meta["built_for"]["model"]["weights"] != wanted["model"]["weights"]:
-            problem = (f"{path} is unfinished and was built against model {_model_name(meta['built_for']['model'])}; "
-                       "finish it with a run of that model, or pass --a2t-cache-rebuild.")
     elif path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise TightropeError(f"{path} exists and is not an A2T cache; give a new --a2t-cache path.")
     else:
@@ -212,9 +212,13 @@ def open_cache(path: str | Path, wanted: dict, *, reuse: Reuse = "model", rebuil
 
 
 def fill(path: str | Path, meta: dict, attack: Callable[[list[str], list[int]], list[dict]], texts: list[str],
-         labels: list[int], *, seed: int = 0, block: int = 32, progress=False) -> dict[str, dict]:
+         labels: list[int], *, wanted: dict | None = None, seed: int = 0, block: int = 32,
+         progress=False) -> dict[str, dict]:
     """Attack every distinct (text, label) the cache does not hold yet, a block at a time, and return
-    the entries of all of them by :func:`example_key`.
+    the entries of all of them by :func:`example_key`. ``wanted`` describes this run
+    (:func:`built_for`; default: the cache's own description): texts the cache lacks are attacked only
+    when this run's model is the one the cache was built against, and its data is then recorded under
+    ``data_added``.
 
     Blocks are fixed by the data (every ``block`` distinct examples, in data order) and the global
     random generator is seeded by ``seed`` and the block, so a resumed generation writes what an
@@ -226,8 +230,20 @@ def fill(path: str | Path, meta: dict, attack: Callable[[list[str], list[int]], 
         order.setdefault(example_key(text, label), (text, int(label)))
     keys = list(order)
     entries = read_entries(path)
-    if meta.get("complete") and all(k in entries for k in keys):
-        return entries
+    missing = sum(k not in entries for k in keys)
+    wanted = wanted or meta["built_for"]
+    if not missing:
+        return entries if meta.get("complete") else _finish(path, meta, entries)
+    if wanted["model"]["weights"] != meta["built_for"]["model"]["weights"]:
+        raise TightropeError(f"{path} holds no adversarial text for {missing} of this run's {len(keys)} distinct "
+                             f"training texts, and they can be made only against model "
+                             f"{_model_name(meta['built_for']['model'])}, not this variant: pass "
+                             "--a2t-cache-rebuild or a new --a2t-cache path.")
+    data = wanted["data"]
+    if data["fingerprint"] != meta["built_for"]["data"]["fingerprint"] and \
+            data not in meta.get("data_added", []):
+        meta = {**meta, "complete": False, "data_added": [*meta.get("data_added", []), data]}
+        write_json_atomic(path / META, meta)
     blocks = [keys[i:i + block] for i in range(0, len(keys), block)]
     with tracked(progress, "a2t cache", len(keys), completed=sum(k in entries for k in keys)) as bar:
         for number, chunk in enumerate(blocks):
@@ -240,10 +256,15 @@ def fill(path: str | Path, meta: dict, attack: Callable[[list[str], list[int]], 
             append_json_lines(path / LINES, rows)
             entries.update((row["key"], row) for row in rows)
             bar.advance(len(todo))
-    stats = [entries[k] for k in keys]
-    write_json_atomic(path / META, {**meta, "complete": True, "examples": len(keys),
-                                    "flipped": sum(bool(r.get("flipped")) for r in stats),
-                                    "skipped": sum(bool(r.get("skipped")) for r in stats)})
+    return _finish(path, meta, entries)
+
+
+def _finish(path: Path, meta: dict, entries: dict[str, dict]) -> dict[str, dict]:
+    """Mark the cache complete, with its counts, once every text asked of it so far is in."""
+    rows = list(entries.values())
+    write_json_atomic(path / META, {**meta, "complete": True, "examples": len(rows),
+                                    "flipped": sum(bool(r.get("flipped")) for r in rows),
+                                    "skipped": sum(bool(r.get("skipped")) for r in rows)})
     return entries
 
 
