@@ -65,6 +65,11 @@ def test_the_cache_is_made_once_and_read_back_across_epochs_and_by_a_second_seed
     train(_config(tiny_model_dir, tiny_task, seed=1), tmp_path / "seed1", objective=second, progress=False)
     assert second.calls == [] and second.stats["attacked"] == 12 * 4  # a second seed reads the same cache
 
+    other_dir = save_model((make_tiny_classifier(tokenizer, seed=5), tokenizer), tmp_path / "other")
+    with pytest.raises(TightropeError, match="was built against model"):
+        train(_config(other_dir, tiny_task), tmp_path / "other-run", objective=_a2t(tokenizer, cache), progress=False)
+    assert not (tmp_path / "other-run").exists()  # refused before anything was written
+
 
 def test_a_cache_for_another_tokenizer_or_model_is_refused_in_one_sentence(tokenizer, tmp_path):
     cache = tmp_path / "a2t-cache"

@@ -198,8 +198,10 @@ def train(
         config.model, label_names=list(train_data.label_names), require_head=False,
         trust_remote_code=config.trust_remote_code,
     )
-    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = loaded.model, loaded.tokenizer
+    # before anything is written: a cache that does not fit this run is refused with no folder left behind
+    primed = _before_training(objective, accelerator, model, train_data, config, loaded.path, progress)
+    out.mkdir(parents=True, exist_ok=True)
     # A defense that rewrites the input (tightrope.defenses.canonical) trains on rewritten texts and is
     # saved with the model, whose TextClassifier then applies it at inference.
     transform = input_transform_of(objective) or input_transform or inherited_transform(config.model)
@@ -220,7 +222,6 @@ def train(
         optimizer, lr_lambda(config.schedule, int(config.warmup_ratio * total_steps), total_steps)
     )
 
-    primed = _before_training(objective, accelerator, model, train_data, config, loaded.path, progress)
     old = ckpt_dir.with_name(".checkpoint.old")
     if not ckpt_dir.exists() and old.exists():  # killed between the two renames of _save_checkpoint
         old.rename(ckpt_dir)

@@ -156,8 +156,8 @@ def search(
             raise TightropeError(f"A search worker failed (exit codes {[p.exitcode for p in procs]}); "
                                  "run the same command again to continue.")
     loaded = optuna.load_study(study_name=name, storage=open_storage(url))
-    constraints = Constraints(max_latency=max_latency, max_latency_ms=max_latency_ms, min_accuracy=min_accuracy, max_asr=max_asr,
-                              max_memory_mb=max_memory_mb)
+    constraints = Constraints(max_latency=max_latency, max_latency_ms=max_latency_ms, min_accuracy=min_accuracy,
+                              max_asr=max_asr, max_memory_mb=max_memory_mb)
     summary = summarize(loaded, [OBJECTIVES[o] for o in loaded.user_attrs["objectives"]], constraints, prefer)
     write_result(out / "search" / "search.json", summary)
     from tightrope.report.render import render_search, search_rows  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
