@@ -30,6 +30,7 @@ from tightrope.defenses.fakequant import fake_quantized
 from tightrope.defenses.pipeline import run_pipeline, scheme_for
 from tightrope.defenses.run import harden, prepare
 from tightrope.errors import TightropeError
+from tightrope.evaluate import perf
 from tightrope.inference import transform_card, transform_files
 from tightrope.progress import say
 from tightrope.study.runner import StepContext, register_step
@@ -97,8 +98,6 @@ def relative_latency_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     both in this process, timed in interleaved pairs on the same text and thread count
     (:func:`tightrope.evaluate.perf.relative_latency`); the absolute figures ride along."""
     import torch  # noqa: PLC0415
-
-    from tightrope.evaluate import perf  # noqa: PLC0415
 
     if inputs.get("threads"):
         torch.set_num_threads(inputs["threads"])
