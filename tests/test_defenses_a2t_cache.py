@@ -154,6 +154,9 @@ def test_training_data_is_a_matter_of_coverage(tokenizer, tmp_path):
         _a2t(tokenizer, cache, cache_reuse="base").before_training(pruned, newer, TrainConfig(max_length=32),
                                                                    start=str(base_dir))
     assert str(err.value).count(". ") == 0
+    rebuilt = _a2t(tokenizer, cache, cache_reuse="base", cache_rebuild=True)  # rebuilt against the variant
+    rebuilt.before_training(pruned, newer, TrainConfig(max_length=32), start=str(base_dir))
+    assert rebuilt.calls == [1] and len((cache / "texts.jsonl").read_text().splitlines()) == 1
 
 
 def test_a_killed_generation_resumes_where_it_stopped_without_a_line_twice(tokenizer, tmp_path):

@@ -309,9 +309,10 @@ class A2TTraining:
         wanted = a2t_cache.built_for(model, self.tokenizer, start=start, max_length=self.max_length,
                                      truncation=self.truncation, attack=self.attack_settings(), data=data,
                                      seed=config.seed)
-        meta = a2t_cache.open_cache(self.cache, wanted, reuse=self.cache_reuse, rebuild=self.cache_rebuild)
+        examples = a2t_cache.distinct(list(data.texts), list(data.labels))
+        meta = a2t_cache.open_cache(self.cache, wanted, examples, reuse=self.cache_reuse, rebuild=self.cache_rebuild)
         attack = lambda texts, labels: [r.to_dict() for r in self.perturb(model, texts, labels)]  # noqa: E731
-        self._cached = a2t_cache.fill(self.cache, meta, attack, list(data.texts), list(data.labels), wanted=wanted,
+        self._cached = a2t_cache.fill(self.cache, meta, attack, examples, data=wanted["data"],
                                       seed=meta["built_for"]["seed"], block=self.cache_block, progress=progress)
         self._cache_meta = {"path": str(self.cache), "reuse": self.cache_reuse,
                             "built_against": meta["built_for"]["model"], "trains": wanted["model"],

@@ -187,15 +187,38 @@ def read_entries(path: Path) -> dict[str, dict]:
     return entries
 
 
-def open_cache(path: str | Path, wanted: dict, *, reuse: Reuse = "model", rebuild: bool = False) -> dict:
-    """The description of the cache at ``path`` that serves ``wanted``: the one there when it fits,
-    else (``rebuild``, or no cache yet) a fresh one written there. A misfit is one sentence."""
+def distinct(texts: list[str], labels: list[int]) -> dict[str, tuple[str, int]]:
+    """The distinct (text, label) pairs of a dataset by :func:`example_key`, in data order."""
+    out: dict[str, tuple[str, int]] = {}
+    for text, label in zip(texts, labels):
+        out.setdefault(example_key(text, label), (text, int(label)))
+    return out
+
+
+def _uncovered(path: Path, meta: dict, wanted: dict, keys) -> str | None:
+    """Why a variant (not the cache's own model) cannot train on ``keys``: texts the cache lacks, which
+    only the cache's model could be attacked for; or None."""
+    if wanted["model"]["weights"] == meta["built_for"]["model"]["weights"]:
+        return None
+    entries = read_entries(path)
+    missing = sum(k not in entries for k in keys)
+    if not missing:
+        return None
+    return (f"{path} holds no adversarial text for {missing} of this run's {len(keys)} distinct training texts, and "
+            f"they can be made only against model {_model_name(meta['built_for']['model'])}, not this variant: "
+            "pass --a2t-cache-rebuild or a new --a2t-cache path.")
+
+
+def open_cache(path: str | Path, wanted: dict, keys=(), *, reuse: Reuse = "model", rebuild: bool = False) -> dict:
+    """The description of the cache at ``path`` that serves ``wanted`` and its training texts ``keys``
+    (:func:`distinct`): the one there when it fits, else (``rebuild``, or no cache yet) a fresh one
+    written there. A misfit is one sentence."""
     path = Path(path)
     meta = _read_meta(path)
     if meta is not None and meta.get("version") != VERSION:
         problem = f"{path} is an A2T cache of format {meta.get('version')}, not {VERSION}: pass --a2t-cache-rebuild."
     elif meta is not None:
-        problem = check_built_for(path, meta["built_for"], wanted, reuse)
+        problem = check_built_for(path, meta["built_for"], wanted, reuse) or _uncovered(path, meta, wanted, keys)
     elif path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise TightropeError(f"{path} exists and is not an A2T cache; give a new --a2t-cache path.")
     else:
@@ -211,13 +234,13 @@ def open_cache(path: str | Path, wanted: dict, *, reuse: Reuse = "model", rebuil
     return meta
 
 
-def fill(path: str | Path, meta: dict, attack: Callable[[list[str], list[int]], list[dict]], texts: list[str],
-         labels: list[int], *, wanted: dict | None = None, seed: int = 0, block: int = 32,
+def fill(path: str | Path, meta: dict, attack: Callable[[list[str], list[int]], list[dict]],
+         examples: dict[str, tuple[str, int]], *, data: dict | None = None, seed: int = 0, block: int = 32,
          progress=False) -> dict[str, dict]:
-    """Attack every distinct (text, label) the cache does not hold yet, a block at a time, and return
-    the entries of all of them by :func:`example_key`. ``wanted`` describes this run
-    (:func:`built_for`; default: the cache's own description): texts the cache lacks are attacked only
-    when this run's model is the one the cache was built against, and its data is then recorded under
+    """Attack every example of ``examples`` (:func:`distinct`) the cache does not hold yet, a block at a
+    time, and return the cache's entries by key. Texts the cache lacks are attacked against the model
+    of this run, which :func:`open_cache` checked is the cache's own; when ``data`` (this run's, as
+    :func:`built_for` describes it) is not the data the cache was built on, it is recorded under
     ``data_added``.
 
     Blocks are fixed by the data (every ``block`` distinct examples, in data order) and the global
@@ -225,23 +248,12 @@ def fill(path: str | Path, meta: dict, attack: Callable[[list[str], list[int]], 
     uninterrupted one would. Each block's lines go to disk in one fsynced write.
     """
     path = Path(path)
-    order: dict[str, tuple[str, int]] = {}
-    for text, label in zip(texts, labels):
-        order.setdefault(example_key(text, label), (text, int(label)))
-    keys = list(order)
+    keys = list(examples)
     entries = read_entries(path)
-    missing = sum(k not in entries for k in keys)
-    wanted = wanted or meta["built_for"]
-    if not missing:
+    if all(k in entries for k in keys):
         return entries if meta.get("complete") else _finish(path, meta, entries)
-    if wanted["model"]["weights"] != meta["built_for"]["model"]["weights"]:
-        raise TightropeError(f"{path} holds no adversarial text for {missing} of this run's {len(keys)} distinct "
-                             f"training texts, and they can be made only against model "
-                             f"{_model_name(meta['built_for']['model'])}, not this variant: pass "
-                             "--a2t-cache-rebuild or a new --a2t-cache path.")
-    data = wanted["data"]
-    if data["fingerprint"] != meta["built_for"]["data"]["fingerprint"] and \
-            data not in meta.get("data_added", []):
+    data = data or meta["built_for"]["data"]
+    if data["fingerprint"] != meta["built_for"]["data"]["fingerprint"] and data not in meta.get("data_added", []):
         meta = {**meta, "complete": False, "data_added": [*meta.get("data_added", []), data]}
         write_json_atomic(path / META, meta)
     blocks = [keys[i:i + block] for i in range(0, len(keys), block)]
@@ -251,7 +263,7 @@ def fill(path: str | Path, meta: dict, attack: Callable[[list[str], list[int]], 
             if not todo:
                 continue
             torch.manual_seed(seed * 1_000_003 + number)
-            results = attack([order[k][0] for k in todo], [order[k][1] for k in todo])
+            results = attack([examples[k][0] for k in todo], [examples[k][1] for k in todo])
             rows = [{"key": k, **r} for k, r in zip(todo, results)]
             append_json_lines(path / LINES, rows)
             entries.update((row["key"], row) for row in rows)
@@ -268,5 +280,6 @@ def _finish(path: Path, meta: dict, entries: dict[str, dict]) -> dict[str, dict]
     return entries
 
 
-__all__ = ["REUSE", "base_of", "built_for", "check_built_for", "example_key", "fill", "open_cache", "read_entries",
+__all__ = ["REUSE", "base_of", "built_for", "check_built_for", "distinct", "example_key", "fill", "open_cache",
+           "read_entries",
            "tokenizer_fingerprint", "weights_fingerprint"]

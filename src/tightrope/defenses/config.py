@@ -67,7 +67,7 @@ class DefenseConfig(BaseModel):
     # and read back at every epoch; "base" also reads a cache built against another model of the same base
     a2t_cache: str | None = None
     a2t_cache_reuse: Literal["model", "base"] = "model"
-    a2t_cache_rebuild: bool = False  # replace a cache built for another model, tokenizer, attack or data
+    a2t_cache_rebuild: bool = False  # replace a cache that does not serve this run (model, tokenizer, length, attack, texts)
     # canonical (synonym encoding, Wang et al. 2021; word recognition, Pruthi et al. 2019): the neighbour
     # sets clustered (TextFooler's 50 counter-fitted neighbours, kept from cosine 0.95 up, and optionally
     # PWWS's WordNet synonyms; see tightrope.defenses.canonical for why not cosine 0.5) and the
