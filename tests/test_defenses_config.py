@@ -61,6 +61,9 @@ CASES = [  # (CLI flags, study method, study params)
     (["--defense", "a2t", "--max-candidates", "10", "--max-share", "0.2", "--no-wordnet-candidates"], "a2t",
      {"max_candidates": 10, "max_share": 0.2, "wordnet_candidates": False}),
     (["--defense", "pgd", "--step-size", "0.01", "--mix", "0.7"], "pgd", {"step_size": 0.01, "mix": 0.7}),
+    (["--defense", "a2t", "--a2t-cache", "runs/a2t-cache"], "a2t", {"a2t_cache": "runs/a2t-cache"}),
+    (["--defense", "a2t", "--a2t-cache", "runs/c", "--a2t-cache-reuse", "base", "--a2t-cache-rebuild"], "a2t",
+     {"a2t_cache": "runs/c", "a2t_cache_reuse": "base", "a2t_cache_rebuild": True}),
     (["--defense", "canonical", "--synonym-neighbours", "20", "--synonym-min-cos", "0.9", "--synonym-wordnet",
       "--spelling-vocab", "1000", "--substitution-rate", "0.1"], "canonical",
      {"synonym_neighbours": 20, "synonym_min_cos": 0.9, "synonym_wordnet": True, "spelling_vocab": 1000,
@@ -100,6 +103,9 @@ def test_every_defense_option_of_train_is_compared_both_ways():
     ("shield", {}, "Unknown defense 'shield'"),
     ("pgd", {"query_budget": 5}, "does not use --query-budget"),
     ("a2t", {"synonym_min_cos": 0.9}, "only with --synonym-encoding"),
+    ("a2t", {"a2t_cache_reuse": "base"}, "needs --a2t-cache PATH"),
+    ("a2t", {"a2t_cache": "runs/c", "a2t_cache_reuse": "any"}, "a2t_cache_reuse"),
+    ("pgd", {"a2t_cache": "runs/c"}, "does not use --a2t-cache"),
 ])
 def test_a_misspelt_defense_setting_fails_the_preflight_before_any_work(tmp_path, method, params, message):
     spec = parse_spec({"name": "t", "data": {"task": "rotten-tomatoes", "max_length": 32},

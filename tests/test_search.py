@@ -167,7 +167,15 @@ def test_study_search_runs_trials_through_cached_steps(tmp_path, monkeypatch):
     def attack(inputs, deps, ctx):
         return {"attack_success_rate": 0.5 - 0.1 * deps[ctx.step.deps[0]].get("sparsity", 0)}
 
-    for name, fn in (("train", model_step), ("compress", model_step), ("evaluate", evaluate), ("attack", attack)):
+    def relative_latency(inputs, deps, ctx):
+        m, baseline = (deps[name] for name in ctx.step.deps)
+        ms = 10 - 5 * m.get("quant", 0) - 4 * m.get("sparsity", 0)
+        assert baseline.get("sparsity", 0) == 0 and baseline.get("quant", 0) == 0  # timed against the baseline
+        return {"ratio": ms / 10, "ratio_q25": ms / 10, "ratio_q75": ms / 10, "model_ms": ms, "reference_ms": 10,
+                "pairs": 3}
+
+    for name, fn in (("train", model_step), ("compress", model_step), ("evaluate", evaluate), ("attack", attack),
+                     ("relative-latency", relative_latency)):
         monkeypatch.setitem(runner.STEP_KINDS, name, runner.StepKind(name, fn))
     spec = parse_spec({"name": "s", "attacks": [{"recipe": "deepwordbug", "n": 5}],
                        "search": {"trials": 12, "quant": ["none", "Int8Dynamic"], "sparsity": [0.0, 0.5],

@@ -43,6 +43,13 @@ def fake_steps(monkeypatch) -> Counter:
         return {"metrics": {"accuracy": 0.9 - 0.2 * m["sparsity"] - 0.01 * m["quant"] - m["epsilon"]},
                 "latency": {"median_ms": 10 - 5 * m["quant"] - 4 * m["sparsity"]}}
 
+    def relative_latency(inputs, deps, ctx):  # the trial's model against the baseline (10 ms), in pairs
+        calls["relative-latency"] += 1
+        m = deps[ctx.step.deps[0]]
+        ms = 10 - 5 * m["quant"] - 4 * m["sparsity"]
+        return {"ratio": ms / 10, "ratio_q25": ms / 10, "ratio_q75": ms / 10, "model_ms": ms, "reference_ms": 10,
+                "pairs": 3}
+
     def attack(inputs, deps, ctx):
         calls["attack"] += 1
         m = deps[ctx.step.deps[0]]
@@ -51,14 +58,14 @@ def fake_steps(monkeypatch) -> Counter:
         return {"attack_success_rate": round(base - 4 * m["epsilon"] + 0.1 * m["sparsity"], 6)}
 
     for name, fn in (("train", model_step), ("defend", model_step), ("compress", model_step),
-                     ("evaluate", evaluate), ("attack", attack)):
+                     ("evaluate", evaluate), ("relative-latency", relative_latency), ("attack", attack)):
         monkeypatch.setitem(runner.STEP_KINDS, name, runner.StepKind(name, fn))
     return calls
 
 
 def _spec(**search):
     return parse_spec({"name": "s", "attacks": ATTACKS,
-                       "search": {"objectives": ["accuracy", "asr", "latency_ms"], **search}})
+                       "search": {"objectives": ["accuracy", "asr", "latency"], **search}})
 
 
 def _search(spec, root: Path, name: str = "s", n_trials: int | None = None, sampler: str | None = None):
@@ -118,7 +125,7 @@ def test_a_repeated_setting_executes_no_step(tmp_path, fake_steps):
     assert [t.params for t in trials] == [point] * 3
     assert [t.user_attrs.get("duplicate_of") for t in trials] == [None, 0, 0]  # answered from trial 0
     assert [t.values for t in trials[1:]] == [trials[0].values] * 2
-    once = {"train": 1, "defend": 1, "compress": 1, "evaluate": 1, "attack": 2}
+    once = {"train": 1, "defend": 1, "compress": 1, "evaluate": 1, "relative-latency": 1, "attack": 2}
     assert dict(fake_steps) == once
     summary = summarize(study, ["maximize", "minimize", "minimize"])
     assert [t["number"] for t in summary["trials"]] == [0] and summary["duplicates"] == {"1": 0, "2": 0}
@@ -257,7 +264,8 @@ def test_search_front_table_and_figure_are_written(tmp_path, fake_steps):
     assert out["figure"] == tmp_path / "run" / "search" / "front.png"
     assert out["figure"].read_bytes()[:4] == b"\x89PNG" and out["figure"].stat().st_size > 10_000
     md = out["markdown"].read_text()
-    header = "| trial | defense | compression | accuracy | strongest ASR | deepwordbug ASR | textfooler ASR | latency (ms) | chosen |"
+    header = ("| trial | defense | compression | accuracy | strongest ASR | deepwordbug ASR | textfooler ASR "
+              "| latency (x baseline) | latency (ms) | chosen |")
     assert header in md
     front = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| trial")]
     assert len(front) >= len(summary["trade_off"]["front"])
@@ -321,7 +329,8 @@ def test_search_trains_each_defense_setting_then_compresses_it(tmp_path, tokeniz
     study = search_study(spec, tmp_path / "run", progress=False)
     assert len(study.trials) == 6 and all(t.state.name == "COMPLETE" for t in study.trials)
     steps = Counter(json.loads(f.read_text())["kind"] for f in (tmp_path / "run" / "steps").glob("*/result.json"))
-    assert steps == {"use-model": 1, "defend": 2, "compress": 3, "evaluate": 6, "attack": 6, "attack-embedding": 6}
+    assert steps == {"use-model": 1, "defend": 2, "compress": 3, "evaluate": 6, "attack": 6, "attack-embedding": 6,
+                     "relative-latency": 6}
     for t in study.trials:
         assert set(t.user_attrs["asr_by_attack"]) == {"pgd", "deepwordbug"}
         assert t.values[1] == max(v or 0.0 for v in t.user_attrs["asr_by_attack"].values())

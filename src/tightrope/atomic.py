@@ -48,3 +48,28 @@ def replaced_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def append_json_lines(path: str | Path, rows: list[Any]) -> None:
+    """Append ``rows`` as JSON lines in one write, flushed and fsynced: a kill loses at most the lines
+    being written, and :func:`complete_lines` drops a line it cut short."""
+    if not rows:
+        return
+    with open(path, "a", encoding="utf-8") as sink:
+        sink.write("".join(json.dumps(row) + "\n" for row in rows))
+        sink.flush()
+        os.fsync(sink.fileno())
+
+
+def complete_lines(path: str | Path) -> list[tuple[int, str]]:
+    """The complete lines of a JSON Lines file as ``(line number, text)``, blank ones left out; a last
+    line cut short by a kill is dropped and trimmed from the file, so that appends start on a fresh line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    keep = raw.rfind(b"\n") + 1
+    if keep < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return [(number, line) for number, line in enumerate(raw[:keep].decode("utf-8").splitlines(), 1) if line.strip()]

@@ -7,7 +7,10 @@ old one), so a killed run started again with the same arguments resumes where it
 with the same weights as an uninterrupted run.
 
 Losses other than cross-entropy (adversarial training, distillation) plug in as an ``objective``:
-a callable ``(model, batch) -> loss`` (see :mod:`tightrope.defenses`).
+a callable ``(model, batch) -> loss`` (see :mod:`tightrope.defenses`). An objective that needs the
+whole training set first (A2T's cache of adversarial texts) has a ``before_training(model, data,
+config, start=..., progress=...)`` method, called once with the starting weights; what it returns
+goes into the card under ``before_training``.
 """
 
 from __future__ import annotations
@@ -101,15 +104,20 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def input_transform_of(objective):
-    """The input transform an objective carries (``objective.input_transform``; wrappers such as
-    fake quantization expose their inner objective as ``.objective``), or None."""
+def carried(objective, name: str):
+    """The attribute ``name`` an objective carries, looked for through wrappers (fake quantization
+    exposes its inner objective as ``.objective``); None when no layer has it."""
     while objective is not None:
-        transform = getattr(objective, "input_transform", None)
-        if transform is not None:
-            return transform
+        value = getattr(objective, name, None)
+        if value is not None:
+            return value
         objective = getattr(objective, "objective", None)
     return None
+
+
+def input_transform_of(objective):
+    """The input transform an objective carries (``objective.input_transform``), or None."""
+    return carried(objective, "input_transform")
 
 
 def inherited_transform(model: str):
@@ -190,8 +198,10 @@ def train(
         config.model, label_names=list(train_data.label_names), require_head=False,
         trust_remote_code=config.trust_remote_code,
     )
-    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = loaded.model, loaded.tokenizer
+    # before anything is written: a cache that does not fit this run is refused with no folder left behind
+    primed = _before_training(objective, accelerator, model, train_data, config, loaded.path, progress)
+    out.mkdir(parents=True, exist_ok=True)
     # A defense that rewrites the input (tightrope.defenses.canonical) trains on rewritten texts and is
     # saved with the model, whose TextClassifier then applies it at inference.
     transform = input_transform_of(objective) or input_transform or inherited_transform(config.model)
@@ -299,6 +309,7 @@ def train(
         "stopped_early": stopped_early,
         "train_seconds": round(state["train_seconds"], 2),
         "environment": environment(),
+        **({"before_training": primed} if primed is not None else {}),
         **(extra_card or {}),
     }
     files = {}
@@ -318,6 +329,20 @@ def train(
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         (out / "best.safetensors").unlink(missing_ok=True)
     return card
+
+
+def _before_training(objective, accelerator, model, data: TaskData, config: TrainConfig, start: str, progress):
+    """Run the objective's ``before_training`` (if any) on the starting weights, before a checkpoint is
+    restored: the main process first (it writes what others then read), then the others."""
+    hook = carried(objective, "before_training")
+    if hook is None:
+        return None
+    model.to(accelerator.device)
+    prepared = hook(model, data, config, start=start, progress=progress) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        prepared = hook(model, data, config, start=start, progress=False)
+    return prepared
 
 
 def _save_weights(model, path: Path) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from tightrope.atomic import append_json_lines, complete_lines
 from tightrope.attacks.attack import Attack
 from tightrope.attacks.goal import Classifier
 from tightrope.attacks.results import AttackReport, AttackResult, summarize
@@ -244,25 +244,13 @@ def check_meta(out: Path, meta: dict, write: bool) -> None:
 
 def append_result(file: Path, result: AttackResult) -> None:
     """Append one result as a JSON line, flushed and fsynced: a kill loses at most the line being written."""
-    with open(file, "a", encoding="utf-8") as sink:
-        sink.write(json.dumps(result.to_dict()) + "\n")
-        sink.flush()
-        os.fsync(sink.fileno())
+    append_json_lines(file, [result.to_dict()])
 
 
 def read_results(file: Path) -> list[AttackResult]:
     """Finished results of a JSON Lines file; a last line cut short by a kill is dropped (and trimmed)."""
-    if not file.exists():
-        return []
-    raw = file.read_bytes()
-    keep = raw.rfind(b"\n") + 1
-    if keep < len(raw):
-        with open(file, "r+b") as f:  # trim the partial line so that appends start on a fresh line
-            f.truncate(keep)
     results = []
-    for number, line in enumerate(raw[:keep].decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, line in complete_lines(file):
         try:
             results.append(AttackResult.from_dict(json.loads(line)))
         except (json.JSONDecodeError, TypeError) as err:

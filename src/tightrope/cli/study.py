@@ -74,7 +74,8 @@ def search(
                                                        "run at once, one CPU each (default: every CPU).")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Database URL shared by workers (default: SQLite in OUT/search).")] = None,
     study_name: Annotated[Optional[str], typer.Option(help="Name of the search in the store (default: study name + fingerprints of its settings and search space).")] = None,
-    max_latency_ms: Optional[float] = None,
+    max_latency: Annotated[Optional[float], typer.Option(help="Latency relative to the study's baseline, timed in interleaved pairs (0.8 = at most 0.8x the baseline's).")] = None,
+    max_latency_ms: Annotated[Optional[float], typer.Option(help="Absolute median latency (ms), as measured beside the baseline; it follows the machine's load.")] = None,
     min_accuracy: Optional[float] = None,
     max_asr: Optional[float] = None,
     max_memory_mb: Optional[float] = None,
@@ -90,7 +91,7 @@ def search(
     """Multi-objective search (Optuna: a grid on small discrete spaces, else NSGA-II) over defenses and compression
     settings; Pareto front of accuracy, strongest attack's success rate and latency; constrained choice.
 
-    Example: tightrope search studies/quickstart.yaml --out runs/quickstart --max-latency-ms 30 --min-accuracy 0.75 --export runs/chosen
+    Example: tightrope search studies/quickstart.yaml --out runs/quickstart --max-latency 0.8 --min-accuracy 0.75 --export runs/chosen
 
     On a Ray cluster, one trial a task: tightrope search studies/quickstart.yaml --out /shared/runs/quickstart --ray auto --storage postgresql+psycopg2://tightrope@db/tightrope
     """
@@ -155,8 +156,8 @@ def search(
             raise TightropeError(f"A search worker failed (exit codes {[p.exitcode for p in procs]}); "
                                  "run the same command again to continue.")
     loaded = optuna.load_study(study_name=name, storage=open_storage(url))
-    constraints = Constraints(max_latency_ms=max_latency_ms, min_accuracy=min_accuracy, max_asr=max_asr,
-                              max_memory_mb=max_memory_mb)
+    constraints = Constraints(max_latency=max_latency, max_latency_ms=max_latency_ms, min_accuracy=min_accuracy,
+                              max_asr=max_asr, max_memory_mb=max_memory_mb)
     summary = summarize(loaded, [OBJECTIVES[o] for o in loaded.user_attrs["objectives"]], constraints, prefer)
     write_result(out / "search" / "search.json", summary)
     from tightrope.report.render import render_search, search_rows  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch

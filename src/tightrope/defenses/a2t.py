@@ -40,12 +40,20 @@ of the batch was truncated). With a distillation criterion the teacher reads the
 through its own tokenizer: discrete adversarial texts go to both models. An example the model
 already misclassifies is not attacked (its "adversarial" copy is the clean text); an attack that
 does not flip the label within its budget still contributes its most damaging text.
+
+``cache=PATH`` is the budget version (:mod:`tightrope.defenses.a2t_cache`): every training text is
+attacked once, against the model at the start of training (:meth:`A2TTraining.before_training`, which
+:func:`tightrope.train.train` calls), the results are kept in ``PATH``, and each batch's attacked share
+reads its adversarial texts from there at every epoch, in this run and in later ones (a second seed,
+a pruned variant's recovery with ``cache_reuse="base"``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +64,7 @@ from tightrope.attacks.recipes import default_embedding
 from tightrope.attacks.resources import TEXTFOOLER_STOPWORDS
 from tightrope.attacks.text import AttackedText, word_tokens
 from tightrope.attacks.words import recover_case, wordnet_synonyms
+from tightrope.defenses import a2t_cache
 from tightrope.defenses.adversarial import _check_mix, cross_entropy
 from tightrope.encoding import Truncation, collate, encode, encode_with_offsets
 from tightrope.errors import TightropeError
@@ -90,16 +99,21 @@ class A2TTraining:
     loss = (1 - mix) * L(clean batch) + mix * L(adversarial texts). ``criterion`` is
     ``(logits, batch) -> loss`` (cross-entropy, or :class:`tightrope.defenses.distill.Distillation`).
     After each call, ``last`` holds the :class:`A2TExample` of every attacked text and ``stats``
-    running totals.
+    running totals. ``cache`` (a folder) makes the attack's texts once, at the start of training, and
+    reads them back afterwards; ``cache_reuse="base"`` accepts a cache built against another model of
+    the same base (a compressed variant), ``cache_rebuild`` replaces a cache built for anything else
+    (:mod:`tightrope.defenses.a2t_cache`).
     """
 
     name = "a2t"
+    cache_block = 32  # distinct texts attacked, and written to the cache, at a time
 
     def __init__(self, tokenizer, embedding=None, *, adv_share: float = 0.5, mix: float = 0.5,
                  max_candidates: int = 20, min_cos: float = 0.5, max_share: float = 0.1, min_words: int = 4,
                  query_budget: int = 100, max_length: int | None = None, truncation: Truncation = "head",
                  stopwords: frozenset[str] | None = None, criterion=None, score_batch_size: int = 64,
-                 wordnet: bool = False, input_transform=None):
+                 wordnet: bool = False, input_transform=None, cache: str | Path | None = None,
+                 cache_reuse: a2t_cache.Reuse = "model", cache_rebuild: bool = False):
 
         if not 0.0 < adv_share <= 1.0:
             raise TightropeError(f"adv_share, the share of each batch that is attacked, must lie in (0, 1], got {adv_share}.")
@@ -118,6 +132,8 @@ class A2TTraining:
             raise TightropeError(f"max_length must be at least 8, got {max_length}.")
         if truncation not in ("head", "head+tail"):
             raise TightropeError(f"Unknown truncation '{truncation}'; use head or head+tail.")
+        if cache_reuse not in a2t_cache.REUSE:
+            raise TightropeError(f"cache_reuse must be one of {', '.join(a2t_cache.REUSE)}, not '{cache_reuse}'.")
         if isinstance(tokenizer, str):
 
             tokenizer = models.load_tokenizer(models.resolve(tokenizer), tokenizer)
@@ -135,6 +151,10 @@ class A2TTraining:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.wordnet = bool(wordnet)
         self.input_transform = input_transform
+        self.cache = Path(cache) if cache is not None else None
+        self.cache_reuse, self.cache_rebuild = cache_reuse, bool(cache_rebuild)
+        self._cached: dict[str, dict] | None = None  # the cache's examples by key, once before_training ran
+        self._cache_meta: dict | None = None
         self._synonyms: dict[str, list[str]] = {}
         self.last: list[A2TExample] = []
         self.stats = {"attacked": 0, "skipped": 0, "flipped": 0, "words_changed": 0, "queries": 0}
@@ -267,6 +287,53 @@ class A2TTraining:
                                   flipped=st["flipped"], skipped=st["skipped"], p_clean=st["p0"], p_adversarial=st["p"]))
         return out
 
+    # --- the cache -----------------------------------------------------------------------------------
+
+    def attack_settings(self) -> dict:
+        """Everything that decides the attack's texts but the model, the tokenization and the data."""
+        embedding = self.embedding.description
+        return {"recipe": "a2t", "max_candidates": self.max_candidates, "min_cos": self.min_cos,
+                "max_share": self.max_share, "min_words": self.min_words, "query_budget": self.query_budget,
+                "stopwords": hashlib.sha256("\n".join(sorted(self.stopwords)).encode()).hexdigest()[:16],
+                "candidates": {"embedding": embedding.get("source"), "embedding_key": embedding.get("key"),
+                               "wordnet": self.wordnet},
+                "input_transform": self.input_transform.card_entry() if self.input_transform is not None else None}
+
+    def before_training(self, model, data, config, *, start: str | None = None, progress=False) -> dict | None:
+        """With a cache: attack every text of ``data`` (a TaskData) the cache lacks against ``model`` as it
+        is now, and hold the cache's texts for the training steps. ``config`` is the run's TrainConfig
+        (its max length, truncation and seed); ``start`` names the model's directory (its base)."""
+        if self.cache is None:
+            return None
+        self.max_length = self.max_length or config.max_length
+        wanted = a2t_cache.built_for(model, self.tokenizer, start=start, max_length=self.max_length,
+                                     truncation=self.truncation, attack=self.attack_settings(), data=data,
+                                     seed=config.seed)
+        examples = a2t_cache.distinct(list(data.texts), list(data.labels))
+        meta = a2t_cache.open_cache(self.cache, wanted, examples, reuse=self.cache_reuse, rebuild=self.cache_rebuild)
+        attack = lambda texts, labels: [r.to_dict() for r in self.perturb(model, texts, labels)]  # noqa: E731
+        self._cached = a2t_cache.fill(self.cache, meta, attack, examples, data=wanted["data"],
+                                      seed=meta["built_for"]["seed"], block=self.cache_block, progress=progress)
+        self._cache_meta = {"path": str(self.cache), "reuse": self.cache_reuse,
+                            "built_against": meta["built_for"]["model"], "trains": wanted["model"],
+                            "examples": len(self._cached), "data": wanted["data"]}
+        return {"a2t_cache": self._cache_meta}
+
+    def from_cache(self, texts: list[str], labels: list[int]) -> list[A2TExample]:
+        """The cached attack results of ``texts`` (raw training texts) with their labels."""
+        if self._cached is None:
+            raise TightropeError(f"The A2T cache {self.cache} is read at the start of training "
+                                 "(before_training, which tightrope's train() calls); this loop did not call it.")
+        out = []
+        for text, label in zip(texts, labels):
+            row = self._cached.get(a2t_cache.example_key(text, label))
+            if row is None:
+                raise TightropeError(f"The A2T cache {self.cache} has no entry for a training text of this batch; "
+                                     "pass --a2t-cache-rebuild.")
+            fields = {k: v for k, v in row.items() if k != "key"}
+            out.append(A2TExample(**{**fields, "changed": tuple(fields["changed"])}))
+        return out
+
     # --- the training objective --------------------------------------------------------------------
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
@@ -278,7 +345,8 @@ class A2TTraining:
         chosen = torch.randperm(n)[:k].sort().values.tolist()  # the global generator: seeded per step by train()
         width = int(batch["input_ids"].shape[1])
         labels = batch["labels"]
-        results = self.perturb(model, [batch["texts"][i] for i in chosen], [int(labels[i]) for i in chosen], width)
+        texts, ys = [batch["texts"][i] for i in chosen], [int(labels[i]) for i in chosen]
+        results = self.from_cache(texts, ys) if self.cache is not None else self.perturb(model, texts, ys, width)
         self.last = results
         for r in results:
             self.stats["attacked"] += 1
@@ -311,7 +379,9 @@ class A2TTraining:
                 **({"input_transform": self.input_transform.card_entry()} if self.input_transform is not None else {}),
                 "embedding": (self._embedding.description.get("source") if self._embedding is not None
                               else "counter-fitted GloVe 6B 50d (Mrkšić et al. 2016)"),
-                "criterion": getattr(self.criterion, "__name__", type(self.criterion).__name__)}
+                "criterion": getattr(self.criterion, "__name__", type(self.criterion).__name__),
+                **({"cache": self._cache_meta or {"path": str(self.cache), "reuse": self.cache_reuse}}
+                   if self.cache is not None else {})}
 
 
 __all__ = ["A2TExample", "A2TTraining", "encode_with_offsets", "word_tokens"]

@@ -63,6 +63,11 @@ class DefenseConfig(BaseModel):
     min_cos: float = Field(default=0.5, ge=-1, le=1)  # cosine of a synonym to the original word
     wordnet_candidates: bool = False  # also try PWWS's WordNet synonyms
     synonym_encoding: bool = False  # a2t through the canonical defense's input transform (saved with the model)
+    # a2t's budget version (tightrope.defenses.a2t_cache): every training text attacked once, kept in this folder
+    # and read back at every epoch; "base" also reads a cache built against another model of the same base
+    a2t_cache: str | None = None
+    a2t_cache_reuse: Literal["model", "base"] = "model"
+    a2t_cache_rebuild: bool = False  # replace a cache that does not serve this run (model, tokenizer, length, attack, texts)
     # canonical (synonym encoding, Wang et al. 2021; word recognition, Pruthi et al. 2019): the neighbour
     # sets clustered (TextFooler's 50 counter-fitted neighbours, kept from cosine 0.95 up, and optionally
     # PWWS's WordNet synonyms; see tightrope.defenses.canonical for why not cosine 0.5) and the
@@ -132,8 +137,9 @@ class Supervised:
 
 
 EMBEDDING_FIELDS = ("epsilon", "steps", "step_size", "norm", "init_magnitude")
+CACHE_FIELDS = ("a2t_cache_reuse", "a2t_cache_rebuild")
 A2T_FIELDS = ("adv_share", "query_budget", "max_candidates", "max_share", "min_words", "min_cos",
-              "wordnet_candidates", "synonym_encoding")
+              "wordnet_candidates", "synonym_encoding", "a2t_cache", *CACHE_FIELDS)
 ENCODING_FIELDS = ("synonym_neighbours", "synonym_min_cos", "synonym_wordnet", "spelling_vocab")
 CANONICAL_FIELDS = (*ENCODING_FIELDS, "substitution_rate", "smoothing")
 OWN_FIELDS = {"none": (), "pgd": ("epsilon", "steps", "step_size", "norm", "mix"),
@@ -154,6 +160,9 @@ def check_fields(config: DefenseConfig) -> None:
     if config.kind == "a2t" and not config.synonym_encoding and set(ENCODING_FIELDS) & config.model_fields_set:
         flags = ", ".join("--" + f.replace("_", "-") for f in ENCODING_FIELDS if f in config.model_fields_set)
         raise TightropeError(f"{flags} describe the synonym encoding, which a2t uses only with --synonym-encoding.")
+    if config.a2t_cache is None and set(CACHE_FIELDS) & config.model_fields_set:
+        flags = ", ".join("--" + f.replace("_", "-") for f in CACHE_FIELDS if f in config.model_fields_set)
+        raise TightropeError(f"{flags} describe how an A2T cache is read, which needs --a2t-cache PATH.")
     if config.smoothing is not None and not (config.smoothing.rate or config.substitution_rate):
         raise TightropeError("Randomized smoothing swaps words with its rate (default: --substitution-rate); "
                              "give one of them, e.g. --smoothing copies=8,rate=0.5.")
@@ -192,7 +201,9 @@ def build_objective(config: DefenseConfig, *, student_labels: list[str] | None =
                                 criterion=criterion, wordnet=config.wordnet_candidates,
                                 input_transform=(build_encoding(config.synonym_neighbours, config.synonym_min_cos,
                                                                 config.synonym_wordnet, config.spelling_vocab)
-                                                 if config.synonym_encoding else None))
+                                                 if config.synonym_encoding else None),
+                                cache=config.a2t_cache, cache_reuse=config.a2t_cache_reuse,
+                                cache_rebuild=config.a2t_cache_rebuild)
     elif config.kind == "canonical":
 
         objective = SynonymEncodingTraining(config.synonym_neighbours, config.synonym_min_cos, config.synonym_wordnet,

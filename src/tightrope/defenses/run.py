@@ -84,7 +84,7 @@ def harden(loaded, objective, train_config, defense, out: str | Path, *, order: 
     )
     trained = result.train_card or {}
     card = {key: trained[key] for key in ("config", "base_model", "data", "metrics", "history", "steps",
-                                          "train_seconds", "environment") if key in trained}
+                                          "train_seconds", "environment", "before_training") if key in trained}
     card.update({"kind": "tightrope.model", "created_by": "tightrope train --defense", "pipeline": result.to_dict(),
                  "defense": defense_card,
                  "tokenization": {"max_length": train_config.max_length, "truncation": train_config.truncation},

@@ -2,6 +2,8 @@
 
 - Latency: batch 1 at a fixed sequence length, after warm-up, median and p95 over many runs,
   with the thread count recorded.
+- Relative latency: a model and a reference timed in alternation in one process, on the same input
+  and thread count; the median of the per-pair ratios is what a loaded, shared machine leaves intact.
 - Throughput: examples per second at a larger batch.
 - Weight bytes: what the model directory stores on disk (not what it occupies in memory).
 - Peak memory: the peak resident set of a *fresh* process that loads the model and runs one
@@ -83,6 +85,75 @@ def measure_latency(clf: TextClassifier, text: str, seq_len: int = 256, runs: in
         clf.forward_ids(**batch)
         times.append((time.perf_counter() - start) * 1000)
     return Latency(1, seq_len, statistics.median(times), percentile(times, 0.95), runs, torch.get_num_threads())
+
+
+@dataclass(frozen=True)
+class RelativeLatency:
+    """A model's latency as a multiple of a reference's, from interleaved pairs (:func:`interleaved_ratio`)."""
+
+    ratio: float  # median over pairs of (model time / reference time)
+    ratio_q25: float
+    ratio_q75: float
+    model_ms: float  # median of the model's own times in those pairs (absolute: varies with the load)
+    reference_ms: float
+    pairs: int
+    runs: int  # back-to-back calls timed together at each turn
+    batch_size: int
+    seq_len: int
+    threads: int
+
+
+def interleaved_ratio(model: Callable[[], object], reference: Callable[[], object], *, pairs: int = 30, runs: int = 1,
+                      warmup: int = 3, timer: Callable[[], float] = time.perf_counter) -> dict:
+    """Time ``model`` and ``reference`` in alternating turns and return the median of the pair ratios.
+
+    Pair i times ``runs`` calls of one, then ``runs`` of the other (model first on even pairs, reference
+    first on odd ones, so neither always runs right after the other's work), and keeps the ratio of the
+    two times. A load that drifts or jumps between pairs scales both members of a pair alike and
+    cancels in their ratio; the median discards the pairs that a burst hit in one member only. The
+    absolute times (ms per call) come back too, as information: they follow the machine's load.
+    """
+    if pairs < 1 or runs < 1:
+        raise TightropeError(f"Pairs and runs per turn must be at least 1, not {pairs} and {runs}.")
+    for _ in range(warmup):
+        model()
+        reference()
+
+    def turn(fn) -> float:
+        start = timer()
+        for _ in range(runs):
+            fn()
+        return (timer() - start) / runs * 1000
+
+    ratios, model_ms, reference_ms = [], [], []
+    for i in range(pairs):
+        if i % 2 == 0:
+            m = turn(model)
+            r = turn(reference)
+        else:
+            r = turn(reference)
+            m = turn(model)
+        if r <= 0:
+            raise TightropeError("The reference model's time was not positive; the timer cannot measure it.")
+        ratios.append(m / r)
+        model_ms.append(m)
+        reference_ms.append(r)
+    return {"ratio": statistics.median(ratios), "ratio_q25": percentile(ratios, 0.25),
+            "ratio_q75": percentile(ratios, 0.75), "model_ms": statistics.median(model_ms),
+            "reference_ms": statistics.median(reference_ms), "pairs": pairs, "runs": runs}
+
+
+def relative_latency(clf: TextClassifier, reference: TextClassifier, text: str, seq_len: int = 256, pairs: int = 30,
+                     runs: int = 1, warmup: int = 3) -> RelativeLatency:
+    """Batch-1 latency of ``clf`` relative to ``reference``, both in this process and at this thread count,
+    on the same text cut to ``seq_len`` tokens (each through its own tokenizer; a smoothed model's copies
+    included), timed in interleaved pairs (:func:`interleaved_ratio`)."""
+    batch = fixed_length_batch(clf, text, smoothing_rows(clf), seq_len)
+    reference_batch = fixed_length_batch(reference, text, smoothing_rows(reference), seq_len)
+    with torch.inference_mode():
+        timed = interleaved_ratio(lambda: clf.forward_ids(**batch), lambda: reference.forward_ids(**reference_batch),
+                                  pairs=pairs, runs=runs, warmup=warmup)
+    return RelativeLatency(**timed, batch_size=1, seq_len=seq_len, threads=torch.get_num_threads())
 
 
 def round_orders(names: list[str], rounds: int, seed: int = 0) -> list[list[str]]:

@@ -93,14 +93,16 @@ def pareto_plot(points: list[dict], x: str, y: str, front: set[int]) -> bytes:
     return _png(fig)
 
 
-def search_front(points: list[dict], front: set[int]) -> bytes:
+def search_front(points: list[dict], front: set[int], latency: str = "latency") -> bytes:
     """The search's trade-off in two panels: clean accuracy and latency, each against the strongest attack's
     success rate. One colour per defense (the legend names it); the Pareto front over all three filled and
-    numbered by trial (the report's table gives each one's compression); dominated trials hollow."""
+    numbered by trial (the report's table gives each one's compression); dominated trials hollow. ``latency``
+    is the key of the latency: ``latency`` (relative to the baseline) or ``latency_ms`` (older searches)."""
     defenses = list(dict.fromkeys(p["defense"] for p in points))
     colour = {d: f"C{i % 10}" for i, d in enumerate(defenses)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-    for ax, y, label in ((axes[0], "accuracy", "clean accuracy"), (axes[1], "latency_ms", "median latency, batch 1 (ms)")):
+    latency_label = "latency, batch 1 (x the baseline's)" if latency == "latency" else "median latency, batch 1 (ms)"
+    for ax, y, label in ((axes[0], "accuracy", "clean accuracy"), (axes[1], latency, latency_label)):
         for d in defenses:
             rest = [p for p in points if p["defense"] == d and p["number"] not in front]
             best = [p for p in points if p["defense"] == d and p["number"] in front]

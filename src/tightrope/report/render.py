@@ -138,8 +138,9 @@ def make_plots(data: RunData) -> dict[str, bytes]:
     elif data.search and data.search.get("trials"):
         objectives = data.search["objectives"]
         x, y = (objectives + objectives)[:2] if len(objectives) == 1 else objectives[:2]
-        if "latency_ms" in objectives and "accuracy" in objectives:
-            x, y = "latency_ms", "accuracy"
+        latency = next((o for o in ("latency", "latency_ms") if o in objectives), None)
+        if latency is not None and "accuracy" in objectives:
+            x, y = latency, "accuracy"
         out["pareto_front"] = plots.pareto_plot([{"number": t["number"], **t["values"]} for t in data.search["trials"]],
                                                 x, y, set(data.search["front"]))
     return out
@@ -189,7 +190,7 @@ def search_figure(search: dict) -> bytes:
     """The trade-off figure of a search summary (accuracy / latency against the strongest attack's success rate)."""
     points = [{"number": t["number"], **t["values"], "defense": trial_defense(t), "compression": trial_compression(t)}
               for t in search["trials"]]
-    return plots.search_front(points, set(search["trade_off"]["front"]))
+    return plots.search_front(points, set(search["trade_off"]["front"]), latency=search["trade_off"]["objectives"][2])
 
 
 def search_rows(search: dict) -> tuple[list[str], list[list[str]]]:
@@ -209,9 +210,10 @@ def search_rows(search: dict) -> tuple[list[str], list[list[str]]]:
                          "yes" if t["number"] == chosen else ""])
         return header, rows
     attacks = list(dict.fromkeys(a for t in search["trials"] for a in t.get("attrs", {}).get("asr_by_attack", {})))
-    others = [o for o in objectives if o not in ("accuracy", "asr", "latency_ms")]
+    latency = trade_off["objectives"][2]  # latency, the ratio to the baseline; latency_ms in searches stored before it
+    others = [o for o in objectives if o not in ("accuracy", "asr", latency)]
     header = ["trial", "defense", "compression", "accuracy", "strongest ASR", *(f"{a} ASR" for a in attacks),
-              "latency (ms)", *others, "chosen"]
+              *(["latency (x baseline)", "latency (ms)"] if latency == "latency" else ["latency (ms)"]), *others, "chosen"]
     front = set(trade_off["front"])
     rows = []
     for t in sorted(search["trials"], key=lambda t: -t["values"]["accuracy"]):
@@ -222,10 +224,19 @@ def search_rows(search: dict) -> tuple[list[str], list[list[str]]]:
         strongest = attrs.get("strongest_attack")
         rows.append([str(t["number"]), trial_defense(t), trial_compression(t), _percent(v["accuracy"]),
                      _percent(v["asr"]) + (f" ({strongest})" if strongest and len(attacks) > 1 else ""),
-                     *(_percent(by_attack.get(a)) for a in attacks), f"{v['latency_ms']:.1f}",
+                     *(_percent(by_attack.get(a)) for a in attacks), *_latency_cells(v, attrs, latency),
                      *(f"{v[o]:.4g}" for o in others),
                      ("yes" if t["number"] in front else "yes (not on this front)") if t["number"] == chosen else ""])
     return header, rows
+
+
+def _latency_cells(values: dict, attrs: dict, latency: str) -> list[str]:
+    """A trial's latency: the ratio to the baseline and the absolute median beside it, or (a search stored
+    before the ratio) the absolute median alone."""
+    if latency == "latency_ms":
+        return [f"{values['latency_ms']:.1f}"]
+    ms = attrs.get("latency_ms")
+    return [f"{values['latency']:.2f}x", "-" if ms is None else f"{ms:.1f}"]
 
 
 def _search_rows(data: RunData) -> tuple[list[str], list[list[str]]] | None:
@@ -233,9 +244,10 @@ def _search_rows(data: RunData) -> tuple[list[str], list[list[str]]] | None:
 
 
 SEARCH_NOTE = ("The Pareto front of clean accuracy, the strongest attack's success rate (the highest over the attacks "
-               "the search ran, each listed) and median latency: no other trial is at least as good on all three and "
-               "better on one. Each setting was measured once; the chosen model is the front's member that meets the "
-               "limits given to `tightrope search`.")
+               "the search ran, each listed) and latency (relative to the baseline, timed in interleaved pairs in one "
+               "process; the absolute median beside it follows the machine's load): no other trial is at least as "
+               "good on all three and better on one. Each setting was measured once; the chosen model is the front's "
+               "member that meets the limits given to `tightrope search`.")
 
 
 def render_search(root: str | Path) -> dict[str, Path]:

@@ -38,6 +38,14 @@ def evaluate_inputs(spec: StudySpec) -> dict:
             "latency_seq_len": e.latency_seq_len, "latency_runs": e.latency_runs, "threads": e.threads}
 
 
+def latency_inputs(spec: StudySpec) -> dict:
+    """A model's latency relative to the baseline's (step kind ``relative-latency``): the evaluation's
+    text (the longest of the test subset), length, thread count, and ``latency_runs`` interleaved pairs."""
+    e = spec.evaluate
+    return {"task": spec.data.task, "split": spec.data.test_split, "n": spec.data.n_test, "seed": spec.seed,
+            "data_dir": spec.data.data_dir, "seq_len": e.latency_seq_len, "pairs": e.latency_runs, "threads": e.threads}
+
+
 def compression_defaults(spec: StudySpec) -> dict:
     """Settings filled into methods that have them: calibrate on the study's task, at its length."""
     return {"calibration_texts": spec.data.task, "max_length": spec.data.max_length, "seed": spec.seed}

@@ -5,7 +5,7 @@ each trial picks a defense (a model of the study such as the undefended baseline
 setting that the search trains from the baseline), a quantization method and a sparsity
 (structured or not), runs those steps through the study runner (so everything already computed
 by this or another trial is reused), and reports clean accuracy, the strongest attack's success
-rate, latency and memory.
+rate, latency relative to the study's baseline, and memory.
 
 No setting is measured twice. On a discrete space with at most ``trials`` points the sampler is
 a grid (Optuna's ``GridSampler``: each combination once); otherwise NSGA-II (Deb et al. 2002,
@@ -16,11 +16,20 @@ by its inputs in the run directory, so trials that share a defense train it once
 The ``asr`` objective is the highest success rate over the study's attacks (``search.attack``
 restricts them); each attack's rate is kept in the trial's ``asr_by_attack``.
 
+The ``latency`` objective is a ratio: the trial's model and the study's baseline are timed in one
+process, in alternating turns on the same input and thread count, and the objective is the median of
+the per-pair ratios (:func:`tightrope.evaluate.perf.interleaved_ratio`; 0.62 = 0.62x the baseline's
+time). A trial timed alone follows the load of whatever else runs on the machine (docs/search.md: 7.5
+to 237 ms for models that take 3 to 9 ms side by side); the load scales both members of a pair, and
+cancels in their ratio. The absolute times are kept in the trial as ``latency_ms`` and
+``baseline_latency_ms``, for information. Searches stored before the ratio (objective ``latency_ms``)
+are still read and summarised.
+
 Storage: an embedded SQLite file (``<run>/search/optuna.db``) by default; any SQLAlchemy URL
 otherwise, e.g. ``postgresql+psycopg2://user@host/db``, so that workers on several machines join
 one search. The Pareto front is the set of complete trials that no other complete trial dominates
 (:func:`pareto_front`; Optuna's ``study.best_trials`` computes the same set). The chosen model is
-the front's member that meets the user's constraints (``--max-latency-ms``, ``--min-accuracy``,
+the front's member that meets the user's constraints (``--max-latency``, ``--min-accuracy``,
 ...) with the lowest attack success rate, ties broken by accuracy; it is exported as an ordinary
 tightrope model directory whose card records the search.
 """
@@ -47,6 +56,7 @@ from tightrope.study.plan import (
     defense_inputs,
     evaluate_inputs,
     identity,
+    latency_inputs,
     plan_study,
     preflight,
 )
@@ -57,8 +67,9 @@ from tightrope.study.steps import compression_config
 Direction = Literal["minimize", "maximize"]
 
 # Direction of every objective a study search may use.
-OBJECTIVES: dict[str, Direction] = {"accuracy": "maximize", "asr": "minimize", "latency_ms": "minimize",
-                                    "memory_mb": "minimize", "weight_mb": "minimize"}
+# ``latency_ms`` is the former, absolute latency objective: searches stored with it are still summarised.
+OBJECTIVES: dict[str, Direction] = {"accuracy": "maximize", "asr": "minimize", "latency": "minimize",
+                                    "latency_ms": "minimize", "memory_mb": "minimize", "weight_mb": "minimize"}
 
 
 # --- pure maths -----------------------------------------------------------------------------------
@@ -83,8 +94,11 @@ def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[Directi
 
 @dataclass(frozen=True)
 class Constraints:
-    """User limits on the chosen model; None = no limit."""
+    """User limits on the chosen model; None = no limit. ``max_latency`` bounds the latency relative to
+    the baseline (0.8 = 0.8x), ``max_latency_ms`` the trial's absolute median (a figure that follows the
+    machine's load)."""
 
+    max_latency: float | None = None
     max_latency_ms: float | None = None
     min_accuracy: float | None = None
     max_asr: float | None = None
@@ -92,7 +106,8 @@ class Constraints:
     max_weight_mb: float | None = None
 
     def violations(self, values: dict[str, float]) -> list[str]:
-        checks = [("latency_ms", self.max_latency_ms, 1), ("accuracy", self.min_accuracy, -1), ("asr", self.max_asr, 1),
+        checks = [("latency", self.max_latency, 1), ("latency_ms", self.max_latency_ms, 1),
+                  ("accuracy", self.min_accuracy, -1), ("asr", self.max_asr, 1),
                   ("memory_mb", self.max_memory_mb, 1), ("weight_mb", self.max_weight_mb, 1)]
         out = []
         for key, limit, sign in checks:
@@ -105,11 +120,13 @@ class Constraints:
 
 
 def choose(candidates: list[dict], constraints: Constraints, prefer: str = "asr") -> dict:
-    """The candidate ({"number", "values", ...}) meeting every constraint with the best ``prefer`` value.
+    """The candidate ({"number", "values", "attrs"}) meeting every constraint with the best ``prefer`` value.
 
     ``prefer`` is minimized (maximized for accuracy), ties broken by higher accuracy, then by trial number.
+    A limit on a figure that is not an objective (``latency_ms`` beside the ``latency`` ratio) reads the
+    trial's attributes.
     """
-    ok = [c for c in candidates if not constraints.violations(c["values"])]
+    ok = [c for c in candidates if not constraints.violations({**c.get("attrs", {}), **c["values"]})]
     if not ok:
         limits = {k: v for k, v in asdict(constraints).items() if v is not None}
         raise TightropeError(f"No model on the Pareto front meets {limits}; loosen a limit or run more trials.")
@@ -274,8 +291,10 @@ def trial_records(study) -> list[dict]:
              "attrs": dict(t.user_attrs)} for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
 
 
-# The trade-off the report draws: clean accuracy, the strongest attack's success rate, latency.
-TRADE_OFF = ("accuracy", "asr", "latency_ms")
+# The trade-off the report draws: clean accuracy, the strongest attack's success rate, latency (relative to the
+# baseline; a search stored before the ratio has the absolute latency_ms instead).
+TRADE_OFF = ("accuracy", "asr", "latency")
+FORMER_TRADE_OFF = ("accuracy", "asr", "latency_ms")
 
 
 def summarize(study, directions: Sequence[Direction], constraints: Constraints | None = None,
@@ -293,10 +312,11 @@ def summarize(study, directions: Sequence[Direction], constraints: Constraints |
     summary = {"study_name": study.study_name, "objectives": names, "directions": list(directions),
                "trials": trials, "front": front, "chosen": None,
                "duplicates": {str(t["number"]): t["attrs"]["duplicate_of"] for t in records if "duplicate_of" in t["attrs"]}}
-    if all(n in names for n in TRADE_OFF):
-        dirs = [OBJECTIVES[n] for n in TRADE_OFF]
-        summary["trade_off"] = {"objectives": list(TRADE_OFF), "front": [
-            trials[i]["number"] for i in pareto_front([[t["values"][n] for n in TRADE_OFF] for t in trials], dirs)]}
+    trade_off = next((t for t in (TRADE_OFF, FORMER_TRADE_OFF) if all(n in names for n in t)), None)
+    if trade_off is not None:
+        dirs = [OBJECTIVES[n] for n in trade_off]
+        summary["trade_off"] = {"objectives": list(trade_off), "front": [
+            trials[i]["number"] for i in pareto_front([[t["values"][n] for n in trade_off] for t in trials], dirs)]}
     if constraints is not None and trials:
         members = [t for t in trials if t["number"] in front]
         chosen = choose(members, constraints, prefer if prefer in names else names[0])
@@ -415,6 +435,10 @@ def trial_steps(spec: StudySpec, setting: TrialSetting) -> tuple[list[Step], str
         steps.append(Step(f"compress/search-{tag}", "compress", compress_inputs(spec, compress_steps), (model_step,)))
         model_step = f"compress/search-{tag}"
     steps.append(Step("evaluate/trial", "evaluate", evaluate_inputs(spec), (model_step,)))
+    if "latency" in spec.search.objectives:  # timed in pairs with the baseline, in one process
+        known = {s.name for s in steps}
+        steps = [s for s in _ancestors(base_steps, producer["baseline"]) if s.name not in known] + steps
+        steps.append(Step("latency/trial", "relative-latency", latency_inputs(spec), (model_step, producer["baseline"])))
     if "asr" in spec.search.objectives:
         for attack in search_attacks(spec):
             steps.append(Step(f"attack/{attack.label}/trial", attack_kind(attack), attack_inputs(spec, attack),
@@ -451,10 +475,14 @@ def study_objective(spec: StudySpec, run_root: str | Path, progress: bool = Fals
         run = run_steps(steps, run_root, identity=identity(spec), progress=progress, manifest=False)
         ev = run.result("evaluate/trial")
         values = {"accuracy": ev["metrics"]["accuracy"],
-                  "latency_ms": (ev.get("latency") or {}).get("median_ms", math.nan),
                   "memory_mb": (ev.get("peak_rss_bytes") or math.nan) / 1e6,
                   "weight_mb": (ev.get("weight_bytes") or math.nan) / 1e6}
-        extra: dict = {}
+        extra: dict = {"latency_ms": (ev.get("latency") or {}).get("median_ms", math.nan)}
+        if "latency" in spec.search.objectives:
+            lat = run.result("latency/trial")
+            values["latency"] = lat["ratio"]
+            extra.update(latency_ms=lat["model_ms"], baseline_latency_ms=lat["reference_ms"],
+                         latency_ratio_iqr=[lat["ratio_q25"], lat["ratio_q75"]], latency_pairs=lat["pairs"])
         if "asr" in spec.search.objectives:
             by_attack = {a.label: run.result(f"attack/{a.label}/trial").get("attack_success_rate")
                          for a in search_attacks(spec)}

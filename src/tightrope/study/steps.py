@@ -30,6 +30,7 @@ from tightrope.defenses.fakequant import fake_quantized
 from tightrope.defenses.pipeline import run_pipeline, scheme_for
 from tightrope.defenses.run import harden, prepare
 from tightrope.errors import TightropeError
+from tightrope.evaluate import perf
 from tightrope.inference import transform_card, transform_files
 from tightrope.progress import say
 from tightrope.study.runner import StepContext, register_step
@@ -89,6 +90,29 @@ def evaluate_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
     payload = result.to_dict()
     payload["model"] = deps[ctx.step.deps[0]]["model_dir"]  # relative, so the run folder can move
     return payload
+
+
+@register_step("relative-latency")
+def relative_latency_step(inputs: dict, deps: dict, ctx: StepContext) -> dict:
+    """A model's batch-1 latency relative to a reference (the study's baseline: the second dependency),
+    both in this process, timed in interleaved pairs on the same text and thread count
+    (:func:`tightrope.evaluate.perf.relative_latency`); the absolute figures ride along."""
+    import torch  # noqa: PLC0415
+
+    if inputs.get("threads"):
+        torch.set_num_threads(inputs["threads"])
+    model_dep, reference_dep = (deps[name] for name in ctx.step.deps[:2])
+    clf, reference = workflows.load(source_model(deps, ctx)), workflows.load(str(ctx.abs(reference_dep["model_dir"])))
+    data = load_task(inputs["task"], inputs["split"], n=inputs["n"], seed=inputs["seed"], data_dir=inputs.get("data_dir"))
+    seq_len = min([inputs["seq_len"], *(p for p in (_positions(clf), _positions(reference)) if p)])
+    result = perf.relative_latency(clf, reference, max(data.texts, key=len), seq_len=seq_len, pairs=inputs["pairs"])
+    return {**dataclasses.asdict(result), "model": model_dep["model_dir"], "reference": reference_dep["model_dir"]}
+
+
+def _positions(clf) -> int | None:
+    """The longest input a model's position table takes (None: unknown or unlimited)."""
+    positions = getattr(getattr(getattr(clf, "model", None), "config", None), "max_position_embeddings", None)
+    return positions if isinstance(positions, int) else None
 
 
 # --- compress -------------------------------------------------------------------------------------
