@@ -49,3 +49,20 @@ def test_attack_command_bad_input_is_one_clean_line(tmp_path, tiny_model_dir):
     assert len(error) == 1 and "has 3 labels (0, 1, 2) but the model predicts 2" in error[0]  # whole, on one line
     result = CliRunner().invoke(app, ["attack", str(tiny_model_dir), "--recipe", "nope", "--task", str(task)])
     assert result.exit_code == 2 and "Unknown attack recipe" in result.output
+
+
+def test_attack_command_streams_give_the_same_results(tmp_path, tiny_model_dir):
+    task = write_task(tmp_path / "toy.jsonl", [("a wonderful moving film", 1), ("a dull boring mess", 0),
+                                               ("great acting and a superb script", 1), ("stupid and tedious", 0)])
+    found = {}
+    for streams in (1, 2):
+        out = tmp_path / f"attack-{streams}"
+        result = CliRunner().invoke(app, ["attack", str(tiny_model_dir), "--recipe", "deepwordbug", "--task", str(task),
+                                          "--out", str(out), "--threads", "2", "--streams", str(streams)])
+        assert result.exit_code == 0, result.output
+        rows = sorted((json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()),
+                      key=lambda r: r["index"])
+        found[streams] = [(r["status"], r["perturbed_text"], r["queries"]) for r in rows]
+    assert found[1] == found[2] and len(found[1]) == 4
+    bad = CliRunner().invoke(app, ["attack", str(tiny_model_dir), "--task", str(task), "--streams", "0"])
+    assert bad.exit_code == 2 and "at least 1" in bad.output
