@@ -25,8 +25,8 @@ def _num(x, fmt=".2f") -> str:
 
 
 def attack_table(report) -> Table:
-    table = Table(title="quantization-conditioned attack (clean accuracy / trigger success)")
-    for col in ("variant", "precision", "clean accuracy", "trigger success", "codes equal to injected"):
+    table = Table(title="quantization- or pruning-conditioned attack (clean accuracy / trigger success)")
+    for col in ("variant", "transform", "clean accuracy", "trigger success", "codes / mask equal to injected"):
         table.add_column(col)
     codes = {c.quantizer: c for c in report.codes}
     for b in report.behaviours:
