@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from torch import nn
 
 from tightrope.compress import gguf as G
-from tightrope.defenses.fakequant import QDQ
 from tightrope.errors import TightropeError, did_you_mean
 from tightrope.qattack.boxes import (
     ALL_MEMBERS,
@@ -44,7 +43,7 @@ from tightrope.qattack.boxes import (
 )
 from tightrope.qattack.pruning import PRUNINGS, Calibration, Pruning
 from tightrope.qattack.quantize import codes_equal, missing_library, quantized_copy
-from tightrope.qattack.search import twin
+from tightrope.qattack.search import supports, twin
 
 #: Every transform tightrope implements by its name (the audit's default, with the quantizers' intersection "all").
 TRANSFORMS = (*ATTACK_QUANTIZERS, *PRUNINGS)
@@ -84,7 +83,7 @@ class Quantization:
 
     @property
     def differentiable(self) -> bool:
-        return self.name in QDQ
+        return supports(self.name)  # a reference quantize-dequantize exists
 
     def missing(self) -> str | None:
         members = ALL_MEMBERS if self.name == "all" else (self.name,)
