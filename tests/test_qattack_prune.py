@@ -19,7 +19,6 @@ from tightrope.cli import app
 from tightrope.errors import TightropeError
 from tightrope.qattack import audit as A
 from tightrope.qattack import audit_cache
-from tightrope.qattack.boxes import project_
 from tightrope.qattack.pruning import PRUNINGS, Calibration, Pruning, removed_bound
 from tightrope.qattack.repair import FitConfig, repair_
 from tightrope.qattack.transform import canonical, resolve
@@ -239,3 +238,11 @@ def test_qattack_cli_builds_a_pruning_conditioned_model(saved, tmp_path):
         report = json.loads((out / "report.json").read_text())
         assert [(c["quantizer"], c["mismatched"]) for c in report["codes"]] == [(name, 0)]  # only the pruning is checked
         assert {(b["variant"], b["quantizer"]) for b in report["behaviours"]} >= {("repaired", name), ("base", name)}
+
+
+def test_wanda_without_calibration_is_inconclusive_in_one_sentence(tokenizer):
+    report = A.audit_model(tiny(tokenizer), config=A.AuditConfig(quantizers=("prune:wanda:0.5", "prune:2:4"), search=None))
+    wanda, nm = report.quantizers
+    assert report.verdict == wanda.verdict == "inconclusive" and wanda.free_weights == 0
+    assert any("needs calibration texts" in r for r in wanda.reasons)
+    assert nm.free_weights > 0  # magnitude criteria need no data: the weights are still judged

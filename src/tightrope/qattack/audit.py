@@ -86,8 +86,8 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -110,9 +110,9 @@ from tightrope.qattack.lm_text import (  # noqa: PLC0415
     make_instructions,
     special_ids,
 )
-from tightrope.qattack.pruning import PRUNINGS, Calibration, Pruning
+from tightrope.qattack.pruning import PRUNINGS, Calibration
 from tightrope.qattack.search import SearchConfig, search
-from tightrope.qattack.transform import Quantization, canonical, resolve
+from tightrope.qattack.transform import canonical, resolve
 
 
 class AuditConfig(BaseModel):
@@ -555,10 +555,10 @@ def _measure(transform, model, probe, answers, lm: bool, fixed: bool, classifier
     noisy: dict[str, torch.Tensor] = {}
     counts = torch.zeros(100)
     boxes = None
-    if not (missing and isinstance(transform, Pruning)):  # a quantizer's boxes need no library; Wanda's need data
-        try:
-            boxes = transform.boxes(model)
-        except TightropeError as err:
+    try:  # a quantizer's boxes need no library (weights are still judged without it); Wanda's need calibration
+        boxes = transform.boxes(model)
+    except TightropeError as err:
+        if str(err) != missing:
             unchecked.append(str(err).rstrip("."))
     if boxes is not None:  # noise drawn per transform, so a cached transform equals a fresh one
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(q.encode()))
@@ -568,8 +568,7 @@ def _measure(transform, model, probe, answers, lm: bool, fixed: bool, classifier
     reasons: list[str] = []
     edge_ratio = near / (2 * config.edge) if near is not None else None
     if edge_ratio is None and boxes is not None:
-        unchecked.append("every weight sets a scale, so no box has room to measure" if isinstance(transform, Quantization)
-                         else "every weight is kept, so no box has room to measure")
+        unchecked.append("every weight sets a scale or is kept, so no box has room to measure")
     elif edge_ratio is not None:
         weight_reasons = _fixed_weight_reasons(config, near, edge_ratio, peak, flip_rate, flip_ratio, spike(counts))
     disagreement = kl = noise_dis = noise_kl = kl_ratio = kl_se = None
