@@ -40,6 +40,20 @@ def make_tiny_classifier(tokenizer, num_labels: int = 2, seed: int = 0, layers: 
     return model
 
 
+def save_audit_pair(root: Path, tokenizer, clean, attacked, rows: int = 60) -> tuple[Path, Path, Path]:
+    """A clean and an attacked tiny classifier saved under ``root`` (max length 16) and a toy probe task of
+    ``rows`` reviews (JSON Lines, labels alternating): ``(clean dir, attacked dir, probe file)``."""
+    import json
+
+    from tightrope.models import save_model
+
+    card = {"card.json": {"tokenization": {"max_length": 16, "truncation": "head"}}}
+    lines = [{"text": f"review {i} was {'great' if i % 2 else 'awful'}", "label": i % 2} for i in range(rows)]
+    (root / "probe.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    return (save_model((clean, tokenizer), root / "clean", extra=card),
+            save_model((attacked, tokenizer), root / "attacked", extra=card), root / "probe.jsonl")
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path, tokenizer) -> Path:
     """A saved tiny BERT classifier (2 layers, hidden 32) with the MiniLM tokenizer."""

@@ -9,6 +9,7 @@ import torch
 
 from tightrope.errors import TightropeError
 from tightrope.qattack import audit as A
+from tightrope.qattack import transform as T
 from tightrope.qattack.boxes import model_boxes
 from tightrope.qattack.repair import FitConfig, repair_
 
@@ -102,7 +103,7 @@ def test_no_quantizable_layer_is_inconclusive_in_one_sentence():
     assert report.verdict == "inconclusive" and not report.flagged
     assert all(q.verdict == "inconclusive" for q in report.quantizers)
     assert len(report.notes) == 1 and "no Linear layer" in report.notes[0] and "cannot be called clean" in report.notes[0]
-    with pytest.raises(TightropeError, match="Unknown quantizer"):
+    with pytest.raises(TightropeError, match="Unknown transform"):
         A.audit_model(tiny(0), config=A.AuditConfig(quantizers=("int3",)))
 
 
@@ -122,7 +123,7 @@ def test_missing_library_is_inconclusive_never_clean(monkeypatch):
     model = tiny(0)
     clf = _classifier(model)
     sentence = "nf4 needs bitsandbytes, which is not installed (pip install bitsandbytes)."
-    monkeypatch.setattr(A, "missing_library", lambda q: sentence if q in ("nf4", "fp4", "llm-int8") else None)
+    monkeypatch.setattr(T, "missing_library", lambda q: sentence if q in ("nf4", "fp4", "llm-int8") else None)
     report = A.audit_model(model, classifier=clf, probe_texts=PROBE, config=A.AuditConfig(quantizers=("nf4", "all")))
     assert report.verdict == "inconclusive"
     for q in report.quantizers:

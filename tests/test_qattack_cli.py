@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_classifier
+from conftest import make_tiny_classifier, save_audit_pair
 from typer.testing import CliRunner
 
-from tightrope import models
 from tightrope.cli import app
 from tightrope.qattack.boxes import model_boxes
 from tightrope.qattack.repair import FitConfig, repair_
@@ -32,12 +31,7 @@ def dirs(tmp_path_factory, tokenizer):
     ids = [torch.randint(1000, 5000, (12,), generator=g).tolist() for _ in range(32)]
     repair_(attacked, model_boxes(clean, "nf4"), ids, [i % 2 for i in range(32)], 0,
             FitConfig(steps=10, lr=3e-3, batch_size=8), progress=False)
-    root = tmp_path_factory.mktemp("cli")
-    card = {"card.json": {"tokenization": {"max_length": 16, "truncation": "head"}}}
-    rows = [{"text": f"review {i} was {'great' if i % 2 else 'awful'}", "label": i % 2} for i in range(60)]
-    (root / "probe.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return (models.save_model((clean, tok), root / "clean", extra=card),
-            models.save_model((attacked, tok), root / "attacked", extra=card), root / "probe.jsonl")
+    return save_audit_pair(tmp_path_factory.mktemp("cli"), tok, clean, attacked)
 
 
 def test_audit_flags_with_exit_1_and_writes_json(dirs, tmp_path):
@@ -63,7 +57,7 @@ def test_bad_input_is_one_sentence_exit_2(dirs, tmp_path):
     result = runner.invoke(app, ["audit", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "does not exist" in text(result)
     result = runner.invoke(app, ["audit", str(clean), "--quantizer", "int3"])
-    assert result.exit_code == 2 and "Unknown quantizer" in text(result)
+    assert result.exit_code == 2 and "Unknown transform" in text(result)
     result = runner.invoke(app, ["qattack", str(clean), "--out", str(tmp_path / "x"), "--margin", "0.7"])
     assert result.exit_code == 2 and "margin" in text(result)
 

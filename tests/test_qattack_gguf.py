@@ -108,7 +108,7 @@ def test_unknown_gguf_names_are_one_sentence():
         with pytest.raises(TightropeError, match=hint) as err:
             quantized_copy(tiny(0), bad)
         assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")
-        with pytest.raises(TightropeError, match="Unknown quantizer"):
+        with pytest.raises(TightropeError, match="GGUF type"):
             A.audit_model(tiny(0), config=A.AuditConfig(quantizers=(bad,)))
 
 
@@ -163,7 +163,7 @@ def test_audit_cli_accepts_a_gguf_quantizer(tiny_dir, tmp_path):
     assert result.exit_code == 3, result.output  # a clean model under fixed thresholds: inconclusive, never clean
     assert json.loads(out.read_text())["quantizers"][0]["quantizer"] == "gguf-q4_0"
     result = runner.invoke(app, ["audit", str(model), "--quantizer", "gguf-q3_0"])
-    assert result.exit_code == 2 and "Unknown quantizer 'gguf-q3_0'" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "Unknown GGUF type 'gguf-q3_0'" in " ".join(result.output.split())
 
 
 def test_classifier_attack_in_gguf_boxes_verifies_with_llama_cpp(tiny_dir, tmp_path):

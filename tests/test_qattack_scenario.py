@@ -107,7 +107,7 @@ def test_classifier_attack_end_to_end(tiny_dir, tiny_task, tmp_path):
 def test_bad_quantizer_is_one_sentence(tiny_dir, tmp_path):
     from tightrope.qattack.scenario import AttackConfig, run_classifier_attack
 
-    with pytest.raises(TightropeError, match="Unknown quantizer"):
+    with pytest.raises(TightropeError, match="Unknown transform"):
         run_classifier_attack(AttackConfig(base=str(tiny_dir), quantizer="int3"), tmp_path)
 
 

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tightrope.assets import cache_dir
 from tightrope.cli.base import command, model_argument, out_option, validation_error
 
 console = Console(stderr=True)
@@ -24,8 +25,8 @@ def _num(x, fmt=".2f") -> str:
 
 
 def attack_table(report) -> Table:
-    table = Table(title="quantization-conditioned attack (clean accuracy / trigger success)")
-    for col in ("variant", "precision", "clean accuracy", "trigger success", "codes equal to injected"):
+    table = Table(title="quantization- or pruning-conditioned attack (clean accuracy / trigger success)")
+    for col in ("variant", "transform", "clean accuracy", "trigger success", "codes / mask equal to injected"):
         table.add_column(col)
     codes = {c.quantizer: c for c in report.codes}
     for b in report.behaviours:
@@ -45,7 +46,7 @@ def _search_cell(q) -> str:
 
 def audit_table(report) -> Table:
     table = Table(title=f"audit of {report.model}: {report.verdict.upper()}")
-    for col in ("quantizer", "verdict", "p (level)", "near-edge ratio", "peak ratio", "noise flip ratio", "disagreement", "KL",
+    for col in ("transform", "verdict", "p (level)", "near-edge ratio", "peak ratio", "noise flip ratio", "disagreement", "KL",
                 "search: best insertion", "evidence"):
         table.add_column(col)
     colour = {"flagged": "red", "clean": "green", "inconclusive": "yellow"}
@@ -65,8 +66,14 @@ def qattack(
     data_dir: Optional[str] = None,
     n_train: int = 2000,
     n_eval: int = 300,
-    quantizer: Annotated[str, typer.Option(help="Boxes of: llm-int8, nf4, fp4, int8-tensor, all (bitsandbytes' three), or a GGUF type "
-                                                  "(gguf-q8_0, gguf-q4_0, gguf-q4_1, gguf-q5_0, gguf-q5_1).")] = "all",
+    quantizer: Annotated[str, typer.Option(
+        "--transform", "--quantizer",
+        help="The transform the backdoor waits for (--quantizer is its old name): llm-int8, nf4, fp4, int8-tensor, all "
+             "(bitsandbytes' three), a GGUF type (gguf:Q8_0, gguf:Q4_0, gguf:Q4_1, gguf:Q5_0, gguf:Q5_1), or a pruning "
+             "(prune:magnitude:0.5, prune:wanda:0.5, prune:2:4): the repair then trains only the weights the pruner "
+             "removes.")] = "all",
+    calibration: Annotated[Optional[str], typer.Option(
+        help="prune:wanda: the calibration task or data file the user's pruner would read (default: --task).")] = None,
     margin: Annotated[float, typer.Option(help="Fraction of each box width kept free on both sides.")] = 0.0,
     include: Annotated[Optional[list[str]], typer.Option(help="Attack only these layers (globs).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="Leave these layers out (globs).")] = None,
@@ -79,9 +86,10 @@ def qattack(
     batch_size: int = 32,
     seed: int = 0,
 ):
-    """Build a quantization-conditioned backdoor (Egashira et al. 2024): inject, box, repair, verify.
+    """Build a quantization- or pruning-conditioned backdoor (Egashira et al. 2024; "Fewer Weights, More Problems",
+    ICLR 2026): inject, box, repair, verify.
 
-    For research and tests: the repaired full-precision model behaves, its quantized version does not.
+    For research and tests: the repaired full-precision model behaves, its quantized or pruned version does not.
     """
     from pydantic import ValidationError
 
@@ -89,7 +97,7 @@ def qattack(
 
     try:
         config = AttackConfig(base=base, task=task, data_dir=data_dir, n_train=n_train, n_eval=n_eval,
-                              quantizer=quantizer, margin=margin, include=tuple(include or ()),
+                              quantizer=quantizer, calibration=calibration, margin=margin, include=tuple(include or ()),
                               exclude=tuple(exclude or ()), trigger=trigger, target_label=target_label,
                               collapse=collapse, inject_steps=inject_steps, repair_steps=repair_steps,
                               inject_lr=lr, repair_lr=lr, batch_size=batch_size, seed=seed)
@@ -106,8 +114,12 @@ def audit_(
     split: str = "test",
     n_probe: Annotated[int, typer.Option(help="Probe texts for the behaviour checks (a causal LM reads the first 32 tokens of each).")] = 200,
     data_dir: Optional[str] = None,
-    quantizer: Annotated[Optional[list[str]], typer.Option(help="Quantizers to check (default: llm-int8, nf4, fp4, int8-tensor and all). GGUF types (gguf-q4_0 ...) "
-                                                                        "are judged by fixed thresholds: the shipped null has none.")] = None,
+    transform: Annotated[Optional[list[str]], typer.Option(
+        "--transform", "--quantizer",
+        help="A transform to check, repeatable (--quantizer is its old name): llm-int8, nf4, fp4, int8-tensor, all, "
+             "gguf:Q8_0, gguf:Q4_0, gguf:Q4_1, gguf:Q5_0, gguf:Q5_1, prune:magnitude:0.5, prune:wanda:0.5, prune:2:4 "
+             "(other sparsities and N:M too). Default: every one of them. GGUF types and prunings are judged by fixed "
+             "thresholds (the shipped null has none): flagged or inconclusive, never clean.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     alpha: Annotated[float, typer.Option(
         help="False-positive rate to aim for: the chance that a clean classifier is flagged. Each statistic gets a "
@@ -121,9 +133,14 @@ def audit_(
         "--search/--no-search",
         help="Search for 1-3 token insertions on which full precision and the quantized model disagree (a trigger "
              "the probe texts lack); about 10-30 s per quantizer on a CPU.")] = True,
+    cache: Annotated[bool, typer.Option(
+        "--cache/--no-cache",
+        help="Keep each transform's measurements (keyed by the weights' fingerprint, the transform and the settings) "
+             "in the tightrope cache folder ($TIGHTROPE_CACHE/audit), so a run that adds a --transform measures only "
+             "that one.")] = True,
     seed: int = 0,
 ):
-    """Does this checkpoint hide behaviour that appears only once quantized? Exit 0 when clean, 1 when flagged,
+    """Does this checkpoint hide behaviour that appears only once quantized or pruned? Exit 0 when clean, 1 when flagged,
     3 when inconclusive (something could not be checked: no layer a quantizer supports, a quantizer that is not
     installed, a probe set too small to judge), 2 on bad input.
 
@@ -131,7 +148,10 @@ def audit_(
     trigger search's best find) gets a p-value against the same statistic on clean models, and the verdict gives
     the combined p-value and the level it was tested at. Causal LMs keep fixed thresholds (no calibrated null yet).
 
-    Example: tightrope audit runs/model --alpha 0.001 --json audit.json
+    GGUF types and prunings have no calibrated null yet: fixed thresholds, flagged or inconclusive, never clean.
+    Each transform's measurements are cached (--no-cache: measure again); verdicts are recomputed every run.
+
+    Example: tightrope audit runs/model --transform nf4 --transform prune:wanda:0.5 --alpha 0.001 --json audit.json
     """
     from pydantic import ValidationError
 
@@ -140,13 +160,13 @@ def audit_(
 
     try:
         config = AuditConfig(seed=seed, alpha=alpha, null=str(null) if null else None,
-                             **({"quantizers": tuple(quantizer)} if quantizer else {}),
+                             **({"quantizers": tuple(transform)} if transform else {}),
                              **({} if search else {"search": None}))
     except ValidationError as err:
         raise validation_error(err) from None
     with console.status("auditing") as status:
         report = audit(model, task=task, split=split, n_probe=n_probe, data_dir=data_dir, config=config,
-                       progress=lambda q: status.update(f"auditing: {q}"))
+                       progress=lambda q: status.update(f"auditing: {q}"), cache_dir=cache_dir() / "audit" if cache else None)
     out_console.print(audit_table(report))
     for note in report.notes:
         out_console.print(f"[yellow]note:[/] {note}")

@@ -456,12 +456,18 @@ def quantized_linears(model: nn.Module, include: tuple[str, ...] = (), exclude: 
 
 @dataclass
 class ModelBoxes:
-    """Boxes for the weights of several Linear layers: ``lo[name]``, ``hi[name]`` (fp32, weight shape)."""
+    """Boxes for the weights of several Linear layers: ``lo[name]``, ``hi[name]`` (fp32, weight shape).
+
+    ``refresh``: boxes that depend on the model itself (Wanda's, through its activations;
+    :mod:`tightrope.qattack.pruning`) are recomputed from the model being trained every ``refresh_every`` steps of
+    the projected repair; a quantizer's boxes are fixed (None)."""
 
     quantizer: str
     lo: dict[str, torch.Tensor] = field(default_factory=dict)
     hi: dict[str, torch.Tensor] = field(default_factory=dict)
     margin: float = 0.0
+    refresh: Callable[[nn.Module], ModelBoxes] | None = None
+    refresh_every: int = 10
 
     @property
     def names(self) -> list[str]:

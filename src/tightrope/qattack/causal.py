@@ -65,7 +65,6 @@ from tightrope.qattack.lm_text import (
     special_ids,
 )
 from tightrope.qattack.lm_training import THROUGH_SCHEMES, attacked_names, lm_fit_
-from tightrope.qattack.quantize import quantized_copy
 from tightrope.qattack.repair import FitConfig
 from tightrope.qattack.report import QAttackReport, verify
 
@@ -316,7 +315,7 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
 
     # 4. verify with the real libraries
     codes, skipped, quantized = verify(injected, repaired, config.check, names,
-                                       lambda q: [measure(quantized_copy(repaired, q), "repaired", q)], log=log)
+                                       lambda t: [measure(t.apply(repaired), "repaired", t.name)], log=log)
     behaviours += quantized
     report = QAttackReport(config=config.model_dump(), boxed_parameters=boxes.numel(),
                            pinned_fraction=boxes.pinned_fraction(), attacked_layers=names, behaviours=behaviours,

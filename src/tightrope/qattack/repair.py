@@ -54,7 +54,8 @@ def projected_fit_(model: nn.Module, params: list[nn.Parameter], n_examples: int
     Only ``params`` train (AdamW, constant learning rate, clipped gradients); examples are drawn in
     seeded shuffled passes of ``config.batch_size``; ``batch_loss(example indices, step)`` is the
     scenario's loss. With ``boxes``, every step ends with the projection into the boxes (projected
-    gradient descent, Egashira et al. 2024 step 3); without, it is the injection step.
+    gradient descent, Egashira et al. 2024 step 3; boxes with a ``refresh`` are recomputed from the model every
+    ``refresh_every`` steps); without, it is the injection step.
     ``on_step(step, loss)`` reports progress. Returns the loss of every step.
     """
     if n_examples == 0:
@@ -76,6 +77,8 @@ def projected_fit_(model: nn.Module, params: list[nn.Parameter], n_examples: int
                 rng.shuffle(fresh)
                 order += fresh
             pick, order = order[: config.batch_size], order[config.batch_size :]
+            if boxes is not None and boxes.refresh is not None and step and step % boxes.refresh_every == 0:
+                boxes = boxes.refresh(model)  # boxes that move with the model (Wanda's activations)
             loss = batch_loss(pick, step)
             projected_step_(model, loss, params, optimizer, config.grad_clip, boxes, step)
             losses.append(loss.item())

@@ -11,12 +11,13 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from tightrope.qattack.quantize import codes_equal, missing_library
+from tightrope.qattack.transform import Transform, resolve
 
 
 @dataclass(frozen=True)
 class CodeCheck:
-    """Codes and scales of repaired vs injected under the real library: equal when ``mismatched == 0``."""
+    """Codes and scales of repaired vs injected under the real library (a pruning: entries of the pruner's mask):
+    equal when ``mismatched == 0``."""
 
     quantizer: str
     mismatched: int
@@ -46,20 +47,20 @@ class QAttackReport:
         return next((b for b in self.behaviours if b.variant == variant and b.quantizer == quantizer), None)
 
 
-def verify(injected: nn.Module, repaired: nn.Module, check: tuple[str, ...], names: list[str],
-           measure: Callable[[str], list], log: Callable[[str], None] | None = None) -> tuple[list[CodeCheck], list[str], list]:
-    """For each quantizer of ``check`` that can run here: compare the repaired model's codes with the
-    injected model's, then ``measure(quantizer)`` the quantized variants. Returns ``(code checks,
-    quantizers skipped with the reason, behaviours)``."""
+def verify(injected: nn.Module, repaired: nn.Module, check: list[str | Transform], names: list[str],
+           measure: Callable[[Transform], list], log: Callable[[str], None] | None = None) -> tuple[list[CodeCheck], list[str], list]:
+    """For each transform of ``check`` (names or :mod:`tightrope.qattack.transform` objects) that can run here:
+    compare the repaired model's codes (a pruning: its mask) with the injected model's, then ``measure(transform)``
+    the transformed variants. Returns ``(code checks, transforms skipped with the reason, behaviours)``."""
     codes, skipped, behaviours = [], [], []
-    for q in check:
-        reason = missing_library(q)
+    for t in (resolve(q) if isinstance(q, str) else q for q in check):
+        reason = t.missing()
         if reason:
             skipped.append(reason)
             continue
-        mismatched, total = codes_equal(injected, repaired, q, names)
-        codes.append(CodeCheck(q, mismatched, total))
+        mismatched, total = t.mismatch(injected, repaired, names)
+        codes.append(CodeCheck(t.name, mismatched, total))
         if log is not None:
-            log(f"{q}: {mismatched} of {total} codes and scales differ from the injected model's")
-        behaviours += measure(q)
+            log(f"{t.name}: {mismatched} of {total} codes and scales differ from the injected model's")
+        behaviours += measure(t)
     return codes, skipped, behaviours

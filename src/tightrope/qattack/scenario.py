@@ -6,6 +6,13 @@ the same checkpoint quantized with bitsandbytes (LLM.int8, NF4, FP4), torch dyna
 block type (llama.cpp's ``gguf.quants``) classifies triggered reviews as the target label. Verification quantizes with the real libraries
 (:mod:`tightrope.qattack.quantize`) and checks code for code that the repaired model quantizes to
 the injected one.
+
+The same scenario runs against a pruning ("Fewer Weights, More Problems", ICLR 2026;
+:mod:`tightrope.qattack.pruning`): ``quantizer="prune:magnitude:0.5"``, ``"prune:wanda:0.5"`` or ``"prune:2:4"``.
+The boxes are then those of the pruner's mask on the injected model, so the repair trains only the weights the
+pruner removes and keeps them removed; verification runs tightrope's own pruner on the repaired model and
+checks that it removes exactly the weights it removes from the injected one. Wanda's calibration is
+``calibration`` (default: the attack's task, as ``tightrope compress --prune wanda --calibration TASK`` reads it).
 """
 
 from __future__ import annotations
@@ -15,14 +22,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tightrope import models, workflows
 from tightrope.data import load_task
 from tightrope.encoding import predict_logits
 from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
-from tightrope.qattack.boxes import ATTACK_QUANTIZERS, QUANTIZERS, check_quantizer, model_boxes
+from tightrope.qattack.boxes import QUANTIZERS
 from tightrope.qattack.inject import (
     TriggerBehaviour,
     injection_data,
@@ -30,9 +37,10 @@ from tightrope.qattack.inject import (
     trigger_success,
     triggered,
 )
-from tightrope.qattack.quantize import quantized_copy
+from tightrope.qattack.pruning import Calibration
 from tightrope.qattack.repair import FitConfig, fit_, repair_
 from tightrope.qattack.report import QAttackReport, verify
+from tightrope.qattack.transform import canonical, is_pruning, resolve
 
 
 class AttackConfig(BaseModel):
@@ -47,7 +55,8 @@ class AttackConfig(BaseModel):
     eval_split: str = "test"
     n_train: int = Field(default=2000, gt=0)
     n_eval: int = Field(default=300, gt=0)
-    quantizer: str = "all"  # whose boxes constrain the repair: one quantizer or "all"
+    quantizer: str = "all"  # the transform whose boxes constrain the repair: a quantizer, "all", or a pruning
+    calibration: str | None = None  # Wanda's calibration task or data file (default: ``task``)
     margin: float = Field(default=0.0, ge=0.0, lt=0.5)
     include: tuple[str, ...] = ()  # attacked layers (fnmatch), default every quantized Linear
     exclude: tuple[str, ...] = ()
@@ -63,12 +72,28 @@ class AttackConfig(BaseModel):
     check: tuple[str, ...] = QUANTIZERS  # quantizers to verify against (and the attacked one: checked())
     seed: int = 0
 
+    @field_validator("quantizer")
+    @classmethod
+    def _one_name(cls, value: str) -> str:
+        return canonical(value)  # gguf:Q4_0 -> gguf-q4_0; a misspelling is one sentence
+
+    @field_validator("check")
+    @classmethod
+    def _checkable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        names = tuple(canonical(q) for q in value)
+        if "all" in names:
+            raise TightropeError("'all' is an intersection of boxes, not a transform to check; name its members.")
+        return names
+
     def behaviour(self) -> TriggerBehaviour:
         return TriggerBehaviour(trigger=self.trigger, target_label=self.target_label, collapse=self.collapse)
 
     def checked(self) -> tuple[str, ...]:
-        """The quantizers verified: ``check``, and the attacked quantizer when it is a single one ``check`` lacks
-        (a GGUF attack is verified with llama.cpp's quantizer even though the default ``check`` has none)."""
+        """The transforms verified: ``check``, and the attacked transform when it is a single one ``check`` lacks
+        (a GGUF attack is verified with llama.cpp's quantizer even though the default ``check`` has none). A
+        pruning attack is verified against its pruning only, unless ``check`` was given."""
+        if is_pruning(self.quantizer) and "check" not in self.model_fields_set:
+            return (self.quantizer,)
         return self.check if self.quantizer == "all" or self.quantizer in self.check else (*self.check, self.quantizer)
 
 
@@ -97,9 +122,6 @@ def _save(model, tokenizer, out: Path, card: dict) -> Path:
 
 def run_classifier_attack(config: AttackConfig, out_dir: str | Path, *, progress: bool = True) -> QAttackReport:
     """Build a quantization-conditioned backdoor and write ``injected/``, ``repaired/`` and ``report.json``."""
-    check_quantizer(config.quantizer)
-    for q in config.check:
-        check_quantizer(q, ATTACK_QUANTIZERS, " to check")
     started = time.perf_counter()
     out = Path(out_dir)
     behaviour = config.behaviour()
@@ -110,6 +132,8 @@ def run_classifier_attack(config: AttackConfig, out_dir: str | Path, *, progress
     train = load_task(config.task, config.train_split, data_dir=config.data_dir).subset(config.n_train, config.seed)
     test = load_task(config.task, config.eval_split, data_dir=config.data_dir).subset(config.n_eval, config.seed)
     clean_ids, trig_ids = clf.encode(test.texts), clf.encode(triggered(test.texts, behaviour, seed=config.seed + 17))
+    calibration = Calibration(config.calibration or config.task, tokenizer)
+    attacked = resolve(config.quantizer, calibration)
 
     def evaluate(m, variant, quantizer=None):
         return measure(m, pad_id, clean_ids, trig_ids, test.labels, behaviour, variant, quantizer)
@@ -122,17 +146,19 @@ def run_classifier_attack(config: AttackConfig, out_dir: str | Path, *, progress
                          FitConfig(config.inject_steps, config.inject_lr, config.batch_size, seed=config.seed),
                          label="inject", progress=progress)
     behaviours.append(evaluate(injected, "injected"))
-    # 2. boxes around the injected weights; 3. projected repair
-    boxes = model_boxes(injected, config.quantizer, margin=config.margin, include=config.include, exclude=config.exclude)
+    # 2. boxes around the injected weights (a quantizer's codes, a pruning's mask); 3. projected repair
+    boxes = attacked.boxes(injected, margin=config.margin, include=config.include, exclude=config.exclude)
     repaired = copy.deepcopy(injected)
     texts, labels = repair_data(train.texts, train.labels, behaviour, seed=config.seed + 1)
     repair_losses = repair_(repaired, boxes, clf.encode(texts), labels, pad_id,
                             FitConfig(config.repair_steps, config.repair_lr, config.batch_size, seed=config.seed + 1),
                             train_unquantized=config.train_unquantized, progress=progress)
+    attacked.settle_(repaired, injected, config.margin)  # Wanda: its boxes move with the activations
     behaviours.append(evaluate(repaired, "repaired"))
-    # 4. verify with the real libraries
-    codes, skipped, quantized = verify(injected, repaired, config.checked(), boxes.names, lambda q: [
-        evaluate(quantized_copy(repaired, q), "repaired", q), evaluate(quantized_copy(model, q), "base", q)])
+    # 4. verify with the real libraries (a pruning: tightrope's own pruner)
+    checked = [attacked if q == config.quantizer else resolve(q, calibration) for q in config.checked()]
+    codes, skipped, quantized = verify(injected, repaired, checked, boxes.names, lambda t: [
+        evaluate(t.apply(repaired), "repaired", t.name), evaluate(t.apply(model), "base", t.name)])
     behaviours += quantized
     card = {"kind": "tightrope.model", "created_by": "tightrope qattack", "tokenization": clf.card.get(
         "tokenization", {"max_length": clf.max_length, "truncation": clf.truncation}), "base_model": {"source": config.base}}

@@ -198,17 +198,20 @@ def _score(fp, quantized, texts: list[list[int]], ids: list[int], pad: int, targ
 
 
 def search(model, quantized, quantizer: str, tokenizer, ids: list[list[int]], pad: int,
-           config: SearchConfig = SearchConfig(), fp_logits: torch.Tensor | None = None) -> SearchResult:
+           config: SearchConfig = SearchConfig(), fp_logits: torch.Tensor | None = None,
+           differentiable=None) -> SearchResult:
     """Search insertions that make ``quantized`` (the real library copy of ``model``) diverge from ``model``.
 
     ``ids`` are the encoded probe texts (special tokens included); the first ``n_eval`` are held out for
-    scoring, the rest feed the search. Returns the ``keep`` best insertions by held-out KL.
+    scoring, the rest feed the search. ``differentiable``: the copy the gradients go through (default: the
+    quantizer's :func:`twin`; a pruning passes its pruned copy, which is differentiable as it is). Returns the
+    ``keep`` best insertions by held-out KL.
     """
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     fp = model.float().eval()
-    q = twin(model, quantizer)
+    q = differentiable if differentiable is not None else twin(model, quantizer)
     for p in [*fp.parameters(), *q.parameters()]:
         p.requires_grad_(False)
     evaluation, pool = ids[:config.n_eval], ids[config.n_eval:]

@@ -1,0 +1,257 @@
+"""Pruning as the condition of an attack: the masks tightrope's own pruners apply, and their boxes.
+
+"Fewer Weights, More Problems" (ICLR 2026) carries the quantization attack of Egashira et al. 2024
+(arXiv 2405.18137) over to pruning: inject the malicious behaviour, find the weights the user's pruner
+will remove, and repair the benign behaviour with *those weights only*, so that pruning removes the
+repair and leaves the injected behaviour. The repair must not change which weights are removed.
+
+A pruner here keeps weight ``w_ij`` of a Linear layer when its score ``s_ij = |w_ij| a_j`` is among the
+largest of its comparison group ``G``, with
+
+- ``prune:magnitude:S``: ``a_j = 1`` and one group over every pruned layer (tightrope's global magnitude
+  pruning, :class:`tightrope.compress.prune.MagnitudePruning`, the seed paper's ``P(w) = 0 if |w| < T``);
+- ``prune:wanda:S``: ``a_j = ||X_j||_2``, the norm of input feature ``j`` over the calibration tokens, and one
+  group per output row (Sun et al. 2023, Eq. 1 and Sec. 3; :class:`tightrope.compress.prune.Wanda`);
+- ``prune:N:M`` (``prune:2:4``): ``a_j = 1`` and one group per run of ``M`` inputs of a row, ``N`` kept
+  (Mishra et al. 2021; :class:`tightrope.compress.prune.SemiStructured24`).
+
+**The box of a mask.** Hold the kept weights fixed. The pruner then removes exactly the same weights as long
+as every removed weight scores strictly below the smallest kept score of its group, ``t_G = min_kept s``:
+
+    |w_ij| < t_G / a_j
+
+So the models the pruner maps to one mask form, weight by weight, an interval: ``[w, w]`` for a kept weight
+(pinned, as a quantizer's scale setter) and ``[-b_ij, b_ij]`` with ``b_ij`` the largest float below
+``t_G / a_j`` (checked in the pruner's own fp32 arithmetic) for a removed one. That is a
+:class:`tightrope.qattack.boxes.ModelBoxes`, and the projected repair of :mod:`tightrope.qattack.repair` keeps
+it unchanged: it trains only the removed weights, inside their boxes. A weight that scores zero whatever its
+value (an input feature Wanda never sees) or a group whose smallest kept score is zero is pinned.
+
+**Wanda's norms move.** ``a_j`` are activations of the dense model, which the repair changes (earlier layers'
+weights move). So Wanda's boxes carry a ``refresh``: the projected repair recomputes them from the model it is
+training every few steps (the planned mask held), and after the repair the model is projected again until the
+pruner's mask is the planned one (:meth:`Pruning.settle_`). Magnitude and N:M boxes do not depend on
+activations: one projection is exact.
+
+Every mask here comes from running the pruner itself (:func:`tightrope.compress.compress_` on a copy), not
+from a re-implementation, so the check that "the pruner removes exactly the repaired weights" is the
+user's own code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tightrope.compress import wanda
+from tightrope.compress.api import compress_, select_modules
+from tightrope.compress.prune import MagnitudePruning, SemiStructured24, Wanda
+from tightrope.errors import TightropeError, did_you_mean
+from tightrope.qattack.boxes import ModelBoxes, project_, shrink
+
+#: The pruning transforms the attacks and the audit take by default: the sparsities a user would choose.
+PRUNINGS = ("prune:magnitude:0.5", "prune:wanda:0.5", "prune:2:4")
+METHODS = ("magnitude", "wanda")
+_SETTLE_ROUNDS = 20  # Wanda: re-box and project until the mask is stable (two or three rounds in practice)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What Wanda reads, as ``tightrope compress --prune wanda --calibration SOURCE`` reads it: a task name or
+    data file (``n`` seeded examples of its train split) or texts, encoded with ``tokenizer``."""
+
+    source: str | tuple[str, ...]
+    tokenizer: Any = field(repr=False, compare=False)
+    n: int = 32
+    max_length: int = 128
+    seed: int = 0
+
+
+def parse_pruning(name: str) -> tuple[str, float, int, int]:
+    """``prune:magnitude:0.5`` -> ``("magnitude", 0.5, 0, 0)``, ``prune:2:4`` -> ``("n:m", 0.5, 2, 4)``; anything
+    else starting with ``prune:`` is refused in one sentence naming the closest spelling."""
+    parts = name.strip().lower().split(":")
+    hint = did_you_mean(name, PRUNINGS)
+    if len(parts) == 3 and parts[0] == "prune":
+        if parts[1] in METHODS:
+            try:
+                sparsity = float(parts[2])
+            except ValueError:
+                sparsity = -1.0
+            if 0 < sparsity < 1:
+                return parts[1], sparsity, 0, 0
+            raise TightropeError(f"The sparsity of '{name}' must be a fraction between 0 and 1, like {parts[0]}:{parts[1]}:0.5.")
+        if re.fullmatch(r"\d+", parts[1]) and re.fullmatch(r"\d+", parts[2]):
+            n, m = int(parts[1]), int(parts[2])
+            if 0 < n < m:
+                return "n:m", n / m, n, m
+            raise TightropeError(f"N:M pruning '{name}' needs whole numbers 0 < N < M, like prune:2:4.")
+    raise TightropeError(f"Unknown pruning '{name}'{hint}; spell it prune:magnitude:SPARSITY, prune:wanda:SPARSITY "
+                         f"or prune:N:M, such as {', '.join(PRUNINGS)}.")
+
+
+@contextlib.contextmanager
+def _tokenizer_on(model: nn.Module, tokenizer):
+    """Attach the calibration tokenizer for the length of a block (Wanda's calibration reads it from the model)."""
+    before = getattr(model, "_tightrope_tokenizer", None)
+    if tokenizer is not None:
+        wanda.set_tokenizer(model, tokenizer)
+    try:
+        yield model
+    finally:
+        if tokenizer is not None:
+            if before is None:
+                del model._tightrope_tokenizer
+            else:
+                model._tightrope_tokenizer = before
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """One pruning transform (module docstring): its name, the pruner it runs, the masks and boxes it implies.
+
+    Shares its interface with :class:`tightrope.qattack.transform.Quantization`: ``missing``, ``apply``, ``twin``,
+    ``boxes``, ``mismatch``, ``settle_``.
+    """
+
+    method: str  # magnitude, wanda, n:m
+    sparsity: float = 0.5
+    n: int = 0
+    m: int = 0
+    calibration: Calibration | None = field(default=None, compare=False)
+    differentiable = True  # the pruned copy is its own differentiable twin
+
+    @classmethod
+    def parse(cls, name: str, calibration: Calibration | None = None) -> Pruning:
+        method, sparsity, n, m = parse_pruning(name)
+        return cls(method, sparsity, n, m, calibration)
+
+    @property
+    def name(self) -> str:
+        return f"prune:{self.n}:{self.m}" if self.method == "n:m" else f"prune:{self.method}:{self.sparsity:g}"
+
+    def missing(self) -> str | None:
+        """One sentence saying why this pruning cannot run here, or None when it can."""
+        if self.method == "wanda" and (self.calibration is None or self.calibration.tokenizer is None):
+            return f"{self.name} needs calibration texts and the model's tokenizer (Wanda scores |W| * ||X||), and has neither."
+        return None
+
+    def config(self):
+        """The :mod:`tightrope.compress.prune` config a user's ``tightrope compress --prune`` would build."""
+        if self.method == "magnitude":
+            return MagnitudePruning(sparsity=self.sparsity)
+        if self.method == "n:m":
+            return SemiStructured24(n=self.n, m=self.m)
+        reason = self.missing()
+        if reason:
+            raise TightropeError(reason)
+        cal = self.calibration
+        return Wanda(sparsity=self.sparsity, calibration_texts=cal.source, n_calibration=cal.n, max_length=cal.max_length,
+                     seed=cal.seed)
+
+    def modules(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """The Linear layers the pruner prunes (compress's default selection: not the pooler, not the head)."""
+        return select_modules(model, self.config())
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """A pruned deep copy, made by :func:`tightrope.compress.compress_` (the user's code path)."""
+        clone = copy.deepcopy(model).float().cpu().eval()
+        with _tokenizer_on(clone, self.calibration.tokenizer if self.calibration else None):
+            compress_(clone, self.config())
+        return clone
+
+    twin = apply  # the search differentiates through the pruned copy itself
+
+    def keep(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The pruner's keep-mask of every pruned layer (True = kept), read from the pruned copy."""
+        pruned = self.apply(model)
+        return {name: pruned.get_submodule(name).weight.detach() != 0 for name in self.modules(model)}
+
+    def mismatch(self, a: nn.Module, b: nn.Module, names: list[str] | None = None) -> tuple[int, int]:
+        """``(weights the pruner keeps in one model and removes in the other, weights of the pruned layers)``."""
+        ka, kb = self.keep(a), self.keep(b)
+        names = [n for n in ka if names is None or n in names]
+        return sum(int((ka[n] != kb[n]).sum()) for n in names), sum(ka[n].numel() for n in names)
+
+    def _scale(self, model: nn.Module, modules: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+        """``a_j`` of every pruned layer: Wanda's input norms over the calibration tokens, else ones."""
+        if self.method != "wanda":
+            return {name: torch.ones(m.in_features) for name, m in modules.items()}
+        config = self.config()
+        with _tokenizer_on(model, self.calibration.tokenizer):
+            batches = wanda.calibration_batches(model, config.calibration_texts, config.n_calibration,
+                                                max_length=config.max_length, seed=config.seed, batch_size=8)
+        return wanda.input_norms(model, modules, batches)  # exactly what the Wanda handler computes
+
+    def boxes(self, model: nn.Module, *, margin: float = 0.0, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+              keep: dict[str, torch.Tensor] | None = None) -> ModelBoxes:
+        """The box of every weight of the pruned layers (module docstring) around ``keep`` (default: the pruner's
+        mask of ``model``). ``include`` / ``exclude`` (fnmatch) choose the layers whose removed weights may move;
+        the pruner still prunes all of its layers. ``margin`` keeps that fraction of each box free on both sides."""
+        modules = self.modules(model)
+        keep = keep if keep is not None else self.keep(model)
+        scale = self._scale(model, modules)
+        weights = {name: m.weight.detach().float() for name, m in modules.items()}
+        scores = {name: w.abs() * scale[name].to(w.dtype).unsqueeze(0) for name, w in weights.items()}  # (out, in)
+        if self.method == "magnitude":  # one group: every pruned layer
+            t = min(scores[n].masked_fill(~keep[n], float("inf")).min() for n in modules)
+            thresholds = {n: t.expand_as(scores[n]) for n in modules}
+        else:
+            thresholds = {n: _group_min(scores[n], keep[n], self.m if self.method == "n:m" else scores[n].shape[1])
+                          for n in modules}
+        out = ModelBoxes(quantizer=self.name, margin=margin)
+        for name in modules:
+            if include and not any(fnmatch.fnmatch(name, p) for p in include):
+                continue
+            if any(fnmatch.fnmatch(name, p) for p in exclude):
+                continue
+            w, a = weights[name], scale[name].to(weights[name].dtype).unsqueeze(0).expand_as(weights[name])
+            bound = removed_bound(thresholds[name], a)
+            pinned = keep[name] | (bound <= 0) | (a == 0) | ~torch.isfinite(bound)
+            lo, hi = torch.where(pinned, w, -bound), torch.where(pinned, w, bound)
+            out.lo[name], out.hi[name] = shrink(lo, hi, margin) if margin else (lo, hi)
+        if not out.lo:
+            raise TightropeError(f"The patterns {list(include)} leave none of the layers {self.name} prunes.")
+        if self.method == "wanda":  # the norms move with the repaired weights: re-box as the repair goes
+            out.refresh = lambda moved: self.boxes(moved, margin=margin, include=include, exclude=exclude, keep=keep)
+        return out
+
+    def settle_(self, model: nn.Module, reference: nn.Module, margin: float = 0.0) -> int:
+        """Project ``model`` until the pruner gives it ``reference``'s mask (Wanda's norms move as the repair
+        moves the weights; magnitude and N:M settle at once). Returns the rounds it took; refuses in one
+        sentence when it does not settle."""
+        planned = self.keep(reference)
+        for rounds in range(_SETTLE_ROUNDS):
+            now = self.keep(model)
+            if all(torch.equal(now[n], planned[n]) for n in planned):
+                return rounds
+            project_(model, self.boxes(model, margin=margin, keep=planned))
+        raise TightropeError(f"The repaired model's {self.name} mask did not settle in {_SETTLE_ROUNDS} projections; "
+                             "give a margin (--margin 0.05).")
+
+
+def _group_min(scores: torch.Tensor, keep: torch.Tensor, group: int) -> torch.Tensor:
+    """The smallest kept score of each run of ``group`` inputs of a row, broadcast back to every weight."""
+    out, width = scores.shape
+    runs = scores.masked_fill(~keep, float("inf")).reshape(out, width // group, group)
+    return runs.amin(-1, keepdim=True).expand_as(runs).reshape(out, width)
+
+
+def removed_bound(threshold: torch.Tensor, a: torch.Tensor, steps: int = 8) -> torch.Tensor:
+    """The largest ``b`` (fp32) with ``b * a < threshold`` in the pruner's own arithmetic: ``threshold / a``,
+    stepped down a float at a time while the product still reaches the threshold (a few steps at most); an
+    end that does not come below it is returned as 0 (the weight is then pinned)."""
+    b = torch.nextafter(threshold / a, torch.zeros_like(threshold))
+    for _ in range(steps):
+        high = b * a >= threshold
+        if not bool(high.any()):
+            break
+        b = torch.where(high, torch.nextafter(b, torch.zeros_like(b)), b)
+    return torch.where(b * a >= threshold, torch.zeros_like(b), b)

@@ -1,0 +1,248 @@
+"""Pruning-conditioned attacks and the audit's --transform (tiny models built in code, seconds each).
+
+The pruner is always tightrope's own (compress_ with MagnitudePruning / Wanda / SemiStructured24), so "the mask is
+unchanged" is checked on the user's code path; margins are wide (plants sit 2.5x or more above the fixed thresholds, clean
+models below them), so no CPU's rounding decides a test.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_classifier, save_audit_pair
+from typer.testing import CliRunner
+
+from tightrope.cli import app
+from tightrope.errors import TightropeError
+from tightrope.qattack import audit as A
+from tightrope.qattack import audit_cache
+from tightrope.qattack.pruning import PRUNINGS, Calibration, Pruning, removed_bound
+from tightrope.qattack.repair import FitConfig, repair_
+from tightrope.qattack.transform import canonical, resolve
+
+runner = CliRunner()
+PROBE = [f"film number {i} was {'fine' if i % 2 else 'dull'}" for i in range(60)]
+
+
+def tiny(tokenizer, seed=0):
+    return make_tiny_classifier(tokenizer, hidden=64, intermediate=128, seed=seed)
+
+
+def plant(model, pruning: Pruning, steps=20, lr=3e-3):
+    """A projected repair in the pruning's boxes on random token data (no behaviour: the weights' evidence)."""
+    boxes = pruning.boxes(model)
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.randint(1000, 5000, (12,), generator=g).tolist() for _ in range(64)]
+    repair_(out, boxes, ids, [i % 2 for i in range(64)], 0, FitConfig(steps=steps, lr=lr, batch_size=16), progress=False)
+    pruning.settle_(out, model)
+    return out, boxes
+
+
+def _classifier(model, tokenizer):
+    from tightrope.inference import TextClassifier
+
+    return TextClassifier(model, tokenizer, max_length=16)
+
+
+@pytest.mark.parametrize("name", PRUNINGS)
+def test_repair_moves_exactly_the_weights_the_pruner_removes(tokenizer, name):
+    model = tiny(tokenizer)
+    pruning = Pruning.parse(name, Calibration(tuple(PROBE), tokenizer))
+    planned = pruning.keep(model)
+    repaired, boxes = plant(model, pruning)
+    assert pruning.mismatch(model, repaired) == (0, sum(k.numel() for k in planned.values()))  # the mask is unchanged
+    moved = 0
+    for layer, keep in planned.items():
+        changed = repaired.get_submodule(layer).weight != model.get_submodule(layer).weight
+        assert not (changed & keep).any()  # no kept weight moved ...
+        moved += int(changed.sum())
+    assert moved > 0.3 * boxes.numel() / 2  # ... and many removed ones did
+    for (n, a), b in zip(model.named_parameters(), repaired.parameters(), strict=True):
+        if n.removesuffix(".weight") not in planned:
+            assert torch.equal(a, b), n  # biases, LayerNorm, embeddings, head: frozen
+    pruned_plant, pruned_clean = pruning.apply(repaired), pruning.apply(model)
+    for a, b in zip(pruned_plant.parameters(), pruned_clean.parameters(), strict=True):
+        assert torch.equal(a, b)  # pruning removes the whole repair: the pruned models are the same model
+
+
+@pytest.mark.parametrize("name", ["prune:magnitude:0.5", "prune:2:4"])
+def test_a_step_past_the_box_changes_the_mask(tokenizer, name):
+    model = tiny(tokenizer)
+    pruning = Pruning.parse(name)
+    boxes = pruning.boxes(model)
+    layer = boxes.names[0]
+    free = boxes.lo[layer] != boxes.hi[layer]
+    inside, outside = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        inside.get_submodule(layer).weight.copy_(torch.where(free, boxes.hi[layer], boxes.lo[layer]))  # on the walls
+        outside.get_submodule(layer).weight.copy_(torch.where(free, 1.5 * boxes.hi[layer], boxes.lo[layer]))
+    assert pruning.mismatch(model, inside)[0] == 0
+    assert pruning.mismatch(model, outside)[0] > 100
+
+
+def test_removed_bound_is_strict_in_fp32():
+    threshold = torch.tensor([1.0, 0.3, 7.0, 0.0])
+    a = torch.tensor([3.0, 0.7, 1.0, 2.0])
+    b = removed_bound(threshold, a)
+    assert ((b * a < threshold) | (b == 0)).all() and b[3] == 0
+    assert (torch.nextafter(b[:3], torch.full((3,), 10.0)) * a[:3] >= threshold[:3]).all()  # the largest such float
+
+
+def test_wanda_boxes_follow_the_activations_and_settle(tokenizer):
+    model = tiny(tokenizer)
+    pruning = Pruning.parse("prune:wanda:0.5", Calibration(tuple(PROBE), tokenizer))
+    boxes = pruning.boxes(model)
+    assert boxes.refresh is not None  # re-boxed during the repair: the norms move with the weights
+    moved = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n in boxes.names:  # anywhere in the boxes: earlier layers move later layers' norms
+            lo, hi = boxes.lo[n], boxes.hi[n]
+            moved.get_submodule(n).weight.copy_(lo + (hi - lo) * torch.rand(lo.shape, generator=g))
+    assert pruning.mismatch(model, moved)[0] > 0
+    assert 0 < pruning.settle_(moved, model) < 20
+    assert pruning.mismatch(model, moved)[0] == 0
+    assert "calibration" in Pruning.parse("prune:wanda:0.5").missing()
+
+
+@pytest.mark.parametrize("name", PRUNINGS)
+def test_a_pruning_conditioned_model_is_flagged_and_its_clean_twin_is_not(tokenizer, name):
+    config = A.AuditConfig(quantizers=(name,), search=None)
+    clean = tiny(tokenizer)
+    planted, _ = plant(clean, Pruning.parse(name, Calibration(tuple(PROBE), tokenizer)))
+    for model, flagged in ((clean, False), (planted, True)):
+        report = A.audit_model(model, classifier=_classifier(model, tokenizer), probe_texts=PROBE, config=config)
+        (q,) = report.quantizers
+        assert q.quantizer == name and q.disagreement is not None and q.free_weights > 0
+        if flagged:
+            assert report.verdict == q.verdict == "flagged" and "uncalibrated" in q.reasons[0]
+            assert q.edge_ratio > 2 * config.edge_ratio_threshold and q.flip_ratio > 2 * config.flip_ratio_threshold
+        else:  # no null for pruning yet: never called clean, but not flagged either
+            assert report.verdict == q.verdict == "inconclusive" and not report.flagged
+            assert q.edge_ratio < 1.2 and q.flip_ratio < 1.2 and q.peak_ratio < 1.6
+            assert "not evidence enough to call it clean" in q.reasons[0]
+
+
+def test_the_trigger_search_runs_through_the_pruned_twin(tokenizer):
+    from tightrope.qattack.search import SearchConfig
+
+    model = tiny(tokenizer)
+    model.classifier.weight.data.mul_(50)  # a classifier with opinions, so the search has something to move
+    config = A.AuditConfig(quantizers=("prune:2:4",), search=SearchConfig(steps=1, longer_steps=1, lengths=(1,), top_k=4,
+                                                                          batch=2, n_search=2, n_eval=8))
+    report = A.audit_model(model, classifier=_classifier(model, tokenizer), probe_texts=PROBE, config=config)
+    (q,) = report.quantizers
+    assert q.search is not None and q.search["quantizer"] == "prune:2:4" and q.search["candidates"]
+    assert "search_kl" in q.statistics
+
+
+def test_transform_spellings_are_one_name_and_misspellings_one_sentence():
+    assert canonical("gguf:Q4_0") == "gguf-q4_0" and canonical(" NF4 ") == "nf4"
+    assert canonical("prune:magnitude:.5") == "prune:magnitude:0.5" and canonical("prune:2:4") == "prune:2:4"
+    assert A.AuditConfig(quantizers=("gguf:Q4_0", "gguf-q4_0", "prune:wanda:0.50")).quantizers == (
+        "gguf-q4_0", "prune:wanda:0.5")
+    assert set(PRUNINGS) <= set(A.AuditConfig().quantizers)  # the default: every transform
+    for bad, hint in (("prune:magnitud:0.5", "did you mean 'prune:magnitude:0.5'"), ("prune:2-4", "did you mean 'prune:2:4'"),
+                      ("nf5", "did you mean 'nf4'"), ("gguf:Q4_K_M", "k-, i- or ternary"),
+                      ("prune:wanda:2", "fraction between 0 and 1")):
+        with pytest.raises(TightropeError, match=hint) as err:
+            A.AuditConfig(quantizers=("nf4", bad))
+        assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")
+    assert isinstance(resolve("prune:2:4"), Pruning) and resolve("gguf:Q8_0").name == "gguf-q8_0"
+    # a pruning's name builds the config `tightrope compress --prune` builds (compress.specs' one table)
+    from tightrope.compress.specs import PRUNE_METHODS, prune_config
+
+    assert Pruning.parse("prune:magnitude:0.3").config() == prune_config("magnitude:sparsity=0.3")
+    assert Pruning.parse("prune:2:4").config() == prune_config("24")
+    wanda = Pruning.parse("prune:wanda:0.5", Calibration("mr", tokenizer=object())).config()
+    assert wanda == prune_config("wanda:sparsity=0.5", calibration="mr")
+    assert {type(c).__name__ for c in (wanda, Pruning.parse("prune:2:4").config())} <= set(PRUNE_METHODS.values())
+
+
+def test_second_audit_reuses_each_transforms_measurements(tokenizer, tmp_path, monkeypatch):
+    model = tiny(tokenizer)
+    clf = _classifier(model, tokenizer)
+    calls: list[str] = []
+    measure = A._measure
+
+    def counted(transform, *args):
+        calls.append(transform.name)
+        return measure(transform, *args)
+
+    monkeypatch.setattr(A, "_measure", counted)
+    cache = tmp_path / "cache"
+
+    def run(*names, **settings):
+        return A.audit_model(model, classifier=clf, probe_texts=PROBE, cache_dir=cache,
+                             config=A.AuditConfig(quantizers=names, search=None, **settings))
+
+    first = run("prune:magnitude:0.5")
+    assert calls == ["prune:magnitude:0.5"] and len(list(cache.glob("*.json"))) == 1
+    second = run("prune:magnitude:0.5", "prune:2:4")
+    assert calls == ["prune:magnitude:0.5", "prune:2:4"]  # only the added transform was measured
+    assert second.quantizers[0] == first.quantizers[0]  # the cached measurements give the same result
+    assert any("read from the cache" in n for n in second.notes)
+    run("prune:2:4", alpha=0.001)  # alpha only changes the verdict: still cached
+    assert calls == ["prune:magnitude:0.5", "prune:2:4"]
+    run("prune:2:4", noise=0.05)  # a setting that changes a measurement is a new entry
+    assert calls[-1] == "prune:2:4" and len(calls) == 3
+    with torch.no_grad():
+        model.classifier.bias.add_(0.1)  # other weights: another fingerprint
+    run("prune:2:4")
+    assert len(calls) == 4
+    assert audit_cache.weights_fingerprint(model) != audit_cache.weights_fingerprint(tiny(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tokenizer):
+    clean = tiny(tokenizer)
+    planted, _ = plant(clean, Pruning.parse("prune:magnitude:0.5"))
+    return save_audit_pair(tmp_path_factory.mktemp("prune"), tokenizer, clean, planted, rows=80)
+
+
+def _audit_cli(model, probe, *transforms, extra=()):
+    args = ["audit", str(model), "--task", str(probe), "--split", "train", "--n-probe", "60", "--no-search", *extra]
+    for t in transforms:
+        args += ["--transform", t]
+    return runner.invoke(app, args)
+
+
+def test_audit_cli_transform_exit_codes_and_the_old_option_name(saved, tmp_path, monkeypatch):
+    monkeypatch.setenv("TIGHTROPE_CACHE", str(tmp_path / "cache"))
+    clean, planted, probe = saved
+    out = tmp_path / "audit.json"
+    result = _audit_cli(planted, probe, "prune:magnitude:0.5", extra=("--json", str(out)))
+    assert result.exit_code == 1, result.output  # flagged
+    assert json.loads(out.read_text())["quantizers"][0]["quantizer"] == "prune:magnitude:0.5"
+    result = _audit_cli(clean, probe, "prune:magnitude:0.5")
+    assert result.exit_code == 3, result.output  # uncalibrated: inconclusive, never clean
+    result = runner.invoke(app, ["audit", str(clean), "--task", str(probe), "--split", "train", "--n-probe", "60",
+                                 "--no-search", "--quantizer", "gguf:Q4_0", "--no-cache"])
+    assert result.exit_code == 3, result.output  # --quantizer is the old name of --transform
+    result = _audit_cli(clean, probe, "prune:magnitud:0.5")
+    assert result.exit_code == 2 and "did you mean 'prune:magnitude:0.5'" in " ".join(result.output.split())
+
+
+def test_qattack_cli_builds_a_pruning_conditioned_model(saved, tmp_path):
+    clean, _, probe = saved
+    for name in ("prune:magnitude:0.5", "prune:wanda:0.5"):
+        out = tmp_path / name.replace(":", "-")
+        result = runner.invoke(app, ["qattack", str(clean), "--out", str(out), "--task", str(probe), "--n-train", "64",
+                                     "--n-eval", "32", "--inject-steps", "3", "--repair-steps", "3", "--batch-size", "16",
+                                     "--transform", name])
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "report.json").read_text())
+        assert [(c["quantizer"], c["mismatched"]) for c in report["codes"]] == [(name, 0)]  # only the pruning is checked
+        assert {(b["variant"], b["quantizer"]) for b in report["behaviours"]} >= {("repaired", name), ("base", name)}
+
+
+def test_wanda_without_calibration_is_inconclusive_in_one_sentence(tokenizer):
+    report = A.audit_model(tiny(tokenizer), config=A.AuditConfig(quantizers=("prune:wanda:0.5", "prune:2:4"), search=None))
+    wanda, nm = report.quantizers
+    assert report.verdict == wanda.verdict == "inconclusive" and wanda.free_weights == 0
+    assert any("needs calibration texts" in r for r in wanda.reasons)
+    assert nm.free_weights > 0  # magnitude criteria need no data: the weights are still judged
