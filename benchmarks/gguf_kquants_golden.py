@@ -1,0 +1,106 @@
+"""Golden bytes of GGUF k-quants from llama.cpp itself, for tests/gguf_kquants_golden.json.
+
+llama.cpp's k-quant reference quantizers (``quantize_row_q4_K_ref`` ... in ggml-quants.c) are called through
+ctypes by ``ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row, imatrix = NULL)``, which is what
+``llama-quantize`` does without an importance matrix. gguf-py has no quantizer for these types, so this is
+the reference tightrope's :mod:`tightrope.compress.gguf_k` is checked against. The inputs are
+``golden_inputs()`` of tests/test_gguf_kquants.py (seeded numpy). The "edge" tensor's bytes are stored in
+full (base64), the seeded ones as SHA-256 digests, to keep the fixture a few KB.
+
+Build the library (a few minutes on one core) from llama-cpp-python's sdist (0.3.36, which vendors llama.cpp)::
+
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/lcp && cd /tmp/lcp && tar xzf *.tar.gz
+    cd llama_cpp_python-0.3.36/vendor/llama.cpp && touch ggml/ggml.pc.in
+    cmake -S ggml -B /tmp/lcp/build -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_TYPE=Release
+    cmake --build /tmp/lcp/build --target ggml-base -j1
+
+then ``python benchmarks/gguf_kquants_golden.py --lib /tmp/lcp/build/src/libggml-base.so`` (or set
+``TIGHTROPE_GGML_LIB``) rewrites the fixture and prints a table comparing tightrope's bytes. Without the
+library the script says so and exits 0 (skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import ctypes
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "gguf_kquants_golden.json"
+GGML_TYPES = {"Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+TYPE_SIZES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+
+
+def golden_inputs() -> dict[str, np.ndarray]:
+    spec = importlib.util.spec_from_file_location("_kq_cases", ROOT / "tests" / "test_gguf_kquants.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.golden_inputs()
+
+
+def llama_cpp_quantize(lib: ctypes.CDLL, x: np.ndarray, name: str) -> bytes:
+    """The bytes ``ggml_quantize_chunk`` writes for ``x`` (2-D fp32, rows of whole super-blocks), imatrix NULL."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, n = x.shape
+    out = np.zeros(rows * n // 256 * TYPE_SIZES[name], dtype=np.uint8)
+    written = lib.ggml_quantize_chunk(GGML_TYPES[name], x.ctypes.data_as(ctypes.c_void_p),
+                                      out.ctypes.data_as(ctypes.c_void_p), 0, rows, n, None)
+    assert written == out.size, (written, out.size)
+    return out.tobytes()
+
+
+def load_library(path: str) -> ctypes.CDLL:
+    """llama.cpp's libggml-base with ``ggml_quantize_chunk``'s signature declared."""
+    lib = ctypes.CDLL(path)
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    return lib
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lib", default=os.environ.get("TIGHTROPE_GGML_LIB", ""), help="path of libggml-base.so")
+    parser.add_argument("--check", action="store_true", help="compare with the fixture instead of rewriting it")
+    args = parser.parse_args()
+    if not args.lib or not Path(args.lib).is_file():
+        print("skipped: llama.cpp's libggml-base is not here (--lib or TIGHTROPE_GGML_LIB); see the docstring")
+        return 0
+    lib = load_library(args.lib)
+    import torch  # noqa: PLC0415
+
+    from tightrope.compress import gguf_k  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    golden: dict = {"made_by": "benchmarks/gguf_kquants_golden.py", "llama_cpp": "llama-cpp-python 0.3.36 (vendored "
+                    "llama.cpp, ggml 0.25.3), ggml_quantize_chunk with imatrix NULL", "bytes": {}, "sha256": {}}
+    print(f"{'case':<10} {'type':<6} {'bytes':>6} {'tightrope equal':>16}")
+    for case, x in golden_inputs().items():
+        for name in GGML_TYPES:
+            ref = llama_cpp_quantize(lib, x, name)
+            mine = gguf_k.quantize_k(torch.from_numpy(x), gguf_k.K_TYPES[name]).numpy().tobytes()
+            print(f"{case:<10} {name:<6} {len(ref):>6} {str(mine == ref):>16}")
+            if case == "edge":
+                golden["bytes"][f"{case}/{name}"] = base64.b64encode(ref).decode()
+            else:
+                golden["sha256"][f"{case}/{name}"] = hashlib.sha256(ref).hexdigest()
+    if args.check:
+        stored = json.loads(FIXTURE.read_text())
+        same = stored["bytes"] == golden["bytes"] and stored["sha256"] == golden["sha256"]
+        print(f"fixture {'matches' if same else 'DIFFERS'}")
+        return 0 if same else 1
+    FIXTURE.write_text(json.dumps(golden, indent=1) + "\n")
+    print(f"wrote {FIXTURE.relative_to(ROOT)} ({FIXTURE.stat().st_size} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
