@@ -154,3 +154,53 @@ def test_a_k_quant_gguf_file_reads_back_as_gguf_quants_values(tmp_path):
     for name, data in packed.items():
         assert tuple(got[name.lower()].shape) == x.shape
         np.testing.assert_array_equal(got[name.lower()].numpy(), Q.dequantize(data, T[name]))
+
+
+# --- the rest of tightrope --------------------------------------------------------------------------
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(256, 96), torch.nn.ReLU(), torch.nn.Linear(96, 512),
+                               torch.nn.ReLU(), torch.nn.Linear(512, 4))
+
+
+@pytest.mark.parametrize("scheme", ["gguf-q4_k", "gguf-q5_k", "gguf-q6_k"])
+def test_quantized_copy_holds_llama_cpps_values_with_its_fallbacks(scheme):
+    from tightrope.qattack.quantize import LIBRARIES, codes_equal, library_codes, quantized_copy
+
+    model = _model()
+    copy = quantized_copy(model, scheme, ["0", "2"])
+    t = G.gguf_type(scheme)
+    w0, w2 = model[0].weight.detach(), model[2].weight.detach()
+    packed0 = G.quantize(w0, t.name).data.numpy()  # rows of 256: the k-quant itself
+    np.testing.assert_array_equal(copy[0].weight.detach().numpy(), Q.dequantize(packed0, T[t.name]))
+    fallback = T[t.fallback]  # rows of 96: llama-quantize's fallback, quantized by gguf.quants
+    np.testing.assert_array_equal(copy[2].weight.detach().numpy(),
+                                  Q.dequantize(Q.quantize(w2.numpy(), fallback), fallback))
+    assert torch.equal(copy[4].weight, model[4].weight)  # the head stays
+    np.testing.assert_array_equal(library_codes(w0, scheme)[0].numpy(), packed0)
+    twin, bumped = _model(), _model()
+    with torch.no_grad():
+        bumped[0].weight[3, 7] += 0.05
+    assert codes_equal(model, twin, scheme, ["0", "2"])[0] == 0
+    assert codes_equal(model, bumped, scheme, ["0"])[0] > 0
+    assert scheme in LIBRARIES
+
+
+def test_schemes_are_registered_for_fake_quantization_and_refused_where_boxes_are_needed():
+    from tightrope.compress.specs import COMPRESS_SCHEMES, QUANT_SCHEMES, quant_config
+    from tightrope.defenses.fakequant import quantize_dequantize
+    from tightrope.qattack import audit as A
+    from tightrope.qattack.boxes import ATTACK_QUANTIZERS, weight_box
+
+    w = torch.from_numpy(golden_inputs()["seed0"])
+    for t in K.K_TYPES.values():
+        assert t.scheme in QUANT_SCHEMES and t.scheme not in COMPRESS_SCHEMES and t.scheme not in ATTACK_QUANTIZERS
+        assert torch.equal(quantize_dequantize(w, t.scheme), G.quantize(w, t.name).dequantized)
+        with pytest.raises(TightropeError, match="fake quantization and quantized copies only so far"):
+            quant_config(t.scheme)
+    assert torch.equal(quantize_dequantize(w[:, :384], "gguf-q6_k"), G.quantize(w[:, :384], "Q8_0").dequantized)
+    with pytest.raises(TightropeError, match="has no boxes yet"):
+        weight_box(w, "gguf-q4_k")
+    with pytest.raises(TightropeError, match="has no boxes yet"):
+        A.audit_model(_model(), config=A.AuditConfig(quantizers=("gguf-q5_k",)))
