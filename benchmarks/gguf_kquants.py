@@ -57,7 +57,7 @@ def gap_point(w: torch.Tensor, q, u: torch.Tensor) -> torch.Tensor:
     if t.name == "Q6_K":
         setters = [b[:, 192:208].to(torch.uint8).view(torch.int8).abs().argmax(dim=1)]
     else:
-        sc, m = K._unpack_scales_k4(b[:, 4:16])
+        sc, m = K.unpack_scales_k4(b[:, 4:16])
         setters = [sc.argmax(dim=1), m.argmax(dim=1)]
     pinned = torch.zeros(x.shape, dtype=torch.bool)
     rows = torch.arange(x.shape[0])

@@ -15,8 +15,10 @@ Build the library (a few minutes on one core) from llama-cpp-python's sdist (0.3
     cmake --build /tmp/lcp/build --target ggml-base -j1
 
 then ``python benchmarks/gguf_kquants_golden.py --lib /tmp/lcp/build/src/libggml-base.so`` (or set
-``TIGHTROPE_GGML_LIB``) rewrites the fixture and prints a table comparing tightrope's bytes. Without the
-library the script says so and exits 0 (skipped).
+``TIGHTROPE_GGML_LIB``) rewrites the fixture and prints a table comparing tightrope's bytes; ``--check``
+compares with the fixture instead, and ``--stress 6`` also compares 6 random 256 x 1024 tensors (normal at
+random scales, t(2) tails, 30% zeros with sign-only rows) super-block by super-block. Without the library
+the script says so and exits 0 (skipped).
 """
 
 from __future__ import annotations
@@ -66,10 +68,35 @@ def load_library(path: str) -> ctypes.CDLL:
     return lib
 
 
+def stress(lib: ctypes.CDLL, trials: int) -> dict[str, tuple[int, int]]:
+    """``{type: (mismatched super-blocks, super-blocks)}`` of tightrope against llama.cpp on random tensors."""
+    import torch  # noqa: PLC0415
+
+    from tightrope.compress import gguf_k  # noqa: PLC0415
+
+    rng = np.random.default_rng(7)
+    counts = {name: [0, 0] for name in GGML_TYPES}
+    for trial in range(trials):
+        x = rng.standard_normal((256, 1024)).astype(np.float32) * np.float32(10.0 ** rng.uniform(-4, 1))
+        if trial % 3 == 1:
+            x = (rng.standard_t(2, x.shape) * 0.02).astype(np.float32)
+        if trial % 3 == 2:
+            x[rng.random(x.shape) < 0.3] = 0
+            x[::7], x[::5] = np.abs(x[::7]), -np.abs(x[::5])
+        for name in GGML_TYPES:
+            size = TYPE_SIZES[name]
+            ref = np.frombuffer(llama_cpp_quantize(lib, x, name), np.uint8).reshape(-1, size)
+            mine = gguf_k.quantize_k(torch.from_numpy(x), gguf_k.K_TYPES[name]).numpy().reshape(-1, size)
+            counts[name][0] += int((ref != mine).any(axis=1).sum())
+            counts[name][1] += ref.shape[0]
+    return {name: (bad, total) for name, (bad, total) in counts.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lib", default=os.environ.get("TIGHTROPE_GGML_LIB", ""), help="path of libggml-base.so")
     parser.add_argument("--check", action="store_true", help="compare with the fixture instead of rewriting it")
+    parser.add_argument("--stress", type=int, default=0, help="also compare this many random 256 x 1024 tensors")
     args = parser.parse_args()
     if not args.lib or not Path(args.lib).is_file():
         print("skipped: llama.cpp's libggml-base is not here (--lib or TIGHTROPE_GGML_LIB); see the docstring")
@@ -92,6 +119,8 @@ def main() -> int:
                 golden["bytes"][f"{case}/{name}"] = base64.b64encode(ref).decode()
             else:
                 golden["sha256"][f"{case}/{name}"] = hashlib.sha256(ref).hexdigest()
+    for name, (bad, total) in stress(lib, args.stress).items() if args.stress else ():
+        print(f"stress {name}: {bad} of {total} super-blocks differ from llama.cpp's")
     if args.check:
         stored = json.loads(FIXTURE.read_text())
         same = stored["bytes"] == golden["bytes"] and stored["sha256"] == golden["sha256"]

@@ -200,7 +200,7 @@ def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
                       (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)], dim=1).to(torch.uint8)
 
 
-def _unpack_scales_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_scales_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``get_scale_min_k4`` for j = 0..7 of the 12 bytes ``(B, 12)``: ``(sc, m)``, each ``(B, 8)`` int64."""
     s = s.to(torch.int64)
     sc = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], dim=1)
@@ -292,7 +292,7 @@ def dequantize_k(raw: torch.Tensor, t: KType) -> torch.Tensor:
         scale = (d * sc).reshape(nb, 16, 1)  # d * sc[is] first, as the C expression
         return (scale * q.reshape(nb, 16, 16).to(_F32)).reshape(shape)
     halves = raw.reshape(-1, t.type_size)[:, :4].contiguous().view(torch.float16).to(_F32)  # (B, 2): d, dmin
-    sc, m = _unpack_scales_k4(b[:, 4:16])
+    sc, m = unpack_scales_k4(b[:, 4:16])
     qs = b[:, -128:].reshape(nb, 4, 32)
     q = torch.stack([qs & 0xF, qs >> 4], dim=2)  # (B, 4, 2, 32)
     if t.bits == 5:
