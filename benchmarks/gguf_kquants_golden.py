@@ -1,6 +1,6 @@
 """Golden bytes of GGUF k-quants from llama.cpp itself, for tests/gguf_kquants_golden.json.
 
-llama.cpp's k-quant reference quantizers (``quantize_row_q4_K_ref`` ... in ggml-quants.c) are called through
+llama.cpp's k-quant reference quantizers (``quantize_row_q2_K_ref``, ``quantize_row_q4_K_ref`` ... in ggml-quants.c) are called through
 ctypes by ``ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row, imatrix = NULL)``, which is what
 ``llama-quantize`` does without an importance matrix. gguf-py has no quantizer for these types, so this is
 the reference tightrope's :mod:`tightrope.compress.gguf_k` is checked against. The inputs are
@@ -37,8 +37,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "gguf_kquants_golden.json"
-GGML_TYPES = {"Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
-TYPE_SIZES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+GGML_TYPES = {"Q2_K": 10, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+TYPE_SIZES = {"Q2_K": 84, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 
 
 def golden_inputs() -> dict[str, np.ndarray]:

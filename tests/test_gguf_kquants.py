@@ -1,4 +1,4 @@
-"""GGUF k-quants (Q4_K, Q5_K, Q6_K): tightrope's bytes against llama.cpp's golden bytes, values against gguf.quants."""
+"""GGUF k-quants (Q2_K, Q4_K, Q5_K, Q6_K): tightrope's bytes against llama.cpp's golden bytes, values against gguf.quants."""
 
 from __future__ import annotations
 
@@ -87,13 +87,13 @@ def test_values_equal_gguf_quants_dequantization(name):
         values = Q.dequantize(mine.data.numpy(), T[name])
         np.testing.assert_array_equal(mine.dequantized.numpy(), values)
         np.testing.assert_array_equal(G.dequantize(mine.data.numpy(), name).numpy(), values)
-        assert np.abs(values - x).max() <= np.abs(x).max() / 4  # a sanity bound that a garbled layout breaks
+        assert np.abs(values - x).max() <= np.abs(x).max() / (2 if name == "Q2_K" else 4)  # a garbled layout breaks it
 
 
 def test_quantization_error_shrinks_with_the_bits():
     x = torch.from_numpy(golden_inputs()["seed1"])
     errors = [float((G.quantize(x, n).dequantized - x).abs().mean()) for n in K_NAMES]
-    assert errors[0] > errors[1] > errors[2] > 0
+    assert errors == sorted(errors, reverse=True) and errors[-1] > 0 and len(set(errors)) == len(errors)
 
 
 @pytest.mark.skipif(not Path(os.environ.get("TIGHTROPE_GGML_LIB", "/nonexistent")).is_file(),
@@ -133,7 +133,7 @@ def test_rows_that_are_not_whole_super_blocks_are_refused_and_files_fall_back():
         G.quantize(torch.zeros(2, 384), "Q4_K")
     with pytest.raises(TightropeError, match="super-blocks"):
         G.dequantize(np.zeros((2, 100), dtype=np.uint8), "Q6_K")
-    assert [G.tensor_type(n, 384).name for n in K_NAMES] == ["Q5_0", "Q5_1", "Q8_0"]  # llama-quantize's fallbacks
+    assert [G.tensor_type(n, 384).name for n in K_NAMES] == ["Q4_0", "Q5_0", "Q5_1", "Q8_0"]  # llama-quantize's fallbacks
     assert [G.tensor_type(n, 1536).name for n in K_NAMES] == K_NAMES
     assert G.tensor_type("Q4_0", 384).name == "Q4_0"
     with pytest.raises(TightropeError, match="keep such a tensor in F16"):
@@ -164,7 +164,7 @@ def _model() -> torch.nn.Module:
                                torch.nn.ReLU(), torch.nn.Linear(512, 4))
 
 
-@pytest.mark.parametrize("scheme", ["gguf-q4_k", "gguf-q5_k", "gguf-q6_k"])
+@pytest.mark.parametrize("scheme", ["gguf-q2_k", "gguf-q4_k", "gguf-q5_k", "gguf-q6_k"])
 def test_quantized_copy_holds_llama_cpps_values_with_its_fallbacks(scheme):
     from tightrope.qattack.quantize import LIBRARIES, codes_equal, library_codes, quantized_copy
 

@@ -1,7 +1,7 @@
-"""GGUF k-quants (llama.cpp's Q4_K, Q5_K, Q6_K), bit for bit, without an importance matrix.
+"""GGUF k-quants (llama.cpp's Q2_K, Q4_K, Q5_K, Q6_K), bit for bit, without an importance matrix.
 
 The block formats are llama.cpp's (``ggml/src/ggml-common.h``, ``block_q4_K`` ... ``block_q6_K``) and the
-quantizers mirror ``quantize_row_q4_K_ref`` / ``quantize_row_q5_K_ref`` / ``quantize_row_q6_K_ref`` of
+quantizers mirror ``quantize_row_q2_K_ref`` / ``_q4_K_ref`` / ``_q5_K_ref`` / ``quantize_row_q6_K_ref`` of
 ``ggml/src/ggml-quants.c`` (llama.cpp as vendored by llama-cpp-python 0.3.36), which is what
 ``llama-quantize`` runs when it is given no importance matrix (``ggml_quantize_chunk`` with
 ``imatrix = NULL``). A row is cut into super-blocks of ``QK_K = 256`` values:
@@ -13,6 +13,9 @@ quantizers mirror ``quantize_row_q4_K_ref`` / ``quantize_row_q5_K_ref`` / ``quan
   squared error. The eight scales and eight mins are then quantized to 6 bits against the super-block's
   fp16 ``d = max_scale / 63`` and ``dmin = max_min / 63``, packed in 12 bytes (``get_scale_min_k4``), and
   every value is re-coded against its *stored* scale: ``L = nearest_int((x + dmin * m_j) / (d * sc_j))``.
+- ``Q2_K`` (84 bytes): sixteen sub-blocks of 16, each fitted by ``make_qkx2_quants`` with ``L`` in ``[0, 3]``,
+  weights ``|x_i|``, mean absolute error and 16 candidates; scales and mins are 4 bits each (one byte per
+  sub-block) against the fp16 ``d = max_scale / 15`` and ``dmin = max_min / 15``, then re-coded as above.
 - ``Q6_K`` (210 bytes): sixteen sub-blocks of 16, each fitted by ``make_qx_quants(16, 32, ..., rmse_type=1)``
   (:func:`make_qx_quants`, a symmetric code ``x ~ s * l``, ``l`` in ``[-32, 31]``, weights ``x_i^2`` and 18
   candidate scales around ``-32 / max``); the sixteen scales become int8 against the fp16
@@ -57,7 +60,7 @@ class KType:
 
 
 K_TYPES: dict[str, KType] = {t.name: t for t in (
-    KType("Q4_K", 12, 4, 144, "Q5_0"), KType("Q5_K", 13, 5, 176, "Q5_1"), KType("Q6_K", 14, 6, 210, "Q8_0"))}
+    KType("Q2_K", 10, 2, 84, "Q4_0"), KType("Q4_K", 12, 4, 144, "Q5_0"), KType("Q5_K", 13, 5, 176, "Q5_1"), KType("Q6_K", 14, 6, 210, "Q8_0"))}
 
 
 def _f(v: float) -> torch.Tensor:
@@ -78,8 +81,8 @@ def fp16_round(v: torch.Tensor) -> torch.Tensor:
 
 
 def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
-                     nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml-quants.c ``make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, false)``
+                     nstep: int, use_mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml-quants.c ``make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad)``
     for sub-blocks ``x`` of shape ``(n, S)`` (element-major: ``x[i]`` is element ``i`` of all ``S``
     sub-blocks). Returns ``(L, scale, the_min)``: codes ``(n, S)`` int32, and fp32 ``(S,)`` with ``x ~ scale
     * L - the_min``. A flat sub-block (``max == min`` after ``min = min(min, 0)``) gets ``L = 0``, scale 0."""
@@ -106,7 +109,7 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
         total = torch.zeros_like(mn)
         for i in range(n):
             diff = scale * L[i].to(_F32) + low - x[i]
-            total = total + weights[i] * (diff * diff)
+            total = total + weights[i] * (diff.abs() if use_mad else diff * diff)
         return total
 
     iscale = top / span()
@@ -244,6 +247,29 @@ def _quantize_affine(x: torch.Tensor, t: KType) -> torch.Tensor:
     return torch.cat([p.to(torch.uint8) for p in parts], dim=1)
 
 
+def _quantize_q2(x: torch.Tensor) -> torch.Tensor:
+    """``quantize_row_q2_K_ref`` of super-blocks ``(B, 256)`` -> bytes ``(B, 84)``: sixteen sub-blocks of 16 fitted
+    by ``make_qkx2_quants(16, 3, ..., weights |x|, -0.5, 0.1, 15, use_mad)``, 4-bit scales and mins in one byte."""
+    nb = x.shape[0]
+    sub = x.reshape(nb * 16, 16).T.contiguous()  # (16, S)
+    L, scales, mins = make_qkx2_quants(sub, sub.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+    scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
+    zero = torch.zeros((), dtype=_F32)
+    max_scale = torch.where(scales > 0, scales, zero).amax(dim=1, keepdim=True)
+    max_min = torch.where(mins > 0, mins, zero).amax(dim=1, keepdim=True)
+    ls = torch.where(max_scale > 0, nearest_int(_f(15) / torch.where(max_scale > 0, max_scale, _f(1)) * scales), 0)
+    lm = torch.where(max_min > 0, nearest_int(_f(15) / torch.where(max_min > 0, max_min, _f(1)) * mins), 0)
+    packed = ((ls & 0xFF) | (lm << 4)) & 0xFF  # y[i].scales[j] = l; y[i].scales[j] |= (l << 4), as uint8
+    d16 = torch.where(max_scale > 0, max_scale / _f(15), zero).to(torch.float16)
+    dmin16 = torch.where(max_min > 0, max_min / _f(15), zero).to(torch.float16)
+    d = (d16.to(_F32) * (packed & 0xF).to(_F32)).reshape(1, -1)  # (1, S)
+    dm = (dmin16.to(_F32) * (packed >> 4).to(_F32)).reshape(1, -1)
+    recoded = nearest_int((sub + dm) / torch.where(d != 0, d, _f(1))).clamp(0, 3)
+    L = torch.where(d != 0, recoded, L).T.reshape(nb, 2, 4, 32).to(torch.int64)  # (B, 128-half, quarter, 32)
+    qs = (L << (2 * torch.arange(4).reshape(1, 1, 4, 1))).sum(dim=2).reshape(nb, 64)
+    return torch.cat([packed.to(torch.uint8), qs.to(torch.uint8), _fp16_bytes(d16), _fp16_bytes(dmin16)], dim=1)
+
+
 def _quantize_q6(x: torch.Tensor) -> torch.Tensor:
     """``quantize_row_q6_K_ref`` of super-blocks ``(B, 256)`` -> bytes ``(B, 210)``."""
     nb = x.shape[0]
@@ -270,7 +296,7 @@ def quantize_k(w: torch.Tensor, t: KType) -> torch.Tensor:
     """The packed bytes ``(*rows, row_length / 256 * type_size)`` of ``w`` quantized as llama.cpp's
     ``quantize_row_<t>_ref`` does it (no importance matrix)."""
     x = as_superblocks(w)
-    data = _quantize_q6(x) if t.bits == 6 else _quantize_affine(x, t)
+    data = _quantize_q6(x) if t.bits == 6 else _quantize_q2(x) if t.bits == 2 else _quantize_affine(x, t)
     return data.reshape(*w.shape[:-1], w.shape[-1] // QK_K * t.type_size)
 
 
@@ -283,6 +309,13 @@ def dequantize_k(raw: torch.Tensor, t: KType) -> torch.Tensor:
     shape = (*raw.shape[:-1], raw.shape[-1] // t.type_size * QK_K)
     b = raw.reshape(-1, t.type_size).to(torch.int64)
     nb = b.shape[0]
+    if t.bits == 2:  # y = d * (sc & 0xF) * q - dmin * (sc >> 4), sub-blocks of 16
+        sc, qs = b[:, :16], b[:, 16:80].reshape(nb, 2, 1, 32)
+        halves = raw.reshape(-1, t.type_size)[:, 80:84].contiguous().view(torch.float16).to(_F32)  # (B, 2): d, dmin
+        q = ((qs >> (2 * torch.arange(4).reshape(1, 1, 4, 1))) & 3).reshape(nb, 16, 16)
+        dl = (halves[:, :1] * (sc & 0xF).to(_F32)).reshape(nb, 16, 1)
+        ml = (halves[:, 1:] * (sc >> 4).to(_F32)).reshape(nb, 16, 1)
+        return (dl * q.to(_F32) - ml).reshape(shape)
     if t.bits == 6:
         ql, qh = b[:, :128].reshape(nb, 2, 64), b[:, 128:192].reshape(nb, 2, 1, 32)
         sc = b[:, 192:208].to(torch.uint8).view(torch.int8).to(_F32)  # (B, 16)
