@@ -117,8 +117,8 @@ def block_type(name: str) -> BlockType:
 def tensor_type(name: str, row_length: int) -> BlockType | KType:
     """The type llama-quantize writes for a tensor of rows of ``row_length`` values asked for type ``name``
     (llama.cpp ``src/llama-quant.cpp``, ``tensor_type_fallback``): a k-quant whose super-blocks of 256 do not
-    divide the rows falls back to its legacy type (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0). Rows that are no
-    multiple of 32 (llama.cpp would write F16) are refused in one sentence."""
+    divide the rows falls back to its legacy type (Q2_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0).
+    Rows that are no multiple of 32 (llama.cpp would write F16) are refused in one sentence."""
     t = gguf_type(name)
     if isinstance(t, KType) and row_length % 256:
         t = TYPES[t.fallback]
