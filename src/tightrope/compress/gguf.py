@@ -28,10 +28,10 @@ bytes. The code here exposes those pieces (:func:`block_parameters`, :func:`bloc
 checked byte for byte against ``gguf.quants.quantize`` / ``dequantize`` in ``tests/test_gguf_quant.py``;
 ``gguf`` itself is used for reading GGUF files (:func:`read_gguf`).
 
-The k-quants Q2_K, Q4_K, Q5_K and Q6_K (super-blocks of 256) live in :mod:`tightrope.compress.gguf_k`, checked
+The k-quants Q2_K ... Q6_K (super-blocks of 256) live in :mod:`tightrope.compress.gguf_k`, checked
 against llama.cpp's own quantizer; :func:`quantize`, :func:`dequantize` and :func:`read_gguf` take them
 too (``gguf_type``), while :func:`block_type` (the per-block parameters the boxes read) is legacy only.
-Q3_K and the i-quants are not implemented.
+The i-quants and ternary types are not implemented.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def gguf_type(name: str) -> BlockType | KType:
     if key in _ALL_TYPES:
         return _ALL_TYPES[key]
     known = ", ".join(_ALL_TYPES)
-    if key.startswith(("IQ", "TQ")) or key == "Q3_K":
-        raise TightropeError(f"The GGUF type '{name}' is an i-quant, ternary or Q3_K, which tightrope "
+    if key.startswith(("IQ", "TQ")):
+        raise TightropeError(f"The GGUF type '{name}' is an i-quant or a ternary type, which tightrope "
                              f"does not quantize yet; it quantizes {known}.")
     hint = (did_you_mean(name.strip().lower(), ALL_SCHEMES) if name.strip().lower().startswith("gguf")
             else did_you_mean(key, _ALL_TYPES))
@@ -117,7 +117,8 @@ def block_type(name: str) -> BlockType:
 def tensor_type(name: str, row_length: int) -> BlockType | KType:
     """The type llama-quantize writes for a tensor of rows of ``row_length`` values asked for type ``name``
     (llama.cpp ``src/llama-quant.cpp``, ``tensor_type_fallback``): a k-quant whose super-blocks of 256 do not
-    divide the rows falls back to its legacy type (Q2_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0).
+    divide the rows falls back to its legacy type (Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1,
+    Q6_K -> Q8_0).
     Rows that are no multiple of 32 (llama.cpp would write F16) are refused in one sentence."""
     t = gguf_type(name)
     if isinstance(t, KType) and row_length % 256:

@@ -1,7 +1,7 @@
-"""GGUF k-quants (llama.cpp's Q2_K, Q4_K, Q5_K, Q6_K), bit for bit, without an importance matrix.
+"""GGUF k-quants (llama.cpp's Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), bit for bit, without an importance matrix.
 
 The block formats are llama.cpp's (``ggml/src/ggml-common.h``, ``block_q4_K`` ... ``block_q6_K``) and the
-quantizers mirror ``quantize_row_q2_K_ref`` / ``_q4_K_ref`` / ``_q5_K_ref`` / ``quantize_row_q6_K_ref`` of
+quantizers mirror ``quantize_row_q2_K_ref`` / ``_q3_K_ref`` / ... / ``quantize_row_q6_K_ref`` of
 ``ggml/src/ggml-quants.c`` (llama.cpp as vendored by llama-cpp-python 0.3.36), which is what
 ``llama-quantize`` runs when it is given no importance matrix (``ggml_quantize_chunk`` with
 ``imatrix = NULL``). A row is cut into super-blocks of ``QK_K = 256`` values:
@@ -16,6 +16,9 @@ quantizers mirror ``quantize_row_q2_K_ref`` / ``_q4_K_ref`` / ``_q5_K_ref`` / ``
 - ``Q2_K`` (84 bytes): sixteen sub-blocks of 16, each fitted by ``make_qkx2_quants`` with ``L`` in ``[0, 3]``,
   weights ``|x_i|``, mean absolute error and 16 candidates; scales and mins are 4 bits each (one byte per
   sub-block) against the fp16 ``d = max_scale / 15`` and ``dmin = max_min / 15``, then re-coded as above.
+- ``Q3_K`` (110 bytes): sixteen sub-blocks of 16, each fitted by ``make_q3_quants`` (:func:`make_q3_quants`,
+  codes in ``[-4, 3]`` refined element by element); the scales are 6 bits (offset 32) against the fp16
+  ``d = max_scale / -32``, and the codes' third bits sit apart in ``hmask``.
 - ``Q6_K`` (210 bytes): sixteen sub-blocks of 16, each fitted by ``make_qx_quants(16, 32, ..., rmse_type=1)``
   (:func:`make_qx_quants`, a symmetric code ``x ~ s * l``, ``l`` in ``[-32, 31]``, weights ``x_i^2`` and 18
   candidate scales around ``-32 / max``); the sixteen scales become int8 against the fp16
@@ -60,7 +63,7 @@ class KType:
 
 
 K_TYPES: dict[str, KType] = {t.name: t for t in (
-    KType("Q2_K", 10, 2, 84, "Q4_0"), KType("Q4_K", 12, 4, 144, "Q5_0"), KType("Q5_K", 13, 5, 176, "Q5_1"), KType("Q6_K", 14, 6, 210, "Q8_0"))}
+    KType("Q2_K", 10, 2, 84, "Q4_0"), KType("Q3_K", 11, 3, 110, "Q4_0"), KType("Q4_K", 12, 4, 144, "Q5_0"), KType("Q5_K", 13, 5, 176, "Q5_1"), KType("Q6_K", 14, 6, 210, "Q8_0"))}
 
 
 def _f(v: float) -> torch.Tensor:
@@ -183,6 +186,41 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     return torch.where(zero, torch.zeros_like(L), L), torch.where(zero, torch.zeros_like(scale), scale)
 
 
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml-quants.c ``make_q3_quants(n, nmax, x, L, do_rmse = true)`` for sub-blocks ``x`` of shape ``(n, S)``
+    (element-major): codes ``l`` in ``[-nmax, nmax - 1]`` from ``-nmax / max``, then up to five passes of the
+    C loop's element-by-element refinement (each element's code re-solved against the others' sums, kept when
+    the fit ``sumlx^2 / suml2`` grows). Returns ``(L, scale)``: ``l + nmax`` ``(n, S)`` int32 (0 for an
+    all-zero sub-block) and ``sumlx / suml2``. A pass that changes nothing leaves the state as it was, so
+    running all five passes equals the C loop's early ``break``."""
+    n = x.shape[0]
+    amax, mx = torch.zeros_like(x[0]), torch.zeros_like(x[0])
+    for i in range(n):
+        bigger = x[i].abs() > amax
+        amax = torch.where(bigger, x[i].abs(), amax)
+        mx = torch.where(bigger, x[i], mx)
+    zero = amax < GROUP_MAX_EPS
+    L = nearest_int((_f(-nmax) / torch.where(zero, _f(1), mx)) * x).clamp(-nmax, nmax - 1)
+    sumlx, suml2 = torch.zeros_like(mx), torch.zeros_like(mx)
+    for i in range(n):
+        w, li = x[i] * x[i], L[i].to(_F32)
+        sumlx = sumlx + w * x[i] * li
+        suml2 = suml2 + w * li * li
+    for _ in range(5):
+        for i in range(n):
+            w, li = x[i] * x[i], L[i].to(_F32)
+            slx = sumlx - w * x[i] * li
+            sl2 = suml2 - w * li * li
+            new = nearest_int(x[i] * sl2 / torch.where(slx > 0, slx, _f(1))).clamp(-nmax, nmax - 1)
+            nf = new.to(_F32)
+            slx2, sl22 = slx + w * x[i] * nf, sl2 + w * nf * nf
+            keep = (slx > 0) & (new != L[i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[i] = torch.where(keep, new, L[i])
+            sumlx, suml2 = torch.where(keep, slx2, sumlx), torch.where(keep, sl22, suml2)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, _f(1)), _f(0))
+    return torch.where(zero, torch.zeros_like(L), L + nmax), torch.where(zero, _f(0), scale)
+
+
 def as_superblocks(w: torch.Tensor) -> torch.Tensor:
     """``w`` as fp32 super-blocks ``(B, 256)``, row-major (rows must be whole super-blocks; refused in one
     sentence otherwise)."""
@@ -270,6 +308,32 @@ def _quantize_q2(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([packed.to(torch.uint8), qs.to(torch.uint8), _fp16_bytes(d16), _fp16_bytes(dmin16)], dim=1)
 
 
+def _quantize_q3(x: torch.Tensor) -> torch.Tensor:
+    """``quantize_row_q3_K_ref`` of super-blocks ``(B, 256)`` -> bytes ``(B, 110)``: sixteen sub-blocks of 16 fitted
+    by :func:`make_q3_quants`, 6-bit scales (offset 32) against the fp16 ``d = max_scale / -32``, codes
+    re-coded as ``nearest_int(x / (d * sc_j))`` in ``[-4, 3]``; the third bit of each code goes to ``hmask``."""
+    nb = x.shape[0]
+    sub = x.reshape(nb * 16, 16).T.contiguous()  # (16, S)
+    L, scales = make_q3_quants(sub, 4)
+    scales = scales.reshape(nb, 16)
+    max_scale = scales.gather(1, scales.abs().argmax(dim=1, keepdim=True))  # the first largest |scale|
+    some = max_scale != 0
+    iscale = _f(-32) / torch.where(some, max_scale, _f(1))
+    raw = nearest_int(iscale * scales) & 0xFF
+    l = torch.where(some, torch.where(raw > 127, raw - 256, raw).clamp(-32, 31) + 32, 0)  # int8_t, MAX, MIN, + 32
+    low = (l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4)  # (B, 8)
+    high = ((l >> 4).reshape(nb, 4, 4) << (2 * torch.arange(4).reshape(1, 4, 1))).sum(dim=1)  # (B, 4): j%4, j/4
+    d16 = torch.where(some, _f(1) / iscale, _f(0)).to(torch.float16)
+    d = (d16.to(_F32) * (l - 32).to(_F32) * some).reshape(1, -1)  # (1, S); 0 where the scales are all zero
+    recoded = nearest_int(sub / torch.where(d != 0, d, _f(1))).clamp(-4, 3) + 4
+    L = torch.where(d != 0, recoded, L).T.reshape(nb, 256).to(torch.int64)
+    hmask = ((L.reshape(nb, 8, 32) > 3).to(torch.int64) << torch.arange(8).reshape(1, 8, 1)).sum(dim=1)  # (B, 32)
+    q = (L & 3).reshape(nb, 2, 4, 32)
+    qs = (q << (2 * torch.arange(4).reshape(1, 1, 4, 1))).sum(dim=2).reshape(nb, 64)
+    return torch.cat([hmask.to(torch.uint8), qs.to(torch.uint8), low.to(torch.uint8), high.to(torch.uint8),
+                      _fp16_bytes(d16)], dim=1)
+
+
 def _quantize_q6(x: torch.Tensor) -> torch.Tensor:
     """``quantize_row_q6_K_ref`` of super-blocks ``(B, 256)`` -> bytes ``(B, 210)``."""
     nb = x.shape[0]
@@ -296,7 +360,8 @@ def quantize_k(w: torch.Tensor, t: KType) -> torch.Tensor:
     """The packed bytes ``(*rows, row_length / 256 * type_size)`` of ``w`` quantized as llama.cpp's
     ``quantize_row_<t>_ref`` does it (no importance matrix)."""
     x = as_superblocks(w)
-    data = _quantize_q6(x) if t.bits == 6 else _quantize_q2(x) if t.bits == 2 else _quantize_affine(x, t)
+    quantizers = {2: _quantize_q2, 3: _quantize_q3, 6: _quantize_q6}
+    data = quantizers[t.bits](x) if t.bits in quantizers else _quantize_affine(x, t)
     return data.reshape(*w.shape[:-1], w.shape[-1] // QK_K * t.type_size)
 
 
@@ -316,6 +381,16 @@ def dequantize_k(raw: torch.Tensor, t: KType) -> torch.Tensor:
         dl = (halves[:, :1] * (sc & 0xF).to(_F32)).reshape(nb, 16, 1)
         ml = (halves[:, 1:] * (sc >> 4).to(_F32)).reshape(nb, 16, 1)
         return (dl * q.to(_F32) - ml).reshape(shape)
+    if t.bits == 3:  # y = d * (sc - 32) * (q - 4), q's third bit in hmask
+        hm, qs, sb = b[:, :32], b[:, 32:96].reshape(nb, 2, 1, 32), b[:, 96:108]
+        d = raw.reshape(-1, t.type_size)[:, 108:110].contiguous().view(torch.float16).to(_F32)  # (B, 1)
+        j = torch.arange(16)
+        low = torch.where(j < 8, sb[:, j % 8] & 0xF, sb[:, j % 8] >> 4)
+        sc = (low | (((sb[:, 8 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32  # (B, 16)
+        q2 = ((qs >> (2 * torch.arange(4).reshape(1, 1, 4, 1))) & 3).reshape(nb, 8, 32)
+        high = (hm.reshape(nb, 1, 32) >> torch.arange(8).reshape(1, 8, 1)) & 1  # element 32b + m: bit b of hmask[m]
+        q = (q2 + 4 * high - 4).reshape(nb, 16, 16)
+        return ((d * sc.to(_F32)).reshape(nb, 16, 1) * q.to(_F32)).reshape(shape)
     if t.bits == 6:
         ql, qh = b[:, :128].reshape(nb, 2, 64), b[:, 128:192].reshape(nb, 2, 1, 32)
         sc = b[:, 192:208].to(torch.uint8).view(torch.int8).to(_F32)  # (B, 16)
