@@ -1,6 +1,6 @@
 """GGUF k-quants on MiniLM: quantization time and weight error per type, as llama-quantize would write them.
 
-    python benchmarks/gguf_kquants.py [--types Q2_K,Q4_K,Q5_K,Q6_K,Q4_0,Q5_0,Q8_0] [--repeats 3]
+    python benchmarks/gguf_kquants.py [--types Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q4_0,Q5_0,Q8_0] [--repeats 3]
 
 Every Linear weight of all-MiniLM-L6-v2 but the head (:func:`tightrope.qattack.boxes.quantized_linears`) is
 quantized by :func:`tightrope.compress.gguf.quantize` with the type llama-quantize writes for it
@@ -51,11 +51,13 @@ def kind_of(name: str) -> str:
 def gap_point(w: torch.Tensor, q, u: torch.Tensor) -> torch.Tensor:
     """``w + u * (dequant - w)`` inside Mind the Gap's intervals, with their pinned weights left at ``w``."""
     t = q.type
-    sub = 16 if t.name in ("Q2_K", "Q6_K") else 32
+    sub = 16 if t.name in ("Q2_K", "Q3_K", "Q6_K") else 32
     x = w.reshape(-1, 256 // sub, sub)  # (super-blocks, sub-blocks, values)
     b = q.data.reshape(-1, t.type_size).to(torch.int64)
     if t.name == "Q6_K":
         setters = [b[:, 192:208].to(torch.uint8).view(torch.int8).abs().argmax(dim=1)]
+    elif t.name == "Q3_K":
+        setters = [K.unpack_scales_q3(b[:, 96:108]).abs().argmax(dim=1)]
     elif t.name == "Q2_K":
         setters = [(b[:, :16] & 0xF).argmax(dim=1), (b[:, :16] >> 4).argmax(dim=1)]
     else:
@@ -72,7 +74,7 @@ def gap_point(w: torch.Tensor, q, u: torch.Tensor) -> torch.Tensor:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--types", default="Q2_K,Q4_K,Q5_K,Q6_K,Q4_0,Q5_0,Q8_0")
+    parser.add_argument("--types", default="Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q4_0,Q5_0,Q8_0")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -249,6 +249,15 @@ def unpack_scales_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, m
 
 
+def unpack_scales_q3(s: torch.Tensor) -> torch.Tensor:
+    """Q3_K's sixteen signed scales ``sc - 32`` ``(B, 16)`` from its 12 scale bytes ``(B, 12)``: low nibbles in
+    bytes 0-7 (scale j and j + 8), the two high bits of scale j at bit ``2 (j / 4)`` of byte ``8 + j % 4``."""
+    s = s.to(torch.int64)
+    j = torch.arange(16)
+    low = torch.where(j < 8, s[:, j % 8] & 0xF, s[:, j % 8] >> 4)
+    return (low | (((s[:, 8 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32
+
+
 def _quantize_affine(x: torch.Tensor, t: KType) -> torch.Tensor:
     """``quantize_row_q4_K_ref`` / ``quantize_row_q5_K_ref`` of super-blocks ``(B, 256)`` -> bytes ``(B, size)``."""
     nb = x.shape[0]
@@ -382,11 +391,8 @@ def dequantize_k(raw: torch.Tensor, t: KType) -> torch.Tensor:
         ml = (halves[:, 1:] * (sc >> 4).to(_F32)).reshape(nb, 16, 1)
         return (dl * q.to(_F32) - ml).reshape(shape)
     if t.bits == 3:  # y = d * (sc - 32) * (q - 4), q's third bit in hmask
-        hm, qs, sb = b[:, :32], b[:, 32:96].reshape(nb, 2, 1, 32), b[:, 96:108]
+        hm, qs, sc = b[:, :32], b[:, 32:96].reshape(nb, 2, 1, 32), unpack_scales_q3(b[:, 96:108])
         d = raw.reshape(-1, t.type_size)[:, 108:110].contiguous().view(torch.float16).to(_F32)  # (B, 1)
-        j = torch.arange(16)
-        low = torch.where(j < 8, sb[:, j % 8] & 0xF, sb[:, j % 8] >> 4)
-        sc = (low | (((sb[:, 8 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32  # (B, 16)
         q2 = ((qs >> (2 * torch.arange(4).reshape(1, 1, 4, 1))) & 3).reshape(nb, 8, 32)
         high = (hm.reshape(nb, 1, 32) >> torch.arange(8).reshape(1, 8, 1)) & 1  # element 32b + m: bit b of hmask[m]
         q = (q2 + 4 * high - 4).reshape(nb, 16, 16)

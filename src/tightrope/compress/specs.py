@@ -11,7 +11,7 @@ The GGUF legacy block types (``gguf-q8_0``, ``gguf-q4_0``, ``gguf-q4_1``, ``gguf
 quantization (:mod:`tightrope.defenses.fakequant`), boxes (:mod:`tightrope.qattack.boxes`), the attack
 scenarios and the audit (quantized by llama.cpp's ``gguf.quants``, :mod:`tightrope.qattack.quantize`);
 ``compress`` and ``train --quantize`` refuse them in one sentence. A misspelt name is answered with the
-closest one. The k-quants (``gguf-q2_k``, ``gguf-q4_k``, ``gguf-q5_k``, ``gguf-q6_k``;
+closest one. The k-quants (``gguf-q2_k`` ... ``gguf-q6_k``;
 :mod:`tightrope.compress.gguf_k`) are in the table for fake quantization and :func:`tightrope.qattack.quantize.quantized_copy`; they have no boxes, so
 the attacks and the audit refuse them in one sentence.
 """

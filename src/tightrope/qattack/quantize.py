@@ -23,11 +23,11 @@ the audit never use the reference maths of :mod:`tightrope.compress.primitives` 
   llama.cpp stores, but the product is fp32, whereas llama.cpp's CPU kernels also round the activations to
   Q8_0 blocks for these types; that activation rounding is not modelled here.
 
-- ``gguf-q2_k``, ``gguf-q4_k``, ``gguf-q5_k``, ``gguf-q6_k`` (k-quants, :data:`K_QUANTIZERS`): ``gguf.quants``
-  has no k-quant quantizer, so the bytes are tightrope's (:mod:`tightrope.compress.gguf_k`, checked byte for
+- ``gguf-q2_k``, ``gguf-q3_k``, ``gguf-q4_k``, ``gguf-q5_k``, ``gguf-q6_k`` (k-quants, :data:`K_QUANTIZERS`):
+  ``gguf.quants`` has no k-quant quantizer, so the bytes are tightrope's (:mod:`tightrope.compress.gguf_k`, checked byte for
   byte against llama.cpp's own ``ggml_quantize_chunk`` without an importance matrix,
   ``tests/test_gguf_kquants.py``) and the values are ``gguf.quants.dequantize``'s. A layer whose input
-  dimension is no multiple of 256 gets llama-quantize's fallback type (Q2_K -> Q4_0, Q4_K -> Q5_0,
+  dimension is no multiple of 256 gets llama-quantize's fallback type (Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0,
   Q5_K -> Q5_1, Q6_K -> Q8_0; :func:`tightrope.compress.gguf.tensor_type`), quantized by ``gguf.quants`` as
   above. :func:`quantized_copy`, :func:`library_codes` and
   :func:`codes_equal` take these types; the attacks and the audit do not, as k-quants have no boxes yet.
