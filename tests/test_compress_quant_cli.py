@@ -114,7 +114,8 @@ def test_one_name_per_scheme_across_consumers():
     # every name the attacks and the audit accept is quantized by a real library: compress_'s bitsandbytes / torch.ao
     # configs (classes checked below), or, for a GGUF type, llama.cpp's gguf.quants (checked right here)
     accepted = set(boxes.ATTACK_QUANTIZERS)
-    assert set(boxes.CHOICES) == accepted | {"all"} and accepted == set(quantize.LIBRARIES)
+    assert set(boxes.CHOICES) == accepted | {"all"} and accepted == set(quantize.LIBRARIES) - set(quantize.K_QUANTIZERS)
+    assert set(quantize.LIBRARIES) == set(quantize.COPY_QUANTIZERS)  # k-quants: quantized copies, but no boxes
     assert accepted == set(quantize.CONFIGS) | set(boxes.GGUF_QUANTIZERS)
     gguf = pytest.importorskip("gguf")
     from gguf import quants
@@ -128,9 +129,9 @@ def test_one_name_per_scheme_across_consumers():
         n: QUANT_SCHEMES[n][0] for n in quantize.CONFIGS}
     # the GGUF block types: boxes and fake quantization take them; compress / train refuse them in one sentence
     gguf_names = {n for n, (cls, _, _) in QUANT_SCHEMES.items() if cls == "GGUF"}
-    assert gguf_names == set(boxes.GGUF_QUANTIZERS) and gguf_names <= set(fakequant.QDQ)
+    assert gguf_names == {*boxes.GGUF_QUANTIZERS, *quantize.K_QUANTIZERS} and gguf_names <= set(fakequant.QDQ)
     for name in gguf_names:
-        with pytest.raises(TightropeError, match="fake quantization, qattack and audit only"):
+        with pytest.raises(TightropeError, match="fake quantization(, qattack and audit| and quantized copies) only"):
             quant_config(name)
 
 

@@ -123,7 +123,8 @@ def test_q4_0_boxes_keep_the_signed_setter_on_ties():
 # --- names and files ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("name", "hint"), [("gguf-q4-0", "did you mean 'gguf-q4_0'"), ("Q8-0", "did you mean 'Q8_0'"),
-                                            ("Q4_K_M", "k-, i- or ternary quant")])
+                                            ("Q4_K_M", "did you mean 'Q4_K'"), ("IQ4_XS", "i-quant"),
+                                            ("Q4_K", "k-quant .* no boxes yet")])
 def test_a_misspelt_or_unsupported_type_is_one_sentence(name, hint):
     with pytest.raises(TightropeError, match=hint) as err:
         G.block_type(name)
@@ -182,10 +183,10 @@ def test_a_gguf_file_reads_back_as_the_references_values(tmp_path):
 
 
 def test_a_gguf_file_with_a_type_tightrope_does_not_read_is_one_sentence(tmp_path):
-    path = tmp_path / "k.gguf"
-    size = gguf.GGML_QUANT_SIZES[T.Q4_K][1]
-    _write_gguf(path, {"blk.0.w": (np.zeros((2, size), dtype=np.uint8), T.Q4_K)})
-    with pytest.raises(TightropeError, match=r"tensor 'blk\.0\.w' of type Q4_K, which tightrope does not read; it reads"):
+    path = tmp_path / "iq.gguf"
+    size = gguf.GGML_QUANT_SIZES[T.IQ4_XS][1]
+    _write_gguf(path, {"blk.0.w": (np.zeros((2, size), dtype=np.uint8), T.IQ4_XS)})
+    with pytest.raises(TightropeError, match=r"tensor 'blk\.0\.w' of type IQ4_XS, which tightrope does not read; it reads"):
         G.read_gguf(path)
 
 

@@ -17,7 +17,15 @@ from tightrope.compress import gguf as G
 from tightrope.errors import TightropeError
 from tightrope.qattack import audit as A
 from tightrope.qattack import boxes as B
-from tightrope.qattack.quantize import LIBRARIES, codes_equal, library_codes, missing_library, quantized_copy
+from tightrope.qattack.quantize import (
+    COPY_QUANTIZERS,
+    K_QUANTIZERS,
+    LIBRARIES,
+    codes_equal,
+    library_codes,
+    missing_library,
+    quantized_copy,
+)
 from tightrope.qattack.repair import FitConfig, repair_
 
 gguf = pytest.importorskip("gguf")
@@ -51,7 +59,8 @@ def repaired(model, quantizer, steps=20, lr=3e-3):
 
 
 def test_every_accepted_quantizer_names_its_real_library():
-    assert set(LIBRARIES) == set(B.ATTACK_QUANTIZERS) and set(B.CHOICES) == {*B.ATTACK_QUANTIZERS, "all"}
+    assert set(LIBRARIES) == set(COPY_QUANTIZERS) and set(B.CHOICES) == {*B.ATTACK_QUANTIZERS, "all"}
+    assert set(COPY_QUANTIZERS) - set(B.ATTACK_QUANTIZERS) == set(K_QUANTIZERS)  # k-quants: copies, no boxes
     assert all(LIBRARIES[n].startswith("gguf.quants") for n in B.GGUF_QUANTIZERS)
     assert all(missing_library(n) is None for n in B.GGUF_QUANTIZERS)
 
@@ -104,7 +113,7 @@ def test_projected_repair_keeps_every_byte(scheme):
 
 
 def test_unknown_gguf_names_are_one_sentence():
-    for bad, hint in (("gguf-q4-0", "did you mean 'gguf-q4_0'"), ("gguf-q4_k", "did you mean")):
+    for bad, hint in (("gguf-q4-0", "did you mean 'gguf-q4_0'"), ("gguf-q4_kk", "did you mean")):
         with pytest.raises(TightropeError, match=hint) as err:
             quantized_copy(tiny(0), bad)
         assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")

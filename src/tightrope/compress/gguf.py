@@ -26,8 +26,12 @@ for every weight, the interval of values that keeps every byte of its block unch
 which element sets the scale and how the codes are rounded; ``gguf.quants`` returns only the packed
 bytes. The code here exposes those pieces (:func:`block_parameters`, :func:`block_codes`) and is
 checked byte for byte against ``gguf.quants.quantize`` / ``dequantize`` in ``tests/test_gguf_quant.py``;
-``gguf`` itself is used for reading GGUF files (:func:`read_gguf`). The k-quants (Q2_K ... Q6_K) are
-not implemented: ``gguf.quants`` has no reference quantizer for them to check against.
+``gguf`` itself is used for reading GGUF files (:func:`read_gguf`).
+
+The k-quants Q2_K ... Q6_K (super-blocks of 256) live in :mod:`tightrope.compress.gguf_k`, checked
+against llama.cpp's own quantizer; :func:`quantize`, :func:`dequantize` and :func:`read_gguf` take them
+too (``gguf_type``), while :func:`block_type` (the per-block parameters the boxes read) is legacy only.
+The i-quants and ternary types are not implemented.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tightrope.compress.gguf_k import K_TYPES, KType, dequantize_k, quantize_k
 from tightrope.errors import TightropeError, did_you_mean
 
 QK = 32  # values per block of every legacy type (QK8_0 = QK4_0 = ... = 32 in ggml-common.h)
@@ -71,23 +76,57 @@ class BlockType:
 TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q8_0", 8, 8, False), BlockType("Q4_0", 2, 4, False), BlockType("Q4_1", 3, 4, True),
     BlockType("Q5_0", 6, 5, False), BlockType("Q5_1", 7, 5, True))}
+#: The legacy block types' schemes (the ones with boxes, :func:`tightrope.qattack.boxes.box_gguf`).
 SCHEMES: dict[str, BlockType] = {t.scheme: t for t in TYPES.values()}
+#: The k-quant schemes (``gguf-q4_k`` ...): quantized, dequantized and read, but without boxes yet.
+K_SCHEMES: dict[str, KType] = {t.scheme: t for t in K_TYPES.values()}
+#: Every GGUF type tightrope quantizes, legacy and k-quant, by scheme name.
+ALL_SCHEMES: dict[str, BlockType | KType] = {**SCHEMES, **K_SCHEMES}
 #: GGML types a file may hold that tightrope reads as plain floats.
 FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
+_ALL_TYPES: dict[str, BlockType | KType] = {**TYPES, **K_TYPES}
+
+
+def gguf_type(name: str) -> BlockType | KType:
+    """``"Q4_K"``, ``"q4_0"``, ``"gguf-q4_k"`` or ``"gguf:Q6_K"`` -> its :class:`BlockType` (legacy, blocks of 32)
+    or :class:`~tightrope.compress.gguf_k.KType` (k-quant, super-blocks of 256); anything else is refused in
+    one sentence that suggests the closest known name."""
+    key = name.strip().upper().removeprefix("GGUF-").removeprefix("GGUF:")
+    if key in _ALL_TYPES:
+        return _ALL_TYPES[key]
+    known = ", ".join(_ALL_TYPES)
+    if key.startswith(("IQ", "TQ")):
+        raise TightropeError(f"The GGUF type '{name}' is an i-quant or a ternary type, which tightrope "
+                             f"does not quantize yet; it quantizes {known}.")
+    hint = (did_you_mean(name.strip().lower(), ALL_SCHEMES) if name.strip().lower().startswith("gguf")
+            else did_you_mean(key, _ALL_TYPES))
+    raise TightropeError(f"Unknown GGUF type '{name}'{hint}; tightrope quantizes {known} "
+                         f"(schemes {', '.join(ALL_SCHEMES)}).")
 
 
 def block_type(name: str) -> BlockType:
-    """``"Q4_0"``, ``"q4_0"``, ``"gguf-q4_0"`` or ``"gguf:Q4_0"`` -> its :class:`BlockType`; anything else is
-    refused in one sentence that suggests the closest known name."""
-    key = name.strip().upper().removeprefix("GGUF-").removeprefix("GGUF:")
-    if key in TYPES:
-        return TYPES[key]
-    if key.startswith(("IQ", "TQ")) or "_K" in key:
-        raise TightropeError(f"The GGUF type '{name}' is a k-, i- or ternary quant, which tightrope does not quantize "
-                             f"yet; it quantizes {', '.join(TYPES)}.")
-    hint = did_you_mean(name.strip(), SCHEMES) if name.strip().lower().startswith("gguf") else did_you_mean(key, TYPES)
-    raise TightropeError(f"Unknown GGUF type '{name}'{hint}; tightrope quantizes {', '.join(TYPES)} "
-                         f"(schemes {', '.join(SCHEMES)}).")
+    """The legacy :class:`BlockType` of a name (as :func:`gguf_type`); a k-quant is refused in one sentence, as
+    it has no per-block-of-32 scale for the boxes to pin."""
+    t = gguf_type(name)
+    if isinstance(t, KType):
+        raise TightropeError(f"The GGUF type '{name}' is a k-quant (super-blocks of 256 with a searched scale), "
+                             f"which has no boxes yet; the legacy types {', '.join(TYPES)} have.")
+    return t
+
+
+def tensor_type(name: str, row_length: int) -> BlockType | KType:
+    """The type llama-quantize writes for a tensor of rows of ``row_length`` values asked for type ``name``
+    (llama.cpp ``src/llama-quant.cpp``, ``tensor_type_fallback``): a k-quant whose super-blocks of 256 do not
+    divide the rows falls back to its legacy type (Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1,
+    Q6_K -> Q8_0).
+    Rows that are no multiple of 32 (llama.cpp would write F16) are refused in one sentence."""
+    t = gguf_type(name)
+    if isinstance(t, KType) and row_length % 256:
+        t = TYPES[t.fallback]
+    if row_length % QK:
+        raise TightropeError(f"GGUF quantizes rows in blocks of {QK} values; rows of {row_length} values are not a "
+                             f"multiple of {QK} (llama-quantize would keep such a tensor in F16).")
+    return t
 
 
 def as_blocks(w: torch.Tensor) -> torch.Tensor:
@@ -164,6 +203,18 @@ class Quantized:
         return self.data.numpy().tobytes()
 
 
+@dataclass
+class KQuantized:
+    """A tensor quantized to one GGUF k-quant: the packed bytes and the dequantized values."""
+
+    type: KType
+    data: torch.Tensor  # uint8, shape (*rows, row_length / 256 * type_size): what a GGUF file stores
+    dequantized: torch.Tensor  # fp32, the input's shape
+
+    def tobytes(self) -> bytes:
+        return self.data.numpy().tobytes()
+
+
 def pack(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, t: BlockType) -> torch.Tensor:
     """The bytes of blocks ``(B, type_size)`` from their codes and fp32 (or fp16) scale and minimum."""
     parts = [_fp16_bytes(d)]
@@ -187,9 +238,13 @@ def _values(codes: torch.Tensor, d16: torch.Tensor, m16: torch.Tensor, t: BlockT
     return d * (codes - 2 ** (t.bits - 1))
 
 
-def quantize(w: torch.Tensor, type_name: str) -> Quantized:
-    """``w`` quantized as llama.cpp does it (``quantize_row_*_ref``): bytes identical to ``gguf.quants.quantize``."""
-    t = block_type(type_name)
+def quantize(w: torch.Tensor, type_name: str) -> Quantized | KQuantized:
+    """``w`` quantized as llama.cpp does it (``quantize_row_*_ref``): bytes identical to ``gguf.quants.quantize``
+    (legacy types) or to llama.cpp's ``ggml_quantize_chunk`` without an importance matrix (k-quants)."""
+    t = gguf_type(type_name)
+    if isinstance(t, KType):
+        data = quantize_k(w, t)
+        return KQuantized(t, data, dequantize_k(data, t).reshape(w.shape))
     blocks = as_blocks(w)
     d, inv, m, _ = block_parameters(blocks, t)
     codes = block_codes(blocks, t, inv, m)
@@ -200,9 +255,11 @@ def quantize(w: torch.Tensor, type_name: str) -> Quantized:
 
 def dequantize(data: torch.Tensor | np.ndarray, type_name: str) -> torch.Tensor:
     """fp32 values of packed bytes (last axis: whole blocks), as ``dequantize_row_*`` / ``gguf.quants.dequantize``."""
-    t = block_type(type_name)
+    t = gguf_type(type_name)
     raw = data.contiguous() if isinstance(data, torch.Tensor) else torch.from_numpy(np.array(data))  # a writable copy
     raw = raw.view(torch.uint8)
+    if isinstance(t, KType):
+        return dequantize_k(raw, t)
     if raw.dim() == 0 or raw.shape[-1] % t.type_size:
         raise TightropeError(f"{t.name} data has rows of whole {t.type_size}-byte blocks; this has shape {tuple(raw.shape)}.")
     shape = (*raw.shape[:-1], raw.shape[-1] // t.type_size * QK)
@@ -240,10 +297,10 @@ def read_gguf(path: str | Path) -> dict[str, torch.Tensor]:
         raise TightropeError(f"The GGUF file {path} is truncated or damaged (gguf's reader stopped with "
                              f"{type(err).__name__}); download or convert it again.") from None
     out: dict[str, torch.Tensor] = {}
-    readable = ", ".join([*FLOAT_TYPES.values(), *TYPES])
+    readable = ", ".join([*FLOAT_TYPES.values(), *_ALL_TYPES])
     for tensor in reader.tensors:
         type_id = int(tensor.tensor_type)
-        kind = next((t for t in TYPES.values() if t.type_id == type_id), None)
+        kind = next((t for t in _ALL_TYPES.values() if t.type_id == type_id), None)
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists dimensions innermost first
         if kind is None and type_id not in FLOAT_TYPES:
             raise TightropeError(f"The GGUF file {path} has tensor '{tensor.name}' of type "

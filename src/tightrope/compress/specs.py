@@ -11,7 +11,9 @@ The GGUF legacy block types (``gguf-q8_0``, ``gguf-q4_0``, ``gguf-q4_1``, ``gguf
 quantization (:mod:`tightrope.defenses.fakequant`), boxes (:mod:`tightrope.qattack.boxes`), the attack
 scenarios and the audit (quantized by llama.cpp's ``gguf.quants``, :mod:`tightrope.qattack.quantize`);
 ``compress`` and ``train --quantize`` refuse them in one sentence. A misspelt name is answered with the
-closest one.
+closest one. The k-quants (``gguf-q2_k`` ... ``gguf-q6_k``;
+:mod:`tightrope.compress.gguf_k`) are in the table for fake quantization and :func:`tightrope.qattack.quantize.quantized_copy`; they have no boxes, so
+the attacks and the audit refuse them in one sentence.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ QUANT_SCHEMES: dict[str, tuple[str, dict, str]] = {
     "gptq8": ("GPTQ", {"bits": 8}, "GPTQ, 8 bits"),
     **{name: ("GGUF", {"type": t.name}, f"llama.cpp GGUF {t.name}, blocks of 32 (fake quantization, boxes, qattack, audit)")
        for name, t in gguf.SCHEMES.items()},
+    **{name: ("GGUF", {"type": t.name}, f"llama.cpp GGUF {t.name}, super-blocks of 256 (fake quantization, quantized "
+              "copies; no boxes)") for name, t in gguf.K_SCHEMES.items()},
 }
 #: Schemes of the table that compress_ (compress, train --quantize) builds: all but the GGUF block types.
-COMPRESS_SCHEMES = tuple(n for n in QUANT_SCHEMES if n not in gguf.SCHEMES)
+COMPRESS_SCHEMES = tuple(n for n in QUANT_SCHEMES if n not in gguf.ALL_SCHEMES)
 # Spellings that named another scheme before the names were unified.
 RENAMED = {"int8-dynamic": "int8", "llm.int8": "llm-int8", "int8-llm": "llm-int8"}
 
@@ -86,8 +90,9 @@ def quant_config(spec: str, include: tuple[str, ...] = (), exclude: tuple[str, .
     if name in RENAMED:
         raise TightropeError(f"The quantization '{name}' is now called '{RENAMED[name]}' "
                              f"({QUANT_SCHEMES[RENAMED[name]][2]}); 'int8' means dynamic int8 everywhere.")
-    if name in gguf.SCHEMES:
-        raise TightropeError(f"The GGUF type '{name}' is supported by fake quantization, qattack and audit only so far; "
+    if name in gguf.ALL_SCHEMES:
+        users = "fake quantization and quantized copies" if name in gguf.K_SCHEMES else "fake quantization, qattack and audit"
+        raise TightropeError(f"The GGUF type '{name}' is supported by {users} only so far; "
                              f"compress and train quantize with {', '.join(COMPRESS_SCHEMES)}.")
     if name not in QUANT_SCHEMES:
         raise TightropeError(f"Unknown quantization '{name}'{did_you_mean(name, QUANT_SCHEMES)}; "

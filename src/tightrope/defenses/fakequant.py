@@ -22,6 +22,9 @@ Schemes (the format each one matches, bit for bit):
 - ``nf4`` / ``fp4`` bitsandbytes 4-bit, block-wise absmax, blocks of 64 (QLoRA)
 - ``gguf-q8_0``, ``gguf-q4_0``, ``gguf-q4_1``, ``gguf-q5_0``, ``gguf-q5_1``: llama.cpp's GGUF blocks of 32
   (:mod:`tightrope.compress.gguf`, equal to ``gguf.quants``' round trip)
+- ``gguf-q2_k`` ... ``gguf-q6_k``: llama.cpp's k-quants, super-blocks of 256
+  (:mod:`tightrope.compress.gguf_k`, bytes equal to llama.cpp's own quantizer); rows that are no multiple of
+  256 get llama-quantize's fallback type (:func:`tightrope.compress.gguf.tensor_type`)
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ QDQ: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "nf4": _four_bit("nf4"),
     "fp4": _four_bit("fp4"),
     **{name: (lambda w, t=t.name: G.quantize(w, t).dequantized) for name, t in G.SCHEMES.items()},
+    **{name: (lambda w, t=t.name: G.quantize(w, G.tensor_type(t, w.shape[-1]).name).dequantized)
+       for name, t in G.K_SCHEMES.items()},
 }
 
 

@@ -46,8 +46,9 @@ from tightrope.errors import TightropeError, did_you_mean
 # Scheme names of tightrope.compress.specs.QUANT_SCHEMES (one name per scheme across the package).
 # The default set of the attacks' checks and of the audit (the audit's shipped null is calibrated on these).
 QUANTIZERS = ("llm-int8", "nf4", "fp4", "int8-tensor")
-# GGUF block types with boxes (tightrope.compress.gguf); the attacks verify them and the audit quantizes them
-# with llama.cpp's gguf.quants (tightrope.qattack.quantize), on request: they are not in the defaults.
+# GGUF legacy block types with boxes (tightrope.compress.gguf; the k-quants have none yet); the attacks verify
+# them and the audit quantizes them with llama.cpp's gguf.quants (tightrope.qattack.quantize), on request:
+# they are not in the defaults.
 GGUF_QUANTIZERS = tuple(G.SCHEMES)
 # The one registry of names the attack scenarios and the audit accept; each is quantized by a real library
 # (tightrope.qattack.quantize.LIBRARIES).
@@ -63,6 +64,9 @@ def check_quantizer(name: str, allowed: tuple[str, ...] = CHOICES, what: str = "
     if name in RENAMED and RENAMED[name] in allowed:
         raise TightropeError(f"The quantizer '{name}' is now called '{RENAMED[name]}' (torch.ao dynamic int8, "
                              "one scale per tensor); 'int8' means dynamic int8 everywhere.")
+    if name in G.K_SCHEMES and name not in allowed:
+        raise TightropeError(f"The GGUF k-quant '{name}'{what} has no boxes yet, so it is not supported here "
+                             f"(quantized_copy and fake quantization take it); choose one of {', '.join(allowed)}.")
     if name in GGUF_QUANTIZERS and name not in allowed:
         raise TightropeError(f"The GGUF type '{name}'{what} is not supported here; choose one of {', '.join(allowed)}.")
     if name not in allowed:

@@ -23,6 +23,15 @@ the audit never use the reference maths of :mod:`tightrope.compress.primitives` 
   llama.cpp stores, but the product is fp32, whereas llama.cpp's CPU kernels also round the activations to
   Q8_0 blocks for these types; that activation rounding is not modelled here.
 
+- ``gguf-q2_k``, ``gguf-q3_k``, ``gguf-q4_k``, ``gguf-q5_k``, ``gguf-q6_k`` (k-quants, :data:`K_QUANTIZERS`):
+  ``gguf.quants`` has no k-quant quantizer, so the bytes are tightrope's (:mod:`tightrope.compress.gguf_k`, checked byte for
+  byte against llama.cpp's own ``ggml_quantize_chunk`` without an importance matrix,
+  ``tests/test_gguf_kquants.py``) and the values are ``gguf.quants.dequantize``'s. A layer whose input
+  dimension is no multiple of 256 gets llama-quantize's fallback type (Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0,
+  Q5_K -> Q5_1, Q6_K -> Q8_0; :func:`tightrope.compress.gguf.tensor_type`), quantized by ``gguf.quants`` as
+  above. :func:`quantized_copy`, :func:`library_codes` and
+  :func:`codes_equal` take these types; the attacks and the audit do not, as k-quants have no boxes yet.
+
 The layers replaced are those of :func:`tightrope.qattack.boxes.quantized_linears` (every Linear
 but the output head), as transformers' ``BitsAndBytesConfig`` does; the GGUF types leave the same head in
 full precision, so every quantizer is compared on the same layers.
@@ -45,13 +54,19 @@ from tightrope.errors import MissingResourceError, TightropeError
 from tightrope.qattack.boxes import ATTACK_QUANTIZERS, GGUF_QUANTIZERS, check_quantizer, quantized_linears
 
 
+#: GGUF k-quants: quantized here (module docstring), but without boxes, so not in ATTACK_QUANTIZERS.
+K_QUANTIZERS = tuple(G.K_SCHEMES)
+#: Every quantizer :func:`quantized_copy` and :func:`library_codes` take.
+COPY_QUANTIZERS = (*ATTACK_QUANTIZERS, *K_QUANTIZERS)
+
+
 def missing_library(quantizer: str) -> str | None:
     """One sentence saying why ``quantizer`` cannot run here, or None when it can."""
     try:
-        check_quantizer(quantizer, ATTACK_QUANTIZERS)
+        check_quantizer(quantizer, COPY_QUANTIZERS)
     except TightropeError as err:
         return str(err)
-    if quantizer in GGUF_QUANTIZERS and importlib.util.find_spec("gguf") is None:
+    if quantizer in (*GGUF_QUANTIZERS, *K_QUANTIZERS) and importlib.util.find_spec("gguf") is None:
         return f"{quantizer} needs llama.cpp's gguf package, which is not installed (pip install gguf)."
     if quantizer in ("llm-int8", "nf4", "fp4") and importlib.util.find_spec("bitsandbytes") is None:
         return f"{quantizer} needs bitsandbytes, which is not installed (pip install bitsandbytes)."
@@ -74,12 +89,15 @@ CONFIGS = {"llm-int8": lambda include: LLMInt8(threshold=6.0, include=include),
            "int8-tensor": lambda include: Int8Dynamic(backend="torch", per_channel=False, include=include)}
 #: Every quantizer the attacks and the audit accept, and the real library that quantizes it for them.
 LIBRARIES = {**{name: "bitsandbytes" for name in ("llm-int8", "nf4", "fp4")}, "int8-tensor": "torch.ao",
-             **{name: "gguf.quants (llama.cpp)" for name in GGUF_QUANTIZERS}}
+             **{name: "gguf.quants (llama.cpp)" for name in GGUF_QUANTIZERS},
+             **{name: "tightrope.compress.gguf_k (bytes as llama.cpp's) + gguf.quants.dequantize" for name in K_QUANTIZERS}}
 
 
 def gguf_reference(weight: torch.Tensor, quantizer: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(packed blocks, dequantized weight)`` of one weight ``[out, in]`` by llama.cpp's ``gguf.quants``: rows
-    of ``in`` values in blocks of 32 (module docstring); the blocks are uint8 ``[out, in / 32 * type size]``."""
+    of ``in`` values in blocks of 32 (module docstring); the blocks are uint8 ``[out, in / 32 * type size]``. A
+    k-quant: tightrope's bytes, ``gguf.quants``' values, or llama-quantize's fallback type for rows that are
+    no multiple of 256."""
     _require(quantizer)
     import gguf  # noqa: PLC0415  (llama.cpp's package; imported only for GGUF)
     from gguf import quants  # noqa: PLC0415
@@ -88,8 +106,9 @@ def gguf_reference(weight: torch.Tensor, quantizer: str) -> tuple[torch.Tensor, 
     if w.dim() != 2 or w.shape[1] % G.QK:
         raise TightropeError(f"{quantizer} quantizes rows of the input dimension in blocks of {G.QK}; a weight of shape "
                              f"{tuple(w.shape)} has rows of {w.shape[-1]} values, not a multiple of {G.QK}.")
-    kind = gguf.GGMLQuantizationType(G.block_type(quantizer).type_id)
-    packed = quants.quantize(w.numpy(), kind)
+    t = G.tensor_type(quantizer, w.shape[1])
+    kind = gguf.GGMLQuantizationType(t.type_id)
+    packed = G.quantize(w, t.name).data.numpy() if t.name in G.K_TYPES else quants.quantize(w.numpy(), kind)
     return torch.from_numpy(packed.copy()), torch.from_numpy(quants.dequantize(packed, kind).copy()).reshape(w.shape)
 
 
@@ -104,7 +123,7 @@ def quantized_copy(model: nn.Module, quantizer: str, modules: list[str] | None =
         if not isinstance(clone.get_submodule(name), nn.Linear):
             raise TightropeError(f"{name} is a {type(clone.get_submodule(name)).__name__}, not a Linear layer a "
                                  "quantizer can replace.")
-    if quantizer in GGUF_QUANTIZERS:
+    if quantizer in (*GGUF_QUANTIZERS, *K_QUANTIZERS):
         dequantized = {name: gguf_reference(clone.get_submodule(name).weight, quantizer)[1] for name in names}
         with torch.no_grad():
             for name, w in dequantized.items():
@@ -120,7 +139,7 @@ def library_codes(weight: torch.Tensor, quantizer: str) -> tuple[torch.Tensor, t
     """``(codes, scales)`` of one weight as the real library computes them; for a GGUF type the packed blocks
     (scales, minima and codes together, the bytes a GGUF file stores) and no separate scales."""
     _require(quantizer)
-    if quantizer in GGUF_QUANTIZERS:
+    if quantizer in (*GGUF_QUANTIZERS, *K_QUANTIZERS):
         return gguf_reference(weight, quantizer)[0], torch.empty(0)
     w = weight.detach().float().contiguous().cpu()
     if quantizer == "llm-int8":
