@@ -378,3 +378,12 @@ def test_minilm_structured_30_percent_round_trip(tmp_path):
     inputs = batch(tokenizer, TEXTS[:4])
     reloaded = load_pruned(save_pruned(model, tokenizer, tmp_path / "minilm-pruned")).model
     assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+
+
+def test_the_2_4_spelling_with_its_colon_is_a_pruning_spec():
+    from tightrope.compress import prune
+    from tightrope.compress.specs import prune_config
+
+    assert isinstance(prune_config("2:4"), prune.SemiStructured24)
+    assert isinstance(prune_config("24"), prune.SemiStructured24)
+    assert type(prune_config("2:4")) is type(prune_config(" 2:4 "))

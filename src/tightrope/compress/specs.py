@@ -107,7 +107,9 @@ def quant_config(spec: str, include: tuple[str, ...] = (), exclude: tuple[str, .
 
 def prune_config(spec: str, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), calibration: str | None = None):
     """A pruning config from a spec (``magnitude``, ``wanda``, ``2:4``, ``structured``)."""
-    name, kwargs = parse_spec(spec)
+    text = spec.strip()
+    # "2:4" holds the colon that separates a name from its options: read it as its other spelling "24"
+    name, kwargs = parse_spec("24" + text[3:] if text.startswith("2:4") else text)
     if name not in PRUNE_METHODS or not hasattr(prune, PRUNE_METHODS[name]):
         raise TightropeError(f"Unknown pruning '{name}'; choose one of magnitude, wanda, 2:4, structured.")
     cls = getattr(prune, PRUNE_METHODS[name])
