@@ -36,6 +36,8 @@ The i-quants and ternary types are not implemented.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +97,10 @@ def gguf_type(name: str) -> BlockType | KType:
     if key in _ALL_TYPES:
         return _ALL_TYPES[key]
     known = ", ".join(_ALL_TYPES)
+    if re.fullmatch(r"Q[2-6]_K_(XS|S|M|L|XL)", key):
+        one = f"gguf-{key[:4].lower()}" if name.strip().lower().startswith("gguf") else key[:4]
+        raise TightropeError(f"'{name}' is a llama-quantize preset, which mixes types per tensor ({key[:4]} for most "
+                             f"weights, more bits for some); name one type (did you mean '{one}'?).")
     if key.startswith(("IQ", "TQ")):
         raise TightropeError(f"The GGUF type '{name}' is an i-quant or a ternary type, which tightrope "
                              f"does not quantize yet; it quantizes {known}.")
