@@ -5,6 +5,8 @@
     python benchmarks/audit_null.py collect --root runs/audit-null         # audit statistics of every clean model
     python benchmarks/audit_null.py null --root runs/audit-null \\
         --out src/tightrope/qattack/null/minilm-classifiers.json            # the shipped null
+    python benchmarks/audit_null.py null --root runs/audit-null2 --extend src/tightrope/qattack/null/minilm-classifiers.json \\
+        --out src/tightrope/qattack/null/minilm-classifiers.json            # add the transforms it lacks (GGUF, prunings)
     python benchmarks/audit_null.py loo --root runs/audit-null             # leave-one-out false-positive rate
     python benchmarks/audit_null.py detect --root runs/audit-null          # verdicts on the planted models
 
@@ -126,12 +128,21 @@ def attack(root: Path, quantizers: list[str], short: int, long: int, n_train: in
         print(f"{q}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
-QUANTIZERS = ("llm-int8", "nf4", "fp4", "int8-tensor", "all")  # the audit's default set
+QUANTIZERS = ("llm-int8", "nf4", "fp4", "int8-tensor", "all")  # the first null's transforms (made on AMD EPYC)
 ALPHAS = ("0.001", "0.01", "0.05")
 
 
+def transforms() -> tuple[str, ...]:
+    """The audit's default transforms: every one tightrope implements (what ``collect`` measures)."""
+    from tightrope.qattack.audit import AuditConfig
+
+    return AuditConfig().quantizers
+
+
 def collect(root: Path, names: list[str], n_probe: int) -> None:
-    """Every statistic of every clean model (``audit(..., judge=False)``), one JSON report each."""
+    """Every statistic of every clean model for every default transform (``audit(..., judge=False)``), one JSON
+    report each. Each transform's measurements are cached under ``root/cache/NAME`` as they finish, so a killed
+    run resumes at the transform it was measuring."""
     from tightrope.evaluate.results import write_json_atomic
     from tightrope.qattack.audit import AuditConfig, audit
 
@@ -144,7 +155,8 @@ def collect(root: Path, names: list[str], n_probe: int) -> None:
             continue
         started = time.perf_counter()
         report = audit(str(root / "clean" / name), task="mr", n_probe=n_probe,
-                       config=AuditConfig(quantizers=QUANTIZERS), judge=False)
+                       config=AuditConfig(quantizers=transforms()), judge=False, cache_dir=root / "cache" / name,
+                       progress=lambda q, n=name: print(f"  {n}: {q} ({time.perf_counter() - started:.0f} s)", flush=True))
         write_json_atomic(out, report.to_dict())
         print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
 
@@ -175,15 +187,42 @@ def _reports(root: Path) -> dict[str, dict]:
             if (root / "collect" / f"{n}.json").exists()}
 
 
-def build_null(root: Path, out: Path, n_probe: int) -> dict:
+def build_null(root: Path, out: Path, n_probe: int, extend: Path | None = None) -> dict:
     """The null JSON: per quantizer and statistic, the clean values (model-level: one per clean model;
-    per-layer: one per layer of every clean model, with the index of its model in ``layer_models``)."""
+    per-layer: one per layer of every clean model, with the index of its model in ``layer_models``).
+
+    ``extend``: an earlier null whose transforms are kept as they are (their values, their models); only the
+    transforms it lacks are taken from this root's reports, and ``extended`` records which, from which models
+    and on which machine. The leave-one-out table then judges this root's clean models against the kept
+    transforms' values as a held-out set (none of these models is in them) and against the new transforms'
+    values without the model itself."""
     from tightrope.qattack.calibration import TAILS, Null, null_statistics
 
     reports = _reports(root)
     names = list(reports)
     stats, owners = null_statistics([reports[n] for n in names])
     first = reports[names[0]]
+    if extend is not None:
+        data = json.loads(extend.read_text())
+        new = [q for q in stats if q not in data["statistics"]]
+        if not new:
+            raise SystemExit(f"{extend} already has every transform of these reports; nothing to extend")
+        data["statistics"].update({q: stats[q] for q in new})
+        data["layer_models"].update({q: owners[q] for q in new if q in owners})
+        data["extended"] = {
+            "transforms": new,
+            "made_by": "python benchmarks/audit_null.py train; ... collect; ... null --extend (tightrope "
+                       + _version() + ")",
+            "machine": _machine(),
+            "models": [{"name": n, **dict(zip(("task", "seed", "n_train", "lr", "batch_size", "truncation"), CLEAN[n],
+                                              strict=True))} for n in names],
+            "what": ("The same recipes trained again (another run, another machine) and audited with judge=False "
+                     "for the transforms listed here; their layer_models index this list of models."),
+        }
+        null = Null.from_dict(data, str(out))
+        data["leave_one_out"] = {a: leave_one_out(null, reports, float(a), own=set(new)) for a in ALPHAS}
+        _write(out, data, len(names))
+        return data
     data = {
         "kind": "tightrope.audit-null", "version": 1,
         "made_by": "python benchmarks/audit_null.py train; ... collect; ... null (tightrope " + _version() + ")",
@@ -204,19 +243,25 @@ def build_null(root: Path, out: Path, n_probe: int) -> dict:
     }
     null = Null.from_dict(data, str(out))
     data["leave_one_out"] = {a: leave_one_out(null, reports, float(a)) for a in ALPHAS}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, separators=(",", ":")) + "\n")
-    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) from {len(names)} clean models", flush=True)
+    _write(out, data, len(names))
     return data
 
 
-def leave_one_out(null, reports: dict[str, dict], alpha: float) -> dict:
-    """Judge every clean model against the null without it: the false-positive rate at ``alpha``."""
+def _write(out: Path, data: dict, n: int) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) from {n} clean models", flush=True)
+
+
+def leave_one_out(null, reports: dict[str, dict], alpha: float, own: set[str] | None = None) -> dict:
+    """Judge every clean model against the null without it: the false-positive rate at ``alpha``. ``own``: the
+    transforms whose null values came from these reports (default: all); for any other transform the model is
+    not in the null, so it is judged against the whole of it (a held-out test)."""
     from tightrope.qattack.audit import judge_quantizer
 
     flagged, rows = [], {}
     for i, (name, report) in enumerate(reports.items()):
-        held = null.without(i)
+        held = null.without(i, own)
         qs = report["quantizers"]
         level = alpha / len(qs)
         verdicts = {}
@@ -229,8 +274,9 @@ def leave_one_out(null, reports: dict[str, dict], alpha: float) -> dict:
     return {"models": len(reports), "false_positives": len(flagged), "flagged": flagged, "per_model": rows}
 
 
-def detect(root: Path, n_probe: int, null_path: Path | None, only: list[str]) -> None:
-    """Audit every planted model with the (shipped) null and print one row per model and quantizer."""
+def detect(root: Path, n_probe: int, null_path: Path | None, only: list[str], chosen: list[str]) -> None:
+    """Audit every planted model with the (shipped) null and print one row per model and quantizer.
+    ``chosen``: the transforms to audit (default: the audit's default, every transform)."""
     from tightrope.evaluate.results import write_json_atomic
     from tightrope.qattack.audit import AuditConfig, audit
 
@@ -239,8 +285,9 @@ def detect(root: Path, n_probe: int, null_path: Path | None, only: list[str]) ->
         out = model.with_suffix(".audit.json")
         if not out.exists() and (not only or model.name in only):
             started = time.perf_counter()
-            report = audit(str(model), task="mr", n_probe=n_probe,
-                           config=AuditConfig(quantizers=QUANTIZERS, null=str(null_path) if null_path else None))
+            report = audit(str(model), task="mr", n_probe=n_probe, cache_dir=root / "cache" / model.name,
+                           config=AuditConfig(quantizers=tuple(chosen) or transforms(),
+                                              null=str(null_path) if null_path else None))
             write_json_atomic(out, report.to_dict())
             print(f"{model.name}: {report.verdict} in {time.perf_counter() - started:.0f} s", flush=True)
     table(sorted((root / "planted").glob("*.audit.json")))
@@ -299,6 +346,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n-probe", type=int, default=200)
     parser.add_argument("--null", type=Path, default=None, help="detect: a null JSON (default: the shipped one)")
+    parser.add_argument("--extend", type=Path, default=None,
+                        help="null: keep this null's transforms and add the ones it lacks from this root's reports")
+    parser.add_argument("--transform", action="append", default=[],
+                        help="detect: a transform to audit (repeatable; default: the audit's default, all of them)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
@@ -310,16 +361,18 @@ def main() -> None:
     elif args.step == "collect":
         collect(args.root, args.only, args.n_probe)
     elif args.step == "null":
-        build_null(args.root, args.out or Path("src/tightrope/qattack/null/minilm-classifiers.json"), args.n_probe)
+        build_null(args.root, args.out or Path("src/tightrope/qattack/null/minilm-classifiers.json"), args.n_probe,
+                   args.extend)
     elif args.step == "loo":
         from tightrope.qattack.calibration import load_null
 
         null = load_null(args.null)
         for a in ALPHAS:
-            r = leave_one_out(null, _reports(args.root), float(a))
+            own = null.meta.get("extended", {}).get("transforms")
+            r = leave_one_out(null, _reports(args.root), float(a), own=set(own) if own else None)
             print(f"alpha {a}: {r['false_positives']} of {r['models']} clean models flagged {r['flagged']}")
     else:
-        detect(args.root, args.n_probe, args.null, args.only)
+        detect(args.root, args.n_probe, args.null, args.only, args.transform)
 
 
 if __name__ == "__main__":

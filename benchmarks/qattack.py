@@ -4,6 +4,7 @@ audit of a MiniLM classifier. Prints a table; `--json` writes the raw figures.
     python benchmarks/qattack.py boxes [--model smollm2-135m] [--quantizer nf4 --quantizer llm-int8]
     python benchmarks/qattack.py audit runs/qattack/mr-clean-s0
     python benchmarks/qattack.py sweep runs/qattack/trigger-all/repaired --sigma 0 --sigma 1e-3 ...
+    python benchmarks/qattack.py sweep runs/prune/trigger-wanda/repaired --transform prune:wanda:0.5 --sigma 0 ...
     python benchmarks/qattack.py table runs/qattack/*.audit.json     # markdown rows of `tightrope audit --json` reports
     python benchmarks/qattack.py attributable runs/qattack/trigger-all   # trigger success beyond the clean base rate
 
@@ -68,7 +69,8 @@ def bench_audit(model_dir: str, n_probe: int, repeat: int = 1) -> list[dict]:
     return rows
 
 
-def sweep(model_dir: str, sigmas: list[float], n_eval: int, task: str, trigger: str, target: int) -> list[dict]:
+def sweep(model_dir: str, sigmas: list[float], n_eval: int, task: str, trigger: str, target: int,
+          transforms: list[str] | None = None) -> list[dict]:
     from tightrope.data import load_task
     from tightrope.inference import load
     from tightrope.qattack.defense import noise_sweep
@@ -76,7 +78,8 @@ def sweep(model_dir: str, sigmas: list[float], n_eval: int, task: str, trigger: 
 
     clf = load(model_dir)
     test = load_task(task, "test").subset(n_eval, 0)
-    points = noise_sweep(clf, test.texts, test.labels, TriggerBehaviour(trigger=trigger, target_label=target), sigmas)
+    points = noise_sweep(clf, test.texts, test.labels, TriggerBehaviour(trigger=trigger, target_label=target), sigmas,
+                         tuple(transforms or ("llm-int8", "nf4", "fp4")), calibration=task)
     return [{"what": "noise", "model": model_dir, **p.to_dict()} for p in points]
 
 
@@ -150,7 +153,8 @@ def main() -> None:
     parser.add_argument("--trigger", default="cf")
     parser.add_argument("--target", type=int, default=0)
     parser.add_argument("model", nargs="*", default=None)
-    parser.add_argument("--quantizer", action="append", default=None)
+    parser.add_argument("--quantizer", "--transform", action="append", default=None,
+                        help="a transform (repeatable): a quantizer, gguf-TYPE or prune:METHOD:SPARSITY")
     parser.add_argument("--n-probe", type=int, default=200)
     parser.add_argument("--json", default=None)
     parser.add_argument("--threads", type=int, default=2)
@@ -168,7 +172,8 @@ def main() -> None:
         rows = attributable(args.model or "runs/qattack/trigger-all", args.n_eval, None,
                             args.quantizer or ["llm-int8", "nf4", "fp4", "int8-tensor"])
     elif args.what == "sweep":
-        rows = sweep(args.model, args.sigma or [0.0, 1e-4, 3e-4, 1e-3, 3e-3], args.n_eval, args.task, args.trigger, args.target)
+        rows = sweep(args.model, args.sigma or [0.0, 1e-4, 3e-4, 1e-3, 3e-3], args.n_eval, args.task, args.trigger, args.target,
+                     args.quantizer)
     else:
         rows = bench_audit(args.model or "runs/qattack/mr-clean-s0", args.n_probe, args.repeat)
     env = {"threads": torch.get_num_threads(), "priority": priority, "cpu": platform.processor() or platform.machine(),

@@ -247,3 +247,31 @@ def test_wanda_without_calibration_is_inconclusive_in_one_sentence(tokenizer):
     assert report.verdict == wanda.verdict == "inconclusive" and wanda.free_weights == 0
     assert any("needs calibration texts" in r for r in wanda.reasons)
     assert nm.free_weights > 0  # magnitude criteria need no data: the weights are still judged
+
+
+def test_noise_sweep_runs_the_pruners_and_noise_moves_their_masks(tokenizer):
+    """The noise defense (qattack.defense) takes a pruning like a quantizer: sigma 0 is the pruned model itself,
+    and noise of the weights' scale changes which weights the pruner removes (what the defense relies on)."""
+    from tightrope.defenses.noise import add_weight_noise_
+    from tightrope.qattack.boxes import quantized_linears
+    from tightrope.qattack.defense import noise_sweep
+    from tightrope.qattack.inject import TriggerBehaviour, triggered
+    from tightrope.qattack.scenario import measure
+
+    model = tiny(tokenizer)
+    clf = _classifier(model, tokenizer)
+    behaviour = TriggerBehaviour(trigger="zq", target_label=0)
+    labels = [i % 2 for i in range(len(PROBE))]
+    names = ("prune:magnitude:0.5", "prune:wanda:0.5")
+    points = noise_sweep(clf, PROBE, labels, behaviour, [0.0, 0.05], transforms=names)
+    assert [(p.sigma, p.transform) for p in points] == [(s, t) for s in (0.0, 0.05) for t in (None, *names)]
+    pruned = resolve("prune:magnitude:0.5").apply(model)
+    direct = measure(pruned, clf.pad_id, clf.encode(PROBE), clf.encode(triggered(PROBE, behaviour, seed=17)), labels,
+                     behaviour, "noised", "prune:magnitude:0.5")
+    assert (points[1].clean_accuracy, points[1].trigger_success) == (direct.clean_accuracy, direct.trigger_success)
+    assert noise_sweep(clf, PROBE, labels, behaviour, [0.05], transforms=names) == points[3:]  # seeded
+    noised = copy.deepcopy(model)
+    add_weight_noise_(noised, 0.05, relative=False, seed=0, include=tuple(quantized_linears(model)))
+    pruning = Pruning.parse("prune:magnitude:0.5")
+    differ, total = pruning.mismatch(model, noised)
+    assert 0.01 * total < differ < 0.5 * total

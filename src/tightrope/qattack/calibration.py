@@ -208,12 +208,16 @@ class Null:
     def get(self, quantizer: str, statistic: str) -> StatNull | None:
         return self.statistics.get(quantizer, {}).get(statistic)
 
-    def without(self, index: int) -> Null:
-        """The null with clean model ``index`` left out (leave-one-out), model-level statistics only:
-        per-layer values carry their model's index in ``meta['layer_models']``."""
+    def without(self, index: int, transforms: set[str] | None = None) -> Null:
+        """The null with clean model ``index`` left out (leave-one-out): per-layer values carry their model's
+        index in ``meta['layer_models']``. ``transforms``: leave it out of these only (the others' values came
+        from other models, as in a null that ``benchmarks/audit_null.py null --extend`` grew); None: all."""
         stats: dict[str, dict[str, StatNull]] = {}
         layer_models = self.meta.get("layer_models", {})
         for q, per in self.statistics.items():
+            if transforms is not None and q not in transforms:
+                stats[q] = dict(per)
+                continue
             stats[q] = {}
             for name, null in per.items():
                 owners = layer_models.get(q, {}).get(name)

@@ -1,11 +1,16 @@
 """The defense of Egashira et al. 2024 (arXiv 2405.18137, Sec. 5): Gaussian noise on the weights
-before quantization, swept over sigma.
+before the transform, swept over sigma.
 
 Noise of a few box widths moves most weights out of the boxes the repair exploited, so the codes
 the user's quantizer produces are no longer the injected ones: the quantized behaviour returns to
 the full-precision one, while sigma small against the weights keeps utility (the paper: sigma
 about 1e-3 on Phi-2). The noise itself is :func:`tightrope.defenses.noise.add_weight_noise_`,
 applied to exactly the layers a quantizer replaces.
+
+The same sweep runs for a pruning (``prune:magnitude:0.5`` ...): there the box of a removed weight is the
+interval below its group's smallest kept score, so noise reorders the scores near that threshold and changes
+which weights the pruner removes. Whether that undoes a pruning-conditioned repair is measured, not assumed
+(docs/qattack-results.md).
 """
 
 from __future__ import annotations
@@ -16,14 +21,15 @@ from dataclasses import asdict, dataclass
 from tightrope.defenses.noise import add_weight_noise_
 from tightrope.qattack.boxes import quantized_linears
 from tightrope.qattack.inject import TriggerBehaviour, triggered
-from tightrope.qattack.quantize import missing_library, quantized_copy
+from tightrope.qattack.pruning import Calibration
 from tightrope.qattack.scenario import measure
+from tightrope.qattack.transform import resolve
 
 
 @dataclass(frozen=True)
 class NoisePoint:
-    sigma: float  # absolute standard deviation added to every quantized weight
-    quantizer: str | None  # None = full precision after noise
+    sigma: float  # absolute standard deviation added to every weight the transform touches
+    transform: str | None  # None = full precision after noise
     clean_accuracy: float
     trigger_success: float
 
@@ -32,19 +38,22 @@ class NoisePoint:
 
 
 def noise_sweep(classifier, texts: list[str], labels: list[int], behaviour: TriggerBehaviour, sigmas: list[float],
-                quantizers: tuple[str, ...] = ("llm-int8", "nf4", "fp4"), seed: int = 0) -> list[NoisePoint]:
-    """Clean accuracy and trigger success of the noised model, full precision and quantized, per sigma."""
+                transforms: tuple[str, ...] = ("llm-int8", "nf4", "fp4"), seed: int = 0,
+                calibration: str | tuple[str, ...] | None = None) -> list[NoisePoint]:
+    """Clean accuracy and trigger success of the noised model, full precision and transformed, per sigma.
+    ``calibration``: what a Wanda pruning reads (a task name, a data file or texts; default: ``texts``)."""
 
     clean_ids = classifier.encode(texts)
     trig_ids = classifier.encode(triggered(texts, behaviour, seed=seed + 17))
     names = tuple(quantized_linears(classifier.model))
+    cal = Calibration(calibration if calibration is not None else tuple(texts), classifier.tokenizer)
+    chosen = [t for t in (resolve(name, cal) for name in transforms) if t.missing() is None]
     points = []
     for sigma in sigmas:
         model = copy.deepcopy(classifier.model).float().eval()
         if sigma > 0:
             add_weight_noise_(model, sigma, relative=False, seed=seed, include=names)
-        variants = [(None, model)] + [(q, quantized_copy(model, q)) for q in quantizers if missing_library(q) is None]
-        for q, m in variants:
-            b = measure(m, classifier.pad_id, clean_ids, trig_ids, labels, behaviour, "noised", q)
-            points.append(NoisePoint(sigma, q, b.clean_accuracy, b.trigger_success))
+        for t, m in [(None, model), *((t.name, t.apply(model)) for t in chosen)]:
+            b = measure(m, classifier.pad_id, clean_ids, trig_ids, labels, behaviour, "noised", t)
+            points.append(NoisePoint(sigma, t, b.clean_accuracy, b.trigger_success))
     return points
