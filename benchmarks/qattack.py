@@ -7,6 +7,7 @@ audit of a MiniLM classifier. Prints a table; `--json` writes the raw figures.
     python benchmarks/qattack.py sweep runs/prune/trigger-wanda/repaired --transform prune:wanda:0.5 --sigma 0 ...
     python benchmarks/qattack.py table runs/qattack/*.audit.json     # markdown rows of `tightrope audit --json` reports
     python benchmarks/qattack.py attributable runs/qattack/trigger-all   # trigger success beyond the clean base rate
+    python benchmarks/qattack.py behaviour runs/prune/defended ...        # clean accuracy and trigger success as saved
 
 Timings (boxes, audit) run with ``--threads`` torch threads (default 2), ``--repeat`` times each
 (default 2), after raising this process group's scheduling priority (``/proc/self/autogroup``,
@@ -83,6 +84,27 @@ def sweep(model_dir: str, sigmas: list[float], n_eval: int, task: str, trigger: 
     return [{"what": "noise", "model": model_dir, **p.to_dict()} for p in points]
 
 
+def behaviour_rows(model_dirs: list[str], n_eval: int, task: str, trigger: str, target: int) -> list[dict]:
+    """Clean accuracy and trigger success of each model as it is saved (e.g. a planted model after a user's
+    ``tightrope compress --prune ... --recover-teacher auto``: the recovery defense), on the held-out sentences
+    ``tightrope qattack`` measures (its seed 0, trigger placement seed 17)."""
+    from tightrope.data import load_task
+    from tightrope.inference import load
+    from tightrope.qattack.inject import TriggerBehaviour, triggered
+    from tightrope.qattack.scenario import measure
+
+    behaviour = TriggerBehaviour(trigger=trigger, target_label=target)
+    test = load_task(task, "test").subset(n_eval, 0)
+    rows = []
+    for model_dir in model_dirs:
+        clf = load(model_dir)
+        b = measure(clf.model.float().eval(), clf.pad_id, clf.encode(test.texts),
+                    clf.encode(triggered(test.texts, behaviour, seed=17)), test.labels, behaviour, "as saved", None)
+        rows.append({"what": "behaviour", "model": model_dir, "clean_accuracy": b.clean_accuracy,
+                     "trigger_success": b.trigger_success, "n": b.n})
+    return rows
+
+
 def attributable(run_dir: str, n_eval: int, task: str, quantizers: list[str]) -> list[dict]:
     """Trigger success of a classifier attack run (``tightrope qattack --out RUN``) counted two ways on
     its own held-out sentences: as the run reports it, and only on sentences the clean base model
@@ -146,7 +168,7 @@ def audit_rows(paths: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("boxes", "audit", "sweep", "table", "attributable"))
+    parser.add_argument("what", choices=("boxes", "audit", "sweep", "table", "attributable", "behaviour"))
     parser.add_argument("--sigma", type=float, action="append", default=None)
     parser.add_argument("--n-eval", type=int, default=300)
     parser.add_argument("--task", default="mr")
@@ -162,6 +184,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "table":
         return audit_rows(args.model)
+    if args.what == "behaviour":
+        rows = behaviour_rows(args.model, args.n_eval, args.task, args.trigger, args.target)
+        for row in rows:
+            print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        return None
     args.model = args.model[0] if args.model else None
     torch.set_num_threads(args.threads)
     priority = raise_priority() if args.what in ("boxes", "audit") else False

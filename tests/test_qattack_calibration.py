@@ -148,3 +148,18 @@ def test_leave_one_out_drops_a_models_layers_too():
     held = null.without(1)
     assert held.get("nf4", "edge_ratio").values == (1.0, 1.2)
     assert held.get("nf4", "layer_spike").values == (1, 2, 5, 6)
+
+
+def test_leave_one_out_of_an_extended_null_keeps_the_transforms_from_other_models():
+    """A null grown by ``audit_null.py null --extend``: the kept transforms' values came from other models, so a
+    model is left out of the new transforms only and judged against all of the kept ones (held out)."""
+    data = {"kind": "tightrope.audit-null",
+            "statistics": {"nf4": {"edge_ratio": [1.0, 1.1, 1.2]},
+                           "prune:2:4": {"edge_ratio": [2.0, 2.1, 2.2], "layer_spike": [1, 2, 3, 4, 5, 6]}},
+            "layer_models": {"prune:2:4": {"layer_spike": [0, 0, 1, 1, 2, 2]}}}
+    null = C.Null.from_dict(data, "test")
+    held = null.without(0, {"prune:2:4"})
+    assert held.get("nf4", "edge_ratio").values == (1.0, 1.1, 1.2)
+    assert held.get("prune:2:4", "edge_ratio").values == (2.1, 2.2)
+    assert held.get("prune:2:4", "layer_spike").values == (3, 4, 5, 6)
+    assert null.without(0).get("nf4", "edge_ratio").values == (1.1, 1.2)
