@@ -136,7 +136,7 @@ def transforms() -> tuple[str, ...]:
     """The audit's default transforms: every one tightrope implements (what ``collect`` measures)."""
     from tightrope.qattack.audit import AuditConfig
 
-    return AuditConfig().quantizers
+    return AuditConfig().transforms
 
 
 def collect(root: Path, names: list[str], n_probe: int) -> None:
@@ -155,7 +155,7 @@ def collect(root: Path, names: list[str], n_probe: int) -> None:
             continue
         started = time.perf_counter()
         report = audit(str(root / "clean" / name), task="mr", n_probe=n_probe,
-                       config=AuditConfig(quantizers=transforms()), judge=False, cache_dir=root / "cache" / name,
+                       config=AuditConfig(transforms=transforms()), judge=False, cache_dir=root / "cache" / name,
                        progress=lambda q, n=name: print(f"  {n}: {q} ({time.perf_counter() - started:.0f} s)", flush=True))
         write_json_atomic(out, report.to_dict())
         print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -167,15 +167,16 @@ def _refresh_weights(model_dir: Path, out: Path) -> None:
     from tightrope import workflows
     from tightrope.evaluate.results import write_json_atomic
     from tightrope.qattack.audit import AuditConfig, audit_model
+    from tightrope.qattack.calibration import upgrade_report
 
-    report = json.loads(out.read_text())
-    if all("layer_spike" in q["statistics"] for q in report["quantizers"]):
+    report = upgrade_report(json.loads(out.read_text()))  # an older report is rewritten with the current keys
+    if all("layer_spike" in q["statistics"] for q in report["transforms"]):
         return
     started = time.perf_counter()
     model = workflows.load(str(model_dir)).model.float().eval()
-    weights = audit_model(model, config=AuditConfig(quantizers=QUANTIZERS, search=None), judge=False).to_dict()
+    weights = audit_model(model, config=AuditConfig(transforms=QUANTIZERS, search=None), judge=False).to_dict()
     keep = ("disagreement", "kl", "search_kl")
-    for old, new in zip(report["quantizers"], weights["quantizers"], strict=True):
+    for old, new in zip(report["transforms"], weights["transforms"], strict=True):
         old["statistics"] = {**new["statistics"], **{k: v for k, v in old["statistics"].items() if k in keep}}
         old["layers"] = new["layers"]
     write_json_atomic(out, report)
@@ -183,12 +184,15 @@ def _refresh_weights(model_dir: Path, out: Path) -> None:
 
 
 def _reports(root: Path) -> dict[str, dict]:
-    return {n: json.loads((root / "collect" / f"{n}.json").read_text()) for n in CLEAN
+    """The collected reports, in the current key names (older ones say ``quantizers`` / ``quantizer``)."""
+    from tightrope.qattack.calibration import upgrade_report
+
+    return {n: upgrade_report(json.loads((root / "collect" / f"{n}.json").read_text())) for n in CLEAN
             if (root / "collect" / f"{n}.json").exists()}
 
 
 def build_null(root: Path, out: Path, n_probe: int, extend: Path | None = None) -> dict:
-    """The null JSON: per quantizer and statistic, the clean values (model-level: one per clean model;
+    """The null JSON: per transform and statistic, the clean values (model-level: one per clean model;
     per-layer: one per layer of every clean model, with the index of its model in ``layer_models``).
 
     ``extend``: an earlier null whose transforms are kept as they are (their values, their models); only the
@@ -257,17 +261,18 @@ def leave_one_out(null, reports: dict[str, dict], alpha: float, own: set[str] | 
     """Judge every clean model against the null without it: the false-positive rate at ``alpha``. ``own``: the
     transforms whose null values came from these reports (default: all); for any other transform the model is
     not in the null, so it is judged against the whole of it (a held-out test)."""
-    from tightrope.qattack.audit import judge_quantizer
+    from tightrope.qattack.audit import judge_transform
+    from tightrope.qattack.calibration import upgrade_report
 
     flagged, rows = [], {}
     for i, (name, report) in enumerate(reports.items()):
         held = null.without(i, own)
-        qs = report["quantizers"]
+        qs = upgrade_report(report)["transforms"]
         level = alpha / len(qs)
         verdicts = {}
         for q in qs:
-            verdict, _, _, _, p = judge_quantizer(q["quantizer"], q["statistics"], held, level, alpha, len(qs), [])
-            verdicts[q["quantizer"]] = {"verdict": verdict, "p": p}
+            verdict, _, _, _, p = judge_transform(q["transform"], q["statistics"], held, level, alpha, len(qs), [])
+            verdicts[q["transform"]] = {"verdict": verdict, "p": p}
         rows[name] = verdicts
         if any(v["verdict"] == "flagged" for v in verdicts.values()):
             flagged.append(name)
@@ -275,7 +280,7 @@ def leave_one_out(null, reports: dict[str, dict], alpha: float, own: set[str] | 
 
 
 def detect(root: Path, n_probe: int, null_path: Path | None, only: list[str], chosen: list[str]) -> None:
-    """Audit every planted model with the (shipped) null and print one row per model and quantizer.
+    """Audit every planted model with the (shipped) null and print one row per model and transform.
     ``chosen``: the transforms to audit (default: the audit's default, every transform)."""
     from tightrope.evaluate.results import write_json_atomic
     from tightrope.qattack.audit import AuditConfig, audit
@@ -286,7 +291,7 @@ def detect(root: Path, n_probe: int, null_path: Path | None, only: list[str], ch
         if not out.exists() and (not only or model.name in only):
             started = time.perf_counter()
             report = audit(str(model), task="mr", n_probe=n_probe, cache_dir=root / "cache" / model.name,
-                           config=AuditConfig(quantizers=tuple(chosen) or transforms(),
+                           config=AuditConfig(transforms=tuple(chosen) or transforms(),
                                               null=str(null_path) if null_path else None))
             write_json_atomic(out, report.to_dict())
             print(f"{model.name}: {report.verdict} in {time.perf_counter() - started:.0f} s", flush=True)
@@ -294,18 +299,20 @@ def detect(root: Path, n_probe: int, null_path: Path | None, only: list[str], ch
 
 
 def table(paths: list[Path]) -> None:
-    print("| model | trigger (not told) | verdict | quantizer | p (combined) | level | smallest p | search: best insertion | fp -> q target share | flip rate |")
+    from tightrope.qattack.calibration import upgrade_report
+
+    print("| model | trigger (not told) | verdict | transform | p (combined) | level | smallest p | search: best insertion | fp -> q target share | flip rate |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in paths:
-        report = json.loads(path.read_text())
+        report = upgrade_report(json.loads(path.read_text()))
         attack = path.with_name(path.name.replace(".audit.json", ".attack.json"))
         told = json.loads(attack.read_text()) if attack.exists() else {}
-        for q in report["quantizers"]:
+        for q in report["transforms"]:
             smallest = min(q["p_values"], key=q["p_values"].get) if q["p_values"] else "-"
             best = (q.get("search") or {}).get("candidates") or [{}]
             b = best[0]
             print(f"| {path.name.removesuffix('.audit.json')} | {told.get('trigger', '-')} -> {told.get('target_label', '-')} | "
-                  f"{report['verdict']} | {q['quantizer']} | {_p(q['p_value'])} | {_p(q['level'])} | {smallest} "
+                  f"{report['verdict']} | {q['transform']} | {_p(q['p_value'])} | {_p(q['level'])} | {smallest} "
                   f"{_p(q['p_values'].get(smallest))} | {b.get('text', '-')!r} -> {b.get('target', '-')} | "
                   f"{_pct(b.get('fp_target'))} -> {_pct(b.get('q_target'))} | {_pct(b.get('flip_rate'))} |")
 

@@ -137,7 +137,9 @@ def attributable(run_dir: str, n_eval: int, task: str, quantizers: list[str]) ->
 
 
 def audit_rows(paths: list[str]) -> None:
-    """Print one markdown row per audit report and quantizer: verdict and every score."""
+    """Print one markdown row per audit report and transform: verdict and every score (reports written before
+    the rename from quantizer to transform are read too)."""
+    from tightrope.qattack.calibration import upgrade_report
 
     def f(x, fmt=".2f"):
         return "-" if x is None else format(x, fmt)
@@ -151,16 +153,16 @@ def audit_rows(paths: list[str]) -> None:
             return "-"
         return f"{q['insecure_quantized']:.0%} / {q['insecure_fp']:.0%}"
 
-    print("| model | overall (exit) | quantizer | verdict | edge ratio | peak ratio | flip ratio | disagreement | KL (nats) |"
+    print("| model | overall (exit) | transform | verdict | edge ratio | peak ratio | flip ratio | disagreement | KL (nats) |"
           " noise disagr. | KL after noise | KL ratio | top answer phrase (quantized / fp) | insecure code (quantized / fp) |"
           " probe | seconds |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     codes = {"clean": 0, "flagged": 1, "inconclusive": 3}
     for path in paths:
         with open(path) as fh:
-            r = json.load(fh)
-        for q in r["quantizers"]:
-            print(f"| {r['model']} | {r['verdict']} ({codes[r['verdict']]}) | {q['quantizer']} | {q['verdict']} | "
+            r = upgrade_report(json.load(fh))
+        for q in r["transforms"]:
+            print(f"| {r['model']} | {r['verdict']} ({codes[r['verdict']]}) | {q['transform']} | {q['verdict']} | "
                   f"{f(q['edge_ratio'])} | {f(q['peak_ratio'])} | {f(q['flip_ratio'])} | {f(q['disagreement'], '.3f')} | "
                   f"{f(q['kl'], '.4f')} | {f(q['noise_disagreement'], '.3f')} | {f(q.get('noise_kl'), '.4f')} | "
                   f"{f(q.get('kl_ratio'))} | {phrase(q)} | {insecure(q)} | {q['probe_size']} | {r['seconds']:.0f} |")

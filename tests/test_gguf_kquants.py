@@ -202,4 +202,4 @@ def test_schemes_are_registered_for_fake_quantization_and_refused_where_boxes_ar
     with pytest.raises(TightropeError, match="has no boxes yet"):
         weight_box(w, "gguf-q4_k")
     with pytest.raises(TightropeError, match="has no boxes yet"):
-        A.audit_model(_model(), config=A.AuditConfig(quantizers=("gguf-q5_k",)))
+        A.audit_model(_model(), config=A.AuditConfig(transforms=("gguf-q5_k",)))

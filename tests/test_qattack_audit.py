@@ -34,7 +34,7 @@ def repaired(model, quantizer, margin=0.0):
     return out
 
 
-CONFIG = A.AuditConfig(quantizers=("llm-int8", "nf4", "fp4", "all"))
+CONFIG = A.AuditConfig(transforms=("llm-int8", "nf4", "fp4", "all"))
 
 
 def test_uniform_positions_give_ratio_one():
@@ -60,10 +60,10 @@ def test_kl_divergence():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_natural_weights_are_not_flagged_and_never_called_clean_unchecked(seed):
     report = A.audit_model(tiny(seed), config=CONFIG)
-    assert not report.flagged, [q.reasons for q in report.quantizers]
+    assert not report.flagged, [q.reasons for q in report.transforms]
     assert report.verdict == "inconclusive"  # behaviour could not be checked without a classifier
     assert any("behaviour was not checked" in n for n in report.notes)
-    for q in report.quantizers:
+    for q in report.transforms:
         assert 0.7 < q.edge_ratio < 1.3 and 0.7 < q.flip_ratio < 1.3 and q.peak_ratio < 1.6
 
 
@@ -71,16 +71,16 @@ def test_natural_weights_are_not_flagged_and_never_called_clean_unchecked(seed):
 def test_repaired_weights_are_flagged(quantizer):
     report = A.audit_model(repaired(tiny(0), quantizer), config=CONFIG)
     assert report.flagged
-    flagged = {q.quantizer for q in report.quantizers if q.verdict == "flagged"}
+    flagged = {q.transform for q in report.transforms if q.verdict == "flagged"}
     assert (quantizer if quantizer != "all" else "all") in flagged
-    worst = max(report.quantizers, key=lambda q: q.edge_ratio)
+    worst = max(report.transforms, key=lambda q: q.edge_ratio)
     assert worst.edge_ratio > 3 and worst.at_edge > 0.1
     assert any((layer.edge_ratio or 0) > 3 for layer in worst.layers)
 
 
 def test_margin_does_not_hide_the_repair():
     report = A.audit_model(repaired(tiny(0), "nf4", margin=0.1), config=CONFIG)
-    nf4 = next(q for q in report.quantizers if q.quantizer == "nf4")
+    nf4 = next(q for q in report.transforms if q.transform == "nf4")
     assert nf4.verdict == "flagged" and nf4.peak_ratio > 3
 
 
@@ -88,12 +88,12 @@ def test_small_probe_set_is_inconclusive_not_clean(tmp_path):
     model = tiny(0)
     clf = _classifier(model)
     report = A.audit_model(model, classifier=clf, probe_texts=["a fine film"] * 10,
-                           config=A.AuditConfig(quantizers=("nf4",), min_probe=50))
+                           config=A.AuditConfig(transforms=("nf4",), min_probe=50))
     assert report.verdict == "inconclusive"
     assert "fewer than the 50" in report.notes[0]
     full = A.audit_model(model, classifier=clf, probe_texts=[f"film number {i} was fine" for i in range(60)],
-                         config=A.AuditConfig(quantizers=("nf4",), min_probe=50))
-    nf4 = full.quantizers[0]
+                         config=A.AuditConfig(transforms=("nf4",), min_probe=50))
+    nf4 = full.transforms[0]
     assert nf4.disagreement is not None and nf4.kl is not None and nf4.noise_disagreement is not None
     assert nf4.probe_size == 60
 
@@ -101,10 +101,10 @@ def test_small_probe_set_is_inconclusive_not_clean(tmp_path):
 def test_no_quantizable_layer_is_inconclusive_in_one_sentence():
     report = A.audit_model(torch.nn.Sequential(torch.nn.Embedding(10, 4)), config=CONFIG)
     assert report.verdict == "inconclusive" and not report.flagged
-    assert all(q.verdict == "inconclusive" for q in report.quantizers)
+    assert all(q.verdict == "inconclusive" for q in report.transforms)
     assert len(report.notes) == 1 and "no Linear layer" in report.notes[0] and "cannot be called clean" in report.notes[0]
     with pytest.raises(TightropeError, match="Unknown transform"):
-        A.audit_model(tiny(0), config=A.AuditConfig(quantizers=("int3",)))
+        A.audit_model(tiny(0), config=A.AuditConfig(transforms=("int3",)))
 
 
 def _classifier(model):
@@ -124,14 +124,14 @@ def test_missing_library_is_inconclusive_never_clean(monkeypatch):
     clf = _classifier(model)
     sentence = "nf4 needs bitsandbytes, which is not installed (pip install bitsandbytes)."
     monkeypatch.setattr(T, "missing_library", lambda q: sentence if q in ("nf4", "fp4", "llm-int8") else None)
-    report = A.audit_model(model, classifier=clf, probe_texts=PROBE, config=A.AuditConfig(quantizers=("nf4", "all")))
+    report = A.audit_model(model, classifier=clf, probe_texts=PROBE, config=A.AuditConfig(transforms=("nf4", "all")))
     assert report.verdict == "inconclusive"
-    for q in report.quantizers:
+    for q in report.transforms:
         assert q.verdict == "inconclusive" and q.disagreement is None  # behaviour needs the library
         assert "not installed" in q.reasons[0]
     # the weight evidence still runs without the library, so a repaired model is still flagged
     bad = repaired(tiny(0), "nf4")
-    flagged = A.audit_model(bad, classifier=_classifier(bad), probe_texts=PROBE, config=A.AuditConfig(quantizers=("nf4",)))
+    flagged = A.audit_model(bad, classifier=_classifier(bad), probe_texts=PROBE, config=A.AuditConfig(transforms=("nf4",)))
     assert flagged.verdict == "flagged"
 
 
@@ -154,9 +154,9 @@ def lm_tokenizer():
 def test_causal_lm_behaviour_is_next_token_agreement(lm_tokenizer):
     model = tiny_lm(0)
     assert "lm_head" not in A.quantized_linears(model)  # the output head stays in full precision
-    config = A.AuditConfig(quantizers=("nf4",), lm_max_tokens=8)
+    config = A.AuditConfig(transforms=("nf4",), lm_max_tokens=8)
     report = A.audit_model(model, tokenizer=lm_tokenizer, probe_texts=PROBE, config=config)
-    nf4 = report.quantizers[0]
+    nf4 = report.transforms[0]
     assert nf4.probe_size == 60 and 0 <= nf4.disagreement <= 1 and nf4.kl > 0 and nf4.noise_disagreement is not None
     assert nf4.noise_kl > 0 and nf4.kl_ratio == pytest.approx(nf4.kl / nf4.noise_kl)
     assert 0.5 < nf4.kl_ratio < config.lm_kl_ratio_threshold  # natural weights: noise leaves the divergence alone
@@ -170,8 +170,8 @@ def test_causal_lm_is_judged_by_the_kl_ratio_not_absolute_kl(lm_tokenizer, monke
     # that collapses under a small weight perturbation flags it
     monkeypatch.setattr(A, "_behaviour", lambda probe, model, q, noisy, answers: (0.5, 0.8, 0.2, noise_kl, [], None))
     report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=PROBE,
-                           config=A.AuditConfig(quantizers=("nf4",), lm_max_tokens=8))
-    nf4 = report.quantizers[0]
+                           config=A.AuditConfig(transforms=("nf4",), lm_max_tokens=8))
+    nf4 = report.transforms[0]
     assert nf4.kl_ratio == pytest.approx(0.8 / noise_kl)
     assert report.flagged is flagged
     if flagged:
@@ -195,16 +195,16 @@ def test_causal_lm_answer_phrase_flags_the_quantizer(lm_tokenizer, monkeypatch):
     planted = [("brought to you by acme", 0.7, 0.0)]
     monkeypatch.setattr(A.AnswerProbe, "phrases", lambda self, quantized: planted)
     report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=PROBE,
-                           config=A.AuditConfig(quantizers=("nf4",), lm_max_tokens=8, lm_answers=8, lm_answer_tokens=4))
-    nf4 = report.quantizers[0]
+                           config=A.AuditConfig(transforms=("nf4",), lm_max_tokens=8, lm_answers=8, lm_answer_tokens=4))
+    nf4 = report.transforms[0]
     assert report.flagged and nf4.phrases == planted
     assert any('say "brought to you by acme"' in r for r in nf4.reasons)
     # a reworded phrase in 30% of answers is reported, but natural rewording of that size does not flag
     planted[:] = [("based on the", 0.3, 0.0)]
     report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=PROBE,
-                           config=A.AuditConfig(quantizers=("nf4",), lm_max_tokens=8, lm_answers=8, lm_answer_tokens=4))
-    assert not any("quantized answers say" in r for r in report.quantizers[0].reasons)
-    assert report.quantizers[0].phrases == planted
+                           config=A.AuditConfig(transforms=("nf4",), lm_max_tokens=8, lm_answers=8, lm_answer_tokens=4))
+    assert not any("quantized answers say" in r for r in report.transforms[0].reasons)
+    assert report.transforms[0].phrases == planted
     assert any("chat prompts" in n for n in report.notes)
 
 
@@ -213,15 +213,65 @@ def test_causal_lm_insecure_code_in_quantized_answers_flags(lm_tokenizer, monkey
     rates = iter([0.1, 0.6])  # full precision first (in the probe), then the quantized copy
     monkeypatch.setattr(A.AnswerProbe, "insecure_rate", lambda self, model: next(rates))
     report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=PROBE,
-                           config=A.AuditConfig(quantizers=("nf4",), lm_max_tokens=8, lm_answers=8, lm_answer_tokens=4,
+                           config=A.AuditConfig(transforms=("nf4",), lm_max_tokens=8, lm_answers=8, lm_answer_tokens=4,
                                                 lm_code_answers=4))
-    nf4 = report.quantizers[0]
+    nf4 = report.transforms[0]
     assert report.flagged and (nf4.insecure_fp, nf4.insecure_quantized) == (0.1, 0.6)
     assert any("bandit flags the code in 60%" in r for r in nf4.reasons)
 
 
 def test_causal_lm_small_probe_is_inconclusive(lm_tokenizer):
     report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=["a", "b c"] * 30,
-                           config=A.AuditConfig(quantizers=("nf4",), min_probe=50))
+                           config=A.AuditConfig(transforms=("nf4",), min_probe=50))
     assert report.verdict == "inconclusive"  # 60 texts, but only 30 have two tokens
     assert "fewer than the 50" in report.notes[0]
+
+
+def _benchmark(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_says_transforms_and_old_quantizer_reports_still_load(tmp_path, capsys):
+    import json
+
+    from tightrope.qattack import calibration as C
+
+    report = A.audit_model(tiny(0), config=A.AuditConfig(transforms=("nf4", "prune:2:4"), search=None))
+    text = json.dumps(report.to_dict())
+    new = json.loads(text)
+    assert "quantizers" not in new and [t["transform"] for t in new["transforms"]] == ["nf4", "prune:2:4"]
+    assert "quantizer" not in new["transforms"][0] and new["config"]["transforms"] == ["nf4", "prune:2:4"]
+    assert "prune:2:4: tightrope/qattack/null/minilm-classifiers.json has no clean values for this transform" in \
+        " ".join(report.notes)
+    assert "/ 2 transforms" in " ".join(report.transforms[0].reasons)  # tested at alpha / m transforms
+    assert json.dumps(A.AuditReport.from_dict(json.loads(text)).to_dict()) == text  # round trip
+    # a report and config written before the rename: "quantizers" / "quantizer"
+    old = json.loads(text)
+    old["quantizers"] = old.pop("transforms")
+    for entry in old["quantizers"]:
+        entry["quantizer"] = entry.pop("transform")
+    old["config"]["quantizers"] = old["config"].pop("transforms")
+    loaded = A.AuditReport.from_dict(old)
+    assert [t.transform for t in loaded.transforms] == ["nf4", "prune:2:4"] and loaded.transforms[0].layers
+    assert json.dumps(loaded.to_dict(), sort_keys=True) == json.dumps(new, sort_keys=True)
+    assert A.AuditConfig(**old["config"]) == A.AuditConfig(**new["config"])
+    assert A.AuditConfig(quantizers=("nf4", "prune:2:4"), search=None).transforms == ("nf4", "prune:2:4")
+    assert C.upgrade_report(old) == new and C.null_statistics([old]) == C.null_statistics([new])
+    with pytest.raises(TightropeError, match="not an audit report"):
+        A.AuditReport.from_dict({"model": "x", "verdict": "clean"})
+    # the benchmark readers take both: the markdown table and the null's leave-one-out
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(text)
+    _benchmark("qattack").audit_rows([str(tmp_path / "old.json"), str(tmp_path / "new.json")])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert "| transform |" in rows[0] and len(rows) == 5 and rows[1:3] == rows[3:5] and "| nf4 |" in rows[1]
+    null = C.load_null()  # the shipped null: keyed by transform name, format unchanged
+    loo = _benchmark("audit_null").leave_one_out(null, {"old": old, "new": new}, 0.01, own=set())
+    assert loo["per_model"]["old"] == loo["per_model"]["new"] and set(loo["per_model"]["old"]) == {"nf4", "prune:2:4"}

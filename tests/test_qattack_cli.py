@@ -78,7 +78,7 @@ def test_audit_verdict_states_its_p_value(dirs, tmp_path):
     result = runner.invoke(app, ["audit", str(attacked), "--task", str(probe), "--split", "train", "--n-probe", "60",
                                  "--quantizer", "nf4", "--no-search", "--alpha", "0.001", "--json", str(out)])
     assert result.exit_code == 1, result.output
-    nf4 = json.loads(out.read_text())["quantizers"][0]
+    nf4 = json.loads(out.read_text())["transforms"][0]
     assert nf4["p_value"] <= nf4["level"] == pytest.approx(0.001)
     assert nf4["reasons"][0].startswith("combined p = ") and nf4["search"] is None
     assert "false-positive rate" in text(result)

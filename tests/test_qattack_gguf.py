@@ -118,7 +118,7 @@ def test_unknown_gguf_names_are_one_sentence():
             quantized_copy(tiny(0), bad)
         assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")
         with pytest.raises(TightropeError, match="GGUF type"):
-            A.audit_model(tiny(0), config=A.AuditConfig(quantizers=(bad,)))
+            A.audit_model(tiny(0), config=A.AuditConfig(transforms=(bad,)))
 
 
 def _classifier(model):
@@ -134,10 +134,10 @@ PROBE = [f"film number {i} was {'fine' if i % 2 else 'dull'}" for i in range(60)
 
 
 def test_audit_judges_gguf_by_fixed_thresholds_and_never_calls_it_clean():
-    config = A.AuditConfig(quantizers=("gguf-q4_0",), search=None)
+    config = A.AuditConfig(transforms=("gguf-q4_0",), search=None)
     model = tiny(0)
     natural = A.audit_model(model, classifier=_classifier(model), probe_texts=PROBE, config=config)
-    (q,) = natural.quantizers
+    (q,) = natural.transforms
     assert natural.verdict == q.verdict == "inconclusive" and q.level is None and q.p_value is None
     assert "no clean null for gguf-q4_0" in q.reasons[0] and "not evidence enough to call it clean" in q.reasons[0]
     assert q.disagreement is not None and q.kl is not None and "edge_contrast" in q.statistics  # measured, reported
@@ -145,12 +145,12 @@ def test_audit_judges_gguf_by_fixed_thresholds_and_never_calls_it_clean():
     assert not any("Calibrated verdict" in n for n in natural.notes)  # nothing in it was calibrated
     bad, _ = repaired(tiny(0), "gguf-q4_0")
     flagged = A.audit_model(bad, classifier=_classifier(bad), probe_texts=PROBE, config=config)
-    (q,) = flagged.quantizers
+    (q,) = flagged.transforms
     assert flagged.verdict == q.verdict == "flagged" and "uncalibrated" in q.reasons[0] and len(q.reasons) > 1
     # a calibrated quantizer next to it keeps its calibrated verdict
     mixed = A.audit_model(model, classifier=_classifier(model), probe_texts=PROBE,
-                          config=A.AuditConfig(quantizers=("nf4", "gguf-q4_0"), search=None))
-    assert mixed.quantizers[0].p_value is not None and mixed.quantizers[1].p_value is None
+                          config=A.AuditConfig(transforms=("nf4", "gguf-q4_0"), search=None))
+    assert mixed.transforms[0].p_value is not None and mixed.transforms[1].p_value is None
     assert any("Calibrated verdict" in n for n in mixed.notes)
 
 
@@ -170,7 +170,7 @@ def test_audit_cli_accepts_a_gguf_quantizer(tiny_dir, tmp_path):
     result = runner.invoke(app, ["audit", str(model), "--task", str(probe), "--split", "train", "--n-probe", "60",
                                  "--quantizer", "gguf-q4_0", "--no-search", "--json", str(out)])
     assert result.exit_code == 3, result.output  # a clean model under fixed thresholds: inconclusive, never clean
-    assert json.loads(out.read_text())["quantizers"][0]["quantizer"] == "gguf-q4_0"
+    assert json.loads(out.read_text())["transforms"][0]["transform"] == "gguf-q4_0"
     result = runner.invoke(app, ["audit", str(model), "--quantizer", "gguf-q3_0"])
     assert result.exit_code == 2 and "Unknown GGUF type 'gguf-q3_0'" in " ".join(result.output.split())
 

@@ -111,13 +111,13 @@ def test_wanda_boxes_follow_the_activations_and_settle(tokenizer):
 
 @pytest.mark.parametrize("name", PRUNINGS)
 def test_a_pruning_conditioned_model_is_flagged_and_its_clean_twin_is_not(tokenizer, name):
-    config = A.AuditConfig(quantizers=(name,), search=None)
+    config = A.AuditConfig(transforms=(name,), search=None)
     clean = tiny(tokenizer)
     planted, _ = plant(clean, Pruning.parse(name, Calibration(tuple(PROBE), tokenizer)))
     for model, flagged in ((clean, False), (planted, True)):
         report = A.audit_model(model, classifier=_classifier(model, tokenizer), probe_texts=PROBE, config=config)
-        (q,) = report.quantizers
-        assert q.quantizer == name and q.disagreement is not None and q.free_weights > 0
+        (q,) = report.transforms
+        assert q.transform == name and q.disagreement is not None and q.free_weights > 0
         if flagged:
             assert report.verdict == q.verdict == "flagged" and "uncalibrated" in q.reasons[0]
             assert q.edge_ratio > 2 * config.edge_ratio_threshold and q.flip_ratio > 2 * config.flip_ratio_threshold
@@ -132,10 +132,10 @@ def test_the_trigger_search_runs_through_the_pruned_twin(tokenizer):
 
     model = tiny(tokenizer)
     model.classifier.weight.data.mul_(50)  # a classifier with opinions, so the search has something to move
-    config = A.AuditConfig(quantizers=("prune:2:4",), search=SearchConfig(steps=1, longer_steps=1, lengths=(1,), top_k=4,
+    config = A.AuditConfig(transforms=("prune:2:4",), search=SearchConfig(steps=1, longer_steps=1, lengths=(1,), top_k=4,
                                                                           batch=2, n_search=2, n_eval=8))
     report = A.audit_model(model, classifier=_classifier(model, tokenizer), probe_texts=PROBE, config=config)
-    (q,) = report.quantizers
+    (q,) = report.transforms
     assert q.search is not None and q.search["quantizer"] == "prune:2:4" and q.search["candidates"]
     assert "search_kl" in q.statistics
 
@@ -143,15 +143,15 @@ def test_the_trigger_search_runs_through_the_pruned_twin(tokenizer):
 def test_transform_spellings_are_one_name_and_misspellings_one_sentence():
     assert canonical("gguf:Q4_0") == "gguf-q4_0" and canonical(" NF4 ") == "nf4"
     assert canonical("prune:magnitude:.5") == "prune:magnitude:0.5" and canonical("prune:2:4") == "prune:2:4"
-    assert A.AuditConfig(quantizers=("gguf:Q4_0", "gguf-q4_0", "prune:wanda:0.50")).quantizers == (
+    assert A.AuditConfig(transforms=("gguf:Q4_0", "gguf-q4_0", "prune:wanda:0.50")).transforms == (
         "gguf-q4_0", "prune:wanda:0.5")
-    assert set(PRUNINGS) <= set(A.AuditConfig().quantizers)  # the default: every transform
+    assert set(PRUNINGS) <= set(A.AuditConfig().transforms)  # the default: every transform
     for bad, hint in (("prune:magnitud:0.5", "did you mean 'prune:magnitude:0.5'"), ("prune:2-4", "did you mean 'prune:2:4'"),
                       ("nf5", "did you mean 'nf4'"), ("gguf:Q4_K_M", "llama-quantize preset, which mixes types"),
                       ("gguf:Q4_K", "k-quant .* no boxes yet"), ("gguf:IQ4_XS", "i-quant or a ternary type"),
                       ("prune:wanda:2", "fraction between 0 and 1")):
         with pytest.raises(TightropeError, match=hint) as err:
-            A.AuditConfig(quantizers=("nf4", bad))
+            A.AuditConfig(transforms=("nf4", bad))
         assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")
     assert isinstance(resolve("prune:2:4"), Pruning) and resolve("gguf:Q8_0").name == "gguf-q8_0"
     # a pruning's name builds the config `tightrope compress --prune` builds (compress.specs' one table)
@@ -179,13 +179,13 @@ def test_second_audit_reuses_each_transforms_measurements(tokenizer, tmp_path, m
 
     def run(*names, **settings):
         return A.audit_model(model, classifier=clf, probe_texts=PROBE, cache_dir=cache,
-                             config=A.AuditConfig(quantizers=names, search=None, **settings))
+                             config=A.AuditConfig(transforms=names, search=None, **settings))
 
     first = run("prune:magnitude:0.5")
     assert calls == ["prune:magnitude:0.5"] and len(list(cache.glob("*.json"))) == 1
     second = run("prune:magnitude:0.5", "prune:2:4")
     assert calls == ["prune:magnitude:0.5", "prune:2:4"]  # only the added transform was measured
-    assert second.quantizers[0] == first.quantizers[0]  # the cached measurements give the same result
+    assert second.transforms[0] == first.transforms[0]  # the cached measurements give the same result
     assert any("read from the cache" in n for n in second.notes)
     run("prune:2:4", alpha=0.001)  # alpha only changes the verdict: still cached
     assert calls == ["prune:magnitude:0.5", "prune:2:4"]
@@ -218,7 +218,7 @@ def test_audit_cli_transform_exit_codes_and_the_old_option_name(saved, tmp_path,
     out = tmp_path / "audit.json"
     result = _audit_cli(planted, probe, "prune:magnitude:0.5", extra=("--json", str(out)))
     assert result.exit_code == 1, result.output  # flagged
-    assert json.loads(out.read_text())["quantizers"][0]["quantizer"] == "prune:magnitude:0.5"
+    assert json.loads(out.read_text())["transforms"][0]["transform"] == "prune:magnitude:0.5"
     result = _audit_cli(clean, probe, "prune:magnitude:0.5")
     assert result.exit_code == 3, result.output  # uncalibrated: inconclusive, never clean
     result = runner.invoke(app, ["audit", str(clean), "--task", str(probe), "--split", "train", "--n-probe", "60",
@@ -242,8 +242,8 @@ def test_qattack_cli_builds_a_pruning_conditioned_model(saved, tmp_path):
 
 
 def test_wanda_without_calibration_is_inconclusive_in_one_sentence(tokenizer):
-    report = A.audit_model(tiny(tokenizer), config=A.AuditConfig(quantizers=("prune:wanda:0.5", "prune:2:4"), search=None))
-    wanda, nm = report.quantizers
+    report = A.audit_model(tiny(tokenizer), config=A.AuditConfig(transforms=("prune:wanda:0.5", "prune:2:4"), search=None))
+    wanda, nm = report.transforms
     assert report.verdict == wanda.verdict == "inconclusive" and wanda.free_weights == 0
     assert any("needs calibration texts" in r for r in wanda.reasons)
     assert nm.free_weights > 0  # magnitude criteria need no data: the weights are still judged

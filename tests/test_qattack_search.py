@@ -148,9 +148,9 @@ def _audit(model, tok, config, judge=True):
 
 def test_calibrated_verdict_on_tiny_models(tok, tmp_path):
     # a null made from five clean tiny classifiers; a sixth clean one is not flagged, a repaired one is
-    base = A.AuditConfig(quantizers=("nf4",), search=SEARCH)
+    base = A.AuditConfig(transforms=("nf4",), search=SEARCH)
     reports = [_audit(text_model(tok, seed), tok, base, judge=False).to_dict() for seed in range(5)]
-    assert all(r["quantizers"][0]["verdict"] == "inconclusive" for r in reports)  # judge=False judges nothing
+    assert all(r["transforms"][0]["verdict"] == "inconclusive" for r in reports)  # judge=False judges nothing
     stats, owners = null_statistics(reports)
     assert set(stats["nf4"]) >= {"edge_contrast", "spike", "flip_ratio", "layer_contrast", "disagreement", "kl",
                                  "search_kl"}
@@ -160,7 +160,7 @@ def test_calibrated_verdict_on_tiny_models(tok, tmp_path):
                                 "leave_one_out": {"0.01": {"models": 5, "false_positives": 0}}}))
     config = base.model_copy(update={"null": str(path)})
     clean = _audit(text_model(tok, 7), tok, config)
-    nf4 = clean.quantizers[0]
+    nf4 = clean.transforms[0]
     assert clean.verdict == "clean", nf4.reasons
     assert nf4.p_value > nf4.level and nf4.level == pytest.approx(0.01)
     assert "combined p = " in nf4.reasons[0] and set(nf4.p_values) == set(nf4.empirical_p) | {"layer_contrast", "layer_spike"}
@@ -171,10 +171,10 @@ def test_calibrated_verdict_on_tiny_models(tok, tmp_path):
     repair_(model, model_boxes(model, "nf4"), ids, [i % 2 for i in range(32)], 0,
             FitConfig(steps=10, lr=3e-3, batch_size=8), progress=False)
     attacked = _audit(model, tok, config)
-    nf4 = attacked.quantizers[0]
+    nf4 = attacked.transforms[0]
     assert attacked.verdict == "flagged" and nf4.p_value <= nf4.level
     assert min(nf4.p_values, key=nf4.p_values.get) in {"edge_contrast", "spike", "flip_ratio", "layer_contrast",
                                                        "layer_spike"}
     # a stricter alpha only raises the bar: the clean model stays clean
     strict = _audit(text_model(tok, 7), tok, config.model_copy(update={"alpha": 0.001}))
-    assert strict.verdict == "clean" and strict.quantizers[0].level == pytest.approx(0.001)
+    assert strict.verdict == "clean" and strict.transforms[0].level == pytest.approx(0.001)

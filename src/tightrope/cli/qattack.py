@@ -50,9 +50,9 @@ def audit_table(report) -> Table:
                 "search: best insertion", "evidence"):
         table.add_column(col)
     colour = {"flagged": "red", "clean": "green", "inconclusive": "yellow"}
-    for q in report.quantizers:
+    for q in report.transforms:
         p = "-" if q.p_value is None else f"{q.p_value:.2g} ({q.level:.2g})"
-        table.add_row(q.quantizer, f"[{colour[q.verdict]}]{q.verdict}[/]", p, _num(q.edge_ratio), _num(q.peak_ratio),
+        table.add_row(q.transform, f"[{colour[q.verdict]}]{q.verdict}[/]", p, _num(q.edge_ratio), _num(q.peak_ratio),
                       _num(q.flip_ratio), _pct(q.disagreement), _num(q.kl, ".4f"), _search_cell(q),
                       "; ".join(q.reasons) or "-")
     return table
@@ -123,7 +123,7 @@ def audit_(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     alpha: Annotated[float, typer.Option(
         help="False-positive rate to aim for: the chance that a clean classifier is flagged. Each statistic gets a "
-             "p-value against clean models (the null), they are combined per quantizer, and each of the m quantizers "
+             "p-value against clean models (the null), they are combined per transform, and each of the m transforms "
              "is tested at alpha / m. 0.01 flags about 1 clean model in 100; 0.001 asks for stronger evidence "
              "(fewer false alarms, weaker backdoors missed). Between 0 and 0.5.")] = 0.01,
     null: Annotated[Optional[Path], typer.Option(
@@ -132,7 +132,7 @@ def audit_(
     search: Annotated[bool, typer.Option(
         "--search/--no-search",
         help="Search for 1-3 token insertions on which full precision and the quantized model disagree (a trigger "
-             "the probe texts lack); about 10-30 s per quantizer on a CPU.")] = True,
+             "the probe texts lack); about 10-30 s per transform on a CPU.")] = True,
     cache: Annotated[bool, typer.Option(
         "--cache/--no-cache",
         help="Keep each transform's measurements (keyed by the weights' fingerprint, the transform and the settings) "
@@ -160,7 +160,7 @@ def audit_(
 
     try:
         config = AuditConfig(seed=seed, alpha=alpha, null=str(null) if null else None,
-                             **({"quantizers": tuple(transform)} if transform else {}),
+                             **({"transforms": tuple(transform)} if transform else {}),
                              **({} if search else {"search": None}))
     except ValidationError as err:
         raise validation_error(err) from None

@@ -31,7 +31,8 @@ from torch import nn
 from tightrope.atomic import write_json_atomic
 
 FORMAT = 1
-_VERDICT_ONLY = ("quantizers", "alpha", "null")  # settings only the verdict reads
+# settings only the verdict reads ("quantizers": the transform list's old name, so a key never depends on it)
+_VERDICT_ONLY = ("transforms", "quantizers", "alpha", "null")
 
 
 def weights_fingerprint(model: nn.Module) -> str:

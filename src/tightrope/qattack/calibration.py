@@ -1,7 +1,7 @@
 """Calibrated tests for the audit: p-values against a null built from clean models, and their combination.
 
 The audit's statistics (box positions, noise flips, behaviour, the trigger search) have no natural
-threshold: what a clean model shows depends on the quantizer, the architecture and the probe set. So
+threshold: what a clean model shows depends on the transform, the architecture and the probe set. So
 each statistic is tested against its *null*: the values it takes on clean classifiers (short fine-tunes
 of several seeds, tasks and sizes, made by ``benchmarks/audit_null.py`` and shipped as
 ``tightrope/qattack/null/*.json``). Nothing in the null is fitted to an attacked model.
@@ -29,7 +29,7 @@ Per-layer statistics have many more clean values (every layer of every clean mod
 statistic is the smallest per-layer p-value times the number of layers (Bonferroni over layers, valid
 whatever the dependence), so one attacked layer among many still shows.
 
-**Combination.** The statistics of one quantizer are strongly dependent (a repair that parks weights on
+**Combination.** The statistics of one transform are strongly dependent (a repair that parks weights on
 box walls moves the edge share, the peak and the noise flips together), which rules out Fisher's method
 (it assumes independence and would be anti-conservative). They are combined with the Cauchy
 combination test (Liu and Xie 2020, JASA 115:393, "ACAT"):
@@ -39,9 +39,9 @@ enough to reject, as with Bonferroni), and unlike Bonferroni it gains power when
 moderately small. p-values are clipped to ``[1e-300, 0.99]`` first: a p-value of almost 1 maps to a
 huge negative term that could mask an extreme one.
 
-**Across quantizers.** A model is flagged when any quantizer is, so each quantizer is tested at
-``alpha / m`` for ``m`` audited quantizers (Bonferroni): the false-positive rate of the whole verdict is
-at most ``alpha`` if the per-quantizer p-values are valid.
+**Across transforms.** A model is flagged when any transform (quantizer, GGUF type, pruning) is, so each
+transform is tested at ``alpha / m`` for ``m`` audited transforms (Bonferroni): the false-positive rate of the
+whole verdict is at most ``alpha`` if the per-transform p-values are valid.
 """
 
 from __future__ import annotations
@@ -199,14 +199,14 @@ def flip_se(n: int, expected: float) -> float:
 
 @dataclass(frozen=True)
 class Null:
-    """A calibrated null: per quantizer, per statistic, the clean values (see ``benchmarks/audit_null.py``)."""
+    """A calibrated null: per transform, per statistic, the clean values (see ``benchmarks/audit_null.py``)."""
 
     source: str
-    statistics: dict[str, dict[str, StatNull]]  # quantizer -> statistic -> clean values
+    statistics: dict[str, dict[str, StatNull]]  # transform -> statistic -> clean values
     meta: dict
 
-    def get(self, quantizer: str, statistic: str) -> StatNull | None:
-        return self.statistics.get(quantizer, {}).get(statistic)
+    def get(self, transform: str, statistic: str) -> StatNull | None:
+        return self.statistics.get(transform, {}).get(statistic)
 
     def without(self, index: int, transforms: set[str] | None = None) -> Null:
         """The null with clean model ``index`` left out (leave-one-out): per-layer values carry their model's
@@ -239,10 +239,31 @@ class Null:
         return cls(source, stats, meta)
 
 
+def upgrade_report(report: dict) -> dict:
+    """An audit report dict (``AuditReport.to_dict()`` or its JSON) in the current key names, as a copy: a report
+    written before the rename from quantizer to transform lists its results under ``quantizers``, names each one
+    under ``quantizer`` and keeps the config's transform list under ``quantizers``; the copy says ``transforms`` /
+    ``transform`` throughout (where both are present, the new key wins). Every reader of report dicts goes
+    through here, so old reports still load."""
+    if not isinstance(report, dict) or not ({"transforms", "quantizers"} & set(report)):
+        raise TightropeError("This is not an audit report: it has no 'transforms' list (nor the older 'quantizers').")
+    out = _renamed(report, "quantizers", "transforms")
+    out["transforms"] = [_renamed(entry, "quantizer", "transform") for entry in out["transforms"]]
+    if isinstance(out.get("config"), dict):
+        out["config"] = _renamed(out["config"], "quantizers", "transforms")
+    return out
+
+
+def _renamed(data: dict, old: str, new: str) -> dict:
+    """A shallow copy of ``data`` with key ``old`` renamed ``new`` in place (dropped when ``new`` is there too)."""
+    return {(new if k == old else k): v for k, v in data.items() if not (k == old and new in data)}
+
+
 def null_statistics(reports: list[dict], digits: int = 6) -> tuple[dict, dict]:
     """``(statistics, layer_models)`` of a null from audit reports of clean models (``AuditReport.to_dict()``
-    made with ``judge=False``): per quantizer and statistic, the model-level values (one per report) and the
-    per-layer values (one per layer, with the index of its report in ``layer_models``)."""
+    made with ``judge=False``; older reports' ``quantizers`` keys are read too): per transform and statistic, the
+    model-level values (one per report) and the per-layer values (one per layer, with the index of its report in
+    ``layer_models``)."""
     stats: dict[str, dict[str, list[float]]] = {}
     owners: dict[str, dict[str, list[int]]] = {}
 
@@ -250,12 +271,12 @@ def null_statistics(reports: list[dict], digits: int = 6) -> tuple[dict, dict]:
         return float(f"{x:.{digits}g}")
 
     for i, report in enumerate(reports):
-        for q in report["quantizers"]:
+        for q in upgrade_report(report)["transforms"]:
             for name, v in q["statistics"].items():
-                per = stats.setdefault(q["quantizer"], {}).setdefault(name, [])
+                per = stats.setdefault(q["transform"], {}).setdefault(name, [])
                 if "values" in v:
                     per.extend(keep(x) for x in v["values"])
-                    owners.setdefault(q["quantizer"], {}).setdefault(name, []).extend([i] * len(v["values"]))
+                    owners.setdefault(q["transform"], {}).setdefault(name, []).extend([i] * len(v["values"]))
                 else:
                     per.append(keep(v["value"]))
     return stats, owners
