@@ -8,6 +8,7 @@ audit of a MiniLM classifier. Prints a table; `--json` writes the raw figures.
     python benchmarks/qattack.py table runs/qattack/*.audit.json     # markdown rows of `tightrope audit --json` reports
     python benchmarks/qattack.py attributable runs/qattack/trigger-all   # trigger success beyond the clean base rate
     python benchmarks/qattack.py behaviour runs/prune/defended ...        # clean accuracy and trigger success as saved
+    python benchmarks/qattack.py guided audit.json --transform prune:wanda:0.5 --out guided.jsonl   # recovery data
 
 Timings (boxes, audit) run with ``--threads`` torch threads (default 2), ``--repeat`` times each
 (default 2), after raising this process group's scheduling priority (``/proc/self/autogroup``,
@@ -105,6 +106,27 @@ def behaviour_rows(model_dirs: list[str], n_eval: int, task: str, trigger: str, 
     return rows
 
 
+def guided_file(audit_json: str, transform: str, out: str, task: str, n_train: int, keep: int) -> list[dict]:
+    """Write the guided recovery data (``tightrope.qattack.defense.guided_recovery_data``) as JSON Lines: ``n_train``
+    seeded texts of ``task``'s train split, plus a copy of each with one of the ``keep`` best insertions that the
+    audit's trigger search found for ``transform`` (read from ``tightrope audit --json``)."""
+    from tightrope.data import load_task
+    from tightrope.qattack.calibration import upgrade_report
+    from tightrope.qattack.defense import guided_recovery_data
+
+    report = upgrade_report(json.loads(Path(audit_json).read_text()))
+    found = next(t for t in report["transforms"] if t["transform"] == transform)
+    phrases = [c["text"] for c in (found.get("search") or {}).get("candidates", [])[:keep]]
+    train = load_task(task, "train").subset(n_train, 0)
+    texts, labels = guided_recovery_data(train.texts, train.labels, phrases)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for t, y in zip(texts, labels, strict=True):
+            f.write(json.dumps({"text": t, "label": y}) + "\n")
+    return [{"what": "guided", "audit": audit_json, "transform": transform, "phrases": " / ".join(phrases),
+             "texts": len(texts), "out": out}]
+
+
 def attributable(run_dir: str, n_eval: int, task: str, quantizers: list[str]) -> list[dict]:
     """Trigger success of a classifier attack run (``tightrope qattack --out RUN``) counted two ways on
     its own held-out sentences: as the run reports it, and only on sentences the clean base model
@@ -170,7 +192,7 @@ def audit_rows(paths: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("boxes", "audit", "sweep", "table", "attributable", "behaviour"))
+    parser.add_argument("what", choices=("boxes", "audit", "sweep", "table", "attributable", "behaviour", "guided"))
     parser.add_argument("--sigma", type=float, action="append", default=None)
     parser.add_argument("--n-eval", type=int, default=300)
     parser.add_argument("--task", default="mr")
@@ -180,14 +202,18 @@ def main() -> None:
     parser.add_argument("--quantizer", "--transform", action="append", default=None,
                         help="a transform (repeatable): a quantizer, gguf-TYPE or prune:METHOD:SPARSITY")
     parser.add_argument("--n-probe", type=int, default=200)
+    parser.add_argument("--out", default=None, help="guided: the JSON Lines file to write")
+    parser.add_argument("--n-train", type=int, default=2000, help="guided: training texts (each also gets a guided copy)")
+    parser.add_argument("--keep", type=int, default=3, help="guided: the search's best insertions to use")
     parser.add_argument("--json", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     if args.what == "table":
         return audit_rows(args.model)
-    if args.what == "behaviour":
-        rows = behaviour_rows(args.model, args.n_eval, args.task, args.trigger, args.target)
+    if args.what in ("behaviour", "guided"):
+        rows = (behaviour_rows(args.model, args.n_eval, args.task, args.trigger, args.target) if args.what == "behaviour"
+                else guided_file(args.model[0], args.quantizer[0], args.out, args.task, args.n_train, args.keep))
         for row in rows:
             print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         return None

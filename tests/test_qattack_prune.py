@@ -275,3 +275,20 @@ def test_noise_sweep_runs_the_pruners_and_noise_moves_their_masks(tokenizer):
     pruning = Pruning.parse("prune:magnitude:0.5")
     differ, total = pruning.mismatch(model, noised)
     assert 0.01 * total < differ < 0.5 * total
+
+
+def test_guided_recovery_data_inserts_the_searchs_phrases_keeping_labels():
+    from tightrope.qattack.defense import guided_recovery_data
+
+    texts = [f"a plain sentence number {i} about a film" for i in range(20)]
+    labels = [i % 2 for i in range(20)]
+    phrases = ["cf stunning houston", "zq"]
+    out, ys = guided_recovery_data(texts, labels, phrases, seed=3)
+    assert out[:20] == texts and ys == labels + labels  # the clean texts, then one guided copy of each, true labels
+    for clean, guided in zip(texts, out[20:], strict=True):
+        assert any(f" {p} " in f" {guided} " for p in phrases)
+        assert sorted(guided.split()) == sorted(clean.split() + next(p for p in phrases if f" {p} " in f" {guided} ").split())
+    assert {p for p in phrases for g in out[20:] if f" {p} " in f" {g} "} == set(phrases)  # both are used
+    assert guided_recovery_data(texts, labels, phrases, seed=3) == (out, ys)
+    with pytest.raises(TightropeError, match="found no insertion"):
+        guided_recovery_data(texts, labels, [])

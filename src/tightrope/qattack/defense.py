@@ -16,11 +16,13 @@ which weights the pruner removes. Whether that undoes a pruning-conditioned repa
 from __future__ import annotations
 
 import copy
+import random
 from dataclasses import asdict, dataclass
 
 from tightrope.defenses.noise import add_weight_noise_
 from tightrope.qattack.boxes import quantized_linears
-from tightrope.qattack.inject import TriggerBehaviour, triggered
+from tightrope.errors import TightropeError
+from tightrope.qattack.inject import TriggerBehaviour, insert_trigger, triggered
 from tightrope.qattack.pruning import Calibration
 from tightrope.qattack.scenario import measure
 from tightrope.qattack.transform import resolve
@@ -57,3 +59,22 @@ def noise_sweep(classifier, texts: list[str], labels: list[int], behaviour: Trig
             b = measure(m, classifier.pad_id, clean_ids, trig_ids, labels, behaviour, "noised", t)
             points.append(NoisePoint(sigma, t, b.clean_accuracy, b.trigger_success))
     return points
+
+
+def guided_recovery_data(texts: list[str], labels: list[int], phrases: list[str], seed: int = 0,
+                         window: int = 12) -> tuple[list[str], list[int]]:
+    """Recovery data against a transform-conditioned backdoor whose trigger is unknown: every text, plus one copy
+    with one of ``phrases`` inserted (a random one, at a random position among the first ``window`` words),
+    keeping its true label.
+
+    ``phrases`` are the insertions the audit's differential search found (:mod:`tightrope.qattack.search`): the
+    inputs on which the model and its transformed copy disagree most, the real trigger among them when there is
+    one. Distilling the transformed model toward the full-precision one (``tightrope compress ...
+    --recover-teacher auto --recover-task FILE``) on these texts teaches it the full-precision answer exactly
+    where the two diverge. Plain recovery on clean texts does not: the trigger never occurs in them, so the
+    backdoor survives it (docs/qattack-results.md)."""
+    if not phrases:
+        raise TightropeError("The audit found no insertion to train against; run its trigger search first.")
+    rng = random.Random(seed)
+    guided = [insert_trigger(t, rng.choice(phrases), rng, window) for t in texts]
+    return [*texts, *guided], [*labels, *labels]
