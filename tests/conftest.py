@@ -40,6 +40,21 @@ def make_tiny_classifier(tokenizer, num_labels: int = 2, seed: int = 0, layers: 
     return model
 
 
+def null_without(root: Path, *transforms: str) -> Path:
+    """The shipped audit null with ``transforms`` taken out, written under ``root``: the path for a test of how the
+    audit judges a transform its null has no values for (fixed thresholds, never clean)."""
+    import json
+    from importlib import resources
+
+    data = json.loads(resources.files("tightrope.qattack").joinpath("null", "minilm-classifiers.json").read_text())
+    for name in transforms:
+        data["statistics"].pop(name, None)
+        data["layer_models"].pop(name, None)
+    path = root / "null-without.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
 def save_audit_pair(root: Path, tokenizer, clean, attacked, rows: int = 60) -> tuple[Path, Path, Path]:
     """A clean and an attacked tiny classifier saved under ``root`` (max length 16) and a toy probe task of
     ``rows`` reviews (JSON Lines, labels alternating): ``(clean dir, attacked dir, probe file)``."""

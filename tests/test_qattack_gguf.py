@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_classifier
+from conftest import make_tiny_classifier, null_without
 from typer.testing import CliRunner
 
 from tightrope import models
@@ -133,8 +133,9 @@ def _classifier(model):
 PROBE = [f"film number {i} was {'fine' if i % 2 else 'dull'}" for i in range(60)]
 
 
-def test_audit_judges_gguf_by_fixed_thresholds_and_never_calls_it_clean():
-    config = A.AuditConfig(transforms=("gguf-q4_0",), search=None)
+def test_audit_judges_gguf_by_fixed_thresholds_and_never_calls_it_clean(tmp_path):
+    null = str(null_without(tmp_path, "gguf-q4_0"))  # a null that lacks the type (the shipped one has it)
+    config = A.AuditConfig(transforms=("gguf-q4_0",), search=None, null=null)
     model = tiny(0)
     natural = A.audit_model(model, classifier=_classifier(model), probe_texts=PROBE, config=config)
     (q,) = natural.transforms
@@ -149,7 +150,7 @@ def test_audit_judges_gguf_by_fixed_thresholds_and_never_calls_it_clean():
     assert flagged.verdict == q.verdict == "flagged" and "uncalibrated" in q.reasons[0] and len(q.reasons) > 1
     # a calibrated quantizer next to it keeps its calibrated verdict
     mixed = A.audit_model(model, classifier=_classifier(model), probe_texts=PROBE,
-                          config=A.AuditConfig(transforms=("nf4", "gguf-q4_0"), search=None))
+                          config=A.AuditConfig(transforms=("nf4", "gguf-q4_0"), search=None, null=null))
     assert mixed.transforms[0].p_value is not None and mixed.transforms[1].p_value is None
     assert any("Calibrated verdict" in n for n in mixed.notes)
 
@@ -168,7 +169,8 @@ def test_audit_cli_accepts_a_gguf_quantizer(tiny_dir, tmp_path):
     model, probe = tiny_dir
     out = tmp_path / "audit.json"
     result = runner.invoke(app, ["audit", str(model), "--task", str(probe), "--split", "train", "--n-probe", "60",
-                                 "--quantizer", "gguf-q4_0", "--no-search", "--json", str(out)])
+                                 "--quantizer", "gguf-q4_0", "--no-search", "--json", str(out),
+                                 "--null", str(null_without(tmp_path, "gguf-q4_0"))])
     assert result.exit_code == 3, result.output  # a clean model under fixed thresholds: inconclusive, never clean
     assert json.loads(out.read_text())["transforms"][0]["transform"] == "gguf-q4_0"
     result = runner.invoke(app, ["audit", str(model), "--quantizer", "gguf-q3_0"])

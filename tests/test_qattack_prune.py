@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_classifier, save_audit_pair
+from conftest import make_tiny_classifier, null_without, save_audit_pair
 from typer.testing import CliRunner
 
 from tightrope.cli import app
@@ -110,8 +110,9 @@ def test_wanda_boxes_follow_the_activations_and_settle(tokenizer):
 
 
 @pytest.mark.parametrize("name", PRUNINGS)
-def test_a_pruning_conditioned_model_is_flagged_and_its_clean_twin_is_not(tokenizer, name):
-    config = A.AuditConfig(transforms=(name,), search=None)
+def test_a_pruning_conditioned_model_is_flagged_and_its_clean_twin_is_not(tokenizer, name, tmp_path):
+    # the fixed thresholds' path: a null without the pruning (the shipped one calibrates it, for MiniLM)
+    config = A.AuditConfig(transforms=(name,), search=None, null=str(null_without(tmp_path, name)))
     clean = tiny(tokenizer)
     planted, _ = plant(clean, Pruning.parse(name, Calibration(tuple(PROBE), tokenizer)))
     for model, flagged in ((clean, False), (planted, True)):
@@ -121,7 +122,7 @@ def test_a_pruning_conditioned_model_is_flagged_and_its_clean_twin_is_not(tokeni
         if flagged:
             assert report.verdict == q.verdict == "flagged" and "uncalibrated" in q.reasons[0]
             assert q.edge_ratio > 2 * config.edge_ratio_threshold and q.flip_ratio > 2 * config.flip_ratio_threshold
-        else:  # no null for pruning yet: never called clean, but not flagged either
+        else:  # no null for this pruning: never called clean, but not flagged either
             assert report.verdict == q.verdict == "inconclusive" and not report.flagged
             assert q.edge_ratio < 1.2 and q.flip_ratio < 1.2 and q.peak_ratio < 1.6
             assert "not evidence enough to call it clean" in q.reasons[0]
@@ -216,13 +217,15 @@ def test_audit_cli_transform_exit_codes_and_the_old_option_name(saved, tmp_path,
     monkeypatch.setenv("TIGHTROPE_CACHE", str(tmp_path / "cache"))
     clean, planted, probe = saved
     out = tmp_path / "audit.json"
-    result = _audit_cli(planted, probe, "prune:magnitude:0.5", extra=("--json", str(out)))
+    # the fixed thresholds' exit codes, with a null that lacks these transforms (the shipped one calibrates MiniLM's)
+    bare = ("--null", str(null_without(tmp_path, "prune:magnitude:0.5", "gguf-q4_0")))
+    result = _audit_cli(planted, probe, "prune:magnitude:0.5", extra=("--json", str(out), *bare))
     assert result.exit_code == 1, result.output  # flagged
     assert json.loads(out.read_text())["transforms"][0]["transform"] == "prune:magnitude:0.5"
-    result = _audit_cli(clean, probe, "prune:magnitude:0.5")
+    result = _audit_cli(clean, probe, "prune:magnitude:0.5", extra=bare)
     assert result.exit_code == 3, result.output  # uncalibrated: inconclusive, never clean
     result = runner.invoke(app, ["audit", str(clean), "--task", str(probe), "--split", "train", "--n-probe", "60",
-                                 "--no-search", "--quantizer", "gguf:Q4_0", "--no-cache"])
+                                 "--no-search", "--quantizer", "gguf:Q4_0", "--no-cache", *bare])
     assert result.exit_code == 3, result.output  # --quantizer is the old name of --transform
     result = _audit_cli(clean, probe, "prune:magnitud:0.5")
     assert result.exit_code == 2 and "did you mean 'prune:magnitude:0.5'" in " ".join(result.output.split())

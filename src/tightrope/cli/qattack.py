@@ -118,8 +118,8 @@ def audit_(
         "--transform", "--quantizer",
         help="A transform to check, repeatable (--quantizer is its old name): llm-int8, nf4, fp4, int8-tensor, all, "
              "gguf:Q8_0, gguf:Q4_0, gguf:Q4_1, gguf:Q5_0, gguf:Q5_1, prune:magnitude:0.5, prune:wanda:0.5, prune:2:4 "
-             "(other sparsities and N:M too). Default: every one of them. GGUF types and prunings are judged by fixed "
-             "thresholds (the shipped null has none): flagged or inconclusive, never clean.")] = None,
+             "(other sparsities and N:M too). Default: every one of them, each judged against the shipped null; a "
+             "sparsity or N:M it lacks gets fixed thresholds: flagged or inconclusive, never clean.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     alpha: Annotated[float, typer.Option(
         help="False-positive rate to aim for: the chance that a clean classifier is flagged. Each statistic gets a "
@@ -148,7 +148,8 @@ def audit_(
     trigger search's best find) gets a p-value against the same statistic on clean models, and the verdict gives
     the combined p-value and the level it was tested at. Causal LMs keep fixed thresholds (no calibrated null yet).
 
-    GGUF types and prunings have no calibrated null yet: fixed thresholds, flagged or inconclusive, never clean.
+    The shipped null covers every default transform (the quantizers, the GGUF types, the three prunings); another
+    sparsity or N:M has none: fixed thresholds, flagged or inconclusive, never clean.
     Each transform's measurements are cached (--no-cache: measure again); verdicts are recomputed every run.
 
     Example: tightrope audit runs/model --transform nf4 --transform prune:wanda:0.5 --alpha 0.001 --json audit.json

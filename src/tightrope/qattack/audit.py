@@ -66,8 +66,10 @@ mask (a removed weight: below its group's smallest kept score; a kept one: pinne
 removed weights leaves them parked on that wall; the noise probe counts mask flips; behaviour is fp against
 the pruned copy made by tightrope's own pruner; the trigger search differentiates through that copy.
 
-**A transform the null has no values for** (the GGUF types, ``gguf-q4_0`` ..., and every pruning: the shipped
-null was built for the bitsandbytes and torch quantizers only; none is made up for them) is judged by the fixed weight thresholds
+**The shipped null covers every default transform**: the bitsandbytes and torch quantizers (12 clean
+classifiers, AMD EPYC), and the GGUF block types and the three prunings (the same 12 recipes trained again,
+Intel Xeon; the null's ``extended`` entry says which). **A transform the null has no values for** (another
+sparsity, another N:M, a null of your own without it) is judged by the fixed weight thresholds
 (``edge_ratio_threshold``, ``peak_ratio_threshold``, ``flip_ratio_threshold``, ``spike_threshold``) and nothing else. It is
 *flagged* when one passes, with a reason saying that the thresholds are uncalibrated; otherwise it is
 *inconclusive*, never clean: fixed thresholds have missed a planted model before (issue 21). Its behaviour,
@@ -137,7 +139,7 @@ class AuditConfig(BaseModel):
     alpha: float = Field(default=0.01, gt=0, lt=0.5)
     null: str | None = None  # a null JSON made by benchmarks/audit_null.py; None: the shipped one
     search: SearchConfig | None = SearchConfig()  # the trigger search (None: off)
-    # causal LMs (no calibrated null yet) and transforms the null lacks (the GGUF types, the prunings): these fixed
+    # causal LMs (no calibrated null yet) and transforms the null lacks (e.g. another sparsity): these fixed
     # thresholds decide (docs/qattack-results.md)
     edge_ratio_threshold: float = Field(default=1.5, gt=1)
     peak_ratio_threshold: float = Field(default=2.0, gt=1)
