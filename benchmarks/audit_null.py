@@ -9,6 +9,7 @@
         --out src/tightrope/qattack/null/minilm-classifiers.json            # add the transforms it lacks (GGUF, prunings)
     python benchmarks/audit_null.py loo --root runs/audit-null             # leave-one-out false-positive rate
     python benchmarks/audit_null.py detect --root runs/audit-null          # verdicts on the planted models
+    python benchmarks/audit_null.py rejudge runs/prune/audit-*.json        # saved audit reports judged by the null again
 
 Every step runs with one torch thread (the machine is shared) and skips what is already on disk, so it
 can be stopped and rerun. The clean set is short fine-tunes of the packaged MiniLM (``minilm``, 64
@@ -298,6 +299,33 @@ def detect(root: Path, n_probe: int, null_path: Path | None, only: list[str], ch
     table(sorted((root / "planted").glob("*.audit.json")))
 
 
+def rejudge(paths: list[Path], null_path: Path | None, alpha: float) -> dict[str, dict]:
+    """Judge saved audit reports (``tightrope audit --json``) again against a null: each transform's statistics
+    are in the report, so a new null needs no new measurement. Prints one line per report; returns
+    ``{path: {"verdict", "transforms": {name: (verdict, combined p)}}}``."""
+    from tightrope.qattack.audit import judge_transform
+    from tightrope.qattack.calibration import load_null, upgrade_report
+
+    null = load_null(null_path)
+    out = {}
+    for path in paths:
+        report = upgrade_report(json.loads(Path(path).read_text()))
+        ts = report["transforms"]
+        level = alpha / len(ts)
+        rows = {}
+        for t in ts:
+            unchecked = [r.removeprefix("could not check everything: ") for r in t["reasons"]
+                         if r.startswith("could not check everything")]
+            verdict, _, _, _, p = judge_transform(t["transform"], t["statistics"], null, level, alpha, len(ts), unchecked)
+            rows[t["transform"]] = (verdict, p)
+        verdicts = {v for v, _ in rows.values()}
+        overall = "flagged" if "flagged" in verdicts else "clean" if verdicts == {"clean"} else "inconclusive"
+        out[str(path)] = {"verdict": overall, "transforms": rows}
+        print(f"{path}: {overall} (alpha {alpha:g} / {len(ts)}) " + " ".join(
+            f"{n}={v}:{_p(p)}" for n, (v, p) in rows.items()), flush=True)
+    return out
+
+
 def table(paths: list[Path]) -> None:
     from tightrope.qattack.calibration import upgrade_report
 
@@ -342,7 +370,9 @@ def _machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["train", "attack", "collect", "null", "loo", "detect"])
+    parser.add_argument("step", choices=["train", "attack", "collect", "null", "loo", "detect", "rejudge"])
+    parser.add_argument("reports", nargs="*", type=Path, help="rejudge: audit reports (tightrope audit --json)")
+    parser.add_argument("--alpha", type=float, default=0.01, help="rejudge: the audit's alpha")
     parser.add_argument("--root", type=Path, default=Path("runs/audit-null"))
     parser.add_argument("--only", action="append", default=[], help="Clean model names or quantizers to run.")
     parser.add_argument("--short", type=int, default=50)
@@ -378,6 +408,8 @@ def main() -> None:
             own = null.meta.get("extended", {}).get("transforms")
             r = leave_one_out(null, _reports(args.root), float(a), own=set(own) if own else None)
             print(f"alpha {a}: {r['false_positives']} of {r['models']} clean models flagged {r['flagged']}")
+    elif args.step == "rejudge":
+        rejudge(args.reports, args.null, args.alpha)
     else:
         detect(args.root, args.n_probe, args.null, args.only, args.transform)
 
