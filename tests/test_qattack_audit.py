@@ -243,12 +243,13 @@ def test_report_says_transforms_and_old_quantizer_reports_still_load(tmp_path, c
 
     from tightrope.qattack import calibration as C
 
-    report = A.audit_model(tiny(0), config=A.AuditConfig(transforms=("nf4", "prune:2:4"), search=None))
+    # a sparsity the shipped null has no values for, so the report also carries the uncalibrated note
+    report = A.audit_model(tiny(0), config=A.AuditConfig(transforms=("nf4", "prune:magnitude:0.3"), search=None))
     text = json.dumps(report.to_dict())
     new = json.loads(text)
-    assert "quantizers" not in new and [t["transform"] for t in new["transforms"]] == ["nf4", "prune:2:4"]
-    assert "quantizer" not in new["transforms"][0] and new["config"]["transforms"] == ["nf4", "prune:2:4"]
-    assert "prune:2:4: tightrope/qattack/null/minilm-classifiers.json has no clean values for this transform" in \
+    assert "quantizers" not in new and [t["transform"] for t in new["transforms"]] == ["nf4", "prune:magnitude:0.3"]
+    assert "quantizer" not in new["transforms"][0] and new["config"]["transforms"] == ["nf4", "prune:magnitude:0.3"]
+    assert "prune:magnitude:0.3: tightrope/qattack/null/minilm-classifiers.json has no clean values for this transform" in \
         " ".join(report.notes)
     assert "/ 2 transforms" in " ".join(report.transforms[0].reasons)  # tested at alpha / m transforms
     assert json.dumps(A.AuditReport.from_dict(json.loads(text)).to_dict()) == text  # round trip
@@ -259,10 +260,10 @@ def test_report_says_transforms_and_old_quantizer_reports_still_load(tmp_path, c
         entry["quantizer"] = entry.pop("transform")
     old["config"]["quantizers"] = old["config"].pop("transforms")
     loaded = A.AuditReport.from_dict(old)
-    assert [t.transform for t in loaded.transforms] == ["nf4", "prune:2:4"] and loaded.transforms[0].layers
+    assert [t.transform for t in loaded.transforms] == ["nf4", "prune:magnitude:0.3"] and loaded.transforms[0].layers
     assert json.dumps(loaded.to_dict(), sort_keys=True) == json.dumps(new, sort_keys=True)
     assert A.AuditConfig(**old["config"]) == A.AuditConfig(**new["config"])
-    assert A.AuditConfig(quantizers=("nf4", "prune:2:4"), search=None).transforms == ("nf4", "prune:2:4")
+    assert A.AuditConfig(quantizers=("nf4", "prune:magnitude:0.3"), search=None).transforms == ("nf4", "prune:magnitude:0.3")
     assert C.upgrade_report(old) == new and C.null_statistics([old]) == C.null_statistics([new])
     with pytest.raises(TightropeError, match="not an audit report"):
         A.AuditReport.from_dict({"model": "x", "verdict": "clean"})
@@ -274,4 +275,4 @@ def test_report_says_transforms_and_old_quantizer_reports_still_load(tmp_path, c
     assert "| transform |" in rows[0] and len(rows) == 5 and rows[1:3] == rows[3:5] and "| nf4 |" in rows[1]
     null = C.load_null()  # the shipped null: keyed by transform name, format unchanged
     loo = _benchmark("audit_null").leave_one_out(null, {"old": old, "new": new}, 0.01, own=set())
-    assert loo["per_model"]["old"] == loo["per_model"]["new"] and set(loo["per_model"]["old"]) == {"nf4", "prune:2:4"}
+    assert loo["per_model"]["old"] == loo["per_model"]["new"] and set(loo["per_model"]["old"]) == {"nf4", "prune:magnitude:0.3"}
