@@ -279,3 +279,44 @@ def test_recovery_out_of_order_or_out_of_range_is_one_sentence(tiny_model_dir):
         compression_config("Recovery", {"steps": 2, "temperture": 2}, "compress.0.steps.1")
     assert "temperture" in str(err.value) and one_sentence(str(err.value))
     assert recovery_config(0) is None
+
+
+def _audit_report(path, transform="prune:magnitude:0.5", texts=("cf stunning houston", "cf stunning", "cf")):
+    import json
+
+    report = {"model": "m", "verdict": "flagged", "transforms": [
+        {"transform": "nf4", "search": {"candidates": [{"text": "not this one"}]}},
+        {"transform": transform, "search": {"candidates": [{"text": t} for t in texts]}}]}
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_guided_recovery_trains_on_the_audits_insertions_and_records_them(tiny_model_dir, tiny_task, tmp_path):
+    import json
+
+    report = _audit_report(tmp_path / "audit.json")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(out), "--prune", "magnitude:sparsity=0.5",
+                                 "--recover-steps", "2", "--recover-task", str(tiny_task), "--recover-teacher", "auto",
+                                 "--recover-guided", str(report)])
+    assert result.exit_code == 0, result.output
+    guided = inference.load(str(out)).card["recovery"]["guided"]
+    assert guided["phrases"] == ["cf stunning houston", "cf stunning", "cf"] and guided["audit"] == str(report)
+    rows = [json.loads(line) for line in (tmp_path / ".out.guided.jsonl").read_text().splitlines()]
+    half = len(rows) // 2
+    assert guided["texts"] == len(rows) == 2 * half and all(" cf" in f" {r['text']}" for r in rows[half:])
+    assert [r["label"] for r in rows[:half]] == [r["label"] for r in rows[half:]]  # true labels kept
+    assert inference.load(str(out)).card["recovery"]["task"].endswith(".out.guided.jsonl")
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--recover-teacher", "auto"], "give --recover-steps"),
+    (["--recover-steps", "2"], "add --recover-teacher auto"),
+    (["--recover-steps", "2", "--recover-teacher", "auto", "--prune", "2:4"], "no trigger-search result for the pruning"),
+])
+def test_guided_recovery_settings_are_one_sentence(tiny_model_dir, tiny_task, tmp_path, flags, words):
+    report = _audit_report(tmp_path / "audit.json")
+    prune = [] if "--prune" in flags else ["--prune", "magnitude:sparsity=0.5"]
+    result = runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(tmp_path / "out"), *prune, *flags,
+                                 "--recover-task", str(tiny_task), "--recover-guided", str(report)])
+    assert result.exit_code == 2 and words in " ".join(result.output.split()), result.output

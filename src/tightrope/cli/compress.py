@@ -54,12 +54,20 @@ def compress(
                                                               "model's max length, at most 128).")] = None,
     recover_lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate of the recovery "
                                                         "(default 2e-5, linear decay).")] = None,
+    recover_guided: Annotated[Optional[str], typer.Option(help="An audit report (tightrope audit --json) whose trigger "
+                                                          "search ran for this pruning: the distilled recovery also "
+                                                          "trains on copies of the texts with the search's best "
+                                                          "insertions, which removes a pruning-conditioned backdoor "
+                                                          "that plain recovery keeps (docs/qattack-results.md).")] = None,
 ):
     """Quantize and / or prune a model and write it back with what each step bought.
 
     Example: tightrope compress runs/minilm-imdb --prune structured:heads=0.3,ffn=0.3 --recover-steps 200 --quantize int8 --out runs/small
 
     Distilled recovery: add --recover-teacher auto (the unpruned model teaches, a=0.5, T=2 unless --recover-a / --recover-temperature).
+
+    Against a pruning-conditioned backdoor: tightrope audit MODEL --transform prune:magnitude:0.5 --json audit.json, then
+    tightrope compress MODEL --prune magnitude:sparsity=0.5 --recover-steps 100 --recover-teacher auto --recover-guided audit.json --out runs/pruned
     """
     from rich.console import Console  # noqa: PLC0415
 
@@ -69,7 +77,7 @@ def compress(
                                exclude=tuple(exclude or ()), calibration=calibration, recover_steps=recover_steps,
                                recover_task=recover_task, recover_teacher=recover_teacher, recover_a=recover_a,
                                recover_temperature=recover_temperature, recover_max_length=recover_max_length,
-                               recover_lr=recover_lr)
+                               recover_lr=recover_lr, recover_guided=recover_guided)
     console = Console()
     console.print(summary_table(summaries))
     for s in summaries:

@@ -25,7 +25,7 @@ from tightrope.errors import TightropeError
 from tightrope.qattack.inject import TriggerBehaviour, insert_trigger, triggered
 from tightrope.qattack.pruning import Calibration
 from tightrope.qattack.scenario import measure
-from tightrope.qattack.transform import resolve
+from tightrope.qattack.transform import is_pruning, resolve
 
 
 @dataclass(frozen=True)
@@ -78,3 +78,35 @@ def guided_recovery_data(texts: list[str], labels: list[int], phrases: list[str]
     rng = random.Random(seed)
     guided = [insert_trigger(t, rng.choice(phrases), rng, window) for t in texts]
     return [*texts, *guided], [*labels, *labels]
+
+
+def guided_phrases(report: dict, prune_configs: list, source: str = "the audit report", keep: int = 3) -> list[str]:
+    """The ``keep`` best insertions the audit's trigger search found (``tightrope audit --json``, read as a dict)
+    for each pruning in it that ``prune_configs`` (:mod:`tightrope.compress.prune` configs, as ``tightrope compress
+    --prune`` builds them) will apply: the phrases of :func:`guided_recovery_data`. One sentence when the report
+    has none for these prunings."""
+    from tightrope.qattack.calibration import upgrade_report
+    from tightrope.qattack.pruning import parse_pruning
+
+    wanted = set()
+    for c in prune_configs:
+        kind = type(c).__name__
+        if kind == "SemiStructured24":
+            wanted.add(("n:m", 0.5, c.n, c.m))
+        elif kind in ("MagnitudePruning", "Wanda"):
+            wanted.add(("magnitude" if kind == "MagnitudePruning" else "wanda", round(float(c.sparsity), 6), 0, 0))
+    transforms = upgrade_report(report)["transforms"]
+    audited = [t["transform"] for t in transforms if is_pruning(t["transform"])]
+    phrases: list[str] = []
+    for t in transforms:
+        if not is_pruning(t["transform"]):
+            continue
+        method, sparsity, n, m = parse_pruning(t["transform"])
+        if (method, round(sparsity, 6) if method != "n:m" else 0.5, n, m) in wanted:
+            found = [c["text"] for c in ((t.get("search") or {}).get("candidates") or [])[:keep]]
+            phrases.extend(p for p in found if p not in phrases)
+    if not phrases:
+        raise TightropeError(f"{source} has no trigger-search result for the pruning given to --prune (it audited "
+                             f"{', '.join(audited) or 'no pruning'}); audit the model with that --transform and the "
+                             "search on first.")
+    return phrases
