@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -186,7 +187,9 @@ def test_second_audit_reuses_each_transforms_measurements(tokenizer, tmp_path, m
     assert calls == ["prune:magnitude:0.5"] and len(list(cache.glob("*.json"))) == 1
     second = run("prune:magnitude:0.5", "prune:2:4")
     assert calls == ["prune:magnitude:0.5", "prune:2:4"]  # only the added transform was measured
-    assert second.transforms[0] == first.transforms[0]  # the cached measurements give the same result
+    # the cached measurements give the same result; only the level (alpha / m, m now 2) and its sentence differ
+    assert replace(second.transforms[0], reasons=[], level=None) == replace(first.transforms[0], reasons=[], level=None)
+    assert (first.transforms[0].level, second.transforms[0].level) == (0.01, 0.005)
     assert any("read from the cache" in n for n in second.notes)
     run("prune:2:4", alpha=0.001)  # alpha only changes the verdict: still cached
     assert calls == ["prune:magnitude:0.5", "prune:2:4"]

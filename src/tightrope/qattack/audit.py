@@ -841,8 +841,10 @@ def judge_transform(transform: str, stats: dict, null: C.Null, level: float, alp
             empirical[name] = clean.empirical_p(stat["value"])
             detail[name] = (f"{STAT_NAMES[name]} {stat['value']:.4g} (clean {clean.mean:.4g} +- {clean.sd:.2g} over "
                             f"{clean.n} models)")
-    if not p_values:
-        return "inconclusive", [f"the null has no statistic for {transform}, so nothing could be judged"], {}, {}, None
+    if not p_values:  # nothing measured (e.g. Wanda without calibration texts: say why), or nothing the null knows
+        why = [f"could not check everything: {'; '.join(unchecked)}"] if unchecked else []
+        return "inconclusive", [*why, f"the null has no statistic for {transform} that was measured, so nothing could "
+                                      "be judged"], {}, {}, None
     combined = C.cauchy_combine(list(p_values.values()))
     test = (f"combined p = {combined:.2g} (Cauchy combination of {len(p_values)} statistics) against level "
             f"{level:.2g} = alpha {alpha:g} / {m} transform{'s' if m > 1 else ''}")
