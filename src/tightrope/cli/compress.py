@@ -73,11 +73,16 @@ def compress(
 
     from tightrope.workflows.compress import compress_model  # noqa: PLC0415 - torch loads when a command runs
 
-    summaries = compress_model(model, out, quantize=quantize, prune=prune, include=tuple(include or ()),
-                               exclude=tuple(exclude or ()), calibration=calibration, recover_steps=recover_steps,
-                               recover_task=recover_task, recover_teacher=recover_teacher, recover_a=recover_a,
-                               recover_temperature=recover_temperature, recover_max_length=recover_max_length,
-                               recover_lr=recover_lr, recover_guided=recover_guided)
+    settings = dict(quantize=quantize, prune=prune, include=tuple(include or ()), exclude=tuple(exclude or ()),
+                    calibration=calibration, recover_steps=recover_steps, recover_task=recover_task,
+                    recover_teacher=recover_teacher, recover_a=recover_a, recover_temperature=recover_temperature,
+                    recover_max_length=recover_max_length, recover_lr=recover_lr)
+    if recover_guided is not None:
+        from tightrope.qattack.defense import guided_compress  # noqa: PLC0415 - torch loads when a command runs
+
+        summaries = guided_compress(model, out, recover_guided, **settings)
+    else:
+        summaries = compress_model(model, out, **settings)
     console = Console()
     console.print(summary_table(summaries))
     for s in summaries:

@@ -16,16 +16,23 @@ which weights the pruner removes. Whether that undoes a pruning-conditioned repa
 from __future__ import annotations
 
 import copy
+import json
 import random
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from tightrope import workflows
+from tightrope.compress.specs import prune_config
+from tightrope.data import load_task
 from tightrope.defenses.noise import add_weight_noise_
+from tightrope.errors import TightropeError, read_user_file
 from tightrope.qattack.boxes import quantized_linears
-from tightrope.errors import TightropeError
+from tightrope.qattack.calibration import upgrade_report
 from tightrope.qattack.inject import TriggerBehaviour, insert_trigger, triggered
-from tightrope.qattack.pruning import Calibration
+from tightrope.qattack.pruning import Calibration, parse_pruning
 from tightrope.qattack.scenario import measure
 from tightrope.qattack.transform import is_pruning, resolve
+from tightrope.workflows.compress import compress_model
 
 
 @dataclass(frozen=True)
@@ -85,9 +92,6 @@ def guided_phrases(report: dict, prune_configs: list, source: str = "the audit r
     for each pruning in it that ``prune_configs`` (:mod:`tightrope.compress.prune` configs, as ``tightrope compress
     --prune`` builds them) will apply: the phrases of :func:`guided_recovery_data`. One sentence when the report
     has none for these prunings."""
-    from tightrope.qattack.calibration import upgrade_report
-    from tightrope.qattack.pruning import parse_pruning
-
     wanted = set()
     for c in prune_configs:
         kind = type(c).__name__
@@ -110,3 +114,40 @@ def guided_phrases(report: dict, prune_configs: list, source: str = "the audit r
                              f"{', '.join(audited) or 'no pruning'}); audit the model with that --transform and the "
                              "search on first.")
     return phrases
+
+
+def guided_compress(model: str, out: str | Path, report_path: str, *, prune: list[str], recover_steps: int,
+                    recover_teacher: str | None, recover_task: str | None = None, include: tuple[str, ...] = (),
+                    exclude: tuple[str, ...] = (), calibration: str | None = None, **options):
+    """``tightrope compress --recover-guided REPORT``: prune ``model`` and recover it, distilled toward the unpruned
+    model, on the recovery task's training texts plus a copy of each with one of the insertions the audit's
+    trigger search found for this pruning (:func:`guided_phrases`, :func:`guided_recovery_data`). The data file is
+    written beside ``out`` (``.<out name>.guided.jsonl``) and the phrases go in the card's ``recovery.guided``.
+    ``options``: the rest of :func:`tightrope.workflows.compress.compress_model`'s settings. Returns its summaries."""
+    if not recover_steps:
+        raise TightropeError("--recover-guided trains during the recovery after pruning: give --recover-steps N too.")
+    if recover_teacher is None:
+        raise TightropeError("--recover-guided distils the pruned model toward the unpruned one on the search's "
+                             "inputs: add --recover-teacher auto.")
+    if not prune:
+        raise TightropeError("--recover-guided defends a pruning: give --prune too.")
+    try:
+        report = json.loads(read_user_file(report_path, "audit report"))
+    except json.JSONDecodeError as err:
+        raise TightropeError(f"The audit report {report_path} is not JSON ({err.msg}, line {err.lineno}).") from None
+    phrases = guided_phrases(report, [prune_config(p, include, exclude, calibration) for p in prune], str(report_path))
+    card = workflows.load(model).card
+    task = recover_task or card.get("task") or (card.get("data") or {}).get("task")
+    if not task:
+        raise TightropeError(f"{model} does not record the task it was trained on: give --recover-task.")
+    train = load_task(task, "train")
+    texts, labels = guided_recovery_data(train.texts, train.labels, phrases)
+    out = Path(out)
+    path = out.parent / f".{out.name}.guided.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(train.label_names)
+    path.write_text("".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, labels, strict=True)))
+    guided = {"audit": str(report_path), "phrases": phrases, "task": str(task), "texts": len(texts)}
+    return compress_model(model, out, prune=prune, recover_steps=recover_steps, recover_teacher=recover_teacher,
+                          recover_task=str(path), include=include, exclude=exclude, calibration=calibration,
+                          recovery_extra={"guided": guided}, **options)

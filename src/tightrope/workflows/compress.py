@@ -99,37 +99,12 @@ def recovery_card(config: Recovery, summary) -> dict:
     return entry
 
 
-def _guided_task(report_path: str, prune_configs: list, recovery, task: str, out: Path) -> dict:
-    """Write the guided recovery data for ``--recover-guided`` beside ``out`` and say what it holds."""
-    import json
-
-    from tightrope.data import load_task
-    from tightrope.errors import read_user_file
-    from tightrope.qattack.defense import guided_phrases, guided_recovery_data
-
-    if not recovery.distilled:
-        raise TightropeError("--recover-guided distils the pruned model toward the unpruned one on the search's "
-                             "inputs: add --recover-teacher auto.")
-    try:
-        report = json.loads(read_user_file(report_path, "audit report"))
-    except json.JSONDecodeError as err:
-        raise TightropeError(f"The audit report {report_path} is not JSON ({err.msg}, line {err.lineno}).") from None
-    phrases = guided_phrases(report, prune_configs, source=str(report_path))
-    train = load_task(task, "train")
-    texts, labels = guided_recovery_data(train.texts, train.labels, phrases)
-    path = out.parent / f".{out.name}.guided.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = list(train.label_names)
-    path.write_text("".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, labels, strict=True)))
-    return {"file": str(path), "audit": str(report_path), "phrases": phrases, "task": task, "texts": len(texts)}
-
-
 def compress_model(model: str, out: Path, *, quantize: str | None = None, prune: list[str] | None = None,
                    include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), calibration: str | None = None,
                    recover_steps: int = 0, recover_task: str | None = None, recover_teacher: str | None = None,
                    recover_a: float | None = None, recover_temperature: float | None = None,
                    recover_max_length: int | None = None, recover_lr: float | None = None,
-                   recover_guided: str | None = None, progress: bool = True):
+                   recovery_extra: dict | None = None, progress: bool = True):
     """Load ``model``, apply the pruning steps, optionally recover (``recover_steps`` of fine-tuning on
     ``recover_task``'s train split with the sparsity held, distilled from ``recover_teacher`` when given:
     ``auto`` is the model itself before pruning; :class:`tightrope.compress.recovery.Recovery`),
@@ -138,14 +113,10 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
     The recovery's checkpoints live in ``.<out name>.recovery`` beside ``out`` until the model is
     saved, so a killed run started again with the same arguments resumes.
 
-    ``recover_guided``: an audit report (``tightrope audit --json``) whose trigger search ran for this pruning. The
-    recovery then trains on the task's training texts plus a copy of each with one of the search's best
-    insertions (:func:`tightrope.qattack.defense.guided_recovery_data`), distilled toward the unpruned model: the
-    defense that removed pruning-conditioned backdoors which plain recovery keeps (docs/qattack-results.md).
+    ``recovery_extra``: entries added to the card's ``recovery`` record (what a caller built the recovery data
+    from, e.g. :func:`tightrope.qattack.defense.guided_compress`).
     """
 
-    if recover_guided is not None and not recover_steps:
-        raise TightropeError("--recover-guided trains during the recovery after pruning: give --recover-steps N too.")
     prune_configs = [prune_config(p, include, exclude, calibration) for p in (prune or [])]
     quant = quant_config(quantize, include, exclude, calibration) if quantize else None
     recovery = recovery_config(recover_steps, recover_task, recover_teacher, recover_a, recover_temperature,
@@ -161,11 +132,6 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
     if recovery is not None and not task:
         raise TightropeError(f"{model} does not record the task it was trained on: give --recover-task.")
     out = Path(out)
-    guided = None
-    if recover_guided is not None:
-        guided = _guided_task(recover_guided, prune_configs, recovery, task, out)
-        recovery = recovery_config(recover_steps, guided["file"], recover_teacher, recover_a, recover_temperature,
-                                   recover_max_length, recover_lr, include, exclude)
     set_tokenizer(clf.model, clf.tokenizer)
     history = clf.card.get("compression") or []
     if history:
@@ -180,8 +146,7 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
                                     "prune": [c.to_dict() for c in prune_configs]})
     if recovery is not None:
         card["recovery"] = recovery_card(recovery, summaries[len(prune_configs)])
-        if guided is not None:
-            card["recovery"]["guided"] = {k: v for k, v in guided.items() if k != "file"}
+        card["recovery"].update(recovery_extra or {})
     card["environment"] = environment()  # versions, CPU, and which 4-bit kernel path ran
     formats.save_compressed(clf.model, clf.tokenizer, out, card=card, files=inference.transform_files(clf))
     if work_dir is not None:
