@@ -146,7 +146,9 @@ def guided_compress(model: str, out: str | Path, report_path: str, *, prune: lis
     path = out.parent / f".{out.name}.guided.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(train.label_names)
-    path.write_text("".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, labels, strict=True)))
+    partial = path.with_name(path.name + ".partial")  # a killed run never leaves a half-written data file
+    partial.write_text("".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, labels, strict=True)))
+    partial.replace(path)
     guided = {"audit": str(report_path), "phrases": phrases, "task": str(task), "texts": len(texts)}
     return compress_model(model, out, prune=prune, recover_steps=recover_steps, recover_teacher=recover_teacher,
                           recover_task=str(path), include=include, exclude=exclude, calibration=calibration,
