@@ -112,17 +112,13 @@ def guided_file(audit_json: str, transform: str, out: str, task: str, n_train: i
     audit's trigger search found for ``transform`` (read from ``tightrope audit --json``)."""
     from tightrope.data import load_task
     from tightrope.qattack.calibration import upgrade_report
-    from tightrope.qattack.defense import guided_recovery_data
+    from tightrope.qattack.defense import guided_recovery_data, search_phrases, write_recovery_data
 
     report = upgrade_report(json.loads(Path(audit_json).read_text()))
-    found = next(t for t in report["transforms"] if t["transform"] == transform)
-    phrases = [c["text"] for c in (found.get("search") or {}).get("candidates", [])[:keep]]
+    phrases = search_phrases(next(t for t in report["transforms"] if t["transform"] == transform), keep)
     train = load_task(task, "train").subset(n_train, 0)
     texts, labels = guided_recovery_data(train.texts, train.labels, phrases)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        for t, y in zip(texts, labels, strict=True):
-            f.write(json.dumps({"text": t, "label": y}) + "\n")
+    write_recovery_data(Path(out), texts, labels, train.label_names)
     return [{"what": "guided", "audit": audit_json, "transform": transform, "phrases": " / ".join(phrases),
              "texts": len(texts), "out": out}]
 

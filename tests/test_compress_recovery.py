@@ -320,3 +320,23 @@ def test_guided_recovery_settings_are_one_sentence(tiny_model_dir, tiny_task, tm
     result = runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(tmp_path / "out"), *prune, *flags,
                                  "--recover-task", str(tiny_task), "--recover-guided", str(report)])
     assert result.exit_code == 2 and words in " ".join(result.output.split()), result.output
+
+
+def test_guided_recovery_reads_the_task_from_the_card_and_asks_for_it_otherwise(tiny_model_dir, tiny_task, tmp_path):
+    import json
+
+    from tightrope.inference import read_card
+
+    report = _audit_report(tmp_path / "audit.json")
+    args = ["compress", str(tiny_model_dir), "--out", str(tmp_path / "out"), "--prune", "magnitude:sparsity=0.5",
+            "--recover-steps", "2", "--recover-teacher", "auto", "--recover-guided", str(report)]
+    card = read_card(tiny_model_dir)
+    card.pop("task", None)
+    (tiny_model_dir / "card.json").write_text(json.dumps({**card, "data": {}}))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "give --recover-task" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / ".out.guided.jsonl").exists() and not (tmp_path / "out").exists()  # nothing half-written
+    (tiny_model_dir / "card.json").write_text(json.dumps({**card, "data": {"task": str(tiny_task)}}))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert inference.load(str(tmp_path / "out")).card["recovery"]["guided"]["task"] == str(tiny_task)

@@ -259,6 +259,11 @@ class Recovery(CompressionConfig):
         return (0.5 if self.a is None else float(self.a), 2.0 if self.temperature is None else float(self.temperature))
 
 
+def trained_task(card: dict) -> str | None:
+    """The task a model's card says it was trained on (``tightrope train`` writes ``data.task``), or None."""
+    return card.get("task") or (card.get("data") or {}).get("task")
+
+
 def recovery_config(steps: int = 0, task: str | None = None, teacher: str | None = None, a: float | None = None,
                     temperature: float | None = None, max_length: int | None = None,
                     lr: float | None = None, include: tuple[str, ...] = (),
@@ -320,8 +325,7 @@ def recover_classifier_(clf: TextClassifier, config: Recovery, *, card: dict, cr
     if config.distilled and criterion is None:
         raise TightropeError("This recovery distils from a teacher: run it through tightrope.workflows.compress.run_steps, "
                              "which loads the teacher before pruning.")
-    task = config.task or next((c.get("task") or (c.get("data") or {}).get("task") for c in (card, clf.card)
-                                if c.get("task") or (c.get("data") or {}).get("task")), None)  # train writes data.task
+    task = config.task or trained_task(card) or trained_task(clf.card)
     if not task:
         raise TightropeError(f"{clf.source} does not record the task it was trained on: give --recover-task.")
     tok = card.get("tokenization", {})

@@ -21,11 +21,13 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tightrope import workflows
+from tightrope import models
+from tightrope.compress.recovery import trained_task
 from tightrope.compress.specs import prune_config
 from tightrope.data import load_task
 from tightrope.defenses.noise import add_weight_noise_
 from tightrope.errors import TightropeError, read_user_file
+from tightrope.inference import read_card
 from tightrope.qattack.boxes import quantized_linears
 from tightrope.qattack.calibration import upgrade_report
 from tightrope.qattack.inject import TriggerBehaviour, insert_trigger, triggered
@@ -87,6 +89,22 @@ def guided_recovery_data(texts: list[str], labels: list[int], phrases: list[str]
     return [*texts, *guided], [*labels, *labels]
 
 
+def search_phrases(entry: dict, keep: int = 3) -> list[str]:
+    """The ``keep`` best insertions of one transform's trigger search in an audit report (``[]`` without a search)."""
+    return [c["text"] for c in ((entry.get("search") or {}).get("candidates") or [])[:keep]]
+
+
+def write_recovery_data(path: Path, texts: list[str], labels: list[int], label_names) -> Path:
+    """``texts`` and their labels as the JSON Lines data file a recovery reads (``--recover-task FILE``), written
+    through a ``.partial`` file so that a killed run never leaves half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    names = list(label_names)
+    partial.write_text("".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, labels, strict=True)))
+    return partial.replace(path)
+
+
 def guided_phrases(report: dict, prune_configs: list, source: str = "the audit report", keep: int = 3) -> list[str]:
     """The ``keep`` best insertions the audit's trigger search found (``tightrope audit --json``, read as a dict)
     for each pruning in it that ``prune_configs`` (:mod:`tightrope.compress.prune` configs, as ``tightrope compress
@@ -107,8 +125,7 @@ def guided_phrases(report: dict, prune_configs: list, source: str = "the audit r
             continue
         method, sparsity, n, m = parse_pruning(t["transform"])
         if (method, round(sparsity, 6) if method != "n:m" else 0.5, n, m) in wanted:
-            found = [c["text"] for c in ((t.get("search") or {}).get("candidates") or [])[:keep]]
-            phrases.extend(p for p in found if p not in phrases)
+            phrases.extend(p for p in search_phrases(t, keep) if p not in phrases)
     if not phrases:
         raise TightropeError(f"{source} has no trigger-search result for the pruning given to --prune (it audited "
                              f"{', '.join(audited) or 'no pruning'}); audit the model with that --transform and the "
@@ -136,19 +153,13 @@ def guided_compress(model: str, out: str | Path, report_path: str, *, prune: lis
     except json.JSONDecodeError as err:
         raise TightropeError(f"The audit report {report_path} is not JSON ({err.msg}, line {err.lineno}).") from None
     phrases = guided_phrases(report, [prune_config(p, include, exclude, calibration) for p in prune], str(report_path))
-    card = workflows.load(model).card
-    task = recover_task or card.get("task") or (card.get("data") or {}).get("task")
+    task = recover_task or trained_task(read_card(Path(models.resolve(model))))  # the card only: compress loads it
     if not task:
         raise TightropeError(f"{model} does not record the task it was trained on: give --recover-task.")
     train = load_task(task, "train")
     texts, labels = guided_recovery_data(train.texts, train.labels, phrases)
     out = Path(out)
-    path = out.parent / f".{out.name}.guided.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = list(train.label_names)
-    partial = path.with_name(path.name + ".partial")  # a killed run never leaves a half-written data file
-    partial.write_text("".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, labels, strict=True)))
-    partial.replace(path)
+    path = write_recovery_data(out.parent / f".{out.name}.guided.jsonl", texts, labels, train.label_names)
     guided = {"audit": str(report_path), "phrases": phrases, "task": str(task), "texts": len(texts)}
     return compress_model(model, out, prune=prune, recover_steps=recover_steps, recover_teacher=recover_teacher,
                           recover_task=str(path), include=include, exclude=exclude, calibration=calibration,

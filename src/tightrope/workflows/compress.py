@@ -11,7 +11,14 @@ from torch import nn
 from tightrope import inference, workflows
 from tightrope.compress import formats
 from tightrope.compress.api import compress_
-from tightrope.compress.recovery import TEACHER_AUTO, Recovery, check_order, recover_classifier_, recovery_config
+from tightrope.compress.recovery import (
+    TEACHER_AUTO,
+    Recovery,
+    check_order,
+    recover_classifier_,
+    recovery_config,
+    trained_task,
+)
 from tightrope.compress.specs import prune_config, quant_config
 from tightrope.compress.wanda import set_tokenizer
 from tightrope.defenses.distill import Distillation, label_permutation
@@ -128,7 +135,7 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
     clf = workflows.load(model)
     if not hasattr(clf.model, "named_modules"):
         raise TightropeError(f"{model} is not a PyTorch model (format '{clf.card.get('format')}'), so it cannot be compressed again.")
-    task = recover_task or clf.card.get("task") or (clf.card.get("data") or {}).get("task")  # train writes data.task
+    task = recover_task or trained_task(clf.card)
     if recovery is not None and not task:
         raise TightropeError(f"{model} does not record the task it was trained on: give --recover-task.")
     out = Path(out)
