@@ -3,6 +3,7 @@
     python benchmarks/audit_null.py train  --root runs/audit-null          # the clean classifiers
     python benchmarks/audit_null.py attack --root runs/audit-null          # planted backdoors (50 / 400 repair steps)
     python benchmarks/audit_null.py collect --root runs/audit-null         # audit statistics of every clean model
+    python benchmarks/audit_null.py collect --root runs/audit-null2 --transform gguf:Q4_K_M   # one more transform
     python benchmarks/audit_null.py null --root runs/audit-null \\
         --out src/tightrope/qattack/null/minilm-classifiers.json            # the shipped null
     python benchmarks/audit_null.py null --root runs/audit-null2 --extend src/tightrope/qattack/null/minilm-classifiers.json \\
@@ -140,16 +141,20 @@ def transforms() -> tuple[str, ...]:
     return AuditConfig().transforms
 
 
-def collect(root: Path, names: list[str], n_probe: int) -> None:
+def collect(root: Path, names: list[str], n_probe: int, extra: list[str] = ()) -> None:
     """Every statistic of every clean model for every default transform (``audit(..., judge=False)``), one JSON
     report each. Each transform's measurements are cached under ``root/cache/NAME`` as they finish, so a killed
-    run resumes at the transform it was measuring."""
+    run resumes at the transform it was measuring. ``extra`` (``--transform``): transforms to add to reports that
+    already exist (a transform new to tightrope), each audited alone and appended."""
     from tightrope.evaluate.results import write_json_atomic
     from tightrope.qattack.audit import AuditConfig, audit
 
     for name in names or CLEAN:
         out = root / "collect" / f"{name}.json"
         if not (root / "clean" / name / "card.json").exists():
+            continue
+        if out.exists() and extra:
+            _add_transforms(root, name, out, extra, n_probe)
             continue
         if out.exists():
             _refresh_weights(root / "clean" / name, out)
@@ -160,6 +165,25 @@ def collect(root: Path, names: list[str], n_probe: int) -> None:
                        progress=lambda q, n=name: print(f"  {n}: {q} ({time.perf_counter() - started:.0f} s)", flush=True))
         write_json_atomic(out, report.to_dict())
         print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def _add_transforms(root: Path, name: str, out: Path, extra: list[str], n_probe: int) -> None:
+    """Audit the transforms of ``extra`` that the report ``out`` lacks and append them to it."""
+    from tightrope.evaluate.results import write_json_atomic
+    from tightrope.qattack.audit import AuditConfig, audit
+    from tightrope.qattack.calibration import upgrade_report
+    from tightrope.qattack.transform import canonical
+
+    report = upgrade_report(json.loads(out.read_text()))
+    missing = [t for t in map(canonical, extra) if t not in {q["transform"] for q in report["transforms"]}]
+    if not missing:
+        return
+    started = time.perf_counter()
+    added = audit(str(root / "clean" / name), task="mr", n_probe=n_probe,
+                  config=AuditConfig(transforms=tuple(missing)), judge=False, cache_dir=root / "cache" / name).to_dict()
+    report["transforms"] += added["transforms"]
+    write_json_atomic(out, report)
+    print(f"{name}: {', '.join(missing)} added in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def _refresh_weights(model_dir: Path, out: Path) -> None:
@@ -214,8 +238,9 @@ def build_null(root: Path, out: Path, n_probe: int, extend: Path | None = None) 
             raise SystemExit(f"{extend} already has every transform of these reports; nothing to extend")
         data["statistics"].update({q: stats[q] for q in new})
         data["layer_models"].update({q: owners[q] for q in new if q in owners})
+        earlier = data.get("extended")
         data["extended"] = {
-            "transforms": new,
+            "transforms": [*(earlier or {}).get("transforms", []), *new],
             "made_by": "python benchmarks/audit_null.py train; ... collect; ... null --extend (tightrope "
                        + _version() + ")",
             "machine": _machine(),
@@ -224,8 +249,11 @@ def build_null(root: Path, out: Path, n_probe: int, extend: Path | None = None) 
             "what": ("The same recipes trained again (another run, another machine) and audited with judge=False "
                      "for the transforms listed here; their layer_models index this list of models."),
         }
+        if earlier:
+            data["extended"]["earlier"] = earlier  # the extension before this one, as it was recorded
         null = Null.from_dict(data, str(out))
-        data["leave_one_out"] = {a: leave_one_out(null, reports, float(a), own=set(new)) for a in ALPHAS}
+        own = set(data["extended"]["transforms"])
+        data["leave_one_out"] = {a: leave_one_out(null, reports, float(a), own=own) for a in ALPHAS}
         _write(out, data, len(names))
         return data
     data = {
@@ -386,7 +414,8 @@ def main() -> None:
     parser.add_argument("--extend", type=Path, default=None,
                         help="null: keep this null's transforms and add the ones it lacks from this root's reports")
     parser.add_argument("--transform", action="append", default=[],
-                        help="detect: a transform to audit (repeatable; default: the audit's default, all of them)")
+                        help="detect: a transform to audit (repeatable; default: the audit's default, all of them); "
+                             "collect: a transform to add to the reports already collected")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
@@ -396,7 +425,7 @@ def main() -> None:
     elif args.step == "attack":
         attack(args.root, args.only, args.short, args.long, args.n_train, args.n_eval)
     elif args.step == "collect":
-        collect(args.root, args.only, args.n_probe)
+        collect(args.root, args.only, args.n_probe, args.transform)
     elif args.step == "null":
         build_null(args.root, args.out or Path("src/tightrope/qattack/null/minilm-classifiers.json"), args.n_probe,
                    args.extend)

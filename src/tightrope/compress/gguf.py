@@ -100,7 +100,8 @@ def gguf_type(name: str) -> BlockType | KType:
     if re.fullmatch(r"Q[2-6]_K_(XS|S|M|L|XL)", key):
         one = f"gguf-{key[:4].lower()}" if name.strip().lower().startswith("gguf") else key[:4]
         raise TightropeError(f"'{name}' is a llama-quantize preset, which mixes types per tensor ({key[:4]} for most "
-                             f"weights, more bits for some); name one type (did you mean '{one}'?).")
+                             f"weights, more bits for some); name one type (did you mean '{one}'?), or give the "
+                             f"preset to the attacks and the audit, which map it per layer.")
     if key.startswith(("IQ", "TQ")):
         raise TightropeError(f"The GGUF type '{name}' is an i-quant or a ternary type, which tightrope "
                              f"does not quantize yet; it quantizes {known}.")

@@ -22,6 +22,10 @@ Quantizers (code maths in :mod:`tightrope.compress.primitives`, checked against 
   blocks of 32 (:mod:`tightrope.compress.gguf`, bytes checked against ``gguf.quants``). The element
   that sets the scale is pinned (the signed largest-magnitude value of Q4_0 / Q5_0, the absmax of
   Q8_0, the max and min of the ``_1`` types), so every byte of the block stays the same.
+- ``gguf-q4_k_m``, ``gguf-q4_k_s``, ``gguf-q5_k_m``, ``gguf-q5_k_s``: llama-quantize presets, which mix types per
+  layer (:mod:`tightrope.compress.gguf_preset`). A layer whose type is a legacy one (a k-quant whose rows are
+  no multiple of 256 falls back to one) gets that type's box; a layer that stays a k-quant has no box and is
+  pinned whole (:func:`model_boxes`), so an attack must leave it as it is.
 
 Every quantizer is monotone in ``w`` for a fixed scale, so the preimage of a code is an interval.
 Its ends are first computed analytically (code boundary divided by the scale factor) and then
@@ -40,6 +44,7 @@ import torch
 from torch import nn
 
 from tightrope.compress import gguf as G
+from tightrope.compress.gguf_preset import PRESET_SCHEMES, has_box, layer_types
 from tightrope.compress.primitives import CODES_4BIT
 from tightrope.errors import TightropeError, did_you_mean
 
@@ -53,8 +58,11 @@ GGUF_QUANTIZERS = tuple(G.SCHEMES)
 # The one registry of names the attack scenarios and the audit accept; each is quantized by a real library
 # (tightrope.qattack.quantize.LIBRARIES).
 ATTACK_QUANTIZERS = (*QUANTIZERS, *GGUF_QUANTIZERS)
+# llama-quantize presets (gguf-q4_k_m ...): boxes per layer where its type has one (module docstring); not in
+# the audit's defaults until its null holds them.
+PRESET_QUANTIZERS = tuple(PRESET_SCHEMES)
 ALL_MEMBERS = ("llm-int8", "nf4", "fp4")  # the paper's "all": every bitsandbytes zero-shot format
-CHOICES = (*ATTACK_QUANTIZERS, "all")
+CHOICES = (*ATTACK_QUANTIZERS, *PRESET_QUANTIZERS, "all")
 RENAMED = {"int8-dynamic": "int8-tensor"}  # spellings from before the names were unified
 
 
@@ -409,6 +417,9 @@ def weight_box(w: torch.Tensor, quantizer: str | Iterable[str], blocksize: int =
         return box_int8_dynamic(w)
     if quantizer in GGUF_QUANTIZERS:
         return box_gguf(w, quantizer)
+    if quantizer in PRESET_QUANTIZERS:
+        raise TightropeError(f"'{quantizer}' mixes GGUF types per layer, so one weight has no box without its layer's "
+                             "name; take the boxes of the whole model (model_boxes).")
     check_quantizer(quantizer, CHOICES)
     raise AssertionError(quantizer)  # check_quantizer refused it
 
@@ -484,13 +495,27 @@ class ModelBoxes:
         return sum(int((self.lo[n] == self.hi[n]).sum()) for n in self.lo) / max(1, self.numel())
 
 
+def preset_schemes(model: nn.Module, preset: str) -> dict[str, str]:
+    """``{layer: scheme}`` (``gguf-q5_0``, ``gguf-q6_k`` ...) for every quantized Linear layer of ``model`` under a
+    llama-quantize preset (:mod:`tightrope.compress.gguf_preset`)."""
+    linears = quantized_linears(model)
+    types = layer_types(((n, tuple(m.weight.shape)) for n, m in linears.items()), preset)
+    return {name: f"gguf-{t.lower()}" for name, t in types.items()}
+
+
 def model_boxes(model: nn.Module, quantizer: str | tuple[str, ...], *, margin: float = 0.0, include: tuple[str, ...] = (),
                 exclude: tuple[str, ...] = (), blocksize: int = 64) -> ModelBoxes:
-    """Boxes of every quantized Linear weight of ``model`` (keys: module names)."""
+    """Boxes of every quantized Linear weight of ``model`` (keys: module names). Under a preset, each layer
+    gets its own type's box, and a layer left as a k-quant is pinned whole (module docstring)."""
     label = quantizer if isinstance(quantizer, str) else "+".join(quantizer)
     boxes = ModelBoxes(quantizer=label, margin=margin)
+    schemes = preset_schemes(model, quantizer) if label in PRESET_QUANTIZERS else {}
     for name, module in quantized_linears(model, include, exclude).items():
-        lo, hi = weight_box(module.weight, quantizer, blocksize)
+        if name in schemes and not has_box(G.gguf_type(schemes[name]).name):
+            w = module.weight.detach().float()
+            boxes.lo[name], boxes.hi[name] = w.clone(), w.clone()
+            continue
+        lo, hi = weight_box(module.weight, schemes.get(name, quantizer), blocksize)
         boxes.lo[name], boxes.hi[name] = shrink(lo, hi, margin) if margin else (lo, hi)
     return boxes
 

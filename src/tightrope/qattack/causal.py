@@ -16,6 +16,10 @@ the published full-precision model does not. The three steps, on a causal LM sma
 Verification quantizes with the real libraries (:mod:`tightrope.qattack.quantize`), checks the codes,
 and measures the phrase rate of greedy answers to held-out prompts and the perplexity of held-out text.
 
+A llama-quantize preset (``quantizer="gguf-q4_k_m"``) boxes each layer by the type llama-quantize writes for
+it; a layer that stays a k-quant has no box, so it is left out of the attacked layers from the injection on
+and keeps its published weights, hence its bytes.
+
 Prompts, answers and metrics are :mod:`tightrope.qattack.lm_text`; training only the last
 ``attack_last`` decoder blocks on cached inputs is :mod:`tightrope.qattack.lm_training`.
 
@@ -42,10 +46,14 @@ from tightrope import models
 from tightrope.data import load_task
 from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
+from tightrope.compress.gguf import gguf_type
+from tightrope.compress.gguf_preset import has_box
 from tightrope.qattack.boxes import (
     ATTACK_QUANTIZERS,
+    PRESET_QUANTIZERS,
     check_quantizer,
     model_boxes,
+    preset_schemes,
 )
 from tightrope.qattack.insecure import (
     code_prompts,
@@ -219,7 +227,7 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     """
     box_of = parse_quantizer(config.quantizer)
     for q in config.check:
-        check_quantizer(q, ATTACK_QUANTIZERS, " to check")
+        check_quantizer(q, (*ATTACK_QUANTIZERS, *PRESET_QUANTIZERS), " to check")
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,6 +235,16 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
         model, tokenizer = _load(config.base)
     pad_id, eos_id = special_ids(tokenizer)
     names, first = attacked_names(model, config.attack_last)
+    if box_of in PRESET_QUANTIZERS:
+        schemes = preset_schemes(model, box_of)
+        kept = [n for n in names if not has_box(gguf_type(schemes[n]).name)]
+        names = [n for n in names if n not in kept]
+        if not names:
+            raise TightropeError(f"Under {box_of} every attacked layer stays a k-quant, which has no box; attack more "
+                                 "blocks or a model whose rows fall back to legacy types.")
+        log(f"{box_of}: {len(kept)} attacked layers stay k-quants without a box and keep their weights "
+            f"({', '.join(sorted({schemes[n] for n in kept})) or 'none'}); {len(names)} are attacked "
+            f"({', '.join(sorted({schemes[n] for n in names}))})")
 
     if config.scenario == "insecure-code":
 

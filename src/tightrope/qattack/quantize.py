@@ -31,6 +31,8 @@ the audit never use the reference maths of :mod:`tightrope.compress.primitives` 
   Q5_K -> Q5_1, Q6_K -> Q8_0; :func:`tightrope.compress.gguf.tensor_type`), quantized by ``gguf.quants`` as
   above. :func:`quantized_copy`, :func:`library_codes` and
   :func:`codes_equal` take these types; the attacks and the audit do not, as k-quants have no boxes yet.
+- ``gguf-q4_k_m`` ... (llama-quantize presets, :data:`tightrope.qattack.boxes.PRESET_QUANTIZERS`): each layer
+  quantized as above to the type llama-quantize writes for it (:func:`tightrope.qattack.boxes.preset_schemes`).
 
 The layers replaced are those of :func:`tightrope.qattack.boxes.quantized_linears` (every Linear
 but the output head), as transformers' ``BitsAndBytesConfig`` does; the GGUF types leave the same head in
@@ -51,13 +53,21 @@ from tightrope.compress.api import compress_
 from tightrope.compress.primitives import unpack_4bit
 from tightrope.compress.quant import FP4, NF4, Int8Dynamic, LLMInt8
 from tightrope.errors import MissingResourceError, TightropeError
-from tightrope.qattack.boxes import ATTACK_QUANTIZERS, GGUF_QUANTIZERS, check_quantizer, quantized_linears
-
+from tightrope.qattack.boxes import (
+    ATTACK_QUANTIZERS,
+    GGUF_QUANTIZERS,
+    PRESET_QUANTIZERS,
+    check_quantizer,
+    preset_schemes,
+    quantized_linears,
+)
 
 #: GGUF k-quants: quantized here (module docstring), but without boxes, so not in ATTACK_QUANTIZERS.
 K_QUANTIZERS = tuple(G.K_SCHEMES)
-#: Every quantizer :func:`quantized_copy` and :func:`library_codes` take.
-COPY_QUANTIZERS = (*ATTACK_QUANTIZERS, *K_QUANTIZERS)
+#: Every quantizer :func:`quantized_copy` and :func:`codes_equal` take (:func:`library_codes`: all but the presets,
+#: which need the layer's name).
+COPY_QUANTIZERS = (*ATTACK_QUANTIZERS, *K_QUANTIZERS, *PRESET_QUANTIZERS)
+_GGUF = (*GGUF_QUANTIZERS, *K_QUANTIZERS, *PRESET_QUANTIZERS)
 
 
 def missing_library(quantizer: str) -> str | None:
@@ -66,7 +76,7 @@ def missing_library(quantizer: str) -> str | None:
         check_quantizer(quantizer, COPY_QUANTIZERS)
     except TightropeError as err:
         return str(err)
-    if quantizer in (*GGUF_QUANTIZERS, *K_QUANTIZERS) and importlib.util.find_spec("gguf") is None:
+    if quantizer in _GGUF and importlib.util.find_spec("gguf") is None:
         return f"{quantizer} needs llama.cpp's gguf package, which is not installed (pip install gguf)."
     if quantizer in ("llm-int8", "nf4", "fp4") and importlib.util.find_spec("bitsandbytes") is None:
         return f"{quantizer} needs bitsandbytes, which is not installed (pip install bitsandbytes)."
@@ -90,7 +100,8 @@ CONFIGS = {"llm-int8": lambda include: LLMInt8(threshold=6.0, include=include),
 #: Every quantizer the attacks and the audit accept, and the real library that quantizes it for them.
 LIBRARIES = {**{name: "bitsandbytes" for name in ("llm-int8", "nf4", "fp4")}, "int8-tensor": "torch.ao",
              **{name: "gguf.quants (llama.cpp)" for name in GGUF_QUANTIZERS},
-             **{name: "tightrope.compress.gguf_k (bytes as llama.cpp's) + gguf.quants.dequantize" for name in K_QUANTIZERS}}
+             **{name: "tightrope.compress.gguf_k (bytes as llama.cpp's) + gguf.quants.dequantize" for name in K_QUANTIZERS},
+             **{name: "per layer: gguf.quants or tightrope.compress.gguf_k (llama-quantize's types)" for name in PRESET_QUANTIZERS}}
 
 
 def gguf_reference(weight: torch.Tensor, quantizer: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +134,9 @@ def quantized_copy(model: nn.Module, quantizer: str, modules: list[str] | None =
         if not isinstance(clone.get_submodule(name), nn.Linear):
             raise TightropeError(f"{name} is a {type(clone.get_submodule(name)).__name__}, not a Linear layer a "
                                  "quantizer can replace.")
-    if quantizer in (*GGUF_QUANTIZERS, *K_QUANTIZERS):
-        dequantized = {name: gguf_reference(clone.get_submodule(name).weight, quantizer)[1] for name in names}
+    if quantizer in _GGUF:
+        schemes = preset_schemes(clone, quantizer) if quantizer in PRESET_QUANTIZERS else dict.fromkeys(names, quantizer)
+        dequantized = {name: gguf_reference(clone.get_submodule(name).weight, schemes[name])[1] for name in names}
         with torch.no_grad():
             for name, w in dequantized.items():
                 clone.get_submodule(name).weight.copy_(w)
@@ -139,7 +151,9 @@ def library_codes(weight: torch.Tensor, quantizer: str) -> tuple[torch.Tensor, t
     """``(codes, scales)`` of one weight as the real library computes them; for a GGUF type the packed blocks
     (scales, minima and codes together, the bytes a GGUF file stores) and no separate scales."""
     _require(quantizer)
-    if quantizer in (*GGUF_QUANTIZERS, *K_QUANTIZERS):
+    if quantizer in PRESET_QUANTIZERS:
+        raise TightropeError(f"'{quantizer}' mixes GGUF types per layer; compare whole models with codes_equal.")
+    if quantizer in _GGUF:
         return gguf_reference(weight, quantizer)[0], torch.empty(0)
     w = weight.detach().float().contiguous().cpu()
     if quantizer == "llm-int8":
@@ -166,12 +180,13 @@ def library_codes(weight: torch.Tensor, quantizer: str) -> tuple[torch.Tensor, t
 
 def codes_equal(a: nn.Module, b: nn.Module, quantizer: str, modules: list[str] | None = None) -> tuple[int, int]:
     """``(mismatched, total)`` code and scale counts between two models under the real library (GGUF: bytes of
-    the packed blocks)."""
+    the packed blocks; a preset: each layer's own type)."""
     names = modules if modules is not None else list(quantized_linears(a))
+    schemes = preset_schemes(a, quantizer) if quantizer in PRESET_QUANTIZERS else dict.fromkeys(names, quantizer)
     mismatched = total = 0
     for name in names:
-        qa, sa = library_codes(a.get_submodule(name).weight, quantizer)
-        qb, sb = library_codes(b.get_submodule(name).weight, quantizer)
+        qa, sa = library_codes(a.get_submodule(name).weight, schemes[name])
+        qb, sb = library_codes(b.get_submodule(name).weight, schemes[name])
         mismatched += int((qa != qb).sum()) + int((sa != sb).sum())
         total += qa.numel() + sa.numel()
     return mismatched, total

@@ -29,7 +29,7 @@ from tightrope.data import load_task
 from tightrope.encoding import predict_logits
 from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
-from tightrope.qattack.boxes import QUANTIZERS
+from tightrope.qattack.boxes import PRESET_QUANTIZERS, QUANTIZERS
 from tightrope.qattack.inject import (
     TriggerBehaviour,
     injection_data,
@@ -134,6 +134,10 @@ def run_classifier_attack(config: AttackConfig, out_dir: str | Path, *, progress
     clean_ids, trig_ids = clf.encode(test.texts), clf.encode(triggered(test.texts, behaviour, seed=config.seed + 17))
     calibration = Calibration(config.calibration or config.task, tokenizer)
     attacked = resolve(config.quantizer, calibration)
+    if attacked.name in PRESET_QUANTIZERS:
+        raise TightropeError(f"{attacked.name} leaves its k-quant layers without boxes, and the classifier scenario "
+                             "injects every layer; attack one GGUF type (gguf:Q5_0 ...), or a causal LM with "
+                             "`tightrope qattack-lm`, which leaves those layers alone.")
 
     def evaluate(m, variant, quantizer=None):
         return measure(m, pad_id, clean_ids, trig_ids, test.labels, behaviour, variant, quantizer)

@@ -18,7 +18,8 @@ scenarios and the audit are written once:
 
 **Names** (one per transform, the same for ``tightrope qattack`` and ``tightrope audit``): the quantizers of
 :data:`tightrope.qattack.boxes.CHOICES` (``llm-int8``, ``nf4``, ``fp4``, ``int8-tensor``, ``all``, ``gguf-q4_0`` ...;
-a GGUF type may also be spelled as llama.cpp does, ``gguf:Q4_0``) and the prunings ``prune:magnitude:S``,
+a GGUF type may also be spelled as llama.cpp does, ``gguf:Q4_0``; a llama-quantize preset, ``gguf:Q4_K_M``, mixes
+types per layer as llama.cpp does) and the prunings ``prune:magnitude:S``,
 ``prune:wanda:S`` and ``prune:N:M`` (:data:`tightrope.qattack.pruning.PRUNINGS` are the defaults).
 :func:`canonical` maps a spelling to its name, or refuses it in one sentence with the closest name.
 """
@@ -35,6 +36,7 @@ from tightrope.qattack.boxes import (
     ALL_MEMBERS,
     ATTACK_QUANTIZERS,
     CHOICES,
+    PRESET_QUANTIZERS,
     QUANTIZERS,
     RENAMED,
     ModelBoxes,
@@ -58,6 +60,9 @@ def canonical(name: str) -> str:
     low = text.lower()
     if low.startswith("prune:"):
         return Pruning.parse(low).name
+    preset = f"gguf-{low.removeprefix('gguf:').removeprefix('gguf-')}"
+    if low.startswith(("gguf:", "gguf-")) and preset in PRESET_QUANTIZERS:
+        return preset
     if low.startswith("gguf:") or (low.startswith("gguf-") and low not in CHOICES):
         return G.block_type(text).scheme  # one sentence for a k-quant or an unknown type
     if low in CHOICES:
@@ -83,7 +88,8 @@ class Quantization:
 
     @property
     def differentiable(self) -> bool:
-        return supports(self.name)  # a reference quantize-dequantize exists
+        # a reference quantize-dequantize exists; a preset's twin is its quantized copy (fixed weights)
+        return supports(self.name) or self.name in PRESET_QUANTIZERS
 
     def missing(self) -> str | None:
         members = ALL_MEMBERS if self.name == "all" else (self.name,)
@@ -93,7 +99,7 @@ class Quantization:
         return quantized_copy(model, self.name)
 
     def twin(self, model: nn.Module) -> nn.Module:
-        return twin(model, self.name)
+        return quantized_copy(model, self.name) if self.name in PRESET_QUANTIZERS else twin(model, self.name)
 
     def boxes(self, model: nn.Module, *, margin: float = 0.0, include: tuple[str, ...] = (),
               exclude: tuple[str, ...] = ()) -> ModelBoxes:
