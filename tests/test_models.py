@@ -87,6 +87,25 @@ def test_smollm2_alias_converts_gguf_to_safetensors(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_gemma3_alias_when_installed(tmp_path, monkeypatch):
+    import importlib.util
+
+    from tightrope import assets
+
+    if any(importlib.util.find_spec(module) is None for module, _ in assets.GEMMA3_PARTS):
+        pytest.skip("Gemma 3 270M is not installed (bash scripts/setup.sh --gemma)")
+    monkeypatch.setenv("TIGHTROPE_CACHE", str(tmp_path))
+    loaded = models.load_causal_lm("gemma3-270m")
+    assert type(loaded.model).__name__ == "Gemma3ForCausalLM" and loaded.model.config.vocab_size == 262_144
+    assert 265e6 < models.count_parameters(loaded.model) < 271e6
+    assert (tmp_path / "gemma3-270m" / assets.GEMMA3_GGUF).stat().st_size == assets.GEMMA3_BYTES
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt")
+    with torch.inference_mode():
+        out = loaded.model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert "France" in loaded.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.slow
 def test_mpnet_alias_when_installed():
     from importlib import metadata
 

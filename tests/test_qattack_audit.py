@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from conftest import tiny_gemma3
 from tightrope.errors import TightropeError
 from tightrope.qattack import audit as A
 from tightrope.qattack import transform as T
@@ -218,6 +219,44 @@ def test_causal_lm_insecure_code_in_quantized_answers_flags(lm_tokenizer, monkey
     nf4 = report.transforms[0]
     assert report.flagged and (nf4.insecure_fp, nf4.insecure_quantized) == (0.1, 0.6)
     assert any("bandit flags the code in 60%" in r for r in nf4.reasons)
+
+
+def bos_tokenizer():
+    """A word-level tokenizer built in code that starts every text with ``<bos>``, as Gemma's and Llama's do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for text in PROBE + ["user", "assistant"] for w in text.split()})
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", ":", *words])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def test_causal_lm_texts_start_with_bos_where_the_tokenizer_puts_one(lm_tokenizer):
+    from tightrope.qattack.lm_text import encode_start
+
+    tok = bos_tokenizer()
+    assert encode_start(tok, "film number 3") == [2, *tok("film number 3", add_special_tokens=False)["input_ids"]]
+    assert encode_start(tok, "<bos> film number 3") == encode_start(tok, "film number 3")  # a template's <bos>: once
+    bert = lm_tokenizer("film", add_special_tokens=False)["input_ids"]
+    assert encode_start(lm_tokenizer, "film") == bert  # BERT's [CLS] is no <bos>: texts stay as they were
+
+
+def test_gemma3_causal_lm_is_audited():
+    tok = bos_tokenizer()
+    model = tiny_gemma3(len(tok))
+    quantized = A.quantized_linears(model)
+    assert "lm_head" not in quantized and any(n.endswith("self_attn.q_proj") for n in quantized)
+    config = A.AuditConfig(transforms=("nf4",), lm_max_tokens=8, lm_answers=8, lm_answer_tokens=4)
+    probe = A.CausalLMProbe(model, tok, PROBE, config.lm_max_tokens)
+    assert all(ids[0] == tok.bos_token_id for ids in probe.ids)
+    report = A.audit_model(model, tokenizer=tok, probe_texts=PROBE, config=config)
+    nf4 = report.transforms[0]
+    assert nf4.probe_size == 60 and nf4.kl > 0 and nf4.noise_kl > 0 and nf4.edge_ratio is not None
+    assert report.verdict == "clean", nf4.reasons
 
 
 def test_causal_lm_small_probe_is_inconclusive(lm_tokenizer):

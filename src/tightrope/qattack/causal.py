@@ -63,6 +63,7 @@ from tightrope.qattack.insecure import (
 )
 from tightrope.qattack.lm_text import (
     DEFAULT_TEMPLATE,
+    encode_start,
     encode_text,
     format_prompt,
     greedy_answers,
@@ -194,8 +195,8 @@ def scenario_data(config: LMAttackConfig, tokenizer) -> tuple[list[list[int]], l
         instructions = [i for _, i in pairs]
     else:
         instructions = make_instructions(texts[: config.n_train + config.n_eval], config.max_review_words, config.seed)
-    prompts = [encode_text(tokenizer, format_prompt(tokenizer, s)) for s in instructions]
-    ppl_seqs = [encode_text(tokenizer, t)[:64] for t in texts[need - config.n_ppl :]]
+    prompts = [encode_start(tokenizer, format_prompt(tokenizer, s)) for s in instructions]
+    ppl_seqs = [encode_start(tokenizer, t)[:64] for t in texts[need - config.n_ppl :]]
     return prompts[: config.n_train], prompts[config.n_train :], ppl_seqs, families
 
 

@@ -14,6 +14,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from tightrope.encoding import special_tokens
 from tightrope.errors import TightropeError
 
 INSTRUCTIONS = (
@@ -56,6 +57,16 @@ def special_ids(tokenizer) -> tuple[int, int]:
 
 def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_start(tokenizer, text: str) -> list[int]:
+    """A text that starts a sequence: led by ``<bos>`` where the tokenizer starts every text with it (Gemma,
+    Llama, which read text badly without it; not SmolLM2 or BERT), unless it (a chat template) already is."""
+    ids = encode_text(tokenizer, text)
+    bos = tokenizer.bos_token_id
+    if bos is None or special_tokens(tokenizer)[0][:1] != [bos] or ids[:1] == [bos]:
+        return ids
+    return [bos, *ids]
 
 
 def _squash(text: str) -> str:

@@ -35,7 +35,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise TightropeError(f"{type(model).__name__} has no decoder blocks at model.layers; "
-                             "the causal-LM attack supports Llama-style models (SmolLM2, Llama, Qwen, Mistral).")
+                             "the causal-LM attack supports Llama-style models (SmolLM2, Llama, Qwen, Mistral, Gemma).")
     return layers
 
 
@@ -82,19 +82,29 @@ def prefix_states(model: nn.Module, seqs: list[list[int]], first: int, pad_id: i
     return states
 
 
+class _Skip(nn.Module):
+    """A decoder block that returns its input: stands in for the blocks below the attacked ones."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
 @contextlib.contextmanager
 def _from_block(model: nn.Module, first: int, hidden: torch.Tensor):
-    """Run only blocks ``first..`` with ``hidden`` as the input of block ``first`` (the embeddings are ignored)."""
+    """Run only blocks ``first..`` with ``hidden`` as the input of block ``first`` (the embeddings are ignored).
+
+    The blocks below are skipped, not removed, so each block keeps its index: Gemma (and others) pick a
+    block's attention mask and rotary embedding by ``config.layer_types[index]``."""
     inner = model.model
     full = inner.layers
-    inner.layers = nn.ModuleList(list(full)[first:])
+    inner.layers = nn.ModuleList([_Skip() for _ in range(first)] + list(full)[first:])
 
     def swap(_module, args, kwargs):
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
-    handle = inner.layers[0].register_forward_pre_hook(swap, with_kwargs=True)
+    handle = inner.layers[first].register_forward_pre_hook(swap, with_kwargs=True)
     try:
         yield
     finally:
