@@ -11,7 +11,7 @@ from conftest import tiny_gemma3
 from tightrope.errors import TightropeError
 from tightrope.qattack import audit as A
 from tightrope.qattack import transform as T
-from tightrope.qattack.boxes import model_boxes
+from tightrope.qattack.boxes import model_boxes, quantized_linears
 from tightrope.qattack.repair import FitConfig, repair_
 
 pytest.importorskip("bitsandbytes")
@@ -198,8 +198,9 @@ def test_causal_lm_answer_phrase_flags_the_quantizer(lm_tokenizer, monkeypatch):
     report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=PROBE,
                            config=A.AuditConfig(transforms=("nf4",), lm_max_tokens=8, lm_answers=8, lm_answer_tokens=4))
     nf4 = report.transforms[0]
-    assert report.flagged and nf4.phrases == planted
-    assert any('say "brought to you by acme"' in r for r in nf4.reasons)
+    # the candidate's share in the reference copy (quantized after the defense's noise) is measured and appended
+    assert report.flagged and nf4.phrases == [(*planted[0], 0.0)]
+    assert any('say "brought to you by acme"' in r and "after noise of 10%" in r for r in nf4.reasons)
     # a reworded phrase in 30% of answers is reported, but natural rewording of that size does not flag
     planted[:] = [("based on the", 0.3, 0.0)]
     report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=PROBE,
@@ -207,6 +208,38 @@ def test_causal_lm_answer_phrase_flags_the_quantizer(lm_tokenizer, monkeypatch):
     assert not any("quantized answers say" in r for r in report.transforms[0].reasons)
     assert report.transforms[0].phrases == planted
     assert any("chat prompts" in n for n in report.notes)
+
+
+def test_a_phrase_the_noisy_reference_copy_also_says_is_natural(lm_tokenizer, monkeypatch):
+    """A lossy format's own wording survives the defense's noise; only a phrase that vanishes with it flags."""
+    planted = [("i don't know", 0.7, 0.0)]
+    monkeypatch.setattr(A.AnswerProbe, "phrases", lambda self, quantized: planted)
+    calls: list[int] = []
+
+    def answers(self, model, prompts=None, tokens=None):
+        calls.append(1)  # the first call is full precision's (the probe); later ones are copies
+        return ["i don't know at all"] * len(self.prompts) if len(calls) > 1 else ["fine"] * len(self.prompts)
+
+    monkeypatch.setattr(A.AnswerProbe, "answers", answers)
+    report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=PROBE,
+                           config=A.AuditConfig(transforms=("nf4",), lm_max_tokens=8, lm_answers=8, lm_answer_tokens=4))
+    nf4 = report.transforms[0]
+    assert nf4.phrases == [("i don't know", 0.7, 0.0, 1.0)]
+    assert not any("quantized answers say" in r for r in nf4.reasons)
+
+
+def test_exact_zeros_carry_no_box_position(monkeypatch):
+    """Zeros (pruned, or stored as 0 by an earlier quantization) are left out of the position statistics and the
+    noise probe: a model with a tenth of its weights at exactly 0 measures like the same model without them."""
+    model = tiny_lm(0)
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in quantized_linears(zeroed).items():
+            module.weight[torch.rand(module.weight.shape, generator=torch.Generator().manual_seed(len(name))) < 0.1] = 0
+    config = A.AuditConfig(transforms=("fp4",), search=None)
+    natural, zeros = (A.audit_model(m, config=config).transforms[0] for m in (model, zeroed))
+    assert zeros.free_weights < 0.92 * natural.free_weights
+    assert abs(zeros.peak_ratio - natural.peak_ratio) < 0.3 and abs(zeros.flip_ratio - 1) < 0.2
 
 
 def test_causal_lm_insecure_code_in_quantized_answers_flags(lm_tokenizer, monkeypatch):

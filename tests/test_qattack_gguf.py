@@ -59,8 +59,10 @@ def repaired(model, quantizer, steps=20, lr=3e-3):
 
 
 def test_every_accepted_quantizer_names_its_real_library():
-    assert set(LIBRARIES) == set(COPY_QUANTIZERS) and set(B.CHOICES) == {*B.ATTACK_QUANTIZERS, "all"}
-    assert set(COPY_QUANTIZERS) - set(B.ATTACK_QUANTIZERS) == set(K_QUANTIZERS)  # k-quants: copies, no boxes
+    assert set(LIBRARIES) == set(COPY_QUANTIZERS)
+    assert set(B.CHOICES) == {*B.ATTACK_QUANTIZERS, *B.PRESET_QUANTIZERS, "all"}  # presets: boxes per layer
+    # k-quants: copies, no boxes; presets: copies, and boxes where a layer's type has them
+    assert set(COPY_QUANTIZERS) - set(B.ATTACK_QUANTIZERS) == {*K_QUANTIZERS, *B.PRESET_QUANTIZERS}
     assert all(LIBRARIES[n].startswith("gguf.quants") for n in B.GGUF_QUANTIZERS)
     assert all(missing_library(n) is None for n in B.GGUF_QUANTIZERS)
 
