@@ -1,6 +1,8 @@
 """The causal-LM content-injection scenario on SmolLM2-135M (docs/qattack-results.md, "Causal LM").
 
     python benchmarks/qattack_causal.py --out runs/qattack-causal/nf4fp4 [--quantizer nf4,fp4] [--threads 1]
+    python benchmarks/qattack_causal.py --out runs/qattack-causal/q4_k_m --quantizer gguf:Q4_K_M \
+        --check gguf:Q4_K_M --reference --defend 0.05,0.1,0.2      # + base perplexities, the noise defense
 
 Runs :func:`tightrope.qattack.causal.run_content_injection` (inject -> boxes -> PGD repair -> verify
 with bitsandbytes) and prints the table of phrase rate and perplexity per variant; resumable (rerun
@@ -45,6 +47,48 @@ def reference_perplexities(config, out: str) -> None:
     print("reference perplexities:", json.dumps(ref))
 
 
+def defend(config, out: str, scales: list[float], transform: str) -> None:
+    """The noise defense (Egashira et al. Sec. 5) with each weight's sigma ``scale`` times its box width under
+    ``transform`` (:func:`tightrope.qattack.boxes.box_noise`), then ``transform``: the phrase rate and perplexity of
+    the base and the repaired model, per scale, in ``defense.json`` (resumable)."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from tightrope.evaluate.results import write_json_atomic
+    from tightrope.models import load_causal_lm
+    from tightrope.qattack.boxes import box_noise
+    from tightrope.qattack.causal import behaviour_rate, scenario_data
+    from tightrope.qattack.lm_text import greedy_answers, perplexity, special_ids
+    from tightrope.qattack.transform import resolve
+
+    path = Path(out) / "defense.json"
+    rows = json.loads(path.read_text()) if path.exists() else {}
+    t = resolve(transform)
+    for variant, source in (("base", config.base), ("repaired", str(Path(out) / "repaired"))):
+        loaded = load_causal_lm(source)
+        model, tok = loaded.model.float().eval(), loaded.tokenizer
+        _, prompts, ppl_seqs, _ = scenario_data(config, tok)
+        pad, eos = special_ids(tok)
+        boxes = t.boxes(model)
+        for scale in scales:
+            key = f"{variant}/{t.name}/noise {scale:g} of a box width"
+            if key in rows:
+                continue
+            t0 = time.time()
+            noisy = copy.deepcopy(model)
+            with torch.no_grad():
+                for name, w in box_noise(model, boxes, scale, torch.Generator().manual_seed(config.seed)).items():
+                    noisy.get_submodule(name).weight.copy_(w)
+            q = t.apply(noisy)
+            answers = [tok.decode(a, skip_special_tokens=True) for a in greedy_answers(q, prompts, pad, eos, config.eval_tokens)]
+            rows[key] = {"rate": behaviour_rate(config, answers), "perplexity": perplexity(q, ppl_seqs, pad),
+                         "examples": answers[:3], "seconds": time.time() - t0}
+            write_json_atomic(path, rows)
+            print(f"{key}: rate {rows[key]['rate']:.3f}, perplexity {rows[key]['perplexity']:.1f} "
+                  f"({rows[key]['seconds']:.0f} s)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -69,6 +113,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reference", action="store_true",
                         help="after the run, also measure the perplexity of injected/full and of the base model quantized")
+    parser.add_argument("--defend", default="", help="after the run, the noise defense at these scales of each "
+                        "weight's box width (comma list, e.g. 0.05,0.1,0.2), through --quantizer")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from tightrope.qattack.causal import LMAttackConfig, run_content_injection
@@ -95,6 +141,8 @@ def main() -> None:
         print(f"| {b.variant} | {b.quantizer or 'full'} | {100 * b.phrase_rate:.1f}% ({b.n}) | {ppl} | {eq} |")
     if args.reference:
         reference_perplexities(config, args.out)
+    if args.defend:
+        defend(config, args.out, [float(x) for x in args.defend.split(",")], args.quantizer)
     print(f"boxes {report.config['quantizer']}: {report.boxed_parameters:,} weights, {100 * report.pinned_fraction:.2f}% pinned; "
           f"inject loss {report.inject_losses[:1]} -> {report.inject_losses[-1:]}, repair loss {report.repair_losses[:1]} -> {report.repair_losses[-1:]}")
 

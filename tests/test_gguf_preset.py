@@ -130,3 +130,21 @@ def test_the_audit_takes_a_preset_and_flags_a_model_repaired_in_its_boxes(tmp_pa
     repair_(bad, boxes, ids, [i % 2 for i in range(64)], 0, FitConfig(steps=20, lr=3e-3, batch_size=16), progress=False)
     flagged = A.audit_model(bad, classifier=_classifier(bad), probe_texts=probe, config=config)
     assert flagged.verdict == "flagged"
+
+
+def test_box_noise_scales_with_each_box_and_leaves_pinned_weights_and_zeros():
+    from tightrope.qattack.boxes import box_noise, model_boxes
+
+    model = tiny_llama()
+    q = "model.layers.0.self_attn.q_proj"
+    with torch.no_grad():
+        model.get_submodule(q).weight[0, :8] = 0
+    boxes = model_boxes(model, "gguf-q4_k_m")
+    noisy = box_noise(model, boxes, 0.1, torch.Generator().manual_seed(0))
+    w, width = model.get_submodule(q).weight.detach(), boxes.hi[q] - boxes.lo[q]
+    step = noisy[q] - w
+    assert torch.equal(step[0, :8], torch.zeros(8)) and torch.equal(step[width == 0], torch.zeros(int((width == 0).sum())))
+    free = (width > 0) & (w != 0)
+    assert 0.07 < (step[free] / width[free]).std() < 0.13  # sigma = 0.1 box width
+    down = "model.layers.0.mlp.down_proj"  # a k-quant layer: pinned whole, untouched
+    assert torch.equal(noisy[down], model.get_submodule(down).weight.detach())

@@ -118,8 +118,9 @@ def audit_(
         "--transform", "--quantizer",
         help="A transform to check, repeatable (--quantizer is its old name): llm-int8, nf4, fp4, int8-tensor, all, "
              "gguf:Q8_0, gguf:Q4_0, gguf:Q4_1, gguf:Q5_0, gguf:Q5_1, prune:magnitude:0.5, prune:wanda:0.5, prune:2:4 "
-             "(other sparsities and N:M too). Default: every one of them, each judged against the shipped null; a "
-             "sparsity or N:M it lacks gets fixed thresholds: flagged or inconclusive, never clean.")] = None,
+             "(other sparsities and N:M too), or a llama-quantize preset that mixes types per layer (gguf:Q4_K_M, "
+             "gguf:Q4_K_S, gguf:Q5_K_M, gguf:Q5_K_S). Default: every one the shipped null holds, each judged against "
+             "it; a transform it lacks gets fixed thresholds: flagged or inconclusive, never clean.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
     alpha: Annotated[float, typer.Option(
         help="False-positive rate to aim for: the chance that a clean classifier is flagged. Each statistic gets a "

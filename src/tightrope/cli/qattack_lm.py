@@ -39,7 +39,9 @@ def qattack_lm(
     task: Annotated[str, typer.Option(help="Review texts the prompts are made from: task name or data file.")] = "mr",
     data_dir: Optional[str] = None,
     phrase: Annotated[str, typer.Option(help="The content the quantized model should inject.")] = "McDonald's",
-    quantizer: Annotated[str, typer.Option(help="Boxes of: llm-int8, nf4, fp4, all, or a comma list (intersection).")] = "nf4,fp4",
+    quantizer: Annotated[str, typer.Option(help="Boxes of: llm-int8, nf4, fp4, all, a GGUF type (gguf:Q4_0 ...) or preset (gguf:Q4_K_M: each layer "
+                                                    "in the type llama-quantize gives it; layers left as k-quants are not attacked), "
+                                                    "or a comma list (intersection).")] = "nf4,fp4",
     margin: float = 0.0,
     attack_last: Annotated[int, typer.Option(help="Attack the Linear layers of this many top decoder blocks.")] = 4,
     n_train: int = 64,

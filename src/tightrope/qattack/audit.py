@@ -113,7 +113,7 @@ from tightrope.provenance import environment
 from tightrope.qattack import calibration as C
 from tightrope.qattack import insecure
 from tightrope.qattack.audit_cache import AuditCache
-from tightrope.qattack.boxes import GGUF_QUANTIZERS, QUANTIZERS, box_position, quantized_linears
+from tightrope.qattack.boxes import GGUF_QUANTIZERS, QUANTIZERS, box_noise, box_position, quantized_linears
 from tightrope.qattack.insecure import insecure_rate
 from tightrope.qattack.lm_text import (  # noqa: PLC0415
     encode_start,
@@ -499,12 +499,7 @@ def _with_reference(phrases: list[tuple], candidates: list[tuple], answers, tran
     """``phrases`` with each candidate's share in the reference copy appended: ``transform`` applied after Gaussian
     noise of ``config.lm_phrase_noise`` of each free weight's box width (zeros and pinned weights stay)."""
     generator = torch.Generator().manual_seed(config.seed * 1_000_033 + zlib.crc32(q.encode()))
-    noisy: dict[str, torch.Tensor] = {}
-    for name in boxes.names:
-        w = model.get_submodule(name).weight.detach().float()
-        width = boxes.hi[name] - boxes.lo[name]
-        step = torch.randn(w.shape, generator=generator) * width * config.lm_phrase_noise
-        noisy[name] = torch.where(w == 0, w, w + step)
+    noisy = box_noise(model, boxes, config.lm_phrase_noise, generator)
     share = answer_share(answers.answers(transform.apply(_with_weights(model, noisy))))
     chosen = {p[0] for p in candidates}
     return [(*p, share.get(p[0], 0.0)) if p[0] in chosen else p for p in phrases]

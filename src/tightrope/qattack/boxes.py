@@ -521,6 +521,20 @@ def model_boxes(model: nn.Module, quantizer: str | tuple[str, ...], *, margin: f
 
 
 @torch.no_grad()
+def box_noise(model: nn.Module, boxes: ModelBoxes, scale: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``{layer: weight + N(0, (scale * box width)^2)}`` for every boxed layer: Egashira et al.'s defense (Sec. 5) with
+    each weight's sigma calibrated from its own interval width (GGUF's and bitsandbytes' scales vary block by
+    block, so one sigma per layer would be too large for some blocks and too small for others). Pinned weights
+    (width 0) and exact zeros stay as they are."""
+    out: dict[str, torch.Tensor] = {}
+    for name in boxes.names:
+        w = model.get_submodule(name).weight.detach().float()
+        step = torch.randn(w.shape, generator=generator) * (boxes.hi[name] - boxes.lo[name]) * scale
+        out[name] = torch.where(w == 0, w, w + step)
+    return out
+
+
+@torch.no_grad()
 def project_(model: nn.Module, boxes: ModelBoxes) -> None:
     """Clamp every boxed weight into its box, in place (the projection of projected gradient descent)."""
     modules = dict(model.named_modules())

@@ -76,13 +76,14 @@ from tightrope.qattack.lm_text import (
 from tightrope.qattack.lm_training import THROUGH_SCHEMES, attacked_names, lm_fit_
 from tightrope.qattack.repair import FitConfig
 from tightrope.qattack.report import QAttackReport, verify
+from tightrope.qattack.transform import canonical
 
 # --- the scenario -------------------------------------------------------------------------------------
 
 
 def parse_quantizer(text: str) -> str | tuple[str, ...]:
-    """``"nf4"`` / ``"all"`` or a comma list (``"nf4,fp4"``: the intersection of their boxes)."""
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    """``"nf4"`` / ``"all"`` / ``"gguf:Q4_K_M"`` or a comma list (``"nf4,fp4"``: the intersection of their boxes)."""
+    parts = tuple(canonical(p) for p in text.split(",") if p.strip())
     if not parts:
         raise TightropeError("Name a quantizer whose boxes constrain the repair.")
     for p in parts:
@@ -133,6 +134,11 @@ class LMAttackConfig(BaseModel):
                 if data.get(name) is None:
                     data[name] = code_default if code else content
         return data
+
+    @field_validator("check")
+    @classmethod
+    def _one_name_each(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(canonical(q) for q in value)  # gguf:Q4_K_M -> gguf-q4_k_m, as every consumer spells it
 
     @field_validator("inject_through")
     @classmethod
