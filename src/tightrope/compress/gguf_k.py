@@ -83,6 +83,13 @@ def fp16_round(v: torch.Tensor) -> torch.Tensor:
     return v.to(torch.float16).to(_F32)
 
 
+def sqrtf(v: torch.Tensor) -> torch.Tensor:
+    """C's ``sqrtf``, correctly rounded: torch's fp32 ``sqrt`` is not on every CPU (on an AVX-512 Xeon it returns
+    0.142549589 for sqrt(0.0203203876), one ulp below; that moved one Q5_K super-block of SmolLM2 away from
+    llama-quantize's bytes). The fp64 root rounded to fp32 is the correctly rounded fp32 root (53 >= 2 * 24 + 2)."""
+    return torch.sqrt(v.double()).float()
+
+
 def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
                      nstep: int, use_mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml-quants.c ``make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad)``
@@ -267,7 +274,7 @@ def _quantize_affine(x: torch.Tensor, t: KType) -> torch.Tensor:
     sum_x2 = torch.zeros(sub.shape[1], dtype=_F32)
     for i in range(32):
         sum_x2 = sum_x2 + sub[i] * sub[i]
-    av_x = torch.sqrt(sum_x2 / _f(32))
+    av_x = sqrtf(sum_x2 / _f(32))
     L, scales, mins = make_qkx2_quants(sub, av_x + sub.abs(), nmax, rmin, 0.1, nstep)
     scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
     zero = torch.zeros((), dtype=_F32)  # the C loop's running max from +0.0 (a -0.0 min never replaces it)
