@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +85,23 @@ def test_smollm2_alias_converts_gguf_to_safetensors(tmp_path, monkeypatch):
     again = models.load_causal_lm(str(folder))  # an ordinary checkpoint now
     with torch.inference_mode():
         assert torch.allclose(again.model(**ids).logits, logits, atol=1e-4)
+    from tightrope import assets
+
+    by_path = models.load_causal_lm(str(assets.smollm2_gguf()))  # the same file given by path: its own cache entry
+    assert Path(by_path.path).parent == tmp_path / "gguf"
+    with torch.inference_mode():
+        assert torch.equal(by_path.model(**ids).logits, logits)
+
+
+def test_a_gguf_path_that_is_missing_or_damaged_is_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIGHTROPE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(TightropeError, match="is not a file"):
+        models.resolve(str(tmp_path / "nothing.gguf"))
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(TightropeError, match="could not be read as a GGUF model") as err:
+        models.resolve(str(bad))
+    assert "\n" not in str(err.value) and not (tmp_path / "cache" / "gguf" / "model").exists()
 
 
 @pytest.mark.slow

