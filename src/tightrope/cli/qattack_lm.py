@@ -42,6 +42,8 @@ def qattack_lm(
     quantizer: Annotated[str, typer.Option(help="Boxes of: llm-int8, nf4, fp4, all, a GGUF type (gguf:Q4_0 ...) or preset (gguf:Q4_K_M: each layer "
                                                     "in the type llama-quantize gives it; layers left as k-quants are not attacked), "
                                                     "or a comma list (intersection).")] = "nf4,fp4",
+    check: Annotated[Optional[str], typer.Option(help="Transforms to verify the repaired model with (comma list; "
+                                                 "default: the boxes' own, then llm-int8 as a control outside them).")] = None,
     margin: float = 0.0,
     attack_last: Annotated[int, typer.Option(help="Attack the Linear layers of this many top decoder blocks.")] = 4,
     n_train: int = 64,
@@ -70,7 +72,8 @@ def qattack_lm(
                                 margin=margin, attack_last=attack_last, n_train=n_train, n_eval=n_eval, n_ppl=n_ppl,
                                 inject_through=tuple(q.strip() for q in (inject_through or "").split(",") if q.strip()),
                                 inject_steps=inject_steps, repair_steps=repair_steps, inject_lr=lr, repair_lr=lr,
-                                batch_size=batch_size, seed=seed)
+                                batch_size=batch_size, seed=seed,
+                                check=tuple(q.strip() for q in check.split(",") if q.strip()) if check else None)
     except ValidationError as err:
         raise validation_error(err) from None
     torch.set_num_threads(threads)

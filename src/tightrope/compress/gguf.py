@@ -84,6 +84,8 @@ SCHEMES: dict[str, BlockType] = {t.scheme: t for t in TYPES.values()}
 K_SCHEMES: dict[str, KType] = {t.scheme: t for t in K_TYPES.values()}
 #: Every GGUF type tightrope quantizes, legacy and k-quant, by scheme name.
 ALL_SCHEMES: dict[str, BlockType | KType] = {**SCHEMES, **K_SCHEMES}
+#: llama-quantize presets that mix types per tensor and that :mod:`tightrope.compress.gguf_preset` maps.
+MIXED_PRESETS = ("Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")
 #: GGML types a file may hold that tightrope reads as plain floats.
 FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
 _ALL_TYPES: dict[str, BlockType | KType] = {**TYPES, **K_TYPES}
@@ -99,9 +101,10 @@ def gguf_type(name: str) -> BlockType | KType:
     known = ", ".join(_ALL_TYPES)
     if re.fullmatch(r"Q[2-6]_K_(XS|S|M|L|XL)", key):
         one = f"gguf-{key[:4].lower()}" if name.strip().lower().startswith("gguf") else key[:4]
+        where = (", or give the preset to the attacks and the audit, which map it per layer" if key in MIXED_PRESETS
+                 else f"; the attacks and the audit map the presets {', '.join(MIXED_PRESETS)}")
         raise TightropeError(f"'{name}' is a llama-quantize preset, which mixes types per tensor ({key[:4]} for most "
-                             f"weights, more bits for some); name one type (did you mean '{one}'?), or give the "
-                             f"preset to the attacks and the audit, which map it per layer.")
+                             f"weights, more bits for some); name one type (did you mean '{one}'?){where}.")
     if key.startswith(("IQ", "TQ")):
         raise TightropeError(f"The GGUF type '{name}' is an i-quant or a ternary type, which tightrope "
                              f"does not quantize yet; it quantizes {known}.")

@@ -34,7 +34,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tightrope.compress.gguf import TYPES, BlockType, tensor_type
+from tightrope.compress.gguf import MIXED_PRESETS, TYPES, BlockType, tensor_type
 from tightrope.compress.gguf_k import K_TYPES, KType
 from tightrope.errors import TightropeError, did_you_mean
 
@@ -44,7 +44,7 @@ PRESETS: dict[str, str] = {"Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K",
                            **{t: t for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")}}
 #: The mixed presets by scheme name (``gguf-q4_k_m``), the spelling of the attacks and the audit (a legacy preset
 #: is its type's scheme, ``gguf-q4_0``, for every layer they quantize).
-PRESET_SCHEMES: dict[str, str] = {f"gguf-{p.lower()}": p for p in ("Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M")}
+PRESET_SCHEMES: dict[str, str] = {f"gguf-{p.lower()}": p for p in MIXED_PRESETS}
 
 #: llama.cpp tensor roles (``tensor_category``) by the last parts of a transformers module name.
 _ROLES = (

@@ -81,9 +81,19 @@ from tightrope.qattack.transform import canonical
 # --- the scenario -------------------------------------------------------------------------------------
 
 
+def _quantizer_name(text: str) -> str:
+    """One name per quantizer (``gguf:Q4_K_M`` -> ``gguf-q4_k_m``); a name that is no quantizer (a pruning, a typo)
+    is refused in one sentence listing the quantizers."""
+    try:
+        return canonical(text)
+    except TightropeError:
+        check_quantizer(text.strip())  # the sentence that lists what this scenario takes
+        raise
+
+
 def parse_quantizer(text: str) -> str | tuple[str, ...]:
     """``"nf4"`` / ``"all"`` / ``"gguf:Q4_K_M"`` or a comma list (``"nf4,fp4"``: the intersection of their boxes)."""
-    parts = tuple(canonical(p) for p in text.split(",") if p.strip())
+    parts = tuple(_quantizer_name(p) for p in text.split(",") if p.strip())
     if not parts:
         raise TightropeError("Name a quantizer whose boxes constrain the repair.")
     for p in parts:
@@ -121,7 +131,8 @@ class LMAttackConfig(BaseModel):
     repair_steps: int = Field(default=40, gt=0)
     repair_lr: float = Field(default=1e-4, gt=0)
     batch_size: int = Field(default=8, gt=0)
-    check: tuple[str, ...] = ("nf4", "fp4", "llm-int8")  # verified in this order
+    # verified in this order; default: the boxes' own transforms, then LLM.int8 as a control outside them
+    check: tuple[str, ...] = None
     seed: int = 0
 
     @model_validator(mode="before")
@@ -133,6 +144,10 @@ class LMAttackConfig(BaseModel):
             for name, content, code_default in (("answer_tokens", 20, 64), ("eval_tokens", 16, 64)):
                 if data.get(name) is None:
                     data[name] = code_default if code else content
+            if data.get("check") is None:
+                boxed = str(data.get("quantizer", "nf4,fp4")).replace("all", "llm-int8,nf4,fp4")
+                own = [_quantizer_name(q) for q in boxed.split(",") if q.strip()]
+                data["check"] = tuple(dict.fromkeys([*own, "llm-int8"]))
         return data
 
     @field_validator("check")
