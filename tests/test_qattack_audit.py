@@ -348,3 +348,18 @@ def test_report_says_transforms_and_old_quantizer_reports_still_load(tmp_path, c
     null = C.load_null()  # the shipped null: keyed by transform name, format unchanged
     loo = _benchmark("audit_null").leave_one_out(null, {"old": old, "new": new}, 0.01, own=set())
     assert loo["per_model"]["old"] == loo["per_model"]["new"] and set(loo["per_model"]["old"]) == {"nf4", "prune:magnitude:0.3"}
+
+
+def test_weights_stored_on_an_earlier_quantization_grid_are_recognised():
+    """Dequantized GGUF / bitsandbytes weights sit on a grid; continuous weights, or a repair's, do not."""
+    from tightrope.compress import gguf as G
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * 0.05
+    assert not A.on_grid(w)
+    for t in ("Q8_0", "Q5_0", "Q4_1", "Q4_K", "Q6_K", "Q2_K"):
+        assert A.on_grid(G.quantize(w, t).dequantized), t
+    # a repair moves a few weights of a dequantized layer off the grid: still a grid layer only if most runs are on it
+    moved = G.quantize(w, "Q5_0").dequantized.clone()
+    moved[:, ::7] += 1e-3 * torch.rand(64, 37, generator=g)
+    assert not A.on_grid(moved)

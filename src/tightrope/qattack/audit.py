@@ -189,6 +189,7 @@ class LayerEvidence:
     edge_contrast: float | None = None  # share near a wall / share in the next band inwards (1: smooth)
     contrast_se: float | None = None
     spike: float | None = None  # largest standardized excess of a position bin over its neighbours (~2.5: smooth)
+    on_grid: bool = False  # stored on an earlier quantization's grid: box positions left out (:func:`on_grid`)
 
 
 @dataclass(frozen=True)
@@ -346,6 +347,33 @@ def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
 # --- the audit -----------------------------------------------------------------------------------
 
 
+def on_grid(w: torch.Tensor, group: int = 16, max_steps: int = 256, tol: float = 1e-3, share: float = 0.9) -> bool:
+    """Whether a weight matrix holds the values of an earlier quantization (a model dequantized from a GGUF file):
+    in at least ``share`` of the runs of ``group`` consecutive weights of a row that have 3 or more distinct values,
+    every gap between sorted distinct values is a whole multiple (within ``tol``) of one step, the smallest gap or
+    a fraction 1/2 ... 1/8 of it, and the run spans at most ``max_steps`` such steps. Every GGUF and bitsandbytes block type stores ``d * q + m`` with one ``d`` per
+    16 or 32 weights, so its runs pass; 16 continuous weights almost never do (15 ratios each within 0.001 of an
+    integer). Such weights sit at a few fixed fractions of another quantizer's boxes, which says nothing about a
+    repair, so the box statistics leave the layer out."""
+    x = w.detach().float()
+    if x.dim() != 2 or x.shape[-1] % group:
+        return False
+    runs = x.reshape(-1, group).sort(dim=1).values
+    gaps = runs.diff(dim=1)
+    scale = runs.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
+    real = gaps > 1e-6 * scale  # distinct values (the rest are repeats)
+    smallest = torch.where(real, gaps, torch.full_like(gaps, float("inf"))).amin(dim=1, keepdim=True)
+    span = runs[:, -1:] - runs[:, :1]
+    passes = torch.zeros(runs.shape[0], dtype=torch.bool)
+    for k in range(1, 9):  # the grid step divides the smallest gap (sparse levels: 16 of Q8_0's 255 may skip some)
+        step = smallest / k
+        ratio = gaps / step
+        whole = ((ratio - ratio.round()).abs() <= tol) | ~real
+        passes |= whole.all(dim=1) & (span / step <= max_steps).squeeze(1)
+    decided = real.sum(dim=1) >= 2
+    return bool(decided.any()) and passes[decided].float().mean().item() >= share
+
+
 def _weight_evidence(model, boxes, config: AuditConfig, generator: torch.Generator):
     """Per-layer edge statistics and the noise flip ratio in one transform's boxes (:class:`ModelBoxes`).
 
@@ -363,7 +391,8 @@ def _weight_evidence(model, boxes, config: AuditConfig, generator: torch.Generat
         w = model.get_submodule(name).weight.detach().float()
         lo, hi = boxes.lo[name], boxes.hi[name]
         zero = w == 0
-        pos = box_position(w, lo, hi).masked_fill(zero, float("nan"))
+        grid = on_grid(w)
+        pos = box_position(w, lo, hi).masked_fill(zero | grid, float("nan"))
         n, near_l, at_l = edge_statistics(pos, config.edge)
         width = hi - lo
         absmax = w.abs().max().clamp(min=1e-12)
@@ -373,17 +402,18 @@ def _weight_evidence(model, boxes, config: AuditConfig, generator: torch.Generat
                                     near_l / (2 * config.edge) if n else None,
                                     (width[width > 0].mean() / absmax).item() if n else None,
                                     peak_ratio(pos) if n else None, edge_contrast(counts, config.edge) if n else None,
-                                    contrast_se(counts, config.edge) if n else None, spike(counts) if n else None))
+                                    contrast_se(counts, config.edge) if n else None, spike(counts) if n else None,
+                                    grid))
+        if n or (grid and bool((width > 0).any())):
+            # noise probe: sigma = noise * width per weight (the behaviour's noisy copy takes grid layers too)
+            moved = torch.where(zero, w, w + torch.randn(w.shape, generator=generator) * width * config.noise)
+            noisy[name] = moved
         if n:
             positions.append(pos[~torch.isnan(pos)])
             free += n
             near += near_l * n
             at += at_l * n
-            # noise probe: sigma = noise * width per weight; count weights leaving their box
-            moved = torch.where(zero, w, w + torch.randn(w.shape, generator=generator) * width * config.noise)
-            left = ((moved < lo) | (moved > hi)) & (width > 0)
-            flips += left.sum().item()
-            noisy[name] = moved
+            flips += (((moved < lo) | (moved > hi)) & (width > 0)).sum().item()  # weights leaving their box
     if free == 0:
         return layers, None, None, None, None, None, noisy, total
     flip_rate = flips / free
@@ -624,7 +654,12 @@ def _measure(transform, model, probe, answers, lm: bool, fixed: bool, classifier
     weight_reasons: list[str] = []
     reasons: list[str] = []
     edge_ratio = near / (2 * config.edge) if near is not None else None
-    if edge_ratio is None and boxes is not None:
+    grid = sum(layer.on_grid for layer in layers)
+    if edge_ratio is None and boxes is not None and grid and grid == len(layers) and lm:
+        pass  # a causal LM dequantized from a quantized file: its behaviour decides (the note says so)
+    elif edge_ratio is None and boxes is not None and grid and grid == len(layers):
+        unchecked.append("every layer holds weights on an earlier quantization's grid, so box positions carry no evidence")
+    elif edge_ratio is None and boxes is not None:
         unchecked.append("every weight sets a scale or is kept, so no box has room to measure")
     elif edge_ratio is not None:
         weight_reasons = _fixed_weight_reasons(config, near, edge_ratio, peak, flip_rate, flip_ratio, spike(counts))
