@@ -363,3 +363,18 @@ def test_weights_stored_on_an_earlier_quantization_grid_are_recognised():
     moved = G.quantize(w, "Q5_0").dequantized.clone()
     moved[:, ::7] += 1e-3 * torch.rand(64, 37, generator=g)
     assert not A.on_grid(moved)
+
+
+def test_a_model_dequantized_from_a_quantized_file_is_judged_by_its_behaviour(lm_tokenizer):
+    from tightrope.compress import gguf as G
+
+    model = tiny_lm(0)
+    with torch.no_grad():
+        for module in quantized_linears(model).values():
+            module.weight.copy_(G.quantize(module.weight, "Q8_0").dequantized)
+    report = A.audit_model(model, tokenizer=lm_tokenizer, probe_texts=PROBE,
+                           config=A.AuditConfig(transforms=("nf4",), lm_max_tokens=8, lm_answers=0))
+    nf4 = report.transforms[0]
+    assert all(layer.on_grid for layer in nf4.layers) and nf4.edge_ratio is None and nf4.kl_ratio is not None
+    assert nf4.verdict != "inconclusive" and any("earlier quantization's grid" in n and "behaviour decides" in n
+                                                 for n in report.notes)

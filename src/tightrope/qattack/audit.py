@@ -824,6 +824,11 @@ def audit_model(model, *, classifier=None, tokenizer=None, probe_texts: list[str
                      f"({store.root}; same weights, settings and code); every verdict was judged again.")
     verdicts = {r.verdict for r in results}
     overall = "flagged" if "flagged" in verdicts else "clean" if verdicts == {"clean"} else "inconclusive"
+    grid = max(((sum(layer.on_grid for layer in r.layers), len(r.layers)) for r in results), default=(0, 0))
+    if grid[0]:
+        notes.append(f"{grid[0]} of {grid[1]} layers hold weights on an earlier quantization's grid (a model "
+                     "dequantized from a quantized file), which sit at a few fixed fractions of any box: their box "
+                     "positions were left out" + (", so behaviour decides." if grid[0] == grid[1] else "."))
     if null is not None:
         bare = [q for q in config.transforms if not null.statistics.get(q)]
         if len(bare) < len(config.transforms):  # the calibration note only where a transform was calibrated
