@@ -99,7 +99,11 @@ def test_one_name_per_scheme_across_consumers():
     from tightrope.qattack import audit, boxes, pruning, quantize, scenario
     from tightrope.qattack.lm_training import THROUGH_SCHEMES
 
-    registry = set(QUANT_SCHEMES)
+    from tightrope.compress.gguf_preset import PRESET_SCHEMES, PRESETS
+
+    # llama-quantize presets (gguf-q4_k_m ...) are named beside the schemes: each layer takes one of its GGUF types
+    registry = set(QUANT_SCHEMES) | set(PRESET_SCHEMES)
+    assert {f"gguf-{PRESETS[p].lower()}" for p in PRESET_SCHEMES.values()} <= set(QUANT_SCHEMES)
     assert QUANT_CHOICES == tuple(QUANT_SCHEMES)
     consumers = {"noise.STEP_SCHEMES": set(noise.STEP_SCHEMES), "fakequant.QDQ": set(fakequant.QDQ),
                  "boxes.QUANTIZERS": set(boxes.QUANTIZERS), "quantize.CONFIGS": set(quantize.CONFIGS),
@@ -114,7 +118,8 @@ def test_one_name_per_scheme_across_consumers():
     # every name the attacks and the audit accept is quantized by a real library: compress_'s bitsandbytes / torch.ao
     # configs (classes checked below), or, for a GGUF type, llama.cpp's gguf.quants (checked right here)
     accepted = set(boxes.ATTACK_QUANTIZERS)
-    assert set(boxes.CHOICES) == accepted | {"all"} and accepted == set(quantize.LIBRARIES) - set(quantize.K_QUANTIZERS)
+    assert set(boxes.CHOICES) == accepted | set(boxes.PRESET_QUANTIZERS) | {"all"}
+    assert accepted == set(quantize.LIBRARIES) - set(quantize.K_QUANTIZERS) - set(boxes.PRESET_QUANTIZERS)
     assert set(quantize.LIBRARIES) == set(quantize.COPY_QUANTIZERS)  # k-quants: quantized copies, but no boxes
     assert accepted == set(quantize.CONFIGS) | set(boxes.GGUF_QUANTIZERS)
     gguf = pytest.importorskip("gguf")
