@@ -13,6 +13,8 @@ and the audit measures each one per transform, with no knowledge of the trigger 
    who keeps a safety margin m inside each box (the paper's option) parks the clamped weights at
    ``u = m`` and ``1 - m`` instead; the histogram of ``u`` (100 bins) then shows a spike, so the
    audit also reports ``peak_ratio = 100 * (largest bin share)``: about 1 for natural weights.
+   Exact zeros and layers whose weights lie on an earlier quantization's grid (:func:`on_grid`: a model
+   dequantized from a GGUF file) are left out: they sit at fixed fractions of any box whatever a repair did.
 2. **Noise probe.** Each weight gets Gaussian noise with standard deviation ``noise`` times its
    box width, and the share of weights whose code changes is compared with the share expected for
    uniform positions, ``E[flip] = 2 * sigma / (sqrt(2 pi) * width) = 0.798 * noise`` (for
