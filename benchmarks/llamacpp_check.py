@@ -36,6 +36,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +87,6 @@ def compare_with_tightrope(f32: Path, quantized: Path, preset: str) -> dict:
         total += 1
         if not same:
             rows.append({"tensor": name, "llama-quantize": t.tensor_type.name, "tightrope": expected[name]})
-    from collections import Counter
-
     return {"tensors": total, "types_equal": types_equal, "bytes_equal": bytes_equal, "differ": rows[:20],
             "types": dict(Counter(t.tensor_type.name for t in weights.values()))}
 

@@ -43,11 +43,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from tightrope import models
+from tightrope.compress.gguf import gguf_type
+from tightrope.compress.gguf_preset import has_box
 from tightrope.data import load_task
 from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
-from tightrope.compress.gguf import gguf_type
-from tightrope.compress.gguf_preset import has_box
 from tightrope.qattack.boxes import (
     ATTACK_QUANTIZERS,
     PRESET_QUANTIZERS,
