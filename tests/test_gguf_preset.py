@@ -148,3 +148,12 @@ def test_box_noise_scales_with_each_box_and_leaves_pinned_weights_and_zeros():
     assert 0.07 < (step[free] / width[free]).std() < 0.13  # sigma = 0.1 box width
     down = "model.layers.0.mlp.down_proj"  # a k-quant layer: pinned whole, untouched
     assert torch.equal(noisy[down], model.get_submodule(down).weight.detach())
+
+
+def test_the_causal_scenario_names_presets_and_refuses_prunings_in_one_sentence():
+    from tightrope.qattack.causal import LMAttackConfig, parse_quantizer
+
+    assert parse_quantizer("gguf:Q4_K_M") == "gguf-q4_k_m"
+    assert LMAttackConfig(quantizer="gguf:Q5_K_M").check == ("gguf-q5_k_m", "llm-int8")
+    with pytest.raises(TightropeError, match="is a pruning; the causal-LM scenario conditions on quantizers only"):
+        parse_quantizer("prune:magnitude:0.5")

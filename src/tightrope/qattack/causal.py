@@ -84,6 +84,9 @@ from tightrope.qattack.transform import canonical
 def _quantizer_name(text: str) -> str:
     """One name per quantizer (``gguf:Q4_K_M`` -> ``gguf-q4_k_m``); a name that is no quantizer (a pruning, a typo)
     is refused in one sentence listing the quantizers."""
+    if text.strip().lower().startswith("prune:"):
+        raise TightropeError(f"'{text.strip()}' is a pruning; the causal-LM scenario conditions on quantizers only "
+                             "(pruning-conditioned attacks are built for classifiers: tightrope qattack --transform).")
     try:
         return canonical(text)
     except TightropeError:
