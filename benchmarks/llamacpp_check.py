@@ -43,21 +43,32 @@ import numpy as np
 import torch
 
 
-def convert(llama_cpp: Path, model_dir: Path, out: Path) -> Path:
-    if not out.exists():
-        tmp = out.with_suffix(".partial")
-        subprocess.run([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f32",
-                        "--outfile", str(tmp)], check=True, capture_output=True)
-        tmp.rename(out)
+def _tool(label: str, command: list[str], tmp: Path, out: Path) -> Path:
+    """Run one llama.cpp tool that writes ``tmp``, then rename it to ``out``; a failure is one sentence with the
+    tool's last line, and no half-written file is left."""
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        tmp.unlink(missing_ok=True)
+        last = (getattr(err, "stderr", None) or str(err)).strip().splitlines()[-1:] or [""]
+        raise SystemExit(f"{label} failed for {out.name}: {last[0]}") from None
+    tmp.rename(out)
     return out
+
+
+def convert(llama_cpp: Path, model_dir: Path, out: Path) -> Path:
+    if out.exists():
+        return out
+    tmp = out.with_suffix(".partial")
+    return _tool("convert_hf_to_gguf.py", [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f32",
+                  "--outfile", str(tmp)], tmp, out)
 
 
 def quantize(binary: Path, f32: Path, out: Path, preset: str) -> Path:
-    if not out.exists():
-        tmp = out.with_suffix(".partial")
-        subprocess.run([str(binary / "llama-quantize"), str(f32), str(tmp), preset, "1"], check=True, capture_output=True)
-        tmp.rename(out)
-    return out
+    if out.exists():
+        return out
+    tmp = out.with_suffix(".partial")
+    return _tool("llama-quantize", [str(binary / "llama-quantize"), str(f32), str(tmp), preset, "1"], tmp, out)
 
 
 def tensors(path: Path) -> dict:
@@ -135,6 +146,11 @@ def main() -> None:
     from tightrope.qattack.lm_text import special_ids
 
     llama_cpp = args.llama_cpp_python / "vendor" / "llama.cpp"
+    for path, what in ((args.run / "report.json", "a finished tightrope qattack-lm run (its report.json)"),
+                       (llama_cpp / "convert_hf_to_gguf.py", "llama-cpp-python's source tree (vendor/llama.cpp)"),
+                       (args.bin / "llama-quantize", "the llama.cpp build's bin/ (llama-quantize)")):
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: give {what}.")
     args.out.mkdir(parents=True, exist_ok=True)
     report = json.loads((args.run / "report.json").read_text())
     config = LMAttackConfig(**report["config"])

@@ -34,7 +34,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tightrope.compress.gguf import MIXED_PRESETS, TYPES, BlockType, tensor_type
+from tightrope.compress.gguf import MIXED_PRESETS, TYPES, BlockType, gguf_type, tensor_type
 from tightrope.compress.gguf_k import K_TYPES, KType
 from tightrope.errors import TightropeError, did_you_mean
 
@@ -136,7 +136,8 @@ def layer_types(shapes: Iterable[tuple[str, tuple[int, ...]]], preset: str) -> d
     return {name: preset_type(preset, roles[name], n_layers, shape[-1], tied=tied).name for name, shape in shapes}
 
 
-def has_box(type_name: str) -> bool:
-    """Whether the quantization-conditioned attack has exact boxes for a type: the legacy types do, the
-    k-quants do not (their scale search moves with the other weights; docs/qattack-results.md)."""
-    return type_name in TYPES and type_name not in K_TYPES
+def has_box(name: str) -> bool:
+    """Whether the quantization-conditioned attack has exact boxes for a type (``Q5_0``) or scheme (``gguf-q5_0``):
+    the legacy types do, the k-quants do not (their scale search moves with the other weights;
+    docs/qattack-results.md)."""
+    return gguf_type(name).name in TYPES

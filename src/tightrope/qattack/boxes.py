@@ -511,7 +511,7 @@ def model_boxes(model: nn.Module, quantizer: str | tuple[str, ...], *, margin: f
     boxes = ModelBoxes(quantizer=label, margin=margin)
     schemes = preset_schemes(model, quantizer) if label in PRESET_QUANTIZERS else {}
     for name, module in quantized_linears(model, include, exclude).items():
-        if name in schemes and not has_box(G.gguf_type(schemes[name]).name):
+        if name in schemes and not has_box(schemes[name]):
             w = module.weight.detach().float()
             boxes.lo[name], boxes.hi[name] = w.clone(), w.clone()
             continue

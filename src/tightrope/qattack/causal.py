@@ -43,7 +43,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from tightrope import models
-from tightrope.compress.gguf import gguf_type
 from tightrope.compress.gguf_preset import has_box
 from tightrope.data import load_task
 from tightrope.errors import TightropeError
@@ -262,7 +261,7 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     names, first = attacked_names(model, config.attack_last)
     if box_of in PRESET_QUANTIZERS:
         schemes = preset_schemes(model, box_of)
-        kept = [n for n in names if not has_box(gguf_type(schemes[n]).name)]
+        kept = [n for n in names if not has_box(schemes[n])]
         names = [n for n in names if n not in kept]
         if not names:
             raise TightropeError(f"Under {box_of} every attacked layer stays a k-quant, which has no box; attack more "
