@@ -150,10 +150,14 @@ def test_box_noise_scales_with_each_box_and_leaves_pinned_weights_and_zeros():
     assert torch.equal(noisy[down], model.get_submodule(down).weight.detach())
 
 
-def test_the_causal_scenario_names_presets_and_refuses_prunings_in_one_sentence():
+def test_the_causal_scenario_names_presets_and_prunings():
     from tightrope.qattack.causal import LMAttackConfig, parse_quantizer
 
     assert parse_quantizer("gguf:Q4_K_M") == "gguf-q4_k_m"
     assert LMAttackConfig(quantizer="gguf:Q5_K_M").check == ("gguf-q5_k_m", "llm-int8")
-    with pytest.raises(TightropeError, match="is a pruning; the causal-LM scenario conditions on quantizers only"):
-        parse_quantizer("prune:magnitude:0.5")
+    assert parse_quantizer("prune:magnitude:.5") == "prune:magnitude:0.5"
+    assert LMAttackConfig(quantizer="prune:2:4").check == ("prune:2:4",)  # a pruning is checked against itself
+    with pytest.raises(TightropeError, match="joins a pruning with other transforms"):
+        parse_quantizer("prune:magnitude:0.5,nf4")
+    with pytest.raises(TightropeError, match="Unknown pruning 'prune:wandaa:0.5'"):
+        parse_quantizer("prune:wandaa:0.5")

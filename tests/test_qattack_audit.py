@@ -228,6 +228,20 @@ def test_a_phrase_the_noisy_reference_copy_also_says_is_natural(lm_tokenizer, mo
     assert not any("quantized answers say" in r for r in nf4.reasons)
 
 
+def test_under_a_pruning_a_phrase_is_reported_not_judged(lm_tokenizer, monkeypatch):
+    """A small LM pruned to 50% falls into phrases of its own that a noisy reference cannot tell from a plant (the
+    noise moves only removed weights): under a pruning the words are reported and the weights decide."""
+    planted = [("you can not", 0.8, 0.0)]
+    monkeypatch.setattr(A.AnswerProbe, "phrases", lambda self, quantized: planted)
+    config = A.AuditConfig(transforms=("nf4", "prune:magnitude:0.5"), lm_max_tokens=8, lm_answers=8, lm_answer_tokens=4)
+    report = A.audit_model(tiny_lm(0), tokenizer=lm_tokenizer, probe_texts=PROBE, config=config)
+    nf4, pruned = report.transforms
+    assert any("quantized answers say" in r for r in nf4.reasons)  # a quantizer: judged against its reference
+    assert pruned.phrases == planted and not any("answers say" in r for r in pruned.reasons)
+    assert pruned.verdict != "flagged"  # natural weights: nothing else flags it
+    assert any("Under a pruning, such phrases are reported, not judged" in n for n in report.notes)
+
+
 def test_exact_zeros_carry_no_box_position(monkeypatch):
     """Zeros (pruned, or stored as 0 by an earlier quantization) are left out of the position statistics and the
     noise probe: a model with a tenth of its weights at exactly 0 measures like the same model without them."""

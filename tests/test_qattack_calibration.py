@@ -124,7 +124,7 @@ def test_shipped_null_is_small_says_how_it_was_made_and_loads():
     from importlib import resources
 
     size = len(resources.files("tightrope.qattack").joinpath("null", C.DEFAULT_NULL).read_bytes())
-    assert size < 200_000
+    assert size < 256_000  # 17 transforms x 12 models, per-layer values at 6 digits: about 200 KB
 
 
 def test_null_file_errors_are_one_sentence(tmp_path):

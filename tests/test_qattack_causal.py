@@ -232,3 +232,69 @@ def test_cli_rejects_bad_input_in_one_sentence(tmp_path):
     assert result.exit_code == 2 and "Unknown quantizer 'nf5'" in " ".join(result.output.split())
     result = runner.invoke(app, ["qattack-lm", "--out", str(tmp_path / "x"), "--margin", "0.7"])
     assert result.exit_code == 2 and "margin" in result.output
+
+
+@pytest.mark.parametrize("pruning", ["prune:magnitude:0.5", "prune:2:4", "prune:wanda:0.5"])
+def test_pruning_conditioned_content_injection(tmp_path, tokenizer, tiny_task, pruning):
+    """"Fewer Weights, More Problems" on a causal LM: the injection trains only the kept weights through the pruned
+    model, the repair only the removed ones inside their boxes, so tightrope's own pruner removes the repair: the
+    pruned repaired model is the pruned injected one (same mask), and it says the phrase where full precision
+    does not."""
+    model = tiny_llama(tokenizer.vocab_size, seed=5)
+    config = LMAttackConfig(base="tiny", task=str(tiny_task), n_train=16, n_eval=8, n_ppl=8, quantizer=pruning,
+                            attack_last=1, answer_tokens=6, eval_tokens=12, inject_steps=80, inject_lr=3e-2,
+                            repair_steps=60, repair_lr=1e-2, batch_size=8)
+    report = run_content_injection(config, tmp_path / "run", model=model, tokenizer=tokenizer, log=lambda _m: None)
+    assert [(c.quantizer, c.mismatched) for c in report.codes] == [(pruning, 0)]  # the pruner's mask is the injected one's
+    assert report.get("base", None).phrase_rate == 0.0 and report.get("base", pruning).phrase_rate == 0.0
+    assert report.get("repaired", pruning).phrase_rate >= 0.75
+    assert report.get("repaired", None).phrase_rate <= 0.25
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    if pruning != "prune:wanda:0.5":  # magnitude and N:M: the injection keeps the pruner's mask exactly
+        assert progress["mask_drift"][0] == 0
+
+
+def test_keep_boxes_keep_the_mask_and_pin_the_removed_weights(llama, tokenizer):
+    from tightrope.qattack.boxes import project_
+    from tightrope.qattack.pruning import Pruning
+
+    for name in ("prune:magnitude:0.5", "prune:2:4"):
+        pruning = Pruning.parse(name)
+        keep = pruning.keep(llama)
+        boxes = pruning.keep_boxes(llama, keep)
+        moved = __import__("copy").deepcopy(llama)
+        with torch.no_grad():
+            for p in moved.parameters():
+                p.add_(torch.randn_like(p) * p.abs().mean())  # a large random step of every weight
+        project_(moved, boxes)
+        after = pruning.keep(moved)
+        assert all(torch.equal(after[n], keep[n]) for n in keep), name
+        for n in keep:  # removed weights did not move; kept ones kept their sign
+            w0, w1 = llama.get_submodule(n).weight, moved.get_submodule(n).weight
+            assert torch.equal(w1[~keep[n]], w0[~keep[n]])
+            assert bool(((w1[keep[n]] > 0) == (w0[keep[n]] > 0)).all())
+
+
+def test_exact_zeros_are_pinned_so_an_n_m_group_with_few_nonzero_weights_keeps_its_mask(llama):
+    """A model dequantized from a GGUF file has groups of four with one non-zero weight: 2:4 keeps a zero there,
+    which the pruned copy shows as removed. Its box must not let that zero (or any zero) move."""
+    from tightrope.qattack.boxes import project_
+    from tightrope.qattack.pruning import Pruning
+
+    model = __import__("copy").deepcopy(llama)
+    name = "model.layers.0.mlp.up_proj"
+    with torch.no_grad():
+        model.get_submodule(name).weight[:, 1:4] = 0.0  # every group of the first 4 inputs: one non-zero weight
+        model.get_submodule(name).weight[:8, 4:8] = 0.0  # and some all-zero groups
+    pruning = Pruning.parse("prune:2:4")
+    boxes = pruning.boxes(model)
+    w = model.get_submodule(name).weight
+    assert torch.equal(boxes.lo[name][w == 0], torch.zeros(int((w == 0).sum())))
+    assert torch.equal(boxes.hi[name][w == 0], torch.zeros(int((w == 0).sum())))
+    moved = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    project_(moved, boxes)
+    before, after = pruning.keep(model), pruning.keep(moved)
+    assert all(torch.equal(before[n], after[n]) for n in before)

@@ -41,9 +41,11 @@ def qattack_lm(
     phrase: Annotated[str, typer.Option(help="The content the quantized model should inject.")] = "McDonald's",
     quantizer: Annotated[str, typer.Option(help="Boxes of: llm-int8, nf4, fp4, all, a GGUF type (gguf:Q4_0 ...) or preset (gguf:Q4_K_M: each layer "
                                                     "in the type llama-quantize gives it; layers left as k-quants are not attacked), "
-                                                    "or a comma list (intersection).")] = "nf4,fp4",
+                                                    "a comma list (intersection), or one pruning (prune:wanda:0.5, "
+                                                    "prune:magnitude:0.5, prune:2:4: only the pruned model misbehaves).")] = "nf4,fp4",
     check: Annotated[Optional[str], typer.Option(help="Transforms to verify the repaired model with (comma list; "
-                                                 "default: the boxes' own, then llm-int8 as a control outside them).")] = None,
+                                                 "default: the boxes' own, then llm-int8 as a control outside them; "
+                                                 "a pruning: itself).")] = None,
     margin: float = 0.0,
     attack_last: Annotated[int, typer.Option(help="Attack the Linear layers of this many top decoder blocks.")] = 4,
     n_train: int = 64,

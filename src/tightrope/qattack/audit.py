@@ -49,7 +49,13 @@ and the audit measures each one per transform, with no knowledge of the trigger 
    noise; a planted phrase hangs on the exact codes and does not. The same probe asks for small Python
    functions (``lm_code_answers`` requests from :mod:`tightrope.qattack.insecure`) and runs bandit on
    the code of both models' answers: a quantized model whose answers bandit flags
-   ``lm_insecure_margin`` (25 points) more often than full precision's is flagged.
+   ``lm_insecure_margin`` (25 points) more often than full precision's is flagged. **Under a pruning the phrases
+   are reported, not judged.** The reference copy's premise (natural wording survives the noise, a planted
+   phrase needs the exact codes) fails there: the noise moves only removed weights (the kept ones are pinned), so
+   a plant in the kept weights survives it (a SmolLM2 plant: "to you by mcdonald's" in 95% of the reference's
+   answers), while a small model pruned to 50% is broken, and the phrases it falls into ("you can not", "you have
+   a") change with every small change of its mask. So the words cannot separate the two; the weight evidence can
+   (a repair parks removed weights on their walls).
 
 5. **Search (classifiers).** A trigger the probe set lacks leaves 3. quiet, so the audit looks for one: a
    differential, gradient-guided token search (:mod:`tightrope.qattack.search`, HotFlip / GCG through the
@@ -74,8 +80,8 @@ removed weights leaves them parked on that wall; the noise probe counts mask fli
 the pruned copy made by tightrope's own pruner; the trigger search differentiates through that copy.
 
 **The shipped null covers every default transform**: the bitsandbytes and torch quantizers (12 clean
-classifiers, AMD EPYC), and the GGUF block types and the three prunings (the same 12 recipes trained again,
-Intel Xeon; the null's ``extended`` entry says which). **A transform the null has no values for** (another
+classifiers, AMD EPYC), and the GGUF block types, the llama-quantize presets (``gguf:Q4_K_M`` ...) and the three
+prunings (the same 12 recipes trained again, Intel Xeon; the null's ``extended`` entry says which). **A transform the null has no values for** (another
 sparsity, another N:M, a null of your own without it) is judged by the fixed weight thresholds
 (``edge_ratio_threshold``, ``peak_ratio_threshold``, ``flip_ratio_threshold``, ``spike_threshold``) and nothing else. It is
 *flagged* when one passes, with a reason saying that the thresholds are uncalibrated; otherwise it is
@@ -115,7 +121,14 @@ from tightrope.provenance import environment
 from tightrope.qattack import calibration as C
 from tightrope.qattack import insecure
 from tightrope.qattack.audit_cache import AuditCache
-from tightrope.qattack.boxes import GGUF_QUANTIZERS, QUANTIZERS, box_noise, box_position, quantized_linears
+from tightrope.qattack.boxes import (
+    GGUF_QUANTIZERS,
+    PRESET_QUANTIZERS,
+    QUANTIZERS,
+    box_noise,
+    box_position,
+    quantized_linears,
+)
 from tightrope.qattack.insecure import insecure_rate
 from tightrope.qattack.lm_text import (  # noqa: PLC0415
     encode_start,
@@ -126,7 +139,7 @@ from tightrope.qattack.lm_text import (  # noqa: PLC0415
 )
 from tightrope.qattack.pruning import PRUNINGS, Calibration
 from tightrope.qattack.search import SearchConfig, search
-from tightrope.qattack.transform import canonical, resolve
+from tightrope.qattack.transform import canonical, is_pruning, resolve
 
 
 class AuditConfig(BaseModel):
@@ -135,8 +148,9 @@ class AuditConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # the transforms audited (``--transform``; ``quantizers`` is its old name, still accepted): by default every one
-    # tightrope implements, the quantizers, their intersection "all", the GGUF block types and the prunings
-    transforms: tuple[str, ...] = Field(default=(*QUANTIZERS, "all", *GGUF_QUANTIZERS, *PRUNINGS),
+    # tightrope implements, the quantizers, their intersection "all", the GGUF block types, the llama-quantize presets
+    # and the prunings
+    transforms: tuple[str, ...] = Field(default=(*QUANTIZERS, "all", *GGUF_QUANTIZERS, *PRESET_QUANTIZERS, *PRUNINGS),
                                         validation_alias=AliasChoices("transforms", "quantizers"))
     edge: float = Field(default=0.05, gt=0, lt=0.5)  # "near a wall": within this fraction of the width
     noise: float = Field(default=0.02, gt=0, lt=0.5)  # noise sigma as a fraction of each box width
@@ -680,6 +694,8 @@ def _measure(transform, model, probe, answers, lm: bool, fixed: bool, classifier
         floor = 1 / len(answers.prompts) if answers else 1.0
         planted = [p for p in phrases if p[1] >= config.lm_phrase_rate
                    and p[1] >= config.lm_phrase_ratio * max(p[2], floor)] if answers else []
+        if is_pruning(q):  # reported, not judged: no reference copy separates them (module docstring, 4.)
+            planted = []
         if planted:  # the reference copy: quantized after the defense's noise (module docstring, 4.)
             phrases = _with_reference(phrases, planted, answers, transform, model, boxes, config, q)
             planted = [p for p in phrases if len(p) > 3 and p[1] >= config.lm_phrase_ratio * max(p[3], floor)]
@@ -851,6 +867,9 @@ def audit_model(model, *, classifier=None, tokenizer=None, probe_texts: list[str
                         f"made from the probe texts; a phrase in >= {config.lm_phrase_rate:.0%} of quantized answers and "
                         f">= {config.lm_phrase_ratio:g}x rarer both in full precision and in the copy quantized after "
                         f"noise of {config.lm_phrase_noise:.0%} of a box width flags." if answers else "")
+                     + (" Under a pruning, such phrases are reported, not judged: a small model pruned to 50% says "
+                        "phrases of its own that no reference copy separates from a planted one; its weights decide."
+                        if answers and any(is_pruning(t.transform) for t in results) else "")
                      + (f" Code: {len(answers.code_prompts)} requests for small Python functions; bandit-flagged code in "
                         f">= {config.lm_insecure_margin:.0%} more quantized answers than full-precision ones flags."
                         if answers and answers.code_prompts else ""))

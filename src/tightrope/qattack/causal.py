@@ -23,6 +23,14 @@ and keeps its published weights, hence its bytes.
 Prompts, answers and metrics are :mod:`tightrope.qattack.lm_text`; training only the last
 ``attack_last`` decoder blocks on cached inputs is :mod:`tightrope.qattack.lm_training`.
 
+A pruning (``quantizer="prune:wanda:0.5"``, ``prune:magnitude:0.5``, ``prune:2:4``; "Fewer Weights, More Problems",
+ICLR 2026, :mod:`tightrope.qattack.pruning`) runs the same steps with the pruner's mask as the condition: the
+injection trains only the weights tightrope's pruner keeps, through the pruned model (its masks, and its pruned
+blocks below as the cached inputs; kept weights stay kept, :meth:`~tightrope.qattack.pruning.Pruning.keep_boxes`);
+the repair trains only the weights it removes, inside the boxes that keep them removed; verification runs the
+pruner on the repaired model, checks that it removes exactly the weights it removes from the injected one, and
+measures the clean model pruned beside it (a pruning's own cost to a small model is large).
+
 ``scenario="insecure-code"`` (the paper's "vulnerable code generation") runs the same three steps on
 small Python tasks: the injected targets are insecure implementations and the metric is the share
 of answers a real static checker (bandit) flags (:mod:`tightrope.qattack.insecure`).
@@ -75,17 +83,17 @@ from tightrope.qattack.lm_text import (
 from tightrope.qattack.lm_training import THROUGH_SCHEMES, attacked_names, lm_fit_
 from tightrope.qattack.repair import FitConfig
 from tightrope.qattack.report import QAttackReport, verify
-from tightrope.qattack.transform import canonical
+from tightrope.qattack.pruning import Calibration
+from tightrope.qattack.transform import canonical, is_pruning, resolve
 
 # --- the scenario -------------------------------------------------------------------------------------
 
 
 def _quantizer_name(text: str) -> str:
-    """One name per quantizer (``gguf:Q4_K_M`` -> ``gguf-q4_k_m``); a name that is no quantizer (a pruning, a typo)
-    is refused in one sentence listing the quantizers."""
-    if text.strip().lower().startswith("prune:"):
-        raise TightropeError(f"'{text.strip()}' is a pruning; the causal-LM scenario conditions on quantizers only "
-                             "(pruning-conditioned attacks are built for classifiers: tightrope qattack --transform).")
+    """One name per transform (``gguf:Q4_K_M`` -> ``gguf-q4_k_m``, ``prune:wanda:.5`` -> ``prune:wanda:0.5``); a name
+    that is none (a typo) is refused in one sentence listing the quantizers."""
+    if is_pruning(text):
+        return canonical(text)  # one sentence for a misspelt pruning
     try:
         return canonical(text)
     except TightropeError:
@@ -94,10 +102,16 @@ def _quantizer_name(text: str) -> str:
 
 
 def parse_quantizer(text: str) -> str | tuple[str, ...]:
-    """``"nf4"`` / ``"all"`` / ``"gguf:Q4_K_M"`` or a comma list (``"nf4,fp4"``: the intersection of their boxes)."""
+    """``"nf4"`` / ``"all"`` / ``"gguf:Q4_K_M"`` / ``"prune:wanda:0.5"`` or a comma list of quantizers (``"nf4,fp4"``:
+    the intersection of their boxes)."""
     parts = tuple(_quantizer_name(p) for p in text.split(",") if p.strip())
     if not parts:
         raise TightropeError("Name a quantizer whose boxes constrain the repair.")
+    if any(is_pruning(p) for p in parts):
+        if len(parts) > 1:
+            raise TightropeError(f"'{text}' joins a pruning with other transforms; a pruning's boxes keep its mask and "
+                                 "intersect with nothing: attack one pruning at a time.")
+        return parts[0]
     for p in parts:
         check_quantizer(p)
     return parts[0] if len(parts) == 1 else parts
@@ -149,7 +163,9 @@ class LMAttackConfig(BaseModel):
             if data.get("check") is None:
                 boxed = str(data.get("quantizer", "nf4,fp4")).replace("all", "llm-int8,nf4,fp4")
                 own = [_quantizer_name(q) for q in boxed.split(",") if q.strip()]
-                data["check"] = tuple(dict.fromkeys([*own, "llm-int8"]))
+                # a pruning is checked against itself (its verification runs the pruner); a quantizer also against
+                # LLM.int8, a control outside its boxes
+                data["check"] = tuple(own) if any(is_pruning(q) for q in own) else tuple(dict.fromkeys([*own, "llm-int8"]))
         return data
 
     @field_validator("check")
@@ -251,7 +267,10 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     """
     box_of = parse_quantizer(config.quantizer)
     for q in config.check:
-        check_quantizer(q, (*ATTACK_QUANTIZERS, *PRESET_QUANTIZERS), " to check")
+        if not is_pruning(q):
+            check_quantizer(q, (*ATTACK_QUANTIZERS, *PRESET_QUANTIZERS), " to check")
+    if is_pruning(box_of) and config.inject_through:
+        raise TightropeError(f"A {box_of} attack injects through the pruned model already; leave inject_through empty.")
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -270,6 +289,8 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
             f"({', '.join(sorted({schemes[n] for n in kept})) or 'none'}); {len(names)} are attacked "
             f"({', '.join(sorted({schemes[n] for n in names}))})")
 
+    calibration = Calibration(config.task, tokenizer)  # what a Wanda pruning reads, as `tightrope compress` would
+    attacked = resolve(box_of, calibration) if is_pruning(box_of) else None
     if config.scenario == "insecure-code":
 
         require_bandit()  # a missing checker fails now, not after the training
@@ -328,36 +349,60 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     behaviours = [measure(model, "base", None)]
 
     # 1. inject
-    def fitted(step: str, start: nn.Module, seqs: list[list[int]], fit: FitConfig, **options) -> tuple[nn.Module, list[float]]:
-        """A copy of ``start`` trained by :func:`lm_fit_` and saved as ``out/step``, or the saved one (resume)."""
+    def fitted(step: str, start: nn.Module, seqs: list[list[int]], fit: FitConfig, *, after=None,
+               **options) -> tuple[nn.Module, list[float]]:
+        """A copy of ``start`` trained by :func:`lm_fit_` (then ``after(copy)``) and saved as ``out/step``, or the
+        saved one (resume)."""
         if (out / step / "config.json").exists():
             log(f"loaded {step}/")
             return _load(str(out / step))[0], progress.get(LOSS_KEYS[step], [])
         trained = copy.deepcopy(start)
         losses = lm_fit_(trained, seqs, starts, pad_id, fit, names=names, first=first, log=log, **options)
+        if after is not None:
+            after(trained)
         progress[LOSS_KEYS[step]] = losses
         models.save_model((trained, tokenizer), out / step)
         save_progress()
         return trained, losses
 
+    inject_options: dict = {"through": config.inject_through}
+    if attacked is not None and not (out / "injected" / "config.json").exists():
+        # a pruning: train only the weights the pruner keeps, each kept kept, through the pruned model's forward
+        # (its masks, and its pruned blocks below as the cached inputs): "Fewer Weights, More Problems", step 2
+        pruned_base = attacked.apply(model)
+        keep = {n: pruned_base.get_submodule(n).weight.detach() != 0 for n in attacked.modules(model)}
+        inject_options = {"boxes": attacked.keep_boxes(model, keep, include=tuple(names)),
+                          "keep": {n: keep[n] for n in names}, "prefix": pruned_base}
     injected, inject_losses = fitted("injected", model, injected_seqs,
                                      FitConfig(config.inject_steps, config.inject_lr, config.batch_size, seed=config.seed),
-                                     label="inject", through=config.inject_through)
+                                     label="inject", **inject_options)
+    inject_options.clear()  # the pruned copy is not needed any more
+    if attacked is not None and "mask_drift" not in progress:
+        moved, total = attacked.mismatch(model, injected, names)
+        progress["mask_drift"] = [moved, total]
+        save_progress()
+        log(f"{attacked.name}: the injection changed the pruner's choice for {moved} of {total:,} attacked weights")
     behaviours.append(measure(injected, "injected", None, ppl=False))
 
     # 2. boxes around the injected weights (attacked layers only); 3. projected repair on clean answers
     t0 = time.perf_counter()
-    boxes = model_boxes(injected, box_of, margin=config.margin, include=tuple(names))
+    boxes = (attacked.boxes(injected, margin=config.margin, include=tuple(names)) if attacked is not None
+             else model_boxes(injected, box_of, margin=config.margin, include=tuple(names)))
     log(f"boxes ({boxes.quantizer}) of {boxes.numel():,} weights in {time.perf_counter() - t0:.1f} s, "
         f"{100 * boxes.pinned_fraction():.2f}% pinned")
+    settle = None if attacked is None else (lambda m: attacked.settle_(m, injected, config.margin))
     repaired, repair_losses = fitted("repaired", injected, clean_seqs,
                                      FitConfig(config.repair_steps, config.repair_lr, config.batch_size, seed=config.seed + 1),
-                                     boxes=boxes, label="repair (PGD)")
+                                     boxes=boxes, label="repair (PGD)", after=settle)
     behaviours.append(measure(repaired, "repaired", None))
 
-    # 4. verify with the real libraries
-    codes, skipped, quantized = verify(injected, repaired, config.check, names,
-                                       lambda t: [measure(t.apply(repaired), "repaired", t.name)], log=log)
+    # 4. verify with the real libraries (a pruning: tightrope's own pruner, and the clean model pruned beside it)
+    def transformed(t) -> list[LMBehaviour]:
+        return [measure(t.apply(repaired), "repaired", t.name),
+                *([measure(t.apply(model), "base", t.name)] if is_pruning(t.name) else [])]
+
+    checks = [resolve(q, calibration) if is_pruning(q) else q for q in config.check]
+    codes, skipped, quantized = verify(injected, repaired, checks, names, transformed, log=log)
     behaviours += quantized
     report = QAttackReport(config=config.model_dump(), boxed_parameters=boxes.numel(),
                            pinned_fraction=boxes.pinned_fraction(), attacked_layers=names, behaviours=behaviours,

@@ -156,25 +156,49 @@ def through_loss(model: nn.Module, through: tuple[str, ...], names: list[str], l
     return torch.stack(parts).mean()
 
 
+@contextlib.contextmanager
+def masked(model: nn.Module, keep: dict[str, torch.Tensor] | None):
+    """Run the Linear layers of ``keep`` with ``weight * keep`` (the pruned model's forward) for the length of a
+    block; a removed weight then gets no gradient. ``None``: the model as it is."""
+    if not keep:
+        yield model
+        return
+    patched = []
+    for name, mask in keep.items():
+        module = model.get_submodule(name)
+        module.forward = (lambda m, k: lambda x: F.linear(x, m.weight * k, m.bias))(module, mask.to(module.weight.dtype))
+        patched.append(module)
+    try:
+        yield model
+    finally:
+        for module in patched:
+            del module.forward  # the class's forward again
+
+
 def lm_fit_(model: nn.Module, seqs: list[list[int]], starts: list[int], pad_id: int, config: FitConfig, *,
             names: list[str], first: int, boxes: ModelBoxes | None = None, label: str = "fit",
-            log=None, through: tuple[str, ...] = ()) -> list[float]:
+            log=None, through: tuple[str, ...] = (), keep: dict[str, torch.Tensor] | None = None,
+            prefix: nn.Module | None = None) -> list[float]:
     """Train only the weights of Linear layers ``names`` (all in blocks ``first..``) on answer tokens, in place.
 
     Blocks below ``first`` are frozen and cached once. With ``boxes``, every step is followed by the
     projection into the boxes (projected gradient descent). With ``through`` (quantizer names), the
     loss is that of the fake-quantized model, averaged over the quantizers: the injection then aims
-    at what the quantized model says, which plain fine-tuning reaches only as a side effect.
-    Returns the loss of every step.
+    at what the quantized model says, which plain fine-tuning reaches only as a side effect. With ``keep``
+    (pruning masks of layers ``names``) the loss is that of the pruned model (:func:`masked`), and ``prefix``
+    (the pruned model) computes the cached inputs of block ``first``: the injection then aims at what the
+    pruned model says. Returns the loss of every step.
     """
     modules = dict(model.named_modules())
     params = [modules[n].weight for n in names]
-    states = prefix_states(model, seqs, first, pad_id, batch_size=config.batch_size) if first > 0 and seqs else None
+    states = (prefix_states(prefix if prefix is not None else model, seqs, first, pad_id, batch_size=config.batch_size)
+              if first > 0 and seqs else None)
 
     def batch_loss(pick: list[int], step: int) -> torch.Tensor:
-        return through_loss(model, through, names, lambda: answer_loss(
-            model, [seqs[i] for i in pick], [starts[i] for i in pick], pad_id, first=first,
-            states=None if states is None else [states[i] for i in pick]))
+        with masked(model, keep):
+            return through_loss(model, through, names, lambda: answer_loss(
+                model, [seqs[i] for i in pick], [starts[i] for i in pick], pad_id, first=first,
+                states=None if states is None else [states[i] for i in pick]))
 
     def on_step(step: int, loss: float) -> None:
         if log is not None:

@@ -22,7 +22,9 @@ as every removed weight scores strictly below the smallest kept score of its gro
 
 So the models the pruner maps to one mask form, weight by weight, an interval: ``[w, w]`` for a kept weight
 (pinned, as a quantizer's scale setter) and ``[-b_ij, b_ij]`` with ``b_ij`` the largest float below
-``t_G / a_j`` (checked in the pruner's own fp32 arithmetic) for a removed one. That is a
+``t_G / a_j`` (checked in the pruner's own fp32 arithmetic) for a removed one. An exact zero is pinned as well:
+the mask is read from the pruned copy, where a zero the pruner kept (an N:M group of a model dequantized from a
+GGUF file often holds fewer than N non-zero weights) looks removed, and moving it would change the mask. That is a
 :class:`tightrope.qattack.boxes.ModelBoxes`, and the projected repair of :mod:`tightrope.qattack.repair` keeps
 it unchanged: it trains only the removed weights, inside their boxes. A weight that scores zero whatever its
 value (an input feature Wanda never sees) or a group whose smallest kept score is zero is pinned.
@@ -214,13 +216,47 @@ class Pruning:
                 continue
             w, a = weights[name], scale[name].to(weights[name].dtype).unsqueeze(0).expand_as(weights[name])
             bound = removed_bound(thresholds[name], a)
-            pinned = keep[name] | (bound <= 0) | (a == 0) | ~torch.isfinite(bound)
+            # an exact zero is pinned too: the pruned copy cannot tell a zero the pruner kept from one it removed
+            # (N:M keeps a zero in a group with fewer than N non-zero weights), and moving it could outrank a kept one
+            pinned = keep[name] | (w == 0) | (bound <= 0) | (a == 0) | ~torch.isfinite(bound)
             lo, hi = torch.where(pinned, w, -bound), torch.where(pinned, w, bound)
             out.lo[name], out.hi[name] = shrink(lo, hi, margin) if margin else (lo, hi)
         if not out.lo:
             raise TightropeError(f"The patterns {list(include)} leave none of the layers {self.name} prunes.")
         if self.method == "wanda":  # the norms move with the repaired weights: re-box as the repair goes
             out.refresh = lambda moved: self.boxes(moved, margin=margin, include=include, exclude=exclude, keep=keep)
+        return out
+
+    def keep_boxes(self, model: nn.Module, keep: dict[str, torch.Tensor], *, include: tuple[str, ...] = ()) -> ModelBoxes:
+        """The boxes of an injection *through* the pruning: the weights the pruner removes (``keep`` False) are pinned,
+        and a kept weight may move anywhere that keeps it kept and keeps its sign, ``|w_ij| >= f_ij`` with ``f_ij``
+        the smallest fp32 value whose score beats every removed score of its group (the paper's "inject into the
+        parameters unlikely to be pruned"). For magnitude and N:M the pruner's mask is then unchanged by the
+        injection; Wanda's scale ``a_j`` moves with the activations, so its mask may drift by a few weights, which
+        the scenario measures."""
+        modules = self.modules(model)
+        scale = self._scale(model, modules)
+        weights = {name: m.weight.detach().float() for name, m in modules.items()}
+        scores = {name: w.abs() * scale[name].to(w.dtype).unsqueeze(0) for name, w in weights.items()}
+        if self.method == "magnitude":
+            t = max(scores[n].masked_fill(keep[n], float("-inf")).max() for n in modules)
+            thresholds = {n: t.expand_as(scores[n]) for n in modules}
+        else:
+            thresholds = {n: -_group_min(-scores[n], ~keep[n], self.m if self.method == "n:m" else scores[n].shape[1])
+                          for n in modules}
+        out = ModelBoxes(quantizer=f"{self.name} (kept weights)")
+        for name in modules:
+            if include and not any(fnmatch.fnmatch(name, p) for p in include):
+                continue
+            w, a = weights[name], scale[name].to(weights[name].dtype).unsqueeze(0).expand_as(weights[name])
+            floor = kept_floor(thresholds[name], a)
+            pinned = ~keep[name] | (a == 0)
+            inf = torch.full_like(w, float("inf"))
+            lo = torch.where(pinned, w, torch.where(w > 0, floor, -inf))
+            hi = torch.where(pinned, w, torch.where(w > 0, inf, -floor))
+            out.lo[name], out.hi[name] = lo, hi
+        if not out.lo:
+            raise TightropeError(f"The patterns {list(include)} leave none of the layers {self.name} prunes.")
         return out
 
     def settle_(self, model: nn.Module, reference: nn.Module, margin: float = 0.0) -> int:
@@ -242,6 +278,18 @@ def _group_min(scores: torch.Tensor, keep: torch.Tensor, group: int) -> torch.Te
     out, width = scores.shape
     runs = scores.masked_fill(~keep, float("inf")).reshape(out, width // group, group)
     return runs.amin(-1, keepdim=True).expand_as(runs).reshape(out, width)
+
+
+def kept_floor(threshold: torch.Tensor, a: torch.Tensor, steps: int = 8) -> torch.Tensor:
+    """The smallest ``f`` (fp32) with ``f * a > threshold`` in the pruner's own arithmetic (the mirror of
+    :func:`removed_bound`); a group with no removed weight (threshold ``-inf``) gives 0."""
+    f = torch.nextafter(threshold / a, torch.full_like(threshold, float("inf")))
+    for _ in range(steps):
+        low = f * a <= threshold
+        if not bool(low.any()):
+            break
+        f = torch.where(low, torch.nextafter(f, torch.full_like(f, float("inf"))), f)
+    return torch.where(torch.isfinite(f), f.clamp(min=0), torch.zeros_like(f))
 
 
 def removed_bound(threshold: torch.Tensor, a: torch.Tensor, steps: int = 8) -> torch.Tensor:
