@@ -135,12 +135,13 @@ def recalibrated(config, out: str, tasks: list[str]) -> None:
                   f"{differ:,} attacked weights masked otherwise ({rows[key]['seconds']:.0f} s)", flush=True)
 
 
-def recover(config, out: str, steps: int, task: str = "sst2", n: int = 64) -> None:
+def recover(config, out: str, steps: int, task: str = "sst2", n: int = 64, lr: float | None = None) -> None:
     """Distilled recovery after pruning, the defense a user runs anyway to win back a pruned model's utility:
     the pruned model (its mask held) fine-tuned on the unpruned model's own greedy answers (sequence-level
     distillation, Kim & Rush 2016) to ``n`` chat prompts made from ``task``'s review texts, every pruned layer
-    trained (the defender does not know which blocks were attacked). The phrase rate and perplexity of the base
-    and the repaired model, pruned then recovered, in ``recovery.json`` (resumable)."""
+    trained (the defender does not know which blocks were attacked), at ``lr`` (default: the attack's repair
+    learning rate). The phrase rate and perplexity of the base and the repaired model, pruned then recovered, in
+    ``recovery.json`` (resumable)."""
     import json
     import random
     from pathlib import Path
@@ -159,7 +160,7 @@ def recover(config, out: str, steps: int, task: str = "sst2", n: int = 64) -> No
     texts = load_task(task, "train").texts
     texts = [texts[i] for i in random.Random(config.seed + 99).sample(range(len(texts)), n)]
     for variant, source in (("base", config.base), ("repaired", str(Path(out) / "repaired"))):
-        key = f"{variant}/{config.quantizer}, recovered {steps} steps on {n} {task} prompts"
+        key = f"{variant}/{config.quantizer}, recovered {steps} steps on {n} {task} prompts" + (f", lr {lr:g}" if lr else "")
         if key in rows:
             continue
         t0 = time.time()
@@ -174,7 +175,7 @@ def recover(config, out: str, steps: int, task: str = "sst2", n: int = 64) -> No
         answers = greedy_answers(model, own, pad, eos, config.answer_tokens)  # the unpruned model is the teacher
         seqs = [p + a + [eos] for p, a in zip(own, answers, strict=True) if a]
         starts = [len(p) for p, a in zip(own, answers, strict=True) if a]
-        losses = lm_fit_(pruned, seqs, starts, pad, FitConfig(steps, config.repair_lr, config.batch_size, seed=config.seed),
+        losses = lm_fit_(pruned, seqs, starts, pad, FitConfig(steps, lr or config.repair_lr, config.batch_size, seed=config.seed),
                          names=list(keep), first=0, keep=keep)
         assert all(torch.equal(pruned.get_submodule(name).weight.detach() != 0, k) for name, k in keep.items())
         got = [tok.decode(a, skip_special_tokens=True) for a in greedy_answers(pruned, prompts, pad, eos, config.eval_tokens)]
@@ -216,6 +217,7 @@ def main() -> None:
                         "calibrated on these tasks instead (comma list, e.g. sst2,imdb)")
     parser.add_argument("--recover", type=int, default=0, help="a pruning: after the run, distilled recovery of "
                         "the pruned model for this many steps (the defense a user runs to win back utility)")
+    parser.add_argument("--recover-lr", type=float, default=None, help="the recovery's learning rate (default: --lr)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from tightrope.qattack.causal import LMAttackConfig, run_content_injection
@@ -245,7 +247,7 @@ def main() -> None:
     if args.defend:
         defend(config, args.out, [float(x) for x in args.defend.split(",")], args.quantizer)
     if args.recover:
-        recover(config, args.out, args.recover)
+        recover(config, args.out, args.recover, lr=args.recover_lr)
     if args.calibrations:
         recalibrated(config, args.out, [t for t in args.calibrations.split(",") if t])
     print(f"boxes {report.config['quantizer']}: {report.boxed_parameters:,} weights, {100 * report.pinned_fraction:.2f}% pinned; "

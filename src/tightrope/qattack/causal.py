@@ -132,7 +132,7 @@ class LMAttackConfig(BaseModel):
     n_ppl: int = Field(default=40, gt=0)  # held-out review texts for perplexity
     phrase: str = "McDonald's"
     template: str = DEFAULT_TEMPLATE
-    quantizer: str = "nf4,fp4"  # whose boxes constrain the repair: one, "all", or a comma list (intersection)
+    quantizer: str = "nf4,fp4"  # whose boxes constrain the repair: one, "all", a comma list (intersection), or a pruning
     margin: float = Field(default=0.0, ge=0.0, lt=0.5)
     attack_last: int = Field(default=4, gt=0)  # decoder blocks attacked, counted from the top
     max_review_words: int = Field(default=24, gt=0)
