@@ -159,5 +159,7 @@ def test_the_causal_scenario_names_presets_and_prunings():
     assert LMAttackConfig(quantizer="prune:2:4").check == ("prune:2:4",)  # a pruning is checked against itself
     with pytest.raises(TightropeError, match="joins a pruning with other transforms"):
         parse_quantizer("prune:magnitude:0.5,nf4")
+    with pytest.raises(TightropeError, match="joins a pruning with other transforms"):
+        LMAttackConfig(quantizer="nf4,prune:2:4")  # at the edge, before a model is loaded
     with pytest.raises(TightropeError, match="Unknown pruning 'prune:wandaa:0.5'"):
         parse_quantizer("prune:wandaa:0.5")

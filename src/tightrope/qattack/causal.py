@@ -168,6 +168,12 @@ class LMAttackConfig(BaseModel):
                 data["check"] = tuple(own) if any(is_pruning(q) for q in own) else tuple(dict.fromkeys([*own, "llm-int8"]))
         return data
 
+    @field_validator("quantizer")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        parse_quantizer(value)  # a misspelling, or a pruning joined with others, is one sentence before any loading
+        return value
+
     @field_validator("check")
     @classmethod
     def _one_name_each(cls, value: tuple[str, ...]) -> tuple[str, ...]:
