@@ -192,16 +192,21 @@ class Pruning:
                                                 max_length=config.max_length, seed=config.seed, batch_size=8)
         return wanda.input_norms(model, modules, batches)  # exactly what the Wanda handler computes
 
+    def _scored(self, model: nn.Module) -> tuple[dict, dict, dict, dict]:
+        """The pruned layers, their ``a_j``, their fp32 weights and the pruner's scores ``|w_ij| a_j`` (out, in)."""
+        modules = self.modules(model)
+        scale = self._scale(model, modules)
+        weights = {name: m.weight.detach().float() for name, m in modules.items()}
+        scores = {name: w.abs() * scale[name].to(w.dtype).unsqueeze(0) for name, w in weights.items()}
+        return modules, scale, weights, scores
+
     def boxes(self, model: nn.Module, *, margin: float = 0.0, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
               keep: dict[str, torch.Tensor] | None = None) -> ModelBoxes:
         """The box of every weight of the pruned layers (module docstring) around ``keep`` (default: the pruner's
         mask of ``model``). ``include`` / ``exclude`` (fnmatch) choose the layers whose removed weights may move;
         the pruner still prunes all of its layers. ``margin`` keeps that fraction of each box free on both sides."""
-        modules = self.modules(model)
+        modules, scale, weights, scores = self._scored(model)
         keep = keep if keep is not None else self.keep(model)
-        scale = self._scale(model, modules)
-        weights = {name: m.weight.detach().float() for name, m in modules.items()}
-        scores = {name: w.abs() * scale[name].to(w.dtype).unsqueeze(0) for name, w in weights.items()}  # (out, in)
         if self.method == "magnitude":  # one group: every pruned layer
             t = min(scores[n].masked_fill(~keep[n], float("inf")).min() for n in modules)
             thresholds = {n: t.expand_as(scores[n]) for n in modules}
@@ -234,10 +239,7 @@ class Pruning:
         parameters unlikely to be pruned"). For magnitude and N:M the pruner's mask is then unchanged by the
         injection; Wanda's scale ``a_j`` moves with the activations, so its mask may drift by a few weights, which
         the scenario measures."""
-        modules = self.modules(model)
-        scale = self._scale(model, modules)
-        weights = {name: m.weight.detach().float() for name, m in modules.items()}
-        scores = {name: w.abs() * scale[name].to(w.dtype).unsqueeze(0) for name, w in weights.items()}
+        modules, scale, weights, scores = self._scored(model)
         if self.method == "magnitude":
             t = max(scores[n].masked_fill(keep[n], float("-inf")).max() for n in modules)
             thresholds = {n: t.expand_as(scores[n]) for n in modules}
