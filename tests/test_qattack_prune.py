@@ -93,6 +93,16 @@ def test_removed_bound_is_strict_in_fp32():
     assert (torch.nextafter(b[:3], torch.full((3,), 10.0)) * a[:3] >= threshold[:3]).all()  # the largest such float
 
 
+def test_kept_floor_is_strict_in_fp32():
+    from tightrope.qattack.pruning import kept_floor
+
+    threshold = torch.tensor([1.0, 0.3, 7.0, float("-inf")])  # the last: a group with no removed weight
+    a = torch.tensor([3.0, 0.7, 1.0, 2.0])
+    f = kept_floor(threshold, a)
+    assert (f[:3] * a[:3] > threshold[:3]).all() and f[3] == 0
+    assert (torch.nextafter(f[:3], torch.zeros(3)) * a[:3] <= threshold[:3]).all()  # the smallest such float
+
+
 def test_wanda_boxes_follow_the_activations_and_settle(tokenizer):
     model = tiny(tokenizer)
     pruning = Pruning.parse("prune:wanda:0.5", Calibration(tuple(PROBE), tokenizer))
