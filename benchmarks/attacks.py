@@ -180,10 +180,11 @@ def load_victim(model: str, max_length: int, pad_to_max: bool = False):
 
 
 def run_tightrope(model: str, data, seed: int, max_length: int, recipe: str, pad_to_max: bool = False, *,
-                  threads: int = 2, streams: int = 1, runtime: str = "torch") -> dict:
+                  threads: int = 2, streams: int = 1, runtime: str = "torch", first_token: bool = True) -> dict:
     """tightrope's attack in this process, as ``tightrope attack --threads T --streams K --runtime R`` runs it:
     K examples at once on threads, the victim running T // K threads each (torch, or ONNX Runtime's fp32
-    graph checked against torch's logits). The clock starts once the victim and the attack are built."""
+    graph checked against torch's logits). ``first_token=False`` runs the victim's full last layer (the
+    ablation of :mod:`tightrope.first_token`). The clock starts once the victim and the attack are built."""
     import torch
 
     from tightrope.attacks import recipes
@@ -192,6 +193,7 @@ def run_tightrope(model: str, data, seed: int, max_length: int, recipe: str, pad
     per = max(1, threads // streams)
     torch.set_num_threads(per)
     victim = load_victim(model, max_length, pad_to_max)
+    victim.first_token_only = first_token
     if runtime == "onnxruntime":
         from tightrope.compress.onnxrt import onnx_twin
 
@@ -213,7 +215,7 @@ def run_tightrope(model: str, data, seed: int, max_length: int, recipe: str, pad
     results.sort(key=lambda r: r.index)
     return {**metrics([r.status for r in results], [r.queries for r in results],
                       [r.perturbed_share for r in results], seconds), "load_after": os.getloadavg()[0],
-            "threads": threads, "streams": streams, "runtime": runtime,
+            "threads": threads, "streams": streams, "runtime": runtime, "first_token": first_token,
             "outcomes": [[r.status, r.perturbed_text, r.queries] for r in results]}
 
 
@@ -320,6 +322,11 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true",
                         help="skip the one-stream tightrope row (long runs; the streams rows are then not checked "
                              "against it)")
+    parser.add_argument("--full-forward", action="store_true",
+                        help="also run the --streams rows with the victim's full last layer (the ablation of the "
+                             "first-token path, tightrope.first_token)")
+    parser.add_argument("--compare-to", type=Path, metavar="JSON",
+                        help="an earlier run's --json: count, per row of both, the examples whose results are equal")
     parser.add_argument("--textattack-python", default="/tmp/ta-venv/bin/python")
     parser.add_argument("--skip-textattack", action="store_true")
     parser.add_argument("--write-flair-stub", type=Path, metavar="VENV", help="write the flair stub into VENV and exit")
@@ -362,6 +369,10 @@ def main() -> None:
                 if "tightrope" in rows:
                     row["same_as_one_stream"] = same_outcomes(row, rows["tightrope"])
                 rows[f"tightrope, {args.streams} streams, {runtime}"] = row
+                if args.full_forward:
+                    rows[f"tightrope, {args.streams} streams, {runtime}, full last layer"] = pooled(
+                        [run_tightrope(args.model, data, s, args.max_length, recipe, threads=args.threads,
+                                       streams=args.streams, runtime=runtime, first_token=False) for s in seeds])
         if args.padded_ablation:
             rows[f"tightrope, padded to {args.max_length}"] = pooled(
                 [run_tightrope(args.model, data, s, args.max_length, recipe, pad_to_max=True) for s in seeds])
@@ -386,6 +397,14 @@ def main() -> None:
                 same = rows[name].get("same_as_one_stream")
                 same = "" if same is None else f" (results equal to one stream's on {same} of {rows[name]['examples']})"
                 print(f"{recipe:<13}speed-up of {name}: {rows[name]['examples_per_minute'] / peer:.2f}x{same}")
+    if args.compare_to:
+        before = json.loads(args.compare_to.read_text())["table"]
+        for recipe, rows in table.items():
+            for name, m in rows.items():
+                if name.startswith("tightrope") and name in before.get(recipe, {}):
+                    same = same_outcomes(m, before[recipe][name])
+                    m["same_as_compared_run"] = same
+                    print(f"{recipe:<13}{name}: results equal to {args.compare_to}'s on {same} of {m['examples']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"setup": setup, "table": table}, indent=2))

@@ -191,3 +191,18 @@ def test_the_onnx_runtime_twin_gives_pytorchs_logits_and_keeps_the_models_encodi
         onnx_twin(clf, POSITIVE, tolerance=-1.0)
     with pytest.raises(TightropeError, match="not a full-precision PyTorch classifier"):
         onnx_twin(fast, POSITIVE)
+
+
+def test_the_first_token_graph_drops_the_last_layers_other_rows_and_keeps_the_logits(tokenizer):
+    """fp32_graph(first_token=True): the last layer unfused (it attends from one row), every logit PyTorch's."""
+    from tightrope.compress.onnxrt import fp32_graph, ort_session, run_session
+
+    model = make_tiny_classifier(tokenizer, layers=3)
+    inputs = _padded(tokenizer, "right")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    for first_token, fused_attention in ((False, 3), (True, 2)):
+        blob, fusions = fp32_graph(model, first_token=first_token)
+        assert fusions.get("Attention", 0) == fused_attention
+        got = run_session(ort_session(blob, 1), inputs["input_ids"], inputs["attention_mask"])
+        assert torch.allclose(got, expected, atol=1e-5)

@@ -26,10 +26,18 @@ import torch
 from tightrope import models, transforms
 from tightrope.encoding import Truncation, collate, encode, length_sorted_batches
 from tightrope.errors import TightropeError
+from tightrope.first_token import first_token_logits
 
 
 class TextClassifier:
-    """A sequence classifier with its tokenizer; ``forward_ids`` is the only model-specific part."""
+    """A sequence classifier with its tokenizer; ``forward_ids`` is the only model-specific part.
+
+    ``first_token_only`` (on by default) computes the last encoder layer for the [CLS] row alone where
+    :mod:`tightrope.first_token` covers the model: the same logits up to float rounding, about 14% fewer
+    multiply-adds for MiniLM. Set it to False to time or check the full forward pass.
+    """
+
+    first_token_only = True
 
     def __init__(self, model, tokenizer, *, max_length: int = 256, truncation: Truncation = "head",
                  label_names: list[str] | None = None, source: str = "", card: dict | None = None,
@@ -58,7 +66,12 @@ class TextClassifier:
 
     def forward_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        return self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float().cpu()
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if self.first_token_only:
+            logits = first_token_logits(self.model, input_ids, attention_mask)
+            if logits is not None:
+                return logits.float().cpu()
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float().cpu()
 
     @torch.inference_mode()
     def logits_of_ids(self, sequences: list[list[int]], batch_size: int = 64, progress: Callable | None = None) -> torch.Tensor:

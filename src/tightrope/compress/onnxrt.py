@@ -25,6 +25,7 @@ from tightrope.compress.quant import (
     resolve_backend,
 )
 from tightrope.errors import TightropeError
+from tightrope.first_token import first_token_logits, supports as first_token_supports
 from tightrope.inference import TextClassifier, register_format
 from tightrope.serving.bundle import ort_session as _session
 
@@ -54,11 +55,17 @@ def _int8_dynamic(model: nn.Module, config: Int8Dynamic) -> CompressionSummary:
 
 
 class _LogitsOnly(nn.Module):
-    def __init__(self, model: nn.Module):
+    """The export wrapper: ids and mask in, logits out; ``first_token`` computes the last layer for the [CLS]
+    row only where :mod:`tightrope.first_token` covers the model."""
+
+    def __init__(self, model: nn.Module, first_token: bool = False):
         super().__init__()
         self.model = model
+        self.first_token = first_token and first_token_supports(model)
 
     def forward(self, input_ids, attention_mask):
+        if self.first_token:
+            return first_token_logits(self.model, input_ids, attention_mask)
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
@@ -68,11 +75,14 @@ def onnx_node_module(node_name: str) -> str:
     return node_module(node_name)
 
 
-def export_onnx(model: nn.Module, path: Path, opset: int = 17, attn_implementation: str | None = None) -> None:
+def export_onnx(model: nn.Module, path: Path, opset: int = 17, attn_implementation: str | None = None,
+                first_token: bool = False) -> None:
     """TorchScript-based ONNX export with dynamic batch and sequence axes (node names keep module paths).
 
     ``attn_implementation="eager"`` exports the explicit softmax attention that ONNX Runtime's
-    transformer optimizer can fuse; the model's own setting is restored afterwards.
+    transformer optimizer can fuse; the model's own setting is restored afterwards. ``first_token``
+    exports the last layer for the [CLS] row only (:mod:`tightrope.first_token`; the optimizer then fuses
+    the attention of every layer but the last).
     """
     ids = torch.ones(1, 16, dtype=torch.long)
     mask = torch.ones(1, 16, dtype=torch.long)
@@ -82,7 +92,7 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 17, attn_implementati
         model.set_attn_implementation(attn_implementation)
     try:
         with torch.no_grad():
-            torch.onnx.export(_LogitsOnly(model).eval(), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+            torch.onnx.export(_LogitsOnly(model, first_token).eval(), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
                               output_names=["logits"], opset_version=opset, dynamo=False,
                               dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                                             "logits": {0: "batch"}})
@@ -217,17 +227,18 @@ def _load_onnx_classifier(path: Path, card: dict) -> TextClassifier:
                           truncation=tok.get("truncation", "head"), source=str(path), card=card)
 
 
-def fp32_graph(model) -> tuple[bytes, dict]:
+def fp32_graph(model, first_token: bool = False) -> tuple[bytes, dict]:
     """The fp32 graph of a PyTorch model, fused by ONNX Runtime's transformer optimizer where it can be
-    (the same graph the int8 path quantizes), and the fusion counts."""
+    (the same graph the int8 path quantizes, unless ``first_token`` computes the last layer for the [CLS]
+    row only), and the fusion counts."""
 
     with tempfile.TemporaryDirectory() as tmp:
         raw, fused = Path(tmp) / "model.onnx", Path(tmp) / "model.fused.onnx"
         if ortfuse.unfusable_reason(model) is None:
-            export_onnx(model, raw, attn_implementation="eager")
+            export_onnx(model, raw, attn_implementation="eager", first_token=first_token)
             fusions = ortfuse.fuse(raw, fused, model)
             return fused.read_bytes(), fusions
-        export_onnx(model, raw)
+        export_onnx(model, raw, first_token=first_token)
         return raw.read_bytes(), {}
 
 
@@ -241,7 +252,7 @@ def onnx_twin(clf: TextClassifier, probe: list[str], *, tolerance: float = 1e-4,
                              "the ONNX Runtime path runs those only.")
     if not _onnxruntime_available():
         raise TightropeError("The onnxruntime path needs onnxruntime, which is not installed: pip install onnx onnxruntime.")
-    blob, _ = fp32_graph(clf.model)
+    blob, _ = fp32_graph(clf.model, first_token=clf.first_token_only)
     fast = OnnxClassifier(ort_session(blob, threads), clf.tokenizer, list(clf.label_names), max_length=clf.max_length,
                           truncation=clf.truncation, source=clf.source, card=clf.card, input_transform=clf.input_transform)
     with torch.inference_mode():
