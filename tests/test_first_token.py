@@ -97,3 +97,13 @@ def test_a_fixed_seed_attack_finds_the_same_with_and_without_it(tokenizer, tmp_p
         Attacker(recipes.build("deepwordbug", clf), out=out, seed=1).run(clf, task)
         found.append([(r.status, r.perturbed_text, r.queries) for r in read_results(out / "results.jsonl")])
     assert found[0] == found[1] and any(status == "succeeded" for status, _, _ in found[0])
+
+
+def test_a_model_whose_forward_was_replaced_or_hooked_keeps_its_own_forward(tokenizer):
+    """The ONNX Runtime int8 path replaces the model's forward with its session's; a hook may edit outputs."""
+    model = make_tiny_classifier(tokenizer)
+    model.forward = lambda **_: None
+    assert not supports(model)
+    hooked = make_tiny_classifier(tokenizer)
+    hooked.bert.encoder.layer[-1].attention.self.register_forward_hook(lambda *_: None)
+    assert not supports(hooked) and supports(make_tiny_classifier(tokenizer))

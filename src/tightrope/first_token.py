@@ -31,9 +31,15 @@ HEADS = {
 ATTENTION = ("eager", "sdpa")
 
 
+def _bypassed(module: nn.Module) -> bool:
+    """A forward replaced on the instance (an ONNX Runtime session's, say) or a hook: this path would skip it."""
+    return "forward" in vars(module) or bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def supports(model: nn.Module) -> bool:
     """Whether :func:`first_token_logits` computes this model: a covered head on an encoder (not a decoder)
-    of plain torch modules, with eager or SDPA attention."""
+    of plain torch modules, with eager or SDPA attention, and nothing attached to the modules whose own
+    forward this path does not call (the model, its encoder, the last layer and its attention)."""
     config = getattr(model, "config", None)
     if type(model).__name__ not in HEADS or config is None or getattr(config, "is_decoder", False):
         return False
@@ -41,6 +47,10 @@ def supports(model: nn.Module) -> bool:
         return False
     layers = getattr(getattr(getattr(model, "base_model", None), "encoder", None), "layer", None)
     if not layers:
+        return False
+    last = layers[-1]
+    skipped = (model, model.base_model, model.base_model.encoder, last, last.attention, last.attention.self)
+    if any(_bypassed(m) for m in skipped):
         return False
     if HEADS[type(model).__name__] == "pooler" and getattr(model.base_model, "pooler", None) is None:
         return False
