@@ -301,12 +301,14 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
         if not names:
             raise TightropeError(f"Under {box_of} every attacked layer stays a k-quant, which has no box; attack more "
                                  "blocks or a model whose rows fall back to legacy types.")
-        log(f"{box_of}: {len(kept)} attacked layers stay k-quants without a box and keep their weights "
-            f"({', '.join(sorted({schemes[n] for n in kept})) or 'none'}); {len(names)} are attacked "
-            f"({', '.join(sorted({schemes[n] for n in names}))})")
         if config.kquant_boxes:
-            log(f"{box_of}: {sum(not has_box(schemes[n]) for n in names)} attacked layers stay k-quants and get "
-                "error-based boxes (Mind the Gap), checked against their bytes during and after the repair")
+            log(f"{box_of}: {len(names)} layers are attacked ({', '.join(sorted({schemes[n] for n in names}))}); the "
+                f"{sum(not has_box(schemes[n]) for n in names)} that stay k-quants get error-based boxes (Mind the Gap), "
+                "checked against their bytes during and after the repair")
+        else:
+            log(f"{box_of}: {len(kept)} attacked layers stay k-quants without a box and keep their weights "
+                f"({', '.join(sorted({schemes[n] for n in kept})) or 'none'}); {len(names)} are attacked "
+                f"({', '.join(sorted({schemes[n] for n in names}))})")
 
     calibration = Calibration(config.task, tokenizer)  # what a Wanda pruning reads, as `tightrope compress` would
     attacked = resolve(box_of, calibration) if is_pruning(box_of) else None
