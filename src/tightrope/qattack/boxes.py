@@ -499,10 +499,11 @@ class ModelBoxes:
     margin: float = 0.0
     refresh: Callable[[nn.Module], ModelBoxes] | None = None
     refresh_every: int = 10
-    #: layers boxed as k-quants (``kquant_boxes=True``): their scheme, the weights they were boxed around, and the
-    #: sub-blocks that :func:`pin_moved_kquants_` pinned so far
+    #: layers boxed as k-quants (``kquant_boxes=True``): their scheme, the weights they were boxed around and those
+    #: weights' bytes, and the number of sub-blocks that :func:`pin_moved_kquants_` pinned so far
     kquants: dict[str, str] = field(default_factory=dict)
     reference: dict[str, torch.Tensor] = field(default_factory=dict)
+    reference_bytes: dict[str, torch.Tensor] = field(default_factory=dict)
     kquant_pinned: int = 0
 
     @property
@@ -541,7 +542,8 @@ def model_boxes(model: nn.Module, quantizer: str | tuple[str, ...], *, margin: f
         scheme = schemes.get(name, quantizer)
         if isinstance(scheme, str) and scheme in G.K_SCHEMES and kquant_boxes:
             boxes.kquants[name] = scheme
-            boxes.reference[name] = module.weight.detach().float().clone()
+            boxes.reference[name] = module.weight.detach().float().cpu().clone()
+            boxes.reference_bytes[name] = quantize_k(boxes.reference[name], G.K_SCHEMES[scheme])
         elif name in schemes and not has_box(schemes[name]):
             w = module.weight.detach().float()
             boxes.lo[name], boxes.hi[name] = w.clone(), w.clone()
@@ -563,7 +565,7 @@ def pin_moved_kquants_(boxes: ModelBoxes, model: nn.Module) -> ModelBoxes:
         n_sub, size = sub_blocks(t)
         ref = boxes.reference[name]
         raw = quantize_k(model.get_submodule(name).weight.detach().float().cpu(), t)
-        moved = changed_sub_blocks(raw, quantize_k(ref, t), t)  # (B, n_sub)
+        moved = changed_sub_blocks(raw, boxes.reference_bytes[name], t)  # (B, n_sub)
         if not bool(moved.any()):
             continue
         where = moved.reshape(-1, n_sub, 1).expand(-1, n_sub, size).reshape(ref.shape)
