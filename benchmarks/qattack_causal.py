@@ -207,6 +207,8 @@ def main() -> None:
                         "then LLM.int8 as a control outside them; a pruning: itself)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--margin", type=float, default=0.0)
+    parser.add_argument("--kquant-boxes", action="store_true", help="a preset: attack its k-quant layers too, in Mind "
+                        "the Gap's error-based boxes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reference", action="store_true",
@@ -223,7 +225,7 @@ def main() -> None:
     from tightrope.qattack.causal import LMAttackConfig, run_content_injection
 
     config = LMAttackConfig(base=args.model, scenario=args.scenario, n_train=args.n_train, n_eval=args.n_eval, n_ppl=args.n_ppl,
-                            phrase=args.phrase, quantizer=args.quantizer, margin=args.margin,
+                            phrase=args.phrase, quantizer=args.quantizer, margin=args.margin, kquant_boxes=args.kquant_boxes,
                             attack_last=args.attack_last, inject_steps=args.inject_steps, inject_lr=args.inject_lr or args.lr,
                             check=tuple(args.check.split(',')) if args.check else None,
                             inject_through=tuple(q for q in args.inject_through.split(",") if q),

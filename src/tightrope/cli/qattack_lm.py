@@ -40,13 +40,16 @@ def qattack_lm(
     data_dir: Optional[str] = None,
     phrase: Annotated[str, typer.Option(help="The content the quantized model should inject.")] = "McDonald's",
     quantizer: Annotated[str, typer.Option(help="Boxes of: llm-int8, nf4, fp4, all, a GGUF type (gguf:Q4_0 ...) or preset (gguf:Q4_K_M: each layer "
-                                                    "in the type llama-quantize gives it; layers left as k-quants are not attacked), "
+                                                    "in the type llama-quantize gives it; layers left as k-quants are not attacked without --kquant-boxes), "
                                                     "a comma list (intersection), or one pruning (prune:wanda:0.5, "
                                                     "prune:magnitude:0.5, prune:2:4: only the pruned model misbehaves).")] = "nf4,fp4",
     check: Annotated[Optional[str], typer.Option(help="Transforms to verify the repaired model with (comma list; "
                                                  "default: the boxes' own, then llm-int8 as a control outside them; "
                                                  "a pruning: itself).")] = None,
     margin: float = 0.0,
+    kquant_boxes: Annotated[bool, typer.Option(help="A preset: attack its layers that stay k-quants too, in the error-based "
+                                               "boxes of Mind the Gap (bytes re-checked during the repair and restored "
+                                               "where they moved).")] = False,
     attack_last: Annotated[int, typer.Option(help="Attack the Linear layers of this many top decoder blocks.")] = 4,
     n_train: int = 64,
     n_eval: int = 40,
@@ -71,7 +74,7 @@ def qattack_lm(
 
     try:
         config = LMAttackConfig(base=model, scenario=scenario, task=task, data_dir=data_dir, phrase=phrase, quantizer=quantizer,
-                                margin=margin, attack_last=attack_last, n_train=n_train, n_eval=n_eval, n_ppl=n_ppl,
+                                margin=margin, kquant_boxes=kquant_boxes, attack_last=attack_last, n_train=n_train, n_eval=n_eval, n_ppl=n_ppl,
                                 inject_through=tuple(q.strip() for q in (inject_through or "").split(",") if q.strip()),
                                 inject_steps=inject_steps, repair_steps=repair_steps, inject_lr=lr, repair_lr=lr,
                                 batch_size=batch_size, seed=seed,

@@ -139,5 +139,5 @@ def layer_types(shapes: Iterable[tuple[str, tuple[int, ...]]], preset: str) -> d
 def has_box(name: str) -> bool:
     """Whether the quantization-conditioned attack has exact boxes for a type (``Q5_0``) or scheme (``gguf-q5_0``):
     the legacy types do, the k-quants do not (their scale search moves with the other weights;
-    docs/qattack-results.md)."""
+    docs/qattack-results.md; their error-based boxes, :mod:`tightrope.qattack.kquant_boxes`, are opt-in)."""
     return gguf_type(name).name in TYPES

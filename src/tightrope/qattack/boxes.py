@@ -24,10 +24,18 @@ Quantizers (code maths in :mod:`tightrope.compress.primitives`, checked against 
   Q8_0, the max and min of the ``_1`` types), so every byte of the block stays the same.
 - ``gguf-q4_k_m``, ``gguf-q4_k_s``, ``gguf-q5_k_m``, ``gguf-q5_k_s``: llama-quantize presets, which mix types per
   layer (:mod:`tightrope.compress.gguf_preset`). A layer whose type is a legacy one (a k-quant whose rows are
-  no multiple of 256 falls back to one) gets that type's box; a layer that stays a k-quant has no box and is
-  pinned whole (:func:`model_boxes`), so an attack must leave it as it is.
+  no multiple of 256 falls back to one) gets that type's box; a layer that stays a k-quant has no exact box and is
+  pinned whole by default (:func:`model_boxes`), so an attack must leave it as it is.
+- ``gguf-q2_k`` ... ``gguf-q6_k`` (k-quants, also the layers of a preset that stay k-quants), only with
+  ``kquant_boxes=True``: the error-based intervals of "Mind the Gap" (Egashira et al., ICML 2025;
+  :mod:`tightrope.qattack.kquant_boxes`), ``[min(w, q), max(w, q)]`` with ``q`` the dequantized weight and the
+  scale setters pinned. They are *not* exact: a point inside them may change some sub-block's scale search.
+  So :func:`model_boxes` gives such boxes a ``refresh`` that re-quantizes the layer during the projected repair
+  and pins the sub-blocks whose bytes moved (back to the boxed weights at the next projection), and
+  :func:`settle_kquants_` restores, after training, whatever still quantizes differently; after it every byte
+  is the boxed model's.
 
-Every quantizer is monotone in ``w`` for a fixed scale, so the preimage of a code is an interval.
+Every quantizer above but the k-quants is monotone in ``w`` for a fixed scale, so the preimage of a code is an interval.
 Its ends are first computed analytically (code boundary divided by the scale factor) and then
 made exact with a few ``nextafter`` steps against the quantizer's own floating-point formula:
 the returned ends quantize to the code themselves, and the next float beyond them does not (the
@@ -44,14 +52,17 @@ import torch
 from torch import nn
 
 from tightrope.compress import gguf as G
+from tightrope.compress.gguf_k import quantize_k
 from tightrope.compress.gguf_preset import PRESET_SCHEMES, has_box, layer_types
 from tightrope.compress.primitives import CODES_4BIT
 from tightrope.errors import TightropeError, did_you_mean
+from tightrope.qattack.kquant_boxes import KQuantSettle, box_kquant, changed_sub_blocks, settle_kquant_, sub_blocks
 
 # Scheme names of tightrope.compress.specs.QUANT_SCHEMES (one name per scheme across the package).
 # The default set of the attacks' checks and of the audit (the audit's shipped null is calibrated on these).
 QUANTIZERS = ("llm-int8", "nf4", "fp4", "int8-tensor")
-# GGUF legacy block types with boxes (tightrope.compress.gguf; the k-quants have none yet); the attacks verify
+# GGUF legacy block types with exact boxes (tightrope.compress.gguf; the k-quants have error-based ones on request,
+# kquant_boxes=True); the attacks verify
 # them and the audit quantizes them with llama.cpp's gguf.quants (tightrope.qattack.quantize), on request:
 # they are not in the defaults.
 GGUF_QUANTIZERS = tuple(G.SCHEMES)
@@ -397,13 +408,16 @@ def box_gguf(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     return lo.reshape(shape), hi.reshape(shape)
 
 
-def weight_box(w: torch.Tensor, quantizer: str | Iterable[str], blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lo, hi)`` for one weight under one quantizer, ``"all"``, or the intersection of a list."""
+def weight_box(w: torch.Tensor, quantizer: str | Iterable[str], blocksize: int = 64, *,
+               kquant_boxes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` for one weight under one quantizer, ``"all"``, or the intersection of a list. ``kquant_boxes``: a
+    GGUF k-quant (``gguf-q4_k`` ...) gets the error-based box of :func:`tightrope.qattack.kquant_boxes.box_kquant`
+    (not exact: module docstring); without it a k-quant is refused."""
     if not isinstance(quantizer, str):
         members = tuple(quantizer)
         if not members:
             raise TightropeError("Name at least one quantizer to intersect.")
-        boxes = [weight_box(w, q, blocksize) for q in members]
+        boxes = [weight_box(w, q, blocksize, kquant_boxes=kquant_boxes) for q in members]
         lo = torch.stack([b[0] for b in boxes]).amax(0)
         hi = torch.stack([b[1] for b in boxes]).amin(0)
         return lo, hi
@@ -417,6 +431,8 @@ def weight_box(w: torch.Tensor, quantizer: str | Iterable[str], blocksize: int =
         return box_int8_dynamic(w)
     if quantizer in GGUF_QUANTIZERS:
         return box_gguf(w, quantizer)
+    if kquant_boxes and quantizer in G.K_SCHEMES:
+        return box_kquant(w, quantizer)
     if quantizer in PRESET_QUANTIZERS:
         raise TightropeError(f"'{quantizer}' mixes GGUF types per layer, so one weight has no box without its layer's "
                              "name; take the boxes of the whole model (model_boxes).")
@@ -483,6 +499,12 @@ class ModelBoxes:
     margin: float = 0.0
     refresh: Callable[[nn.Module], ModelBoxes] | None = None
     refresh_every: int = 10
+    #: layers boxed as k-quants (``kquant_boxes=True``): their scheme, the weights they were boxed around and those
+    #: weights' bytes, and the number of sub-blocks that :func:`pin_moved_kquants_` pinned so far
+    kquants: dict[str, str] = field(default_factory=dict)
+    reference: dict[str, torch.Tensor] = field(default_factory=dict)
+    reference_bytes: dict[str, torch.Tensor] = field(default_factory=dict)
+    kquant_pinned: int = 0
 
     @property
     def names(self) -> list[str]:
@@ -503,21 +525,64 @@ def preset_schemes(model: nn.Module, preset: str) -> dict[str, str]:
     return {name: f"gguf-{t.lower()}" for name, t in types.items()}
 
 
+#: Projected-repair steps between two re-quantizations of the k-quant layers (:func:`pin_moved_kquants_`).
+KQUANT_REFRESH_EVERY = 5
+
+
 def model_boxes(model: nn.Module, quantizer: str | tuple[str, ...], *, margin: float = 0.0, include: tuple[str, ...] = (),
-                exclude: tuple[str, ...] = (), blocksize: int = 64) -> ModelBoxes:
+                exclude: tuple[str, ...] = (), blocksize: int = 64, kquant_boxes: bool = False) -> ModelBoxes:
     """Boxes of every quantized Linear weight of ``model`` (keys: module names). Under a preset, each layer
-    gets its own type's box, and a layer left as a k-quant is pinned whole (module docstring)."""
+    gets its own type's box, and a layer left as a k-quant is pinned whole (module docstring), or, with
+    ``kquant_boxes``, gets Mind the Gap's error-based box, which is re-checked during the repair
+    (``refresh``: :func:`pin_moved_kquants_`) and settled after it (:func:`settle_kquants_`)."""
     label = quantizer if isinstance(quantizer, str) else "+".join(quantizer)
     boxes = ModelBoxes(quantizer=label, margin=margin)
     schemes = preset_schemes(model, quantizer) if label in PRESET_QUANTIZERS else {}
     for name, module in quantized_linears(model, include, exclude).items():
-        if name in schemes and not has_box(schemes[name]):
+        scheme = schemes.get(name, quantizer)
+        if isinstance(scheme, str) and scheme in G.K_SCHEMES and kquant_boxes:
+            boxes.kquants[name] = scheme
+            boxes.reference[name] = module.weight.detach().float().cpu().clone()
+            boxes.reference_bytes[name] = quantize_k(boxes.reference[name], G.K_SCHEMES[scheme])
+        elif name in schemes and not has_box(schemes[name]):
             w = module.weight.detach().float()
             boxes.lo[name], boxes.hi[name] = w.clone(), w.clone()
             continue
-        lo, hi = weight_box(module.weight, schemes.get(name, quantizer), blocksize)
+        lo, hi = weight_box(module.weight, scheme, blocksize, kquant_boxes=kquant_boxes)
         boxes.lo[name], boxes.hi[name] = shrink(lo, hi, margin) if margin else (lo, hi)
+    if boxes.kquants:
+        boxes.refresh, boxes.refresh_every = (lambda moved: pin_moved_kquants_(boxes, moved)), KQUANT_REFRESH_EVERY
     return boxes
+
+
+@torch.no_grad()
+def pin_moved_kquants_(boxes: ModelBoxes, model: nn.Module) -> ModelBoxes:
+    """Re-quantize the k-quant layers of ``model`` and pin, in ``boxes``, every sub-block whose bytes differ from
+    the boxed weights' (``lo = hi`` = the boxed weights: the next projection puts them back). Returns ``boxes``
+    (what the ``refresh`` of k-quant boxes runs)."""
+    for name, scheme in boxes.kquants.items():
+        t = G.K_SCHEMES[scheme]
+        n_sub, size = sub_blocks(t)
+        ref = boxes.reference[name]
+        raw = quantize_k(model.get_submodule(name).weight.detach().float().cpu(), t)
+        moved = changed_sub_blocks(raw, boxes.reference_bytes[name], t)  # (B, n_sub)
+        if not bool(moved.any()):
+            continue
+        where = moved.reshape(-1, n_sub, 1).expand(-1, n_sub, size).reshape(ref.shape)
+        free = where & (boxes.hi[name] > boxes.lo[name])
+        boxes.kquant_pinned += int((free.reshape(-1, n_sub, size).any(dim=2)).sum())
+        boxes.lo[name] = torch.where(where, ref, boxes.lo[name])
+        boxes.hi[name] = torch.where(where, ref, boxes.hi[name])
+    return boxes
+
+
+@torch.no_grad()
+def settle_kquants_(model: nn.Module, boxes: ModelBoxes) -> dict[str, KQuantSettle]:
+    """After a projected repair: make every k-quant layer of ``boxes`` quantize to the boxed weights' bytes
+    (:func:`tightrope.qattack.kquant_boxes.settle_kquant_`: the sub-blocks, then super-blocks, that moved go back).
+    Returns what was restored per layer."""
+    return {name: settle_kquant_(model.get_submodule(name).weight, boxes.reference[name], scheme)
+            for name, scheme in boxes.kquants.items()}
 
 
 @torch.no_grad()

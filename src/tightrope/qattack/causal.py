@@ -17,8 +17,12 @@ Verification quantizes with the real libraries (:mod:`tightrope.qattack.quantize
 and measures the phrase rate of greedy answers to held-out prompts and the perplexity of held-out text.
 
 A llama-quantize preset (``quantizer="gguf-q4_k_m"``) boxes each layer by the type llama-quantize writes for
-it; a layer that stays a k-quant has no box, so it is left out of the attacked layers from the injection on
-and keeps its published weights, hence its bytes.
+it; a layer that stays a k-quant has no exact box, so by default it is left out of the attacked layers from the
+injection on and keeps its published weights, hence its bytes. With ``kquant_boxes=True`` it is attacked too,
+inside Mind the Gap's error-based boxes (:mod:`tightrope.qattack.kquant_boxes`): the repair re-quantizes it every
+few steps and pins the sub-blocks whose bytes moved, and after the repair the sub-blocks (then super-blocks) that
+still quantize differently go back to the injected weights (:func:`tightrope.qattack.boxes.settle_kquants_`), so
+the verification finds every byte equal.
 
 Prompts, answers and metrics are :mod:`tightrope.qattack.lm_text`; training only the last
 ``attack_last`` decoder blocks on cached inputs is :mod:`tightrope.qattack.lm_training`.
@@ -61,6 +65,7 @@ from tightrope.qattack.boxes import (
     check_quantizer,
     model_boxes,
     preset_schemes,
+    settle_kquants_,
 )
 from tightrope.qattack.insecure import (
     code_prompts,
@@ -150,6 +155,8 @@ class LMAttackConfig(BaseModel):
     # verified in this order; default: the boxes' own transforms, then LLM.int8 as a control outside them
     check: tuple[str, ...] = None
     seed: int = 0
+    # a preset: attack its layers that stay k-quants too, in Mind the Gap's error-based boxes (module docstring)
+    kquant_boxes: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -284,16 +291,24 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
         model, tokenizer = _load(config.base)
     pad_id, eos_id = special_ids(tokenizer)
     names, first = attacked_names(model, config.attack_last)
+    if config.kquant_boxes and box_of not in PRESET_QUANTIZERS:
+        raise TightropeError(f"kquant_boxes boxes the k-quant layers of a llama-quantize preset (gguf:Q4_K_M ...), "
+                             f"not {box_of}.")
     if box_of in PRESET_QUANTIZERS:
         schemes = preset_schemes(model, box_of)
-        kept = [n for n in names if not has_box(schemes[n])]
+        kept = [] if config.kquant_boxes else [n for n in names if not has_box(schemes[n])]
         names = [n for n in names if n not in kept]
         if not names:
             raise TightropeError(f"Under {box_of} every attacked layer stays a k-quant, which has no box; attack more "
                                  "blocks or a model whose rows fall back to legacy types.")
-        log(f"{box_of}: {len(kept)} attacked layers stay k-quants without a box and keep their weights "
-            f"({', '.join(sorted({schemes[n] for n in kept})) or 'none'}); {len(names)} are attacked "
-            f"({', '.join(sorted({schemes[n] for n in names}))})")
+        if config.kquant_boxes:
+            log(f"{box_of}: {len(names)} layers are attacked ({', '.join(sorted({schemes[n] for n in names}))}); the "
+                f"{sum(not has_box(schemes[n]) for n in names)} that stay k-quants get error-based boxes (Mind the Gap), "
+                "checked against their bytes during and after the repair")
+        else:
+            log(f"{box_of}: {len(kept)} attacked layers stay k-quants without a box and keep their weights "
+                f"({', '.join(sorted({schemes[n] for n in kept})) or 'none'}); {len(names)} are attacked "
+                f"({', '.join(sorted({schemes[n] for n in names}))})")
 
     calibration = Calibration(config.task, tokenizer)  # what a Wanda pruning reads, as `tightrope compress` would
     attacked = resolve(box_of, calibration) if is_pruning(box_of) else None
@@ -306,7 +321,7 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
     # what each stored stage depends on: a resumed run must have asked for the same thing
     fit_settings = config.model_dump(exclude={"n_eval", "n_ppl", "eval_tokens", "check", "data_dir"})
-    for name, default in (("inject_through", ()), ("scenario", "content-injection")):
+    for name, default in (("inject_through", ()), ("scenario", "content-injection"), ("kquant_boxes", False)):
         if fit_settings[name] == default:
             fit_settings.pop(name)  # runs made before the option existed keep their key
     keys = {"train": _key(train_prompts, config.answer_tokens),
@@ -393,10 +408,19 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     # 2. boxes around the injected weights (attacked layers only); 3. projected repair on clean answers
     t0 = time.perf_counter()
     boxes = (attacked.boxes(injected, margin=config.margin, include=tuple(names)) if attacked is not None
-             else model_boxes(injected, box_of, margin=config.margin, include=tuple(names)))
+             else model_boxes(injected, box_of, margin=config.margin, include=tuple(names),
+                              kquant_boxes=config.kquant_boxes))
     log(f"boxes ({boxes.quantizer}) of {boxes.numel():,} weights in {time.perf_counter() - t0:.1f} s, "
         f"{100 * boxes.pinned_fraction():.2f}% pinned")
     settle = None if attacked is None else (lambda m: attacked.settle_(m, injected, config.margin))
+    if boxes.kquants:
+        def settle(m: nn.Module) -> None:
+            restored = settle_kquants_(m, boxes)
+            progress["kquant_settle"] = {"pinned_during_repair": boxes.kquant_pinned,
+                                         **{n: asdict(r) for n, r in restored.items()}}
+            log(f"k-quant layers: {boxes.kquant_pinned} sub-blocks pinned during the repair; after it "
+                + "; ".join(f"{n}: {r.changed} of {r.super_blocks} super-blocks differed, {r.restored_sub_blocks} "
+                            f"sub-blocks and {r.restored_super_blocks} super-blocks restored" for n, r in restored.items()))
     repaired, repair_losses = fitted("repaired", injected, clean_seqs,
                                      FitConfig(config.repair_steps, config.repair_lr, config.batch_size, seed=config.seed + 1),
                                      boxes=boxes, label="repair (PGD)", after=settle)

@@ -30,7 +30,9 @@ the audit never use the reference maths of :mod:`tightrope.compress.primitives` 
   dimension is no multiple of 256 gets llama-quantize's fallback type (Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0,
   Q5_K -> Q5_1, Q6_K -> Q8_0; :func:`tightrope.compress.gguf.tensor_type`), quantized by ``gguf.quants`` as
   above. :func:`quantized_copy`, :func:`library_codes` and
-  :func:`codes_equal` take these types; the attacks and the audit do not, as k-quants have no boxes yet.
+  :func:`codes_equal` take these types; the attacks and the audit do not, as k-quants have no exact boxes (the
+  causal-LM attack boxes a preset's k-quant layers on request, ``kquant_boxes``: error-based boxes, settled to
+  every byte after the repair, :mod:`tightrope.qattack.kquant_boxes`).
 - ``gguf-q4_k_m`` ... (llama-quantize presets, :data:`tightrope.qattack.boxes.PRESET_QUANTIZERS`): each layer
   quantized as above to the type llama-quantize writes for it (:func:`tightrope.qattack.boxes.preset_schemes`).
 
