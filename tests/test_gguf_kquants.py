@@ -123,7 +123,7 @@ def test_an_unknown_type_name_is_one_sentence_with_a_hint(name, hint):
 
 
 def test_k_quants_have_no_boxes_and_say_so():
-    with pytest.raises(TightropeError, match="is a k-quant .* no boxes yet"):
+    with pytest.raises(TightropeError, match="is a k-quant .* no exact boxes"):
         G.block_type("gguf-q4_k")
 
 
@@ -199,9 +199,9 @@ def test_schemes_are_registered_for_fake_quantization_and_refused_where_boxes_ar
         with pytest.raises(TightropeError, match="fake quantization and quantized copies only so far"):
             quant_config(t.scheme)
     assert torch.equal(quantize_dequantize(w[:, :384], "gguf-q6_k"), G.quantize(w[:, :384], "Q8_0").dequantized)
-    with pytest.raises(TightropeError, match="has no boxes yet"):
+    with pytest.raises(TightropeError, match="has no exact boxes"):
         weight_box(w, "gguf-q4_k")
-    with pytest.raises(TightropeError, match="has no boxes yet"):
+    with pytest.raises(TightropeError, match="has no exact boxes"):
         A.audit_model(_model(), config=A.AuditConfig(transforms=("gguf-q5_k",)))
 
 

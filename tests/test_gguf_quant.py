@@ -124,7 +124,7 @@ def test_q4_0_boxes_keep_the_signed_setter_on_ties():
 
 @pytest.mark.parametrize(("name", "hint"), [("gguf-q4-0", "did you mean 'gguf-q4_0'"), ("Q8-0", "did you mean 'Q8_0'"),
                                             ("Q4_K_M", "did you mean 'Q4_K'"), ("IQ4_XS", "i-quant"),
-                                            ("Q4_K", "k-quant .* no boxes yet")])
+                                            ("Q4_K", "k-quant .* no exact boxes")])
 def test_a_misspelt_or_unsupported_type_is_one_sentence(name, hint):
     with pytest.raises(TightropeError, match=hint) as err:
         G.block_type(name)

@@ -81,7 +81,7 @@ def test_unknown_types_and_rows_are_one_sentence():
     with pytest.raises(TightropeError, match="multiple of 256"):
         KB.box_kquant(torch.zeros(4, 96), "Q4_K")
     # weight_box: opt-in, a k-quant is still refused without it
-    with pytest.raises(TightropeError, match="has no boxes yet"):
+    with pytest.raises(TightropeError, match="has no exact boxes"):
         weight_box(w, "gguf-q4_k")
     lo, hi = weight_box(w, "gguf-q4_k", kquant_boxes=True)
     assert torch.equal(lo, KB.box_kquant(w, "Q4_K")[0]) and torch.equal(hi, KB.box_kquant(w, "Q4_K")[1])

@@ -160,7 +160,7 @@ def test_transform_spellings_are_one_name_and_misspellings_one_sentence():
     assert set(PRUNINGS) <= set(A.AuditConfig().transforms)  # the default: every transform
     for bad, hint in (("prune:magnitud:0.5", "did you mean 'prune:magnitude:0.5'"), ("prune:2-4", "did you mean 'prune:2:4'"),
                       ("nf5", "did you mean 'nf4'"), ("gguf:Q3_K_M", "llama-quantize preset, which mixes types.*map the presets Q4_K_S"),
-                      ("gguf:Q4_K", "k-quant .* no boxes yet"), ("gguf:IQ4_XS", "i-quant or a ternary type"),
+                      ("gguf:Q4_K", "k-quant .* no exact boxes"), ("gguf:IQ4_XS", "i-quant or a ternary type"),
                       ("prune:wanda:2", "fraction between 0 and 1")):
         with pytest.raises(TightropeError, match=hint) as err:
             A.AuditConfig(transforms=("nf4", bad))

@@ -120,7 +120,7 @@ def block_type(name: str) -> BlockType:
     t = gguf_type(name)
     if isinstance(t, KType):
         raise TightropeError(f"The GGUF type '{name}' is a k-quant (super-blocks of 256 with a searched scale), "
-                             f"which has no boxes yet; the legacy types {', '.join(TYPES)} have.")
+                             f"which has no exact boxes; the legacy types {', '.join(TYPES)} have.")
     return t
 
 

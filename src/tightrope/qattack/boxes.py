@@ -84,8 +84,9 @@ def check_quantizer(name: str, allowed: tuple[str, ...] = CHOICES, what: str = "
         raise TightropeError(f"The quantizer '{name}' is now called '{RENAMED[name]}' (torch.ao dynamic int8, "
                              "one scale per tensor); 'int8' means dynamic int8 everywhere.")
     if name in G.K_SCHEMES and name not in allowed:
-        raise TightropeError(f"The GGUF k-quant '{name}'{what} has no boxes yet, so it is not supported here "
-                             f"(quantized_copy and fake quantization take it); choose one of {', '.join(allowed)}.")
+        raise TightropeError(f"The GGUF k-quant '{name}'{what} has no exact boxes, so it is not supported here (quantized_copy "
+                             "and fake quantization take it, and qattack-lm --kquant-boxes attacks a preset's k-quant "
+                             f"layers in error-based ones); choose one of {', '.join(allowed)}.")
     if name in GGUF_QUANTIZERS and name not in allowed:
         raise TightropeError(f"The GGUF type '{name}'{what} is not supported here; choose one of {', '.join(allowed)}.")
     if name not in allowed:
