@@ -78,6 +78,17 @@ def tiny_model_dir(tmp_path, tokenizer) -> Path:
     return save_model((model, tokenizer), tmp_path / "tiny")
 
 
+def tiny_preset_llama():
+    """A 2-block Llama whose ``down_proj`` rows (256 inputs) are whole k-quant super-blocks under a llama-quantize
+    preset, while its other layers (64 inputs) fall back to legacy GGUF types."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
 def tiny_gemma3(vocab: int, seed: int = 0):
     """Gemma 3's text model in miniature: tied embeddings, (1 + w) RMS norms, q/k norms, sliding and full attention."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig

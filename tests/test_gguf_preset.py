@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
+from conftest import tiny_preset_llama
 from tightrope.compress.gguf_preset import layer_types, preset_name, tensor_role, use_more_bits
 from tightrope.errors import TightropeError
 
@@ -58,22 +59,13 @@ def test_a_misspelt_preset_is_one_sentence():
         preset_name("Q4_K_MM")
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
-
-
 def test_preset_boxes_keep_every_byte_and_pin_the_k_quant_layers():
     from tightrope.qattack.boxes import model_boxes, preset_schemes, project_
     from tightrope.qattack.quantize import codes_equal, gguf_reference, quantized_copy
     from tightrope.qattack.transform import canonical, resolve
 
     assert canonical("gguf:Q4_K_M") == "gguf-q4_k_m"
-    model = tiny_llama()
+    model = tiny_preset_llama()
     schemes = preset_schemes(model, "gguf-q4_k_m")
     # rows of 64 fall back to legacy types; ffn_down's rows of 256 stay k-quants (Q6_K in layer 1: use_more_bits(1, 2))
     assert schemes["model.layers.0.mlp.down_proj"] == "gguf-q4_k" and schemes["model.layers.1.mlp.down_proj"] == "gguf-q6_k"
@@ -83,7 +75,7 @@ def test_preset_boxes_keep_every_byte_and_pin_the_k_quant_layers():
     assert torch.equal(boxes.lo[down], boxes.hi[down])  # no box: pinned whole
     q = "model.layers.0.self_attn.q_proj"
     assert (boxes.hi[q] > boxes.lo[q]).float().mean() > 0.9
-    moved = tiny_llama()
+    moved = tiny_preset_llama()
     with torch.no_grad():
         for p in moved.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -135,7 +127,7 @@ def test_the_audit_takes_a_preset_and_flags_a_model_repaired_in_its_boxes(tmp_pa
 def test_box_noise_scales_with_each_box_and_leaves_pinned_weights_and_zeros():
     from tightrope.qattack.boxes import box_noise, model_boxes
 
-    model = tiny_llama()
+    model = tiny_preset_llama()
     q = "model.layers.0.self_attn.q_proj"
     with torch.no_grad():
         model.get_submodule(q).weight[0, :8] = 0

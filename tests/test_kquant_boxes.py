@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import tiny_preset_llama
 from tightrope.compress.gguf_k import K_TYPES, dequantize_k, quantize_k
 from tightrope.errors import TightropeError
 from tightrope.qattack import kquant_boxes as KB
@@ -95,27 +96,18 @@ def test_an_all_zero_super_block_is_pinned_whole():
         assert torch.equal(lo[0, :256], hi[0, :256])
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
-
-
 def test_preset_boxes_of_k_quant_layers_refresh_and_settle_to_every_byte():
     pytest.importorskip("gguf")
     from tightrope.qattack.quantize import codes_equal
 
-    model = tiny_llama()
+    model = tiny_preset_llama()
     down0, down1 = "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"  # Q4_K and Q6_K under Q4_K_M
     default = model_boxes(model, "gguf-q4_k_m")
     assert torch.equal(default.lo[down0], default.hi[down0]) and default.refresh is None  # unchanged by default
     boxes = model_boxes(model, "gguf-q4_k_m", kquant_boxes=True)
     assert boxes.kquants == {down0: "gguf-q4_k", down1: "gguf-q6_k"} and boxes.refresh is not None
     assert float((boxes.hi[down0] > boxes.lo[down0]).float().mean()) > 0.5
-    moved = tiny_llama()
+    moved = tiny_preset_llama()
     with torch.no_grad():
         for p in moved.parameters():
             p.add_(0.05 * torch.randn_like(p))
