@@ -43,13 +43,15 @@ def test_bert_logits_equal_the_full_forward(tokenizer, attention, layers):
     assert torch.allclose(fast, full_logits(model, inputs), atol=1e-5)
 
 
-def test_roberta_logits_equal_the_full_forward(tokenizer):
-    from transformers import RobertaConfig, RobertaForSequenceClassification
+@pytest.mark.parametrize("kind", ["Roberta", "XLMRoberta"])
+def test_roberta_logits_equal_the_full_forward(tokenizer, kind):
+    import transformers
 
     torch.manual_seed(0)
-    config = RobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id)
-    model = RobertaForSequenceClassification(config).eval()
+    config = getattr(transformers, f"{kind}Config")(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id)
+    model = getattr(transformers, f"{kind}ForSequenceClassification")(config).eval()
     inputs = padded(tokenizer)
     assert torch.allclose(fast_logits(model, inputs), full_logits(model, inputs), atol=1e-5)
 
