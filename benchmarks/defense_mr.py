@@ -31,6 +31,10 @@ Steps (each resumable; run from the repository root with $TIGHTROPE_DATA_DIR set
         OUT/NAME-sm0.6x8: the model with SAFER's randomized smoothing joined to its input transform (as
         ``tightrope train --defense canonical --smoothing copies=8,rate=0.6`` saves it); attack it with
         the ``attack`` step: every query answers the mean over its 8 copies.
+    python benchmarks/defense_mr.py caps --out runs/defense-mr MODEL_DIR...
+        each recipe's ASR had it been allowed at most 1 or 2 words, or 10%, 20% or 30% of the words
+        (TextDefender's PWWS and TextFooler allow 30%), read off the uncapped runs: exact for these greedy
+        searches (``tightrope.attacks.results.capped_status``), so no attack is rerun.
     python benchmarks/defense_mr.py table --out runs/defense-mr MODEL_DIR...
         clean accuracy on MR's test carve (1,066 sentences) and the ASR of each recipe with Wilson 95%
         intervals, as a Markdown table.
@@ -405,7 +409,7 @@ def coverage(out: Path) -> None:
 
 
 def swaps(models: list[str], out: Path) -> None:
-    from tightrope.attacks.attack import read_results
+    from tightrope.attacks.attacker import read_results
     from tightrope.attacks.recipes import default_embedding
 
     embedding = default_embedding()
@@ -428,9 +432,34 @@ def swaps(models: list[str], out: Path) -> None:
                       f"{sorted(cos)[len(cos) // 2]:.2f} |")
 
 
+
+CAPS = (("1 word", {"max_words": 1}), ("2 words", {"max_words": 2}), ("10% of words", {"max_share": 0.1}),
+        ("20%", {"max_share": 0.2}), ("30%", {"max_share": 0.3}))
+
+
+def caps(models: list[str], out: Path, recipes_: list[str]) -> None:
+    """ASR under a cap on the words changed, from the uncapped runs (exact for greedy searches)."""
+    from tightrope.attacks.attacker import read_results
+    from tightrope.attacks.results import capped_success_rate
+
+    print("| model | recipe | " + " | ".join(name for name, _ in CAPS) + " | no cap (as run) |")
+    print("|---|---|" + "---|" * (len(CAPS) + 1))
+    for model in models:
+        for recipe in recipes_:
+            folder = out / "attacks" / _label(model) / recipe
+            results = [r for f in sorted(folder.glob("results*.jsonl")) for r in read_results(f)]
+            if not results:
+                continue
+            cells = []
+            for _, cap in CAPS + (("none", {"max_share": float("inf")}),):
+                won, attacked = capped_success_rate(results, **cap)
+                cells.append(f"{won / attacked:.1%}" if attacked else "-")
+            cells[-1] += f" ({attacked})"
+            print(f"| `{_label(model)}` | {recipe} | " + " | ".join(cells) + " |")
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("prepare", "coverage", "attack", "pgd", "fgws", "latency", "smooth", "swaps", "table", "curve"))
+    parser.add_argument("step", choices=("prepare", "coverage", "attack", "pgd", "fgws", "latency", "smooth", "swaps", "table", "curve", "caps"))
     parser.add_argument("models", nargs="*")
     parser.add_argument("--out", type=Path, default=Path("runs/defense-mr"))
     parser.add_argument("--n", type=int, default=100)
@@ -449,6 +478,8 @@ def main(argv=None) -> None:
         coverage(args.out)
     elif args.step == "swaps":
         swaps(args.models, args.out)
+    elif args.step == "caps":
+        caps(args.models, args.out, args.recipes.split(","))
     elif args.step == "attack":
         attack(args.models, args.out, args.n, args.recipes.split(","), args.threads, args.temperature)
     elif args.step == "fgws":

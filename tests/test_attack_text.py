@@ -28,7 +28,7 @@ from tightrope.attacks.constraints import (
     levenshtein,
 )
 from tightrope.attacks.counterfit import WordEmbedding
-from tightrope.attacks.results import AttackResult, summarize
+from tightrope.attacks.results import AttackResult, capped_status, capped_success_rate, summarize
 from tightrope.attacks.search import GreedyWordSwapWIR, importance_delete, pwws_ranking
 from tightrope.attacks.text import AttackedText
 from tightrope.attacks.words import WordSwapEmbedding
@@ -188,6 +188,35 @@ def test_skipped_when_already_wrong():
     report = Attacker(embedding_attack()).run(BowClassifier(), data)
     assert report.skipped == 1 and report.original_accuracy == 0.0 and report.attack_success_rate is None
 
+
+
+@pytest.mark.parametrize("cap", [{"max_words": 1}, {"max_words": 2}, {"max_share": 0.25}, {"max_share": 0.4}])
+@pytest.mark.parametrize("recipe", ["embedding", "deepwordbug"])
+def test_a_capped_greedy_attack_ends_as_capped_status_predicts_from_the_uncapped_run(recipe, cap):
+    """capped_status reads a cap off an uncapped greedy run; rerunning with MaxWordsPerturbed agrees."""
+    data = toy_task()
+    texts = list(data.texts) + ["good nice excellent great plot", "bad awful poor terrible plot", "a good , nice film"]
+    labels = list(data.labels) + [1, 0, 1]
+
+    def build(extra):
+        if recipe == "embedding":
+            emb = tiny_embedding()
+            return Attack("embedding-test", Untargeted(), [RepeatModification(), recipes.stopwords(), *extra,
+                          WordEmbeddingDistance(emb, min_cos=0.5)], WordSwapEmbedding(emb, max_candidates=5),
+                          GreedyWordSwapWIR("delete"))
+        attack = recipes.deepwordbug(None, max_edit_distance=30)
+        attack.constraints = attack.constraints[:2] + list(extra) + attack.constraints[2:]
+        return attack
+
+    free = [build([]).attack(BowClassifier(), t, y, index=i, seed=3) for i, (t, y) in enumerate(zip(texts, labels))]
+    capped = [build([MaxWordsPerturbed(**cap)]).attack(BowClassifier(), t, y, index=i, seed=3)
+              for i, (t, y) in enumerate(zip(texts, labels))]
+    assert [capped_status(r, **cap) for r in free] == [r.status for r in capped]
+    assert any(r.status == "succeeded" and r.words_perturbed > 1 for r in free)  # the cap bites somewhere
+    won, attacked = capped_success_rate(free, **cap)
+    assert (won, attacked) == (sum(r.status == "succeeded" for r in capped), sum(r.status != "skipped" for r in capped))
+    with pytest.raises(ValueError):
+        capped_status(free[0])
 
 def test_candidates_for_a_position_go_in_one_batch():
     model = BowClassifier()

@@ -114,6 +114,31 @@ def summarize(results: list[AttackResult], *, recipe: str, victim: str, task: st
     )
 
 
+
+def capped_status(result: AttackResult, *, max_share: float | None = None, max_words: int | None = None) -> Status:
+    """What ``result``'s attack would have ended with under ``MaxWordsPerturbed(max_share, max_words)``.
+
+    Exact for the greedy word-importance searches (TextFooler, PWWS, DeepWordBug: ``GreedyWordSwapWIR``).
+    They rank the words once, then accept at most one new word per step and never revisit one, so the
+    capped run takes the same path until the cap and then finds no allowed candidate: it succeeds iff
+    the uncapped run succeeded with ``words_perturbed <= limit``. Not exact for beam or population
+    searches, which may find another path within the cap.
+    """
+    if max_share is None and max_words is None:
+        raise ValueError("capped_status needs max_share or max_words")
+    if result.status != "succeeded":
+        return result.status
+    limit = min(x for x in (max_words, None if max_share is None else max_share * result.words, float("inf"))
+                if x is not None)
+    return "succeeded" if result.words_perturbed <= limit else "failed"
+
+
+def capped_success_rate(results: list[AttackResult], *, max_share: float | None = None,
+                        max_words: int | None = None) -> tuple[int, int]:
+    """(succeeded, attacked) had the attack been capped (:func:`capped_status`); skipped examples excluded."""
+    statuses = [capped_status(r, max_share=max_share, max_words=max_words) for r in results if r.status != "skipped"]
+    return sum(s == "succeeded" for s in statuses), len(statuses)
+
 @dataclass(frozen=True)
 class TransferResult:
     """Adversarial texts crafted on ``source`` evaluated on ``target``, on the same examples.
