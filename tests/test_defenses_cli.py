@@ -61,6 +61,15 @@ def test_train_with_a_defense_alone_writes_the_model_in_out(tiny_model_dir, tiny
     assert not (tmp_path / "run" / "pipeline.json").exists()
 
 
+
+def test_freelb_plus_plus_settings_reach_the_objective(tiny_model_dir, tiny_task, tmp_path):
+    """FreeLB++ (Li et al. 2021) from the command line: more ascent steps, an unreachable bound, its own start."""
+    result = _train(tiny_model_dir, tiny_task, tmp_path / "run", "--defense", "freelb", "--steps", "3", "--step-size",
+                    "0.03", "--epsilon", "10", "--norm", "l2", "--init-magnitude", "0.05")
+    assert result.exit_code == 0, result.output
+    objective = json.loads((tmp_path / "run" / "card.json").read_text())["defense"]["objective"]
+    assert (objective["defense"], objective["steps"], objective["epsilon"], objective["init_magnitude"]) == ("freelb", 3, 10.0, 0.05)
+
 def test_the_removed_harden_alias_is_no_command():
     result = CliRunner().invoke(app, ["harden", "--help"])
     assert result.exit_code != 0

@@ -39,6 +39,7 @@ def train(
     steps: Annotated[Optional[int], typer.Option(help="Ascent steps of pgd / freelb [default: 3].", rich_help_panel=_DEFENSE)] = None,
     step_size: Annotated[Optional[float], typer.Option(help="Ascent step [default: 2.5 eps/steps; fast 1.25 eps; freelb 0.1].", rich_help_panel=_DEFENSE)] = None,
     norm: Annotated[Optional[str], typer.Option(help="linf or l2 (per example) [default: linf].", rich_help_panel=_DEFENSE)] = None,
+    init_magnitude: Annotated[Optional[float], typer.Option(help="freelb: size of the random start, spread over the tokens (FreeLB's adv-init-mag) [default: 0.1].", rich_help_panel=_DEFENSE)] = None,
     mix: Annotated[Optional[float], typer.Option(help="Weight of adversarial examples in the loss [default: 1; a2t 0.5].", rich_help_panel=_DEFENSE)] = None,
     adv_share: Annotated[Optional[float], typer.Option(help="a2t: share of each batch attacked [default: 0.5].", rich_help_panel=_DEFENSE)] = None,
     query_budget: Annotated[Optional[int], typer.Option(help="a2t: candidate texts scored per attacked text [default: 100].", rich_help_panel=_DEFENSE)] = None,
@@ -87,6 +88,7 @@ def train(
     except ValidationError as err:
         raise _validation_error(err) from None
     given = {"epsilon": epsilon, "steps": steps, "step_size": step_size, "norm": norm, "mix": mix,
+             "init_magnitude": init_magnitude,
              "adv_share": adv_share, "query_budget": query_budget, "max_candidates": max_candidates,
              "max_share": max_share, "wordnet_candidates": wordnet_candidates, "synonym_encoding": synonym_encoding,
              "a2t_cache": a2t_cache, "a2t_cache_reuse": a2t_cache_reuse, "a2t_cache_rebuild": a2t_cache_rebuild,
