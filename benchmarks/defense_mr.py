@@ -1,4 +1,8 @@
-"""Synonym-encoding defense on MR, measured adaptively (docs/results.md, "Synonym encoding on MR").
+"""Defenses on MR (and IMDB), measured adaptively (docs/results.md, issue 20's sections).
+
+Every step reads MR by default; ``--dataset imdb`` runs the same step on IMDB: attacks on TextFooler's IMDB
+sample (reviews at the model's own max length, 256 tokens head+tail for tightrope's IMDB models), clean
+accuracy on a seeded 1,000 reviews of IMDB's test split.
 
 Steps (each resumable; run from the repository root with $TIGHTROPE_DATA_DIR set):
 
@@ -53,6 +57,28 @@ from pathlib import Path
 RECIPES = ("textfooler", "pwws", "deepwordbug")
 
 
+class Dataset:
+    """Where a step reads its texts: the attack sample and the clean test set of one task."""
+
+    def __init__(self, name: str, sample: str, test: str, test_n: int | None, unit: str):
+        self.name, self.sample, self.test, self.test_n, self.unit = name, sample, test, test_n, unit
+
+    def attacked(self, n: int):
+        from tightrope.data import load_task
+
+        return load_task(self.sample, "test", n=n, seed=0)
+
+    def clean(self):
+        from tightrope.data import load_task
+
+        return load_task(self.test, "test", n=self.test_n, seed=0) if self.test_n else load_task(self.test, "test")
+
+
+DATASETS = {"mr": Dataset("MR", "textfooler-mr", "mr", None, "sentences"),
+            "imdb": Dataset("IMDB", "textfooler-imdb", "imdb", 1000, "reviews")}
+DATASET = DATASETS["mr"]  # set by --dataset
+
+
 def _norm(text: str) -> str:
     return re.sub(r"[^a-z]", "", text.lower())
 
@@ -81,12 +107,11 @@ def attack(models: list[str], out: Path, n: int, recipes_: list[str], threads: i
 
     from tightrope import workflows
     from tightrope.attacks import Attacker, recipes
-    from tightrope.data import load_task
     from tightrope.evaluate.calibration import fit_temperature, tempered
     from tightrope.evaluate.results import write_json_atomic
 
     torch.set_num_threads(threads)
-    data = load_task("textfooler-mr", "test", n=n, seed=0)
+    data = DATASET.attacked(n)
     for recipe in recipes_:
         for model in models:
             folder = out / "attacks" / _label(model) / (recipe if temperature is None else f"{recipe}@T")
@@ -115,12 +140,11 @@ def pgd(models: list[str], out: Path, n: int, threads: int, epsilon: float = 0.0
 
     from tightrope import workflows
     from tightrope.attacks.embedding import EmbeddingAttack, accuracy_under_attack
-    from tightrope.data import load_task
     from tightrope.defenses.fakequant import fake_quantized
     from tightrope.evaluate.results import write_json_atomic
 
     torch.set_num_threads(threads)
-    data = load_task("textfooler-mr", "test", n=n, seed=0)
+    data = DATASET.attacked(n)
     for model in models:
         file = out / "attacks" / _label(model) / "pgd" / "summary.json"
         if file.exists():
@@ -201,10 +225,9 @@ def latency(models: list[str], out: Path, threads: int, rounds: int = 5, n: int 
     import torch
 
     from tightrope import workflows
-    from tightrope.data import load_task
 
     torch.set_num_threads(threads)
-    texts = load_task("mr", "test").texts[:n]
+    texts = DATASET.clean().texts[:n]
     loaded = {m: workflows.load(m) for m in models}
     for clf in loaded.values():
         clf.logits(texts[:32], batch_size=32)  # warm-up (and the transform's memo, as in a long-running server)
@@ -252,9 +275,9 @@ def curve(models: list[str], out: Path, figure: Path, recipes_: list[str], threa
             ax.annotate(_label(model), (acc * 100, text_max * 100), textcoords="offset points", xytext=(5, 4), fontsize=8, color=color)
     for recipe, m in markers.items():
         ax.scatter([], [], marker=m, color="grey", label=recipe if recipe != "pgd" else "PGD eps 0.002")
-    ax.set_xlabel("clean accuracy on MR test (%)")
-    ax.set_ylabel("attack success rate on 100 sentences of TextFooler's MR sample (%)")
-    ax.set_title("Defenses explored on MR: every attack queries the whole defended pipeline")
+    ax.set_xlabel(f"clean accuracy on {DATASET.name} test (%)")
+    ax.set_ylabel(f"attack success rate on TextFooler's {DATASET.name} sample (%)")
+    ax.set_title(f"Defenses explored on {DATASET.name}: every attack queries the whole defended pipeline")
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)
     figure.parent.mkdir(parents=True, exist_ok=True)
@@ -304,26 +327,25 @@ def wilson(won: int, attacked: int) -> tuple[float, float]:
 
 
 def clean(model: str, out: Path, threads: int) -> dict:
-    """Accuracy and macro-F1 on MR's test carve, and the time of the transform beside the model's."""
+    """Accuracy and macro-F1 on the dataset's clean test texts, and the time of the transform beside the model's."""
     import time
 
     import torch
 
     from tightrope import workflows
-    from tightrope.data import load_task
     from tightrope.evaluate.metrics import classification_metrics
 
     file = out / "clean" / f"{_label(model)}.json"
     if file.exists():
         return json.loads(file.read_text())
     torch.set_num_threads(threads)
-    data = load_task("mr", "test")
+    data = DATASET.clean()
     clf = workflows.load(model)
     t0 = time.perf_counter()
     if clf.input_transform is not None:
         clf.input_transform(list(data.texts))  # timed alone: the transform's share of the pipeline
     t1 = time.perf_counter()
-    logits = clf.logits(list(data.texts), 64)  # the whole defended pipeline (smoothing's copies included)
+    logits = clf.logits(list(data.texts), 64 if DATASET.name == "MR" else 16)  # the whole defended pipeline (smoothing's copies included)
     t2 = time.perf_counter()
     t2 -= t1 - t0  # the pipeline ran the transform again: the model's own time
     metrics = classification_metrics(data.labels, logits.argmax(-1).tolist(), list(data.label_names)).summary()
@@ -335,7 +357,7 @@ def clean(model: str, out: Path, threads: int) -> dict:
 
 
 def table(models: list[str], out: Path, recipes_: list[str], threads: int) -> None:
-    head = ["model", "clean acc. (MR test)", "macro-F1"] + [f"{r} ASR (95% CI)" for r in recipes_] + \
+    head = ["model", f"clean acc. ({DATASET.name} test)", "macro-F1"] + [f"{r} ASR (95% CI)" for r in recipes_] + \
         ["strongest", "strongest, logits tempered", "PGD eps 0.002 ASR", "latency ms/text (x first row)"]
     lat = json.loads((out / "latency.json").read_text())["rows"] if (out / "latency.json").exists() else {}
     rows = []
@@ -463,6 +485,8 @@ def main(argv=None) -> None:
     parser.add_argument("models", nargs="*")
     parser.add_argument("--out", type=Path, default=Path("runs/defense-mr"))
     parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="mr",
+                        help="mr: TextFooler's MR sample, MR test; imdb: TextFooler's IMDB sample, 1,000 IMDB test reviews")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--figure", type=Path, default=Path("docs/figures/defense-mr-curve.png"))
@@ -472,6 +496,8 @@ def main(argv=None) -> None:
     parser.add_argument("--deltas", default="1,2,3,5,10", help="fgws: frequency thresholds tried")
     parser.add_argument("--temperature", default=None, help="attack: 'fit' or a number (the temperature check)")
     args = parser.parse_intermixed_args(argv)
+    global DATASET
+    DATASET = DATASETS[args.dataset]
     if args.step == "prepare":
         prepare(args.out)
     elif args.step == "coverage":
