@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tightrope.cli import app
-from tightrope.defenses.config import KINDS, DefenseConfig, defense_config
+from tightrope.defenses.config import KINDS, DefenseConfig, build_objective, defense_config
 from tightrope.errors import TightropeError
 from tightrope.study import steps
 from tightrope.study.plan import plan_study, preflight
@@ -72,6 +72,11 @@ CASES = [  # (CLI flags, study method, study params)
      {"substitution_rate": 0.5, "smoothing": {"copies": 8, "rate": 0.6, "seed": 3}}),
     (["--defense", "canonical", "--substitution-rate", "0.5", "--smoothing", "8"], "canonical",
      {"substitution_rate": 0.5, "smoothing": {"copies": 8}}),
+    (["--defense", "freelb", "--steps", "10", "--step-size", "0.03", "--epsilon", "10", "--norm", "l2",
+      "--init-magnitude", "0.05"], "freelb",  # FreeLB++ (Li et al. 2021)
+     {"steps": 10, "step_size": 0.03, "epsilon": 10, "norm": "l2", "init_magnitude": 0.05}),
+    (["--flood-level", "0.2"], "none", {"flood_level": 0.2}),
+    (["--defense", "pgd", "--flood-level", "0.1"], "pgd", {"flood_level": 0.1}),
 ]
 
 
@@ -112,3 +117,35 @@ def test_a_misspelt_defense_setting_fails_the_preflight_before_any_work(tmp_path
                        "defenses": [{"name": "d", "method": method, "params": params}]})
     with pytest.raises(TightropeError, match=message):
         preflight(spec)
+
+
+def test_flooding_reverses_the_gradient_below_the_flood_level_and_keeps_the_loss_above_it():
+    """Ishida et al. 2020, Eq. (1): |J - b| + b equals J above b; below b, its gradient is -dJ."""
+    import torch
+
+    from tightrope.defenses.adversarial import cross_entropy
+    from tightrope.defenses.flooding import Flooding, flooded
+
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.2]], requires_grad=True)
+    batch = {"labels": torch.tensor([0, 0])}
+    plain = cross_entropy(logits, batch)
+    (g_plain,) = torch.autograd.grad(plain, logits)
+    low, high = float(plain) / 2, float(plain) * 2  # b below the loss, b above it
+    for level, sign in ((low, 1.0), (high, -1.0)):
+        loss = Flooding(cross_entropy, level)(logits, batch)
+        (g,) = torch.autograd.grad(loss, logits)
+        assert torch.allclose(g, sign * g_plain)
+        assert float(loss) == pytest.approx(float(plain) if sign > 0 else 2 * level - float(plain))
+    assert float(flooded(torch.tensor(0.1), 0.3)) == pytest.approx(0.5)
+
+
+def test_a_flood_level_reaches_any_defense_and_is_refused_when_not_positive():
+    from tightrope.defenses.flooding import Flooding
+
+    objective = build_objective(defense_config("none", {"flood_level": 0.2}))
+    assert isinstance(objective.criterion, Flooding) and objective.criterion.level == 0.2
+    assert "flooding(b=0.2" in objective.describe()["criterion"]
+    pgd = build_objective(defense_config("pgd", {"flood_level": 0.2}))
+    assert isinstance(pgd.criterion, Flooding)
+    with pytest.raises(TightropeError, match="flood_level"):
+        defense_config("none", {"flood_level": 0})

@@ -40,6 +40,7 @@ def train(
     step_size: Annotated[Optional[float], typer.Option(help="Ascent step [default: 2.5 eps/steps; fast 1.25 eps; freelb 0.1].", rich_help_panel=_DEFENSE)] = None,
     norm: Annotated[Optional[str], typer.Option(help="linf or l2 (per example) [default: linf].", rich_help_panel=_DEFENSE)] = None,
     init_magnitude: Annotated[Optional[float], typer.Option(help="freelb: size of the random start, spread over the tokens (FreeLB's adv-init-mag) [default: 0.1].", rich_help_panel=_DEFENSE)] = None,
+    flood_level: Annotated[Optional[float], typer.Option(help="Flooding (Ishida et al. 2020; Flooding-X against word swaps): keep the training loss from falling below B by training on |L - B| + B; combines with any defense or none [default: off].", rich_help_panel=_DEFENSE)] = None,
     mix: Annotated[Optional[float], typer.Option(help="Weight of adversarial examples in the loss [default: 1; a2t 0.5].", rich_help_panel=_DEFENSE)] = None,
     adv_share: Annotated[Optional[float], typer.Option(help="a2t: share of each batch attacked [default: 0.5].", rich_help_panel=_DEFENSE)] = None,
     query_budget: Annotated[Optional[int], typer.Option(help="a2t: candidate texts scored per attacked text [default: 100].", rich_help_panel=_DEFENSE)] = None,
@@ -95,7 +96,7 @@ def train(
              "synonym_neighbours": synonym_neighbours, "synonym_min_cos": synonym_min_cos,
              "synonym_wordnet": synonym_wordnet, "spelling_vocab": spelling_vocab, "substitution_rate": substitution_rate,
              "smoothing": _key_values(smoothing, "copies"),
-             "teacher": teacher, "a": alpha, "temperature": temperature}
+             "teacher": teacher, "a": alpha, "temperature": temperature, "flood_level": flood_level}
     given = {k: v for k, v in given.items() if v is not None}
     pipeline = {"prune_sparsity": prune_sparsity, "quantize": quantize, "noise_sigma": noise_sigma}
     if defense is not None or given or order is not None or noise_relative or any(v is not None for v in pipeline.values()):

@@ -26,6 +26,7 @@ from tightrope.defenses.canonical import SynonymEncodingTraining
 from tightrope.defenses.canonical import build as build_encoding
 from tightrope.defenses.distill import Distillation
 from tightrope.defenses.fakequant import QuantAware
+from tightrope.defenses.flooding import Flooding
 from tightrope.errors import TightropeError
 
 
@@ -82,6 +83,7 @@ class DefenseConfig(BaseModel):
     a: float = Field(default=0.5, ge=0, le=1)  # weight of CE in a*CE + (1-a)*KD
     temperature: float = Field(default=2.0, gt=0)
     fake_quant: str | None = None  # a scheme of tightrope.defenses.fakequant (QAT)
+    flood_level: float | None = Field(default=None, gt=0)  # flooding (Ishida et al. 2020) of any defense's loss
 
 
 KINDS = get_args(DefenseConfig.model_fields["kind"].annotation)
@@ -184,6 +186,8 @@ def build_objective(config: DefenseConfig, *, student_labels: list[str] | None =
         teacher = inference.load(config.teacher)
         criterion = Distillation(teacher, a=config.a, temperature=config.temperature, student_labels=student_labels,
                                  student_tokenizer=student_tokenizer)
+    if config.flood_level is not None:
+        criterion = Flooding(criterion, config.flood_level)
     mix = config.mix if config.mix is not None else (0.5 if config.kind == "a2t" else 1.0)
     if config.kind == "none":
         objective = Supervised(criterion)
