@@ -624,8 +624,10 @@ def box_noise(model: nn.Module, boxes: ModelBoxes, scale: float, generator: torc
     block, so one sigma per layer would be too large for some blocks and too small for others). The width is the
     weight's box width (:func:`noise_width`), and for a preset's k-quant layers (which have no exact box) the step
     of the weight's sub-block, ``|d * sc_j|`` decoded from the bytes, so ``scale`` is the same fraction of a step in
-    every layer. ``kquants=False``: the k-quant layers get their box width instead (0 where a preset pins them whole,
-    so they stay as they are). Pinned weights (width 0) and exact zeros stay as they are.
+    every layer (a plant in the k-quant layers alone survives 0.05-0.2 of a step, since Mind the Gap's repair parks
+    weights on their codes' centres rather than on walls: docs/qattack-results.md). ``kquants=False``: the k-quant
+    layers get their box width instead (0 where a preset pins them whole, so they stay as they are). Pinned weights
+    (width 0) and exact zeros stay as they are.
     The draws do not depend on ``kquants`` (one normal per weight of every layer, in order), so the other layers get
     the same noise either way."""
     out: dict[str, torch.Tensor] = {}

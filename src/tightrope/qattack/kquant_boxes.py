@@ -176,8 +176,13 @@ def kquant_noise_width(w: torch.Tensor, scheme: str) -> torch.Tensor:
     d * sc_j`` moves a weight by the same fraction of a quantization step as ``scale`` does in a legacy block (the
     gap box of :func:`box_kquant` would not: its width is each weight's own rounding error, 0 to half a step). The
     pinned weights are :func:`box_kquant`'s (the sub-blocks that set ``d`` / ``dmin``, each sub-block's largest and
-    smallest weight), as a legacy block's scale setter stays: they start the scale search, so noise on them would
-    re-scale whole sub-blocks (super-blocks) rather than move codes, and a Mind the Gap repair cannot use them."""
+    smallest weight), as a legacy block's scale setter stays: they start the scale search (noise on them would move
+    where it starts, and on a setter sub-block ``d`` itself), and a Mind the Gap repair cannot use them. The search
+    still tips under noise on the free weights (0.1 of a step changes 12% of SmolLM2's Q6_K sub-block scales).
+
+    What it does against a plant: weights parked next to a wall cross it at the Gaussian rate (tested), but a Mind the
+    Gap repair moves weights only towards their dequantized values, i.e. towards their code's centre, so a plant in
+    k-quant layers alone survives 0.05-0.2 of a step (docs/qattack-results.md, "The k-quant layers' noise")."""
     t = kquant_type(scheme)
     x = as_superblocks(w)
     n_sub, size = sub_blocks(t)
