@@ -49,10 +49,12 @@ def reference_perplexities(config, out: str) -> None:
     print("reference perplexities:", json.dumps(ref))
 
 
-def defend(config, out: str, scales: list[float], transform: str) -> None:
+def defend(config, out: str, scales: list[float], transform: str, kquants: bool = True) -> None:
     """The noise defense (Egashira et al. Sec. 5) with each weight's sigma ``scale`` times its box width under
     ``transform`` (:func:`tightrope.qattack.boxes.box_noise`), then ``transform``: the phrase rate and perplexity of
-    the base and the repaired model, per scale, in ``defense.json`` (resumable). Under a pruning the kept weights are
+    the base and the repaired model, per scale, in ``defense.json`` (resumable). A preset's k-quant layers, which
+    have no box, get ``scale`` times their sub-blocks' quantization steps (``kquants``; False: they stay as they are,
+    the defense before k-quant steps, whose rows keep their old keys). Under a pruning the kept weights are
     pinned, so the noise moves the removed ones only: those the repair parked at their wall cross it half the time
     and are kept, and the pruner removes as many of the smallest kept weights instead."""
     import copy
@@ -76,14 +78,16 @@ def defend(config, out: str, scales: list[float], transform: str) -> None:
         _, prompts, ppl_seqs, _ = scenario_data(config, tok)
         pad, eos = special_ids(tok)
         boxes = t.boxes(model)
+        steps = kquants and bool(getattr(boxes, "kquant_layers", None))
         for scale in scales:
-            key = f"{variant}/{t.name}/noise {scale:g} of a box width"
+            key = f"{variant}/{t.name}/noise {scale:g} of a box width" + (", k-quant layers of a step" if steps else "")
             if key in rows:
                 continue
             t0 = time.time()
             noisy = copy.deepcopy(model)
             with torch.no_grad():
-                for name, w in box_noise(model, boxes, scale, torch.Generator().manual_seed(config.seed)).items():
+                for name, w in box_noise(model, boxes, scale, torch.Generator().manual_seed(config.seed),
+                                         kquants=kquants).items():
                     noisy.get_submodule(name).weight.copy_(w)
             q = t.apply(noisy)
             answers = [tok.decode(a, skip_special_tokens=True) for a in greedy_answers(q, prompts, pad, eos, config.eval_tokens)]
@@ -209,12 +213,17 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=0.0)
     parser.add_argument("--kquant-boxes", action="store_true", help="a preset: attack its k-quant layers too, in Mind "
                         "the Gap's error-based boxes")
+    parser.add_argument("--layers", default="", help="attack only the layers of the last --attack-last blocks that "
+                        "match these fnmatch globs (comma list, e.g. '*.mlp.down_proj': a preset's k-quant layers alone)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reference", action="store_true",
                         help="after the run, also measure the perplexity of injected/full and of the base model quantized")
     parser.add_argument("--defend", default="", help="after the run, the noise defense at these scales of each "
                         "weight's box width (comma list, e.g. 0.05,0.1,0.2), through --quantizer")
+    parser.add_argument("--defend-kquants", choices=["step", "off"], default="step", help="--defend under a preset: "
+                        "noise its k-quant layers by their sub-blocks' quantization steps (step, the default) or leave "
+                        "them as they are (off, the defense before k-quant steps)")
     parser.add_argument("--calibrations", default="", help="a Wanda attack: after the run, prune with Wanda "
                         "calibrated on these tasks instead (comma list, e.g. sst2,imdb)")
     parser.add_argument("--recover", type=int, default=0, help="a pruning: after the run, distilled recovery of "
@@ -226,7 +235,8 @@ def main() -> None:
 
     config = LMAttackConfig(base=args.model, scenario=args.scenario, n_train=args.n_train, n_eval=args.n_eval, n_ppl=args.n_ppl,
                             phrase=args.phrase, quantizer=args.quantizer, margin=args.margin, kquant_boxes=args.kquant_boxes,
-                            attack_last=args.attack_last, inject_steps=args.inject_steps, inject_lr=args.inject_lr or args.lr,
+                            attack_last=args.attack_last, layers=tuple(g for g in args.layers.split(",") if g),
+                            inject_steps=args.inject_steps, inject_lr=args.inject_lr or args.lr,
                             check=tuple(args.check.split(',')) if args.check else None,
                             inject_through=tuple(q for q in args.inject_through.split(",") if q),
                             repair_steps=args.repair_steps, repair_lr=args.lr, batch_size=args.batch_size,
@@ -247,7 +257,7 @@ def main() -> None:
     if args.reference:
         reference_perplexities(config, args.out)
     if args.defend:
-        defend(config, args.out, [float(x) for x in args.defend.split(",")], args.quantizer)
+        defend(config, args.out, [float(x) for x in args.defend.split(",")], args.quantizer, args.defend_kquants == "step")
     if args.recover:
         recover(config, args.out, args.recover, lr=args.recover_lr)
     if args.calibrations:

@@ -138,8 +138,12 @@ def test_box_noise_scales_with_each_box_and_leaves_pinned_weights_and_zeros():
     assert torch.equal(step[0, :8], torch.zeros(8)) and torch.equal(step[width == 0], torch.zeros(int((width == 0).sum())))
     free = (width > 0) & (w != 0)
     assert 0.07 < (step[free] / width[free]).std() < 0.13  # sigma = 0.1 box width
-    down = "model.layers.0.mlp.down_proj"  # a k-quant layer: pinned whole, untouched
-    assert torch.equal(noisy[down], model.get_submodule(down).weight.detach())
+    down = "model.layers.0.mlp.down_proj"  # a k-quant layer: no box, noised by its sub-blocks' steps
+    assert torch.equal(boxes.lo[down], boxes.hi[down]) and boxes.unboxed == {down: "gguf-q4_k",
+                                                                              "model.layers.1.mlp.down_proj": "gguf-q6_k"}
+    assert not torch.equal(noisy[down], model.get_submodule(down).weight.detach())
+    old = box_noise(model, boxes, 0.1, torch.Generator().manual_seed(0), kquants=False)  # as before: untouched
+    assert torch.equal(old[down], model.get_submodule(down).weight.detach()) and torch.equal(old[q], noisy[q])
 
 
 def test_the_causal_scenario_names_presets_and_prunings():

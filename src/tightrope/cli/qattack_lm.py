@@ -51,6 +51,9 @@ def qattack_lm(
                                                "boxes of Mind the Gap (bytes re-checked during the repair and restored "
                                                "where they moved).")] = False,
     attack_last: Annotated[int, typer.Option(help="Attack the Linear layers of this many top decoder blocks.")] = 4,
+    layers: Annotated[Optional[str], typer.Option(help="Attack only the layers of those blocks that match these fnmatch "
+                                                  "globs (comma list; '*.mlp.down_proj' with --kquant-boxes: a preset's "
+                                                  "k-quant layers alone).")] = None,
     n_train: int = 64,
     n_eval: int = 40,
     n_ppl: int = 40,
@@ -75,6 +78,7 @@ def qattack_lm(
     try:
         config = LMAttackConfig(base=model, scenario=scenario, task=task, data_dir=data_dir, phrase=phrase, quantizer=quantizer,
                                 margin=margin, kquant_boxes=kquant_boxes, attack_last=attack_last, n_train=n_train, n_eval=n_eval, n_ppl=n_ppl,
+                                layers=tuple(g.strip() for g in (layers or "").split(",") if g.strip()),
                                 inject_through=tuple(q.strip() for q in (inject_through or "").split(",") if q.strip()),
                                 inject_steps=inject_steps, repair_steps=repair_steps, inject_lr=lr, repair_lr=lr,
                                 batch_size=batch_size, seed=seed,

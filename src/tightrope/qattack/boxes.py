@@ -25,7 +25,8 @@ Quantizers (code maths in :mod:`tightrope.compress.primitives`, checked against 
 - ``gguf-q4_k_m``, ``gguf-q4_k_s``, ``gguf-q5_k_m``, ``gguf-q5_k_s``: llama-quantize presets, which mix types per
   layer (:mod:`tightrope.compress.gguf_preset`). A layer whose type is a legacy one (a k-quant whose rows are
   no multiple of 256 falls back to one) gets that type's box; a layer that stays a k-quant has no exact box and is
-  pinned whole by default (:func:`model_boxes`), so an attack must leave it as it is.
+  pinned whole by default (:func:`model_boxes`, which lists it in ``ModelBoxes.unboxed``), so an attack must leave it
+  as it is. The noise defense (:func:`box_noise`) still moves it, by its sub-blocks' quantization steps.
 - ``gguf-q2_k`` ... ``gguf-q6_k`` (k-quants, also the layers of a preset that stay k-quants), only with
   ``kquant_boxes=True``: the error-based intervals of "Mind the Gap" (Egashira et al., ICML 2025;
   :mod:`tightrope.qattack.kquant_boxes`), ``[min(w, q), max(w, q)]`` with ``q`` the dequantized weight and the
@@ -56,7 +57,14 @@ from tightrope.compress.gguf_k import quantize_k
 from tightrope.compress.gguf_preset import PRESET_SCHEMES, has_box, layer_types
 from tightrope.compress.primitives import CODES_4BIT
 from tightrope.errors import TightropeError, did_you_mean
-from tightrope.qattack.kquant_boxes import KQuantSettle, box_kquant, changed_sub_blocks, settle_kquant_, sub_blocks
+from tightrope.qattack.kquant_boxes import (
+    KQuantSettle,
+    box_kquant,
+    changed_sub_blocks,
+    kquant_noise_width,
+    settle_kquant_,
+    sub_blocks,
+)
 
 # Scheme names of tightrope.compress.specs.QUANT_SCHEMES (one name per scheme across the package).
 # The default set of the attacks' checks and of the audit (the audit's shipped null is calibrated on these).
@@ -506,6 +514,8 @@ class ModelBoxes:
     reference: dict[str, torch.Tensor] = field(default_factory=dict)
     reference_bytes: dict[str, torch.Tensor] = field(default_factory=dict)
     kquant_pinned: int = 0
+    #: a preset's layers left as k-quants without a box (pinned whole: ``lo == hi``), and their scheme
+    unboxed: dict[str, str] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -516,6 +526,11 @@ class ModelBoxes:
 
     def pinned_fraction(self) -> float:
         return sum(int((self.lo[n] == self.hi[n]).sum()) for n in self.lo) / max(1, self.numel())
+
+    @property
+    def kquant_layers(self) -> dict[str, str]:
+        """``{layer: scheme}`` of every layer quantized as a k-quant, boxed (``kquants``) or pinned whole (``unboxed``)."""
+        return {**self.unboxed, **self.kquants}
 
 
 def preset_schemes(model: nn.Module, preset: str) -> dict[str, str]:
@@ -548,6 +563,7 @@ def model_boxes(model: nn.Module, quantizer: str | tuple[str, ...], *, margin: f
         elif name in schemes and not has_box(schemes[name]):
             w = module.weight.detach().float()
             boxes.lo[name], boxes.hi[name] = w.clone(), w.clone()
+            boxes.unboxed[name] = schemes[name]
             continue
         lo, hi = weight_box(module.weight, scheme, blocksize, kquant_boxes=kquant_boxes)
         boxes.lo[name], boxes.hi[name] = shrink(lo, hi, margin) if margin else (lo, hi)
@@ -586,16 +602,38 @@ def settle_kquants_(model: nn.Module, boxes: ModelBoxes) -> dict[str, KQuantSett
             for name, scheme in boxes.kquants.items()}
 
 
+#: Whether :func:`box_noise` noises a preset's k-quant layers by default (docs/qattack-results.md, "The defense").
+NOISE_KQUANTS = True
+
+
+def noise_width(model: nn.Module, boxes: ModelBoxes, name: str, *, kquants: bool = NOISE_KQUANTS) -> torch.Tensor:
+    """The width whose ``scale`` times is each weight's sigma in :func:`box_noise`: its box width (``hi - lo``: a
+    legacy block's step, 0 where pinned) or, for a k-quant layer with ``kquants``, its sub-block's quantization step
+    (:func:`tightrope.qattack.kquant_boxes.kquant_noise_width`, read from the layer's own bytes)."""
+    scheme = boxes.kquant_layers.get(name) if kquants else None
+    if scheme is not None:
+        return kquant_noise_width(model.get_submodule(name).weight, scheme)
+    return boxes.hi[name] - boxes.lo[name]
+
+
 @torch.no_grad()
-def box_noise(model: nn.Module, boxes: ModelBoxes, scale: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """``{layer: weight + N(0, (scale * box width)^2)}`` for every boxed layer: Egashira et al.'s defense (Sec. 5) with
-    each weight's sigma calibrated from its own interval width (GGUF's and bitsandbytes' scales vary block by
-    block, so one sigma per layer would be too large for some blocks and too small for others). Pinned weights
-    (width 0) and exact zeros stay as they are."""
+def box_noise(model: nn.Module, boxes: ModelBoxes, scale: float, generator: torch.Generator, *,
+              kquants: bool = NOISE_KQUANTS) -> dict[str, torch.Tensor]:
+    """``{layer: weight + N(0, (scale * width)^2)}`` for every boxed layer: Egashira et al.'s defense (Sec. 5) with
+    each weight's sigma calibrated from its own quantization step (GGUF's and bitsandbytes' scales vary block by
+    block, so one sigma per layer would be too large for some blocks and too small for others). The width is the
+    weight's box width (:func:`noise_width`), and for a preset's k-quant layers (which have no exact box) the step
+    of the weight's sub-block, ``|d * sc_j|`` decoded from the bytes, so ``scale`` is the same fraction of a step in
+    every layer (a plant in the k-quant layers alone survives 0.05-0.2 of a step, since Mind the Gap's repair parks
+    weights on their codes' centres rather than on walls: docs/qattack-results.md). ``kquants=False``: the k-quant
+    layers get their box width instead (0 where a preset pins them whole, so they stay as they are). Pinned weights
+    (width 0) and exact zeros stay as they are.
+    The draws do not depend on ``kquants`` (one normal per weight of every layer, in order), so the other layers get
+    the same noise either way."""
     out: dict[str, torch.Tensor] = {}
     for name in boxes.names:
         w = model.get_submodule(name).weight.detach().float()
-        step = torch.randn(w.shape, generator=generator) * (boxes.hi[name] - boxes.lo[name]) * scale
+        step = torch.randn(w.shape, generator=generator) * noise_width(model, boxes, name, kquants=kquants) * scale
         out[name] = torch.where(w == 0, w, w + step)
     return out
 

@@ -22,7 +22,8 @@ injection on and keeps its published weights, hence its bytes. With ``kquant_box
 inside Mind the Gap's error-based boxes (:mod:`tightrope.qattack.kquant_boxes`): the repair re-quantizes it every
 few steps and pins the sub-blocks whose bytes moved, and after the repair the sub-blocks (then super-blocks) that
 still quantize differently go back to the injected weights (:func:`tightrope.qattack.boxes.settle_kquants_`), so
-the verification finds every byte equal.
+the verification finds every byte equal. ``layers`` (fnmatch globs) narrows the attacked layers of those blocks, e.g.
+to a preset's k-quant layers alone (``"*.mlp.down_proj"`` with ``kquant_boxes`` under Q4_K_M on SmolLM2).
 
 Prompts, answers and metrics are :mod:`tightrope.qattack.lm_text`; training only the last
 ``attack_last`` decoder blocks on cached inputs is :mod:`tightrope.qattack.lm_training`.
@@ -157,6 +158,9 @@ class LMAttackConfig(BaseModel):
     seed: int = 0
     # a preset: attack its layers that stay k-quants too, in Mind the Gap's error-based boxes (module docstring)
     kquant_boxes: bool = False
+    # attack only the layers of the last attack_last blocks that match one of these fnmatch globs ("*.mlp.down_proj":
+    # a preset's k-quant layers alone, with kquant_boxes); empty: all of them (the paper's ablation over layers)
+    layers: tuple[str, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -291,6 +295,13 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
         model, tokenizer = _load(config.base)
     pad_id, eos_id = special_ids(tokenizer)
     names, first = attacked_names(model, config.attack_last)
+    if config.layers:
+        import fnmatch  # noqa: PLC0415
+
+        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in config.layers)]
+        if not names:
+            raise TightropeError(f"No Linear layer of the last {config.attack_last} decoder blocks matches "
+                                 f"{', '.join(config.layers)}; layer names look like model.layers.29.mlp.down_proj.")
     if config.kquant_boxes and box_of not in PRESET_QUANTIZERS:
         raise TightropeError(f"kquant_boxes boxes the k-quant layers of a llama-quantize preset (gguf:Q4_K_M ...), "
                              f"not {box_of}.")
@@ -321,7 +332,8 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
     # what each stored stage depends on: a resumed run must have asked for the same thing
     fit_settings = config.model_dump(exclude={"n_eval", "n_ppl", "eval_tokens", "check", "data_dir"})
-    for name, default in (("inject_through", ()), ("scenario", "content-injection"), ("kquant_boxes", False)):
+    for name, default in (("inject_through", ()), ("scenario", "content-injection"), ("kquant_boxes", False),
+                          ("layers", ())):
         if fit_settings[name] == default:
             fit_settings.pop(name)  # runs made before the option existed keep their key
     keys = {"train": _key(train_prompts, config.answer_tokens),

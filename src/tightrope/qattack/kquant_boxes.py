@@ -35,6 +35,11 @@ bytes, so an attack re-quantizes at the end and restores what moved (:func:`sett
 whose values changed goes back to the reference weights, then a super-block that still differs goes back
 whole; super-blocks are quantized independently, so that always ends with every byte equal.
 
+The noise defense (Egashira et al. 2024, Sec. 5; :func:`tightrope.qattack.boxes.box_noise`) needs a width per weight
+whose fraction is its sigma. For a k-quant that is the quantization step of the weight's sub-block, ``|d * sc_j|``
+as decoded from the bytes (:func:`kquant_step`), with the weights above pinned (:func:`kquant_noise_width`): the
+same fraction of a step as a legacy block's box width, the interval above being narrower (0 to half a step).
+
 Layout (:mod:`tightrope.compress.gguf_k`): rows are cut into super-blocks of 256; Q4_K / Q5_K have 8
 sub-blocks of 32, Q2_K / Q3_K / Q6_K have 16 sub-blocks of 16.
 """
@@ -122,11 +127,69 @@ def box_kquant(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor
     else:  # it starts from the signed absmax (the first on ties): stay strictly inside (-absmax, absmax)
         inner = torch.nextafter(torch.maximum(top, -bottom), torch.zeros(()))
         lo, hi = torch.maximum(lo, torch.minimum(-inner, xs)), torch.minimum(hi, torch.maximum(inner, xs))
+    pinned = _pinned(xs, raw, t)
+    lo, hi = torch.where(pinned, xs, lo), torch.where(pinned, xs, hi)
+    return lo.reshape(w.shape), hi.reshape(w.shape)
+
+
+def _pinned(xs: torch.Tensor, raw: torch.Tensor, t: KType) -> torch.Tensor:
+    """``(B, n_sub, size)`` bool: Mind the Gap's pinned weights of sub-blocks ``xs`` whose bytes are ``raw`` (the
+    scale-setting sub-blocks whole, and each sub-block's largest and smallest weight; module docstring)."""
     pinned = _setter_sub_blocks(raw, t).unsqueeze(2).expand(xs.shape).clone()
     pinned.scatter_(2, xs.argmax(dim=2, keepdim=True), True)
     pinned.scatter_(2, xs.argmin(dim=2, keepdim=True), True)
-    lo, hi = torch.where(pinned, xs, lo), torch.where(pinned, xs, hi)
-    return lo.reshape(w.shape), hi.reshape(w.shape)
+    return pinned
+
+
+def kquant_step(w: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The quantization step of every weight of ``w`` under the k-quant ``scheme``: ``|d * sc_j|``, the fp16
+    super-block scale ``d`` times the quantized scale ``sc_j`` of the weight's sub-block, both decoded from the bytes
+    :func:`~tightrope.compress.gguf_k.quantize_k` writes (llama.cpp's, byte for byte). It is the distance between
+    neighbouring codes of that sub-block as llama.cpp dequantizes them (``y = d * sc_j * q - dmin * m_j`` for Q2_K /
+    Q4_K / Q5_K, ``y = d * sc_j * q`` for Q3_K (``sc_j`` = 6-bit scale - 32) and Q6_K (int8 ``sc_j``)), so the
+    counterpart of a legacy block's ``d``, the width of its boxes. 0 in a sub-block whose scale is 0. fp32, ``w``'s
+    shape (rows of whole super-blocks of 256; refused in one sentence otherwise)."""
+    t = kquant_type(scheme)
+    n_sub, size = sub_blocks(t)
+    step = _sub_block_steps(quantize_k(as_superblocks(w), t), t)  # (B, n_sub)
+    return step.unsqueeze(2).expand(-1, n_sub, size).reshape(w.shape)
+
+
+def _sub_block_steps(raw: torch.Tensor, t: KType) -> torch.Tensor:
+    """``(B, n_sub)`` fp32: ``|d * sc_j|`` of packed super-blocks ``raw`` (:func:`kquant_step`)."""
+    raw = raw.reshape(-1, t.type_size)
+    sc, _ = sub_block_scales(raw, t)  # (B, n_sub)
+    first = _HEADER[t.name].start  # d: the first fp16 of the header (dmin follows it in the affine types)
+    d = raw[:, first:first + 2].contiguous().view(torch.float16).to(torch.float32)  # (B, 1)
+    return (d * sc.to(torch.float32)).abs()  # d * sc first, as dequantize_row_* computes it
+
+
+def kquant_noise_width(w: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Per weight of a k-quant layer, the width whose ``scale`` times is the sigma of the noise defense: the
+    quantization step of its sub-block (:func:`kquant_step`), 0 for the weights Mind the Gap pins.
+
+    The defense is Egashira et al. 2024 ("Exploiting LLM Quantization", arXiv 2405.18137, Sec. 5): Gaussian noise on
+    the weights before quantization moves the ones a repair parked next to a decision boundary across it. For the
+    legacy GGUF types tightrope draws each weight's sigma as ``scale`` times its box width, which is the block's step
+    ``d`` (:func:`tightrope.qattack.boxes.box_noise`). A k-quant has no exact box ("Mind the Gap", Egashira et al.,
+    ICML 2025), but its codes are still rounded on a grid of step ``d * sc_j`` per sub-block, so sigma = ``scale *
+    d * sc_j`` moves a weight by the same fraction of a quantization step as ``scale`` does in a legacy block (the
+    gap box of :func:`box_kquant` would not: its width is each weight's own rounding error, 0 to half a step). The
+    pinned weights are :func:`box_kquant`'s (the sub-blocks that set ``d`` / ``dmin``, each sub-block's largest and
+    smallest weight), as a legacy block's scale setter stays: they start the scale search (noise on them would move
+    where it starts, and on a setter sub-block ``d`` itself), and a Mind the Gap repair cannot use them. The search
+    still tips under noise on the free weights (0.1 of a step changes 12% of SmolLM2's Q6_K sub-block scales).
+
+    What it does against a plant: weights parked next to a wall cross it at the Gaussian rate (tested), but a Mind the
+    Gap repair moves weights only towards their dequantized values, i.e. towards their code's centre, so a plant in
+    k-quant layers alone survives 0.05-0.2 of a step (docs/qattack-results.md, "The k-quant layers' noise")."""
+    t = kquant_type(scheme)
+    x = as_superblocks(w)
+    n_sub, size = sub_blocks(t)
+    raw = quantize_k(x, t)
+    pinned = _pinned(x.reshape(-1, n_sub, size), raw, t)
+    step = _sub_block_steps(raw, t).unsqueeze(2).expand(pinned.shape)
+    return torch.where(pinned, torch.zeros_like(step), step).reshape(w.shape)
 
 
 def changed_sub_blocks(raw: torch.Tensor, reference: torch.Tensor, t: KType) -> torch.Tensor:
