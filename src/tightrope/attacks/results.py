@@ -114,7 +114,6 @@ def summarize(results: list[AttackResult], *, recipe: str, victim: str, task: st
     )
 
 
-
 def capped_status(result: AttackResult, *, max_share: float | None = None, max_words: int | None = None) -> Status:
     """What ``result``'s attack would have ended with under ``MaxWordsPerturbed(max_share, max_words)``.
 
@@ -138,6 +137,7 @@ def capped_success_rate(results: list[AttackResult], *, max_share: float | None 
     """(succeeded, attacked) had the attack been capped (:func:`capped_status`); skipped examples excluded."""
     statuses = [capped_status(r, max_share=max_share, max_words=max_words) for r in results if r.status != "skipped"]
     return sum(s == "succeeded" for s in statuses), len(statuses)
+
 
 @dataclass(frozen=True)
 class TransferResult:
