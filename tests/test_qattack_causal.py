@@ -142,6 +142,14 @@ def test_injecting_through_fake_quantization_trains_the_quantized_model(tokenize
         LMAttackConfig(inject_through=("int3",))
 
 
+
+def test_a_quantizer_has_one_spelling_in_the_config_so_a_run_resumes_however_it_was_typed():
+    """The resume key is the config's dump: gguf:Q4_K_M and gguf-q4_k_m must name the same run."""
+    assert LMAttackConfig(quantizer="gguf:Q4_K_M").quantizer == LMAttackConfig(quantizer="gguf-q4_k_m").quantizer
+    assert LMAttackConfig(quantizer="gguf:Q4_K_M").quantizer == "gguf-q4_k_m"
+    assert LMAttackConfig(quantizer="nf4, fp4").quantizer == "nf4,fp4"
+    assert LMAttackConfig(quantizer="all").quantizer == "all"
+
 def test_repair_keeps_weights_in_boxes_and_library_codes(tokenizer):
     pytest.importorskip("bitsandbytes")
     model = tiny_llama(tokenizer.vocab_size, seed=2)

@@ -183,7 +183,8 @@ class LMAttackConfig(BaseModel):
     @classmethod
     def _parses(cls, value: str) -> str:
         parse_quantizer(value)  # a misspelling, or a pruning joined with others, is one sentence before any loading
-        return value
+        # one spelling per transform (gguf:Q4_K_M -> gguf-q4_k_m), so that a run resumes however it was typed
+        return ",".join(p if p.strip() == "all" else _quantizer_name(p) for p in value.split(",") if p.strip())
 
     @field_validator("check")
     @classmethod
