@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from tightrope import models, transforms
 from tightrope.data import TaskData, has_split, load_task
+from tightrope.defenses.accord import flood_level_from_accord, gradient_accord
 from tightrope.encoding import Truncation, collate, encode, predict_logits
 from tightrope.errors import TightropeError
 from tightrope.evaluate.metrics import classification_metrics
@@ -68,12 +69,26 @@ class TrainConfig(BaseModel):
     patience: int | None = Field(default=None, gt=0)  # early stopping: evaluations without improvement
     checkpoint_every: int = Field(default=50, gt=0)
     trust_remote_code: bool = False
+    # Measure the gradient accord every N steps (tightrope.defenses.accord; Flooding-X reads its flood
+    # level from it). A measurement, not a setting: it leaves the trajectory as it is, so a run resumes
+    # with or without it.
+    accord_every: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _check(self):
         if self.eval_every is None and self.patience is not None and self.epochs <= 1:
             raise ValueError("early stopping (patience) needs several evaluations: set eval_every or epochs > 1")
         return self
+
+
+MEASUREMENTS = frozenset({"accord_every"})  # TrainConfig fields that do not change the weights
+
+
+def same_run(stored: dict, config: TrainConfig) -> bool:
+    """Whether a checkpoint's or a card's config describes the run ``config`` describes (measurements aside)."""
+    def weights_only(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k not in MEASUREMENTS}
+    return weights_only(stored or {}) == weights_only(config.model_dump())
 
 
 def set_seed(seed: int) -> None:
@@ -185,7 +200,7 @@ def train(
     out = Path(out_dir)
     if (out / "card.json").exists() and (out / "model.safetensors").exists():
         card = json.loads((out / "card.json").read_text())
-        if card.get("config") == config.model_dump():
+        if same_run(card.get("config"), config):
             return card  # already finished with the same configuration
         raise TightropeError(f"{out} already holds a model trained with other settings; choose another --out.")
     ckpt_dir = out / "checkpoint"
@@ -225,7 +240,8 @@ def train(
     old = ckpt_dir.with_name(".checkpoint.old")
     if not ckpt_dir.exists() and old.exists():  # killed between the two renames of _save_checkpoint
         old.rename(ckpt_dir)
-    state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "train_seconds": 0.0}
+    state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "train_seconds": 0.0,
+             "accord": []}
     if (ckpt_dir / "state.json").exists():
         state = _load_checkpoint(ckpt_dir, model, optimizer, scheduler, config)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -252,6 +268,9 @@ def train(
             batch["labels"] = torch.tensor([train_data.labels[i] for i in mine], dtype=torch.long)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             batch["texts"] = [train_data.texts[i] for i in mine]  # raw texts, for a teacher with its own tokenizer
+            if config.accord_every and step % config.accord_every == 0:  # before the step's seed: no effect on it
+                accord, half_loss = gradient_accord(model, objective, batch)
+                state.setdefault("accord", []).append({"step": step, "loss": half_loss, "accord": accord})
             # Dropout randomness is a function of the step, so resumed runs match uninterrupted ones.
             torch.manual_seed(config.seed * 7919 + step)
             loss = objective(model, batch)
@@ -305,6 +324,7 @@ def train(
         "metrics": {"validation": state["history"][-1] if state["history"] else None,
                     "best_validation_accuracy": state["best"], "best_step": state["best_step"]},
         "history": state["history"],
+        **(_accord_card(state["accord"]) if state.get("accord") else {}),
         "steps": state["step"],
         "stopped_early": stopped_early,
         "train_seconds": round(state["train_seconds"], 2),
@@ -329,6 +349,11 @@ def train(
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         (out / "best.safetensors").unlink(missing_ok=True)
     return card
+
+
+def _accord_card(trace: list[dict]) -> dict:
+    """The card's record of a run measured with ``accord_every``: the trace and Flooding-X's flood level."""
+    return {"gradient_accord": trace, "flooding_x": flood_level_from_accord(trace).to_dict()}
 
 
 def _before_training(objective, accelerator, model, data: TaskData, config: TrainConfig, start: str, progress):
@@ -366,7 +391,7 @@ def _save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: dict, c
 
 def _load_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, config: TrainConfig) -> dict:
     state = json.loads((ckpt_dir / "state.json").read_text())
-    if state.pop("config") != config.model_dump():
+    if not same_run(state.pop("config"), config):
         raise TightropeError(f"{ckpt_dir} was written by a run with other settings; use another --out or delete it.")
     model.load_state_dict(load_file(ckpt_dir / "model.safetensors"))
     # Our own file, but still loaded without pickle code execution.

@@ -34,6 +34,7 @@ def train(
     patience: Annotated[Optional[int], typer.Option(help="Early stopping after N evaluations without improvement.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Write a resumable checkpoint every N steps.")] = 50,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a model's own Python code to run. Only for models you trust.")] = False,
+    accord_every: Annotated[Optional[int], typer.Option(help="Measure the gradient accord every N steps (one extra step's cost each time). The card then holds the trace and Flooding-X's flood level for --flood-level: the training loss where the accord stops being positive.")] = None,
     defense: Annotated[Optional[str], typer.Option(help="none, pgd (Madry PGD-K), fast (FGSM + random start), freelb, a2t (discrete word swaps, Yoo and Qi 2021), or canonical (synonym encoding + word recognition, Wang et al. 2021; saved with the model and applied to every input).", rich_help_panel=_DEFENSE)] = None,
     epsilon: Annotated[Optional[float], typer.Option(help="Radius of the embedding perturbation [default: 0.02].", rich_help_panel=_DEFENSE)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Ascent steps of pgd / freelb [default: 3].", rich_help_panel=_DEFENSE)] = None,
@@ -84,7 +85,7 @@ def train(
             model=model, task=task, data_dir=data_dir, n_train=n_train, n_eval=n_eval, eval_split=eval_split,
             max_length=max_length, truncation=truncation, batch_size=batch_size, epochs=epochs, lr=lr,
             schedule=schedule, warmup_ratio=warmup_ratio, seed=seed, eval_every=eval_every, patience=patience,
-            checkpoint_every=checkpoint_every, trust_remote_code=trust_remote_code,
+            checkpoint_every=checkpoint_every, trust_remote_code=trust_remote_code, accord_every=accord_every,
         )
     except ValidationError as err:
         raise _validation_error(err) from None
@@ -105,6 +106,18 @@ def train(
     card = run_training(config, out)
     best = card["metrics"]["best_validation_accuracy"]
     out_console.print(f"[green]wrote[/] {out}  (validation accuracy {best:.4f}, {card['train_seconds']:.0f} s)")
+    _say_flood_level(card)
+
+
+def _say_flood_level(card: dict) -> None:
+    """Flooding-X's reading of a run measured with --accord-every (nothing for other runs)."""
+    found = card.get("flooding_x")
+    if found is None:
+        return
+    if found["level"] is None:
+        out_console.print("gradient accord stayed positive: the run never began to memorise, so Flooding-X sets no flood level")
+    else:
+        out_console.print(f"Flooding-X flood level: --flood-level {found['level']:.4f}  (the accord fell to 0 at step {found['step']})")
 
 
 def _key_values(value: str | None, first: str) -> dict | None:
@@ -134,6 +147,7 @@ def _train_with_defense(config, defense, out: Path, **pipeline) -> None:
     where = f"{result.model_dir}" + (f" and {out / 'pipeline.json'}" if result.pipeline else "")
     accuracy = f"  (validation accuracy {best:.4f})" if best is not None else ""
     out_console.print(f"[green]wrote[/] {where}{accuracy}")
+    _say_flood_level(result.card)
     quantize = pipeline.get("quantize")
     if quantize:
         from tightrope.defenses.run import quant_config  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch

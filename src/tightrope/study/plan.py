@@ -26,9 +26,12 @@ def train_inputs(spec: StudySpec, train: TrainSpec | None = None) -> dict:
         max_length=d.max_length, truncation=d.truncation, batch_size=t.batch_size, epochs=t.epochs, lr=t.lr,
         weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio, schedule=t.schedule, seed=spec.seed,
         eval_every=t.eval_every, patience=t.patience, checkpoint_every=t.checkpoint_every,
-        trust_remote_code=spec.model.trust_remote_code,
+        trust_remote_code=spec.model.trust_remote_code, accord_every=t.accord_every,
     )
-    return config.model_dump()
+    inputs = config.model_dump()
+    if inputs["accord_every"] is None:  # a measurement left off: studies run before it existed keep their keys
+        del inputs["accord_every"]
+    return inputs
 
 
 def evaluate_inputs(spec: StudySpec) -> dict:

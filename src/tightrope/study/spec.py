@@ -68,6 +68,7 @@ class TrainSpec(_Strict):
     eval_every: int | None = Field(None, gt=0)
     patience: int | None = Field(None, gt=0)
     checkpoint_every: int = Field(50, gt=0)
+    accord_every: int | None = Field(None, gt=0, description="Measure the gradient accord every N steps (Flooding-X's flood level).")
 
 
 class CompressStep(_Strict):
