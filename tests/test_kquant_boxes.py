@@ -326,3 +326,19 @@ def test_layers_attack_the_k_quant_layers_alone(tmp_path, tokenizer, tiny_task):
     with pytest.raises(TightropeError, match=r"matches \*\.mlp\.gate\.weight; layer names look like"):
         run_content_injection(config.model_copy(update={"layers": ("*.mlp.gate.weight",)}), tmp_path / "other",
                               model=model, tokenizer=tokenizer, log=lambda _m: None)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_k_quant_positions_spread_for_natural_weights_and_sit_in_the_middle_on_their_codes(name):
+    w = gaussian(0, (16, 512))
+    u = KB.kquant_position(w, name)
+    free = u[~u.isnan()]
+    assert 0.5 < free.numel() / u.numel() and free.min() >= 0 and free.max() <= 1
+    assert 0.4 < free.mean() < 0.6 and ((free - 0.5).abs() < 0.01).float().mean() < 0.05  # uniform: 2%
+    # weights moved onto their dequantized values (a repair's direction) sit at 1/2 of their codes' intervals
+    t = K_TYPES[name]
+    q = dequantize_k(quantize_k(w, t), t).reshape(w.shape)
+    parked = torch.where(u.isnan(), w, q)
+    moved = KB.kquant_position(parked, name)
+    at_code = ((moved - 0.5).abs() < 0.01) & ~u.isnan()
+    assert at_code.float().sum() / (~u.isnan()).float().sum() > 0.8

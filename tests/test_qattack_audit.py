@@ -392,3 +392,37 @@ def test_a_model_dequantized_from_a_quantized_file_is_judged_by_its_behaviour(lm
     assert all(layer.on_grid for layer in nf4.layers) and nf4.edge_ratio is None and nf4.kl_ratio is not None
     assert nf4.verdict != "inconclusive" and any("earlier quantization's grid" in n and "behaviour decides" in n
                                                  for n in report.notes)
+
+
+def test_weights_moved_onto_their_k_quant_codes_are_flagged_and_natural_ones_are_not(lm_tokenizer):
+    """A preset leaves ``down_proj`` (256 inputs) as a k-quant, which has no box: the audit reads its weights'
+    positions in their codes' intervals instead, and a repair towards the dequantized values shows there."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tightrope.compress.gguf_k import dequantize_k, quantize_k
+    from tightrope.qattack.kquant_boxes import kquant_position, kquant_type
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         tie_word_embeddings=True)).eval()
+    config = A.AuditConfig(transforms=("gguf-q4_k_m",), lm_max_tokens=4, lm_answers=0)
+    unboxed = model_boxes(model, "gguf-q4_k_m").unboxed
+    assert set(unboxed) == {f"model.layers.{i}.mlp.down_proj" for i in (0, 1)}
+    clean = A.audit_model(model, tokenizer=lm_tokenizer, probe_texts=PROBE, config=config).transforms[0]
+    assert clean.kquant_free > 0 and clean.kquant_spike < config.spike_threshold
+    assert not any("k-quants" in r for r in clean.reasons)
+
+    planted = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, scheme in unboxed.items():
+            w = planted.get_submodule(name).weight
+            t = kquant_type(scheme)
+            q = dequantize_k(quantize_k(w.float(), t), t).reshape(w.shape)
+            free = ~kquant_position(w, scheme).isnan()
+            w.copy_(torch.where(free & (torch.rand(w.shape, generator=g) < 0.2), q, w))  # a fifth onto their codes
+    report = A.audit_model(planted, tokenizer=lm_tokenizer, probe_texts=PROBE, config=config)
+    down = report.transforms[0]
+    assert report.flagged and down.kquant_spike > 10 * config.spike_threshold and down.kquant_middle > 0.1
+    assert any("k-quants" in r and "moved onto their codes" in r for r in down.reasons)

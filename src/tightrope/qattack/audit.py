@@ -131,6 +131,7 @@ from tightrope.qattack.boxes import (
     quantized_linears,
 )
 from tightrope.qattack.insecure import insecure_rate
+from tightrope.qattack.kquant_boxes import kquant_position
 from tightrope.qattack.lm_text import (  # noqa: PLC0415
     encode_start,
     format_prompt,
@@ -209,6 +210,9 @@ class LayerEvidence:
     contrast_se: float | None = None
     spike: float | None = None  # largest standardized excess of a position bin over its neighbours (~2.5: smooth)
     on_grid: bool = False  # stored on an earlier quantization's grid: box positions left out (:func:`on_grid`)
+    # a preset's layer left as a k-quant (no exact box): positions in its codes' intervals (kquant_position)
+    kquant_free: int = 0
+    kquant_spike: float | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,10 @@ class TransformAudit:
     kl_se: float | None = None
     free_weights: int = 0
     search: dict | None = None  # the trigger search: candidates found (tightrope.qattack.search)
+    # the layers a preset leaves as k-quants, pooled: positions in their codes' intervals (kquant_position)
+    kquant_free: int = 0
+    kquant_spike: float | None = None
+    kquant_middle: float | None = None  # share within 1% of a step of their dequantized value (uniform: 2%)
 
 
 @dataclass(frozen=True)
@@ -400,17 +408,33 @@ def _weight_evidence(model, boxes, config: AuditConfig, generator: torch.Generat
     quantization put weights (a Q5_0 block stores 1 in 32 of its weights as 0 on average), they all share
     one position in their box under every quantizer (the middle of a symmetric code's box, the wall of
     FP4's smallest one), and a repair that parks weights on walls does not make them. Natural fp weights
-    are almost never exactly zero (0.01% in MiniLM), so the null is unchanged by this."""
+    are almost never exactly zero (0.01% in MiniLM), so the null is unchanged by this.
+
+    A layer a preset leaves as a k-quant has no box (it is pinned whole), so it adds nothing to the statistics
+    above; its weights' positions in their codes' intervals (:func:`~tightrope.qattack.kquant_boxes.kquant_position`)
+    are histogrammed apart (the last value returned) and judged by the same :func:`spike`: a Mind the Gap repair
+    moves weights towards their dequantized values, so they pile up at the middle of the interval. Clean fp32
+    MiniLM gives a spike of 1.8-2.8 there (Q4_K_M, Q5_K_M), like any smooth density. A layer on an earlier
+    quantization's grid is left out here too (its positions are fixed fractions of another grid)."""
     layers: list[LayerEvidence] = []
     free = near = at = flips = 0.0
     noisy: dict[str, torch.Tensor] = {}
     positions: list[torch.Tensor] = []
     total = torch.zeros(100)
+    kquant_total = torch.zeros(100)
+    unboxed = getattr(boxes, "unboxed", {})
     for name in boxes.names:
         w = model.get_submodule(name).weight.detach().float()
         lo, hi = boxes.lo[name], boxes.hi[name]
         zero = w == 0
         grid = on_grid(w)
+        kq_free, kq_spike = 0, None
+        if name in unboxed and not grid:  # a k-quant layer: no box, but its codes' intervals (docstring)
+            kq_pos = kquant_position(w, unboxed[name]).masked_fill(zero, float("nan"))
+            kq_counts = position_histogram(kq_pos)
+            kq_free = int(kq_counts.sum().item())
+            kq_spike = spike(kq_counts) if kq_free else None
+            kquant_total += kq_counts
         pos = box_position(w, lo, hi).masked_fill(zero | grid, float("nan"))
         n, near_l, at_l = edge_statistics(pos, config.edge)
         width = hi - lo
@@ -422,7 +446,7 @@ def _weight_evidence(model, boxes, config: AuditConfig, generator: torch.Generat
                                     (width[width > 0].mean() / absmax).item() if n else None,
                                     peak_ratio(pos) if n else None, edge_contrast(counts, config.edge) if n else None,
                                     contrast_se(counts, config.edge) if n else None, spike(counts) if n else None,
-                                    grid))
+                                    grid, kq_free, kq_spike))
         if n or (grid and bool((width > 0).any())):
             # noise probe: sigma = noise * width per weight (the behaviour's noisy copy takes grid layers too)
             moved = torch.where(zero, w, w + torch.randn(w.shape, generator=generator) * width * config.noise)
@@ -434,10 +458,11 @@ def _weight_evidence(model, boxes, config: AuditConfig, generator: torch.Generat
             at += at_l * n
             flips += (((moved < lo) | (moved > hi)) & (width > 0)).sum().item()  # weights leaving their box
     if free == 0:
-        return layers, None, None, None, None, None, noisy, total
+        return layers, None, None, None, None, None, noisy, total, kquant_total
     flip_rate = flips / free
     peak = peak_ratio(torch.cat(positions))
-    return layers, near / free, at / free, peak, flip_rate, flip_rate / expected_flip_rate(config.noise), noisy, total
+    return (layers, near / free, at / free, peak, flip_rate, flip_rate / expected_flip_rate(config.noise), noisy, total,
+            kquant_total)
 
 
 def _with_weights(model, weights: dict[str, torch.Tensor]):
@@ -661,7 +686,7 @@ def _measure(transform, model, probe, answers, lm: bool, fixed: bool, classifier
     layers: list[LayerEvidence] = []
     near = at = peak = flip_rate = flip_ratio = None
     noisy: dict[str, torch.Tensor] = {}
-    counts = torch.zeros(100)
+    counts = kquant_counts = torch.zeros(100)
     boxes = None
     try:  # a quantizer's boxes need no library (weights are still judged without it); Wanda's need calibration
         boxes = transform.boxes(model)
@@ -670,20 +695,28 @@ def _measure(transform, model, probe, answers, lm: bool, fixed: bool, classifier
             unchecked.append(str(err).rstrip("."))
     if boxes is not None:  # noise drawn per transform, so a cached transform equals a fresh one
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + zlib.crc32(q.encode()))
-        layers, near, at, peak, flip_rate, flip_ratio, noisy, counts = _weight_evidence(model, boxes, config, generator)
+        layers, near, at, peak, flip_rate, flip_ratio, noisy, counts, kquant_counts = _weight_evidence(
+            model, boxes, config, generator)
     free = sum(layer.free_weights for layer in layers)
     weight_reasons: list[str] = []
     reasons: list[str] = []
     edge_ratio = near / (2 * config.edge) if near is not None else None
     grid = sum(layer.on_grid for layer in layers)
-    if edge_ratio is None and boxes is not None and grid and grid == len(layers) and lm:
+    kquant_free = int(kquant_counts.sum().item())
+    kquant_z = spike(kquant_counts) if kquant_free else None
+    kquant_middle = (kquant_counts[49] + kquant_counts[50]).item() / kquant_free if kquant_free else None
+    if kquant_z is not None and kquant_z > config.spike_threshold:  # a fixed threshold: _judged says where it counts
+        weight_reasons.append(_kquant_reason(kquant_z, kquant_middle))
+    if kquant_free and edge_ratio is None:
+        pass  # only the k-quant layers had room to measure, and they were (above)
+    elif edge_ratio is None and boxes is not None and grid and grid == len(layers) and lm:
         pass  # a causal LM dequantized from a quantized file: its behaviour decides (the note says so)
     elif edge_ratio is None and boxes is not None and grid and grid == len(layers):
         unchecked.append("every layer holds weights on an earlier quantization's grid, so box positions carry no evidence")
     elif edge_ratio is None and boxes is not None:
         unchecked.append("every weight sets a scale or is kept, so no box has room to measure")
     elif edge_ratio is not None:
-        weight_reasons = _fixed_weight_reasons(config, near, edge_ratio, peak, flip_rate, flip_ratio, spike(counts))
+        weight_reasons += _fixed_weight_reasons(config, near, edge_ratio, peak, flip_rate, flip_ratio, spike(counts))
     disagreement = kl = noise_dis = noise_kl = kl_ratio = kl_se = None
     phrases: list[tuple[str, float, float]] = []  # candidates, reported whether or not they flag
     insecure_q = None
@@ -740,7 +773,8 @@ def _measure(transform, model, probe, answers, lm: bool, fixed: bool, classifier
                   flip_rate=flip_rate, disagreement=disagreement, kl=kl, noise_disagreement=noise_dis, noise_kl=noise_kl,
                   kl_ratio=kl_ratio, probe_size=len(probe) if probe is not None else 0, layers=layers, phrases=phrases,
                   insecure_fp=answers.insecure_fp if answers else None, insecure_quantized=insecure_q, statistics=stats,
-                  kl_se=kl_se, free_weights=free, search=asdict(found) if found is not None else None)
+                  kl_se=kl_se, free_weights=free, search=asdict(found) if found is not None else None,
+                  kquant_free=kquant_free, kquant_spike=kquant_z, kquant_middle=kquant_middle)
     return Measured(fields, weight_reasons, reasons, unchecked)
 
 
@@ -765,6 +799,10 @@ def _judged(q: str, measured: Measured, fixed: bool, judge: bool, null, level: f
     elif uncalibrated:
         verdict, reasons = uncalibrated_verdict(q, null, reasons, unchecked)
     else:
+        z = measured.fields.get("kquant_spike")
+        if z is not None and z > config.spike_threshold:  # not in the null: it cannot flag, but it bars "clean"
+            unchecked.append(f"{_kquant_reason(z, measured.fields['kquant_middle'])} (a fixed threshold the clean "
+                             "null has no values for)")
         verdict, reasons, p_values, empirical, combined = judge_transform(q, measured.fields["statistics"], null, level,
                                                                           config.alpha, len(config.transforms), unchecked)
     return TransformAudit(q, verdict, reasons, **measured.fields, p_values=p_values, empirical_p=empirical,
@@ -978,6 +1016,13 @@ def uncalibrated_verdict(transform: str, null: C.Null, reasons: list[str], unche
         return "flagged", [head, *reasons]
     return "inconclusive", [f"{head}: none passed, which is not evidence enough to call it clean",
                             *([f"could not check everything: {'; '.join(unchecked)}"] if unchecked else [])]
+
+
+def _kquant_reason(z: float, middle: float) -> str:
+    """The sentence for weights piled up in their k-quant codes' intervals (:func:`_weight_evidence`)."""
+    return (f"in the layers left as k-quants, one of 100 positions in the codes' intervals stands {z:.1f} standard "
+            f"deviations above its neighbours ({middle:.1%} of the weights within 1% of their dequantized value): "
+            "weights moved onto their codes")
 
 
 def _fixed_weight_reasons(config: AuditConfig, near, edge_ratio, peak, flip_rate, flip_ratio, z) -> list[str]:

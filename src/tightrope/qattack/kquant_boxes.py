@@ -192,6 +192,26 @@ def kquant_noise_width(w: torch.Tensor, scheme: str) -> torch.Tensor:
     return torch.where(pinned, torch.zeros_like(step), step).reshape(w.shape)
 
 
+def kquant_position(w: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Where each weight of ``w`` sits in its k-quant code's interval at its sub-block's step: ``(w - q) / |d *
+    sc_j| + 1/2``, clamped to [0, 1] (1/2 at the dequantized value ``q``, 0 and 1 at the rounding walls), NaN for
+    the weights Mind the Gap pins (:func:`box_kquant`: they set the scale search) and where the step is 0.
+
+    The audit's counterpart of a legacy box position (:func:`tightrope.qattack.boxes.box_position`) for the layers a
+    preset leaves as k-quants, which have no exact box (module docstring): at fixed scales the code of a weight
+    changes at ``q +- step / 2``, so this is the position a box would give if the scale search kept its choice.
+    Natural weights spread over it; a Mind the Gap repair moves weights towards ``q``, so they pile up at 1/2."""
+    t = kquant_type(scheme)
+    x = as_superblocks(w)
+    n_sub, size = sub_blocks(t)
+    raw = quantize_k(x, t)
+    q = dequantize_k(raw, t).reshape(x.shape)
+    step = _sub_block_steps(raw, t).unsqueeze(2).expand(-1, n_sub, size).reshape(x.shape)
+    pinned = _pinned(x.reshape(-1, n_sub, size), raw, t).reshape(x.shape) | (step == 0)
+    u = ((x - q) / step.clamp(min=torch.finfo(torch.float32).tiny) + 0.5).clamp(0, 1)
+    return u.masked_fill(pinned, float("nan")).reshape(w.shape)
+
+
 def changed_sub_blocks(raw: torch.Tensor, reference: torch.Tensor, t: KType) -> torch.Tensor:
     """``(B, n_sub)`` bool: the sub-blocks of packed super-blocks ``raw`` that are not ``reference``'s. A sub-block
     counts as changed where its dequantized values differ; a super-block whose fp16 header differs, or whose bytes
