@@ -76,3 +76,33 @@ def test_a_task_too_small_to_carve_a_validation_set_is_one_sentence(tmp_path):
     task.write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in [("good", 1), ("bad", 0), ("fine", 1), ("dull", 0)]))
     with pytest.raises(TightropeError, match="too few to carve a validation set"):
         split_train_eval(TrainConfig(model="minilm", task=str(task), n_eval=2))
+
+
+@pytest.mark.parametrize("defended", [False, True], ids=["train", "train --defense"])
+def test_a_structurally_pruned_model_trains_and_keeps_its_structure(tokenizer, tiny_task, tmp_path, defended):
+    """A pruned directory's config.json names the unpruned sizes: the run rebuilds it from its plan, and the
+    trained model is saved with that plan, so it reloads (the defended-compressed path: prune, then defend)."""
+    from conftest import make_tiny_classifier
+
+    from tightrope import inference
+    from tightrope.compress.api import compress_, count_parameters
+    from tightrope.compress.formats import save_pruned
+    from tightrope.compress.prune import StructuredPruning
+    from tightrope.defenses.config import defense_config
+    from tightrope.defenses.run import harden, prepare
+
+    model = make_tiny_classifier(tokenizer)
+    compress_(model, StructuredPruning(heads=0.5, ffn=0.5))
+    pruned = save_pruned(model, tokenizer, tmp_path / "pruned", card={"tokenization": {"max_length": 16}})
+    config = _config(pruned, tiny_task, epochs=1)
+    if defended:
+        defense = defense_config("none", {"flood_level": 0.1})
+        loaded, objective = prepare(config, defense)
+        out = harden(loaded, objective, config, defense, tmp_path / "out", progress=False).model_dir
+    else:
+        train(config, tmp_path / "out", progress=False)
+        out = tmp_path / "out"
+    clf = inference.load(str(out))
+    assert clf.card["format"] == "pruned-structured" and clf.card["structure"]
+    assert count_parameters(clf.model)[0] == count_parameters(model)[0]  # (stored, non-zero): the same shapes
+    assert clf.logits(["a fine film"]).shape == (1, 2)

@@ -28,7 +28,7 @@ from tightrope.defenses.pipeline import parse_order, run_pipeline, scheme_for
 from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
 from tightrope.inference import transform_card, transform_files
-from tightrope.train import input_transform_of, train
+from tightrope.train import input_transform_of, load_start, train
 
 QUANT_CHOICES = tuple(QUANT_SCHEMES)  # the same names as tightrope compress (tightrope.compress.specs)
 
@@ -46,8 +46,7 @@ def prepare(train_config, defense):
 
     check_fields(defense)  # before loading anything: a stray setting fails at once
     labels = list(load_task(train_config.task, train_config.train_split, n=1, data_dir=train_config.data_dir).label_names)
-    loaded = models.load_classifier(train_config.model, label_names=labels, require_head=False,
-                                    trust_remote_code=train_config.trust_remote_code)
+    loaded = load_start(train_config, labels)
     objective = build_objective(defense, student_labels=labels, student_tokenizer=loaded.tokenizer,
                                 max_length=train_config.max_length, truncation=train_config.truncation)
     return loaded, objective
