@@ -1,10 +1,10 @@
-"""Gradient accord and Flooding-X's flood level (tightrope.defenses.accord)."""
+"""Gradient accord and Flooding-X's flood level (tightrope.accord)."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tightrope.defenses.accord import (batch_halves, ema, flood_level_from_accord, gradient_accord,
+from tightrope.accord import (batch_halves, ema, flood_level_from_accord, gradient_accord,
                                        gradient_cosine)
 from tightrope.errors import TightropeError
 from tightrope.train import TrainConfig, train

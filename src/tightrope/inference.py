@@ -151,6 +151,13 @@ def read_card(path: Path) -> dict:
         raise TightropeError(f"{file} is not valid JSON ({err.msg}); the model directory is damaged.") from err
 
 
+def is_structured(name_or_path: str | Path) -> bool:
+    """Whether ``name_or_path`` is a model directory of a structurally pruned model: its card holds the pruning
+    plan, without which its weights do not fit the sizes its config.json names."""
+    path = Path(name_or_path).expanduser()
+    return path.is_dir() and bool(read_card(path).get("structure"))
+
+
 def _wrap(loaded: models.LoadedModel, card: dict) -> TextClassifier:
     tok = card.get("tokenization", {})
     return TextClassifier(loaded.model, loaded.tokenizer, max_length=tok.get("max_length", 256),

@@ -31,13 +31,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from tightrope import models, transforms
-from tightrope.compress.formats import load_pruned, pruning_card
 from tightrope.data import TaskData, has_split, load_task
-from tightrope.defenses.accord import flood_level_from_accord, gradient_accord
+from tightrope.accord import flood_level_from_accord, gradient_accord
 from tightrope.encoding import Truncation, collate, encode, predict_logits
 from tightrope.errors import TightropeError
 from tightrope.evaluate.metrics import classification_metrics
-from tightrope.inference import transform_card, transform_files
+from tightrope.inference import is_structured, transform_card, transform_files
 from tightrope.progress import Reporter, say, tracked
 from tightrope.provenance import environment
 
@@ -70,7 +69,7 @@ class TrainConfig(BaseModel):
     patience: int | None = Field(default=None, gt=0)  # early stopping: evaluations without improvement
     checkpoint_every: int = Field(default=50, gt=0)
     trust_remote_code: bool = False
-    # Measure the gradient accord every N steps (tightrope.defenses.accord; Flooding-X reads its flood
+    # Measure the gradient accord every N steps (tightrope.accord; Flooding-X reads its flood
     # level from it). A measurement, not a setting: it leaves the trajectory as it is, so a run resumes
     # with or without it.
     accord_every: int | None = Field(default=None, gt=0)
@@ -145,22 +144,6 @@ def inherited_transform(model: str):
     return transforms.load(model, entry) if entry else None
 
 
-def load_start(config: TrainConfig, label_names: list[str]) -> models.LoadedModel:
-    """The model a run starts from. A structurally pruned tightrope directory is rebuilt from its pruning plan
-    (its config.json names the unpruned sizes), so a defense can be trained on a pruned model and keep its
-    structure; anything else loads through :func:`tightrope.models.load_classifier`, which adds a fresh head if
-    it has none."""
-    card_file = Path(config.model).expanduser() / "card.json"
-    if card_file.is_file() and json.loads(card_file.read_text()).get("structure"):
-        loaded = load_pruned(config.model)
-        if loaded.model.config.num_labels != len(label_names):
-            raise TightropeError(f"{config.model} predicts {loaded.model.config.num_labels} labels but the data has "
-                                 f"{len(label_names)}.")
-        return loaded
-    return models.load_classifier(config.model, label_names=label_names, require_head=False,
-                                  trust_remote_code=config.trust_remote_code)
-
-
 def cross_entropy_objective(model, batch) -> torch.Tensor:
     return F.cross_entropy(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                            batch["labels"])
@@ -210,7 +193,9 @@ def train(
     ``stop_after_steps`` ends the run early *without* finishing it (used by tests to simulate a kill;
     the checkpoint stays and a second call resumes). ``initial_model`` starts from a model already in
     memory (e.g. a structurally pruned one that ``from_pretrained`` cannot rebuild) instead of
-    loading ``config.model``, which is then only recorded. Returns the card.
+    loading ``config.model``, which is then only recorded; a structurally pruned one comes with its format and plan
+    in ``extra_card`` (:func:`tightrope.compress.formats.load_trainable` and ``pruning_card``), so that it reloads.
+    Returns the card.
     """
     from accelerate import Accelerator  # noqa: PLC0415 - heavy import, only for training
 
@@ -226,7 +211,13 @@ def train(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     # Data and model are checked before anything is written, so bad input leaves no folder behind.
     train_data, eval_data = split_train_eval(config)
-    loaded = initial_model if initial_model is not None else load_start(config, list(train_data.label_names))
+    if initial_model is None and is_structured(config.model):
+        raise TightropeError(f"{config.model} is structurally pruned: load it with "
+                             "tightrope.compress.formats.load_trainable and pass it as initial_model.")
+    loaded = initial_model if initial_model is not None else models.load_classifier(
+        config.model, label_names=list(train_data.label_names), require_head=False,
+        trust_remote_code=config.trust_remote_code,
+    )
     model, tokenizer = loaded.model, loaded.tokenizer
     # before anything is written: a cache that does not fit this run is refused with no folder left behind
     primed = _before_training(objective, accelerator, model, train_data, config, loaded.path, progress)
@@ -343,7 +334,6 @@ def train(
         "stopped_early": stopped_early,
         "train_seconds": round(state["train_seconds"], 2),
         "environment": environment(),
-        **pruning_card(final),  # a structurally pruned model's format and plan, so that it reloads
         **({"before_training": primed} if primed is not None else {}),
         **(extra_card or {}),
     }

@@ -103,10 +103,24 @@ def train(
     if defense is not None or given or order is not None or noise_relative or any(v is not None for v in pipeline.values()):
         _train_with_defense(config, defense_config(defense or "none", given), out, order=order or "train", noise_relative=noise_relative, **pipeline)
         return
-    card = run_training(config, out)
+    card = run_training(config, out, **_starting_model(config))
     best = card["metrics"]["best_validation_accuracy"]
     out_console.print(f"[green]wrote[/] {out}  (validation accuracy {best:.4f}, {card['train_seconds']:.0f} s)")
     _say_flood_level(card)
+
+
+def _starting_model(config) -> dict:
+    """``train``'s arguments for a structurally pruned starting model (rebuilt from its plan, saved with it);
+    nothing for any other model, which ``train`` loads itself."""
+    from tightrope.compress.formats import load_trainable, pruning_card  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.data import load_task  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+    from tightrope.inference import is_structured  # noqa: PLC0415 - imported when the command runs: the CLI starts without torch
+
+    if not is_structured(config.model):
+        return {}
+    labels = list(load_task(config.task, config.train_split, n=1, data_dir=config.data_dir).label_names)
+    loaded = load_trainable(config.model, labels, trust_remote_code=config.trust_remote_code)
+    return {"initial_model": loaded, "extra_card": pruning_card(loaded.model)}
 
 
 def _say_flood_level(card: dict) -> None:

@@ -28,7 +28,7 @@ from tightrope.compress.prune import STRUCTURED_FORMAT
 from tightrope.compress.quant import _dyn_linear, quantized_modules, tensors_of
 from tightrope.compress.structured import apply_structure_, structure_of
 from tightrope.errors import TightropeError
-from tightrope.inference import TextClassifier, read_card, register_format
+from tightrope.inference import TextClassifier, is_structured, read_card, register_format
 
 QUANT_FORMAT = "tightrope-quant"
 
@@ -214,6 +214,21 @@ def load_pruned(path: str | Path) -> models.LoadedModel:
     model._tightrope_compression = card.get("compression", [])
     tokenizer = models.load_tokenizer(str(path))
     return models.LoadedModel(model=model, tokenizer=tokenizer, source=str(path), path=str(path))
+
+
+def load_trainable(name_or_path: str, label_names: list[str], *, trust_remote_code: bool = False) -> models.LoadedModel:
+    """The model a training run starts from. A structurally pruned tightrope directory is rebuilt from its pruning
+    plan (its config.json names the unpruned sizes), so a defense can be trained on a pruned model and keep its
+    structure (save it with :func:`pruning_card`'s fields); anything else loads through
+    :func:`tightrope.models.load_classifier`, which adds a fresh head if it has none."""
+    if is_structured(name_or_path):
+        loaded = load_pruned(name_or_path)
+        if loaded.model.config.num_labels != len(label_names):
+            raise TightropeError(f"{name_or_path} predicts {loaded.model.config.num_labels} labels but the data has "
+                                 f"{len(label_names)}.")
+        return loaded
+    return models.load_classifier(name_or_path, label_names=label_names, require_head=False,
+                                  trust_remote_code=trust_remote_code)
 
 
 @register_format(STRUCTURED_FORMAT)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tightrope import models
-from tightrope.compress.formats import pruning_card
+from tightrope.compress.formats import load_trainable, pruning_card
 from tightrope.compress.prune import MagnitudePruning
 from tightrope.compress.specs import QUANT_SCHEMES, quant_config
 from tightrope.data import load_task
@@ -28,7 +28,7 @@ from tightrope.defenses.pipeline import parse_order, run_pipeline, scheme_for
 from tightrope.errors import TightropeError
 from tightrope.evaluate.results import write_json_atomic
 from tightrope.inference import transform_card, transform_files
-from tightrope.train import input_transform_of, load_start, train
+from tightrope.train import input_transform_of, train
 
 QUANT_CHOICES = tuple(QUANT_SCHEMES)  # the same names as tightrope compress (tightrope.compress.specs)
 
@@ -46,7 +46,7 @@ def prepare(train_config, defense):
 
     check_fields(defense)  # before loading anything: a stray setting fails at once
     labels = list(load_task(train_config.task, train_config.train_split, n=1, data_dir=train_config.data_dir).label_names)
-    loaded = load_start(train_config, labels)
+    loaded = load_trainable(train_config.model, labels, trust_remote_code=train_config.trust_remote_code)
     objective = build_objective(defense, student_labels=labels, student_tokenizer=loaded.tokenizer,
                                 max_length=train_config.max_length, truncation=train_config.truncation)
     return loaded, objective
@@ -65,7 +65,7 @@ def harden(loaded, objective, train_config, defense, out: str | Path, *, order: 
         raise TightropeError("--noise-relative scales a weight noise, which needs --noise-sigma.")
     if steps == ("train",) and prune_sparsity is None and quantize is None and noise_sigma is None:
         card = train(train_config, out, objective=objective, initial_model=loaded, progress=progress,
-                     extra_card={"defense": defense_card, "pipeline": ["train"]})
+                     extra_card={"defense": defense_card, "pipeline": ["train"], **pruning_card(loaded.model)})
         return HardenResult(out, card, None)
 
     noise = None
