@@ -158,6 +158,7 @@ def collect(root: Path, names: list[str], n_probe: int, extra: list[str] = ()) -
             continue
         if out.exists():
             _refresh_weights(root / "clean" / name, out)
+            _refresh_kquants(root / "clean" / name, out)
             continue
         started = time.perf_counter()
         report = audit(str(root / "clean" / name), task="mr", n_probe=n_probe,
@@ -208,6 +209,33 @@ def _refresh_weights(model_dir: Path, out: Path) -> None:
     print(f"{model_dir.name}: weight statistics recomputed in {time.perf_counter() - started:.0f} s", flush=True)
 
 
+def _refresh_kquants(model_dir: Path, out: Path) -> None:
+    """Add the k-quant position statistics (``kquant_spike``, ``layer_kquant_spike``: the layers a preset leaves as
+    k-quants) to an earlier report's preset transforms, from a weights-only audit; the rest of the report is kept."""
+    from tightrope import workflows
+    from tightrope.evaluate.results import write_json_atomic
+    from tightrope.qattack.audit import AuditConfig, audit_model
+    from tightrope.qattack.boxes import PRESET_QUANTIZERS
+    from tightrope.qattack.calibration import upgrade_report
+
+    report = upgrade_report(json.loads(out.read_text()))
+    stale = [q for q in report["transforms"] if q["transform"] in PRESET_QUANTIZERS and "kquant_spike" not in q["statistics"]]
+    if not stale:
+        return
+    started = time.perf_counter()
+    model = workflows.load(str(model_dir)).model.float().eval()
+    config = AuditConfig(transforms=tuple(q["transform"] for q in stale), search=None)
+    fresh = {q["transform"]: q for q in audit_model(model, config=config, judge=False).to_dict()["transforms"]}
+    for old in stale:
+        new = fresh[old["transform"]]
+        old["statistics"].update({k: v for k, v in new["statistics"].items() if k.startswith(("kquant", "layer_kquant"))})
+        old.update(layers=new["layers"], kquant_free=new["kquant_free"], kquant_spike=new["kquant_spike"],
+                   kquant_middle=new["kquant_middle"])
+    write_json_atomic(out, report)
+    print(f"{model_dir.name}: k-quant positions added to {len(stale)} transforms in {time.perf_counter() - started:.0f} s",
+          flush=True)
+
+
 def _reports(root: Path) -> dict[str, dict]:
     """The collected reports, in the current key names (older ones say ``quantizers`` / ``quantizer``)."""
     from tightrope.qattack.calibration import upgrade_report
@@ -216,7 +244,8 @@ def _reports(root: Path) -> dict[str, dict]:
             if (root / "collect" / f"{n}.json").exists()}
 
 
-def build_null(root: Path, out: Path, n_probe: int, extend: Path | None = None) -> dict:
+def build_null(root: Path, out: Path, n_probe: int, extend: Path | None = None,
+               add_statistics: tuple[str, ...] = ()) -> dict:
     """The null JSON: per transform and statistic, the clean values (model-level: one per clean model;
     per-layer: one per layer of every clean model, with the index of its model in ``layer_models``).
 
@@ -224,13 +253,19 @@ def build_null(root: Path, out: Path, n_probe: int, extend: Path | None = None) 
     transforms it lacks are taken from this root's reports, and ``extended`` records which, from which models
     and on which machine. The leave-one-out table then judges this root's clean models against the kept
     transforms' values as a held-out set (none of these models is in them) and against the new transforms'
-    values without the model itself."""
+    values without the model itself.
+
+    ``add_statistics`` (with ``extend``): statistics new to the audit (the k-quant positions) added to the extended
+    transforms the null already has, from these same models' reports; nothing else of the null changes but the
+    leave-one-out table, which is measured again."""
     from tightrope.qattack.calibration import TAILS, Null, null_statistics
 
     reports = _reports(root)
     names = list(reports)
     stats, owners = null_statistics([reports[n] for n in names])
     first = reports[names[0]]
+    if extend is not None and add_statistics:
+        return _add_statistics(extend, out, reports, stats, owners, add_statistics)
     if extend is not None:
         data = json.loads(extend.read_text())
         new = [q for q in stats if q not in data["statistics"]]
@@ -277,6 +312,36 @@ def build_null(root: Path, out: Path, n_probe: int, extend: Path | None = None) 
     null = Null.from_dict(data, str(out))
     data["leave_one_out"] = {a: leave_one_out(null, reports, float(a)) for a in ALPHAS}
     _write(out, data, len(names))
+    return data
+
+
+def _add_statistics(extend: Path, out: Path, reports: dict[str, dict], stats: dict, owners: dict,
+                    names: tuple[str, ...]) -> dict:
+    """:func:`build_null`'s ``add_statistics``: only into the transforms these reports' models made (the null's
+    ``extended`` ones, whose ``layer_models`` index the same list of models), recorded under ``extended``."""
+    from tightrope.qattack.calibration import TAILS, Null
+
+    data = json.loads(extend.read_text())
+    own = set((data.get("extended") or {}).get("transforms", []))
+    if [m["name"] for m in data["extended"]["models"]] != list(reports):
+        raise SystemExit("these reports are not the models of the null's extended transforms; nothing added")
+    added: set[str] = set()  # transforms that gained a statistic
+    for q in sorted(own & set(stats)):
+        for name in names:
+            if name in stats[q] and name not in data["statistics"][q]:
+                data["statistics"][q][name] = stats[q][name]
+                if name in owners.get(q, {}):
+                    data["layer_models"].setdefault(q, {})[name] = owners[q][name]
+                added.add(q)
+    if not added:
+        raise SystemExit(f"{extend} already has {', '.join(names)} wherever these reports have them; nothing added")
+    data["tails"] = {**data.get("tails", {}), **{k: v for k, v in TAILS.items() if k in names}}
+    data["extended"]["statistics_added"] = {
+        "statistics": list(names), "transforms": sorted(added), "machine": _machine(),
+        "made_by": "python benchmarks/audit_null.py collect; ... null --extend --add-statistic (tightrope " + _version() + ")"}
+    null = Null.from_dict(data, str(out))
+    data["leave_one_out"] = {a: leave_one_out(null, reports, float(a), own=own) for a in ALPHAS}
+    _write(out, data, len(reports))
     return data
 
 
@@ -413,6 +478,9 @@ def main() -> None:
     parser.add_argument("--null", type=Path, default=None, help="detect: a null JSON (default: the shipped one)")
     parser.add_argument("--extend", type=Path, default=None,
                         help="null: keep this null's transforms and add the ones it lacks from this root's reports")
+    parser.add_argument("--add-statistic", action="append", default=[],
+                        help="null --extend: a statistic new to the audit to add to the transforms the null has "
+                             "(kquant_spike, layer_kquant_spike)")
     parser.add_argument("--transform", action="append", default=[],
                         help="detect: a transform to audit (repeatable; default: the audit's default, all of them); "
                              "collect: a transform to add to the reports already collected")
@@ -428,7 +496,7 @@ def main() -> None:
         collect(args.root, args.only, args.n_probe, args.transform)
     elif args.step == "null":
         build_null(args.root, args.out or Path("src/tightrope/qattack/null/minilm-classifiers.json"), args.n_probe,
-                   args.extend)
+                   args.extend, tuple(args.add_statistic))
     elif args.step == "loo":
         from tightrope.qattack.calibration import load_null
 

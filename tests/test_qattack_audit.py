@@ -426,3 +426,38 @@ def test_weights_moved_onto_their_k_quant_codes_are_flagged_and_natural_ones_are
     down = report.transforms[0]
     assert report.flagged and down.kquant_spike > 10 * config.spike_threshold and down.kquant_middle > 0.1
     assert any("k-quants" in r and "moved onto their codes" in r for r in down.reasons)
+
+
+def test_k_quant_positions_enter_the_calibrated_test_where_the_null_has_values_for_them():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tightrope.compress.gguf_k import dequantize_k, quantize_k
+    from tightrope.qattack import calibration as C
+    from tightrope.qattack.kquant_boxes import kquant_position, kquant_type
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=256, vocab_size=200, num_labels=2)).eval()
+    config = A.AuditConfig(transforms=("gguf-q4_k_m",), search=None)
+    unboxed = model_boxes(model, "gguf-q4_k_m").unboxed  # the output.dense layers: rows of 256 inputs
+    assert len(unboxed) == 2
+    clean = A.audit_model(model, config=config, judge=False).transforms[0].statistics
+    assert clean["kquant_spike"]["value"] < config.spike_threshold
+    assert clean["layer_kquant_spike"]["names"] == list(unboxed)
+    planted = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, scheme in unboxed.items():
+            w = planted.get_submodule(name).weight
+            t = kquant_type(scheme)
+            q = dequantize_k(quantize_k(w.float(), t), t).reshape(w.shape)
+            free = ~kquant_position(w, scheme).isnan()
+            w.copy_(torch.where(free & (torch.rand(w.shape, generator=g) < 0.2), q, w))
+    parked = A.audit_model(planted, config=config, judge=False).transforms[0].statistics
+    null = C.Null.from_dict({"kind": "tightrope.audit-null", "statistics": {"gguf-q4_k_m": {
+        "kquant_spike": [2.1, 2.6, 2.4, 3.0, 2.2, 2.8], "layer_kquant_spike": [2.5, 2.9, 3.1, 2.4, 2.7, 3.3, 2.6, 2.2]}}},
+        "test")
+    assert A.judge_transform("gguf-q4_k_m", clean, null, 0.01, 0.01, 1, [])[0] == "clean"
+    verdict, reasons, p_values, _, _ = A.judge_transform("gguf-q4_k_m", parked, null, 0.01, 0.01, 1, [])
+    assert verdict == "flagged" and p_values["kquant_spike"] < 1e-6
+    assert any("k-quant position spike" in r for r in reasons)

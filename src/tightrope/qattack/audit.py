@@ -768,7 +768,7 @@ def _measure(transform, model, probe, answers, lm: bool, fixed: bool, classifier
             elif config.search is not None:
                 unchecked.append(f"the trigger search has no differentiable twin of {q}")
     stats = {} if fixed else statistics(config, layers, counts, flip_ratio, free, disagreement, kl, kl_se,
-                                     len(probe) if probe is not None else 0, found)
+                                     len(probe) if probe is not None else 0, found, kquant_counts)
     fields = dict(edge_ratio=edge_ratio, peak_ratio=peak, near_edge=near, at_edge=at, flip_ratio=flip_ratio,
                   flip_rate=flip_rate, disagreement=disagreement, kl=kl, noise_disagreement=noise_dis, noise_kl=noise_kl,
                   kl_ratio=kl_ratio, probe_size=len(probe) if probe is not None else 0, layers=layers, phrases=phrases,
@@ -800,7 +800,8 @@ def _judged(q: str, measured: Measured, fixed: bool, judge: bool, null, level: f
         verdict, reasons = uncalibrated_verdict(q, null, reasons, unchecked)
     else:
         z = measured.fields.get("kquant_spike")
-        if z is not None and z > config.spike_threshold:  # not in the null: it cannot flag, but it bars "clean"
+        if z is not None and z > config.spike_threshold and null.get(q, "kquant_spike") is None:
+            # a null without k-quant positions cannot judge them: over the fixed threshold, they bar "clean"
             unchecked.append(f"{_kquant_reason(z, measured.fields['kquant_middle'])} (a fixed threshold the clean "
                              "null has no values for)")
         verdict, reasons, p_values, empirical, combined = judge_transform(q, measured.fields["statistics"], null, level,
@@ -924,19 +925,22 @@ def audit_model(model, *, classifier=None, tokenizer=None, probe_texts: list[str
 
 STAT_NAMES = {"edge_contrast": "near-wall / next-band share", "spike": "position spike (z)",
               "flip_ratio": "noise flip ratio", "layer_contrast": "worst layer's near-wall / next-band share",
-              "layer_spike": "worst layer's position spike (z)",
+              "layer_spike": "worst layer's position spike (z)", "kquant_spike": "k-quant position spike (z)",
+              "layer_kquant_spike": "worst k-quant layer's position spike (z)",
               "disagreement": "disagreement", "kl": "KL(fp || quantized)", "search_kl": "trigger search's best KL"}
 
 
 def statistics(config: AuditConfig, layers: list[LayerEvidence], counts: torch.Tensor, flip_ratio, free: int,
-               disagreement, kl, kl_se, probe_size: int, found) -> dict:
+               disagreement, kl, kl_se, probe_size: int, found, kquant_counts: torch.Tensor | None = None) -> dict:
     """Every statistic of one transform with its sampling error (``{"value", "se"}``; per-layer ones as
     ``{"values", "ses", "names"}``), as :func:`judge_transform` and the null builder read them.
 
     The box-position statistics are the shape-robust forms: :func:`edge_contrast` (near a wall vs the next band
     inwards) and :func:`spike` (one bin vs its neighbours), so a layer whose natural positions are not uniform
     (a wide 4-bit box over a curved weight density, a small layer) is compared with what it should show, not
-    with a flat histogram. ``edge_ratio`` and ``peak_ratio`` stay in the report for reading."""
+    with a flat histogram. ``edge_ratio`` and ``peak_ratio`` stay in the report for reading. The layers a preset
+    leaves as k-quants add their own spikes (``kquant_counts``, pooled, and per layer), judged where the null has
+    values for them."""
     stats: dict = {}
     if free:
         stats["edge_contrast"] = {"value": edge_contrast(counts, config.edge), "se": contrast_se(counts, config.edge)}
@@ -947,6 +951,11 @@ def statistics(config: AuditConfig, layers: list[LayerEvidence], counts: torch.T
                                    "ses": [layer.contrast_se for layer in kept], "names": [layer.name for layer in kept]}
         stats["layer_spike"] = {"values": [layer.spike for layer in kept], "ses": [0.0] * len(kept),
                                 "names": [layer.name for layer in kept]}
+    kquant = [layer for layer in layers if layer.kquant_free and layer.kquant_spike is not None]
+    if kquant:  # a preset's k-quant layers, by their positions in their codes' intervals (_weight_evidence)
+        stats["kquant_spike"] = {"value": spike(kquant_counts), "se": 0.0}
+        stats["layer_kquant_spike"] = {"values": [layer.kquant_spike for layer in kquant], "ses": [0.0] * len(kquant),
+                                       "names": [layer.name for layer in kquant]}
     if disagreement is not None and probe_size:
         stats["disagreement"] = {"value": disagreement,
                                  "se": math.sqrt(disagreement * (1 - disagreement) / probe_size)}

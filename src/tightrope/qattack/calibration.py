@@ -123,7 +123,7 @@ def gumbel_sf(x: float, mean: float, sd: float) -> float:
 # Statistics that are maxima (the largest standardized bin of 100, of every layer): their clean values follow
 # the Gumbel law of extremes (Fisher-Tippett-Gnedenko; the maximum of many near-normal variables), whose right
 # tail is heavier than a normal fit's. A t fit to them flagged 4 of 12 clean models at alpha 0.05 in leave-one-out.
-TAILS = {"spike": "gumbel", "layer_spike": "gumbel"}
+TAILS = {"spike": "gumbel", "layer_spike": "gumbel", "kquant_spike": "gumbel", "layer_kquant_spike": "gumbel"}
 
 
 # --- one statistic -------------------------------------------------------------------------------
