@@ -34,10 +34,10 @@ def compress(
     out: Annotated[Path, out_option("the compressed model")],
     quantize: Annotated[Optional[str], typer.Option(help="int8 (fastest backend), int8-torch, int8-ort, llm-int8, nf4, "
                                                     "nf4-dq, fp4, fp4-dq, affine:bits=4,granularity=group, gptq:bits=4.")] = None,
-    prune: Annotated[Optional[list[str]], typer.Option(help="magnitude:sparsity=0.3, wanda:..., 2:4, structured:heads=0.3,ffn=0.3; repeatable.")] = None,
+    prune: Annotated[Optional[list[str]], typer.Option(help="magnitude:sparsity=0.3, wanda:..., sparsegpt:sparsity=0.5 (or n=2,m=4), 2:4, structured:heads=0.3,ffn=0.3; repeatable.")] = None,
     include: Annotated[Optional[list[str]], typer.Option(help="Module name globs to compress (default: encoder Linears).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="Module name globs to leave alone.")] = None,
-    calibration: Annotated[Optional[str], typer.Option(help="Task or data file for calibration (GPTQ, Wanda).")] = None,
+    calibration: Annotated[Optional[str], typer.Option(help="Task or data file for calibration (GPTQ, Wanda, SparseGPT).")] = None,
     recover_steps: Annotated[int, typer.Option(min=0, help="After pruning, fine-tune this many steps (batch 16, "
                                                "sparsity held) before quantizing; 200 brought 30% structured MiniLM "
                                                "on IMDB from 0.790 back to 0.868.")] = 0,

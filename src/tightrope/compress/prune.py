@@ -6,6 +6,7 @@
   ``prune.remove``: the weights are plain tensors holding zeros, no mask or hook is left behind.
 - :class:`Wanda` scores ``|W_ij| * ||X_j||_2`` per output row (Sun et al. 2023, Eq. 1).
 - :class:`SemiStructured24` keeps 2 of every 4 consecutive input weights (Mishra et al. 2021).
+- :class:`SparseGPT` removes weights by OBS saliency and updates the kept ones (Frantar and Alistarh 2023).
 - :class:`StructuredPruning` (its handler in :mod:`tightrope.compress.structured`) removes whole
   attention heads and FFN neurons.
 
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from tightrope.compress import wanda
+from tightrope.compress import blockwise, sparsegpt, wanda
 from tightrope.compress.api import (
     CompressionConfig,
     CompressionSummary,
@@ -135,6 +136,33 @@ class SemiStructured24(_Calibrated):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SparseGPT(_Calibrated):
+    """Frantar and Alistarh 2023 (:mod:`tightrope.compress.sparsegpt`): remove the ``sparsity`` share of each
+    block of ``blocksize`` input columns by OBS saliency and update the kept weights to make up for them; with
+    ``n`` and ``m`` set, N:M sparsity (``n`` of every ``m`` inputs kept). ``sequential`` (the reference's way):
+    each transformer layer is calibrated on the outputs of the layers already pruned before it; else one pass
+    of the dense model calibrates every layer (as tightrope's GPTQ does)."""
+
+    sparsity: float = 0.5
+    n: int = 0
+    m: int = 0
+    blocksize: int = 128
+    percdamp: float = 0.01
+    sequential: bool = True
+
+    def __post_init__(self) -> None:
+        _normalise_patterns(self)
+        _check_fraction(self.method, "sparsity", self.sparsity)
+        if (self.n or self.m) and not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
+            raise TightropeError(f"{self.method} N:M needs whole numbers 0 < n < m, got n={self.n!r}, m={self.m!r}.")
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise TightropeError(f"{self.method} blocksize must be a positive integer, got {self.blocksize!r}.")
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not 0 < self.percdamp < 1:
+            raise TightropeError(f"{self.method} percdamp must lie strictly between 0 and 1, got {self.percdamp!r}.")
+        self._check_calibration()
+
+
+@dataclass(frozen=True, kw_only=True)
 class StructuredPruning(_Calibrated):
     """Remove the ``heads`` share of attention heads and the ``ffn`` share of FFN neurons in every layer.
 
@@ -214,6 +242,55 @@ def _wanda(model: nn.Module, config: Wanda) -> CompressionSummary:
         for name, m in modules.items():
             _zero_(m, wanda.row_keep_mask(wanda.wanda_scores(m.weight.detach(), norms[name]), config.sparsity))
     return _summary(model, config, modules, [DENSE_NOTE, f"calibration: {config.n_calibration} samples"])
+
+
+@register_handler(SparseGPT)
+def _sparsegpt(model: nn.Module, config: SparseGPT) -> CompressionSummary:
+    modules = select_modules(model, config)
+    if config.m:
+        odd = [name for name, m in modules.items() if m.in_features % config.m]
+        if odd:
+            raise TightropeError(f"{config.n}:{config.m} sparsity needs input widths divisible by {config.m}; "
+                                 f"{odd[0]} has {modules[odd[0]].in_features}.")
+    if config.n == 0 and config.sparsity == 0:
+        return _summary(model, config, modules, [DENSE_NOTE])
+    batches = _calibration(model, config)
+    groups = _layer_groups(modules)
+    blocks = [blockwise.block_of(model, key) for key in groups]
+    if config.sequential and all(b is not None for b in blocks):  # the reference's way, on cached block inputs
+        steps = blockwise.sequential(model, [(b, {n: modules[n] for n in groups[k]}) for b, k in zip(blocks, groups)],
+                                     batches)
+    elif config.sequential:  # layers outside numbered blocks: a whole pass of the model per group, in model order
+        steps = (({n: modules[n] for n in names}, wanda.input_hessians(model, {n: modules[n] for n in names}, batches))
+                 for names in groups.values())
+    else:
+        steps = iter([(modules, wanda.input_hessians(model, modules, batches))])
+    tokens = 0
+    for chosen, hessians in steps:  # a generator: each group's Hessians are taken after the groups before it are pruned
+        for name, lin in chosen.items():
+            pruned, _ = sparsegpt.sparsegpt_prune(lin.weight.detach(), hessians[name].H, config.sparsity, config.n,
+                                                  config.m, config.blocksize, config.percdamp)
+            with torch.no_grad():
+                lin.weight.copy_(pruned)
+            tokens = hessians[name].n
+    pattern = f"{config.n}:{config.m}" if config.m else f"{config.sparsity:g} per block of {config.blocksize} inputs"
+    return _summary(model, config, modules, [
+        NM_NOTE if config.m else DENSE_NOTE,
+        f"SparseGPT {pattern}, {config.n_calibration} calibration samples ({tokens} tokens), damp {config.percdamp}, "
+        + ("calibrated layer by layer on the pruned layers' outputs" if config.sequential else "one dense pass"),
+        "the kept weights are updated (OBS), so the pruned model differs from the dense one beyond its zeros"])
+
+
+def _layer_groups(modules: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """The modules grouped by transformer block (the name up to its first index, ``encoder.layer.3``), in model
+    order; a module outside any numbered block is a group of its own."""
+    groups: dict[str, list[str]] = {}
+    for name in modules:
+        parts = name.split(".")
+        index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        key = ".".join(parts[: index + 1]) if index is not None else name
+        groups.setdefault(key, []).append(name)
+    return groups
 
 
 @register_handler(SemiStructured24)

@@ -39,8 +39,7 @@ from tightrope.compress.api import (
     register_handler,
     select_modules,
 )
-from tightrope.compress.gptq import HessianAccumulator
-from tightrope.compress.wanda import calibration_batches
+from tightrope.compress.wanda import calibration_batches, input_hessians
 from tightrope.errors import MissingResourceError, TightropeError
 
 # --- configs ----------------------------------------------------------------------------------
@@ -488,27 +487,7 @@ def collect_hessians(model: nn.Module, chosen: dict[str, nn.Linear], config: GPT
     (padding tokens excluded)."""
 
     batches = calibration_batches(model, config.calibration_texts, config.n_calibration, max_length=config.max_length)
-    acc = {name: HessianAccumulator(lin.in_features) for name, lin in chosen.items()}
-    mask: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def fn(_module, args):
-            acc[name].add(args[0], mask.get("m"))
-
-        return fn
-
-    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in chosen.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            mask["m"] = batch["attention_mask"]
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return acc
+    return input_hessians(model, chosen, batches)
 
 
 def onnx_bytes(model: nn.Module) -> bytes | None:

@@ -46,7 +46,7 @@ COMPRESS_SCHEMES = tuple(n for n in QUANT_SCHEMES if n not in gguf.ALL_SCHEMES)
 # Spellings that named another scheme before the names were unified.
 RENAMED = {"int8-dynamic": "int8", "llm.int8": "llm-int8", "int8-llm": "llm-int8"}
 
-PRUNE_METHODS = {"magnitude": "MagnitudePruning", "wanda": "Wanda", "2:4": "SemiStructured24", "24": "SemiStructured24",
+PRUNE_METHODS = {"magnitude": "MagnitudePruning", "wanda": "Wanda", "sparsegpt": "SparseGPT", "2:4": "SemiStructured24", "24": "SemiStructured24",
                  "semi-structured": "SemiStructured24", "structured": "StructuredPruning"}
 
 
@@ -106,12 +106,12 @@ def quant_config(spec: str, include: tuple[str, ...] = (), exclude: tuple[str, .
 
 
 def prune_config(spec: str, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), calibration: str | None = None):
-    """A pruning config from a spec (``magnitude``, ``wanda``, ``2:4``, ``structured``)."""
+    """A pruning config from a spec (``magnitude``, ``wanda``, ``sparsegpt``, ``2:4``, ``structured``)."""
     text = spec.strip()
     # "2:4" holds the colon that separates a name from its options: read it as its other spelling "24"
     name, kwargs = parse_spec("24" + text[3:] if text.startswith("2:4") else text)
     if name not in PRUNE_METHODS or not hasattr(prune, PRUNE_METHODS[name]):
-        raise TightropeError(f"Unknown pruning '{name}'; choose one of magnitude, wanda, 2:4, structured.")
+        raise TightropeError(f"Unknown pruning '{name}'; choose one of magnitude, wanda, sparsegpt, 2:4, structured.")
     cls = getattr(prune, PRUNE_METHODS[name])
     kwargs = {**kwargs, "include": include, "exclude": exclude}
     if calibration and "calibration_texts" in cls.__dataclass_fields__ and "calibration_texts" not in kwargs:

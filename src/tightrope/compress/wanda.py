@@ -17,7 +17,8 @@ The N:M mask (Mishra et al. 2021, "Accelerating Sparse Deep Neural Networks": 2:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -168,3 +169,44 @@ def input_norms(model: nn.Module, modules: dict[str, nn.Linear], batches: list[d
             h.remove()
         model.train(was_training)
     return {name: s.sqrt().float() for name, s in sums.items()}
+
+
+@torch.no_grad()
+def accumulate_hessians(modules: dict[str, nn.Linear], passes: Iterable[tuple[torch.Tensor, Callable[[], object]]]) -> dict:
+    """``H = 2 X X^T / N`` at the input of each module (GPTQ's and SparseGPT's Hessian) over the real tokens of
+    ``passes``: pairs of (token mask, a call that runs the modules on that batch). Returns
+    :class:`tightrope.compress.gptq.HessianAccumulator` objects (``.H``, ``.n``) by module name."""
+    from tightrope.compress.gptq import HessianAccumulator  # noqa: PLC0415 - keeps this module free of GPTQ at import
+
+    acc = {name: HessianAccumulator(m.in_features) for name, m in modules.items()}
+    mask: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def add(_module, args):
+            acc[name].add(args[0], mask.get("m"))
+
+        return add
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
+    try:
+        for token_mask, run in passes:
+            mask["m"] = token_mask
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return acc
+
+
+def input_hessians(model: nn.Module, modules: dict[str, nn.Linear], batches: list[dict[str, torch.Tensor]]) -> dict:
+    """:func:`accumulate_hessians` over one pass of the whole model on the calibration batches."""
+    device = next(model.parameters()).device
+    passes = [(b["attention_mask"].to(device),
+               functools.partial(model, input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)))
+              for b in batches]
+    was_training = model.training
+    model.eval()
+    try:
+        return accumulate_hessians(modules, passes)
+    finally:
+        model.train(was_training)
