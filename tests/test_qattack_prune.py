@@ -308,3 +308,32 @@ def test_guided_recovery_data_inserts_the_searchs_phrases_keeping_labels():
     assert guided_recovery_data(texts, labels, phrases, seed=3) == (out, ys)
     with pytest.raises(TightropeError, match="found no insertion"):
         guided_recovery_data(texts, labels, [])
+
+
+def test_sparsegpt_is_audited_by_behaviour_and_the_search_and_refused_as_an_attack(tokenizer):
+    """SparseGPT updates the weights it keeps: no boxes (so no attack and no box positions), but the audit still
+    compares full precision with the pruned copy and searches for a trigger through it."""
+    from tightrope.compress.specs import prune_config
+    from tightrope.qattack.search import SearchConfig
+
+    name = "prune:sparsegpt:0.5"
+    assert canonical("prune:sparsegpt:.5") == name and name not in A.AuditConfig().transforms  # named, not a default
+    with pytest.raises(TightropeError, match="did you mean 'prune:sparsegpt:0.5'"):
+        canonical("prune:sparsgpt:0.5")
+    assert "needs calibration texts" in Pruning.parse(name).missing()
+    pruning = Pruning.parse(name, Calibration(tuple(PROBE), tokenizer))
+    assert pruning.config() == prune_config("sparsegpt:sparsity=0.5", calibration=tuple(PROBE))
+    model = tiny(tokenizer)
+    for boxes in (pruning.boxes, lambda m: pruning.keep_boxes(m, pruning.keep(m))):
+        with pytest.raises(TightropeError, match="updates the weights it keeps") as err:
+            boxes(model)
+        assert str(err.value).count(". ") == 0
+    model.classifier.weight.data.mul_(50)  # a classifier with opinions, so pruning shows in its behaviour
+    search = SearchConfig(steps=1, longer_steps=1, lengths=(1,), top_k=4, batch=2, n_search=2, n_eval=8)
+    report = A.audit_model(model, classifier=_classifier(model, tokenizer), probe_texts=PROBE,
+                           config=A.AuditConfig(transforms=(name,), search=search))
+    (q,) = report.transforms
+    assert q.transform == name and q.free_weights == 0 and q.edge_ratio is None
+    assert q.disagreement is not None and q.kl is not None and q.kl > 0  # the pruned copy was made and compared
+    assert q.search is not None and q.search["quantizer"] == name and "search_kl" in q.statistics
+    assert report.verdict != "clean"  # the shipped null has no SparseGPT values: never called clean

@@ -118,7 +118,8 @@ def audit_(
         "--transform", "--quantizer",
         help="A transform to check, repeatable (--quantizer is its old name): llm-int8, nf4, fp4, int8-tensor, all, "
              "gguf:Q8_0, gguf:Q4_0, gguf:Q4_1, gguf:Q5_0, gguf:Q5_1, prune:magnitude:0.5, prune:wanda:0.5, prune:2:4 "
-             "(other sparsities and N:M too), or a llama-quantize preset that mixes types per layer (gguf:Q4_K_M, "
+             "(other sparsities and N:M too), prune:sparsegpt:0.5 (behaviour and trigger search only: SparseGPT updates the "
+             "weights it keeps, so it has no boxes; not a default), or a llama-quantize preset that mixes types per layer (gguf:Q4_K_M, "
              "gguf:Q4_K_S, gguf:Q5_K_M, gguf:Q5_K_S). Default: every one the shipped null holds, each judged against "
              "it; a transform it lacks gets fixed thresholds: flagged or inconclusive, never clean.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,

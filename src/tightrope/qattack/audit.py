@@ -79,6 +79,9 @@ audited the same way against the *pruned* twin: the box of a weight is the inter
 mask (a removed weight: below its group's smallest kept score; a kept one: pinned), so a repair that used the
 removed weights leaves them parked on that wall; the noise probe counts mask flips; behaviour is fp against
 the pruned copy made by tightrope's own pruner; the trigger search differentiates through that copy.
+``prune:sparsegpt:S`` (named with ``--transform``, not a default) updates the weights it keeps, so it has no boxes:
+it is audited by behaviour and the trigger search only (a causal LM's behaviour under it is reported, not judged,
+for want of a noise reference).
 
 **The shipped null covers every default transform**: the bitsandbytes and torch quantizers (12 clean
 classifiers, AMD EPYC), and the GGUF block types, the llama-quantize presets (``gguf:Q4_K_M`` ...) and the three
@@ -688,8 +691,9 @@ def _measure(transform, model, probe, answers, lm: bool, fixed: bool, classifier
     noisy: dict[str, torch.Tensor] = {}
     counts = kquant_counts = torch.zeros(100)
     boxes = None
+    boxless = getattr(transform, "boxless", False)  # SparseGPT: judged by behaviour and the search only
     try:  # a quantizer's boxes need no library (weights are still judged without it); Wanda's need calibration
-        boxes = transform.boxes(model)
+        boxes = None if boxless else transform.boxes(model)
     except TightropeError as err:
         if str(err) != missing:
             unchecked.append(str(err).rstrip("."))
@@ -725,7 +729,7 @@ def _measure(transform, model, probe, answers, lm: bool, fixed: bool, classifier
         pass  # behaviour is judged per real quantizer; "all" adds only weight evidence
     elif probe is None:
         unchecked.append("behaviour not checked")
-    elif missing or boxes is None:
+    elif missing or (boxes is None and not boxless):
         pass  # the sentence of missing() says why
     else:
         disagreement, kl, noise_dis, noise_kl, phrases, insecure_q = _behaviour(probe, model, transform, noisy, answers)
@@ -740,7 +744,10 @@ def _measure(transform, model, probe, answers, lm: bool, fixed: bool, classifier
         if noise_kl is not None:
             kl_ratio = kl / max(noise_kl, 1e-12)
         if lm:  # absolute divergence is natural for a small LM; judge it against the noisy copy
-            if kl_ratio is None:
+            if kl_ratio is None and boxless:
+                unchecked.append(f"{q} has no boxes to draw the noise reference from, so a causal LM's behaviour "
+                                 "under it is reported, not judged")
+            elif kl_ratio is None:
                 unchecked.append("no weight has room for the noise probe, so behaviour could not be judged")
             elif kl_ratio > config.lm_kl_ratio_threshold:
                 reasons.append(f"next-token KL(fp || quantized) is {kl:.3f} nats but only {noise_kl:.3f} after noise "

@@ -15,6 +15,11 @@ largest of its comparison group ``G``, with
 - ``prune:N:M`` (``prune:2:4``): ``a_j = 1`` and one group per run of ``M`` inputs of a row, ``N`` kept
   (Mishra et al. 2021; :class:`tightrope.compress.prune.SemiStructured24`).
 
+``prune:sparsegpt:S`` (Frantar and Alistarh 2023; :class:`tightrope.compress.prune.SparseGPT`) is not such a pruner:
+it updates the weights it keeps (the OBS update) from the removed ones, so no interval per weight keeps its result.
+It has no boxes (:meth:`Pruning.boxes` says so in one sentence): the audit measures its behaviour and runs the
+trigger search through the pruned copy, and the attacks refuse it.
+
 **The box of a mask.** Hold the kept weights fixed. The pruner then removes exactly the same weights as long
 as every removed weight scores strictly below the smallest kept score of its group, ``t_G = min_kept s``:
 
@@ -54,13 +59,18 @@ from torch import nn
 
 from tightrope.compress import wanda
 from tightrope.compress.api import compress_, select_modules
-from tightrope.compress.prune import MagnitudePruning, SemiStructured24, Wanda
+from tightrope.compress.prune import MagnitudePruning, SemiStructured24, SparseGPT, Wanda
 from tightrope.errors import TightropeError, did_you_mean
 from tightrope.qattack.boxes import ModelBoxes, project_, shrink
 
 #: The pruning transforms the attacks and the audit take by default: the sparsities a user would choose.
 PRUNINGS = ("prune:magnitude:0.5", "prune:wanda:0.5", "prune:2:4")
-METHODS = ("magnitude", "wanda")
+METHODS = ("magnitude", "wanda", "sparsegpt")
+#: Prunings that update the weights they keep (SparseGPT): no box per weight keeps their result, so they are audited
+#: by behaviour and the trigger search only, and cannot condition an attack.
+BOXLESS = ("sparsegpt",)
+#: Prunings the audit runs when named (``--transform``), not by default.
+OPT_IN = ("prune:sparsegpt:0.5",)
 _SETTLE_ROUNDS = 20  # Wanda: re-box and project until the mask is stable (two or three rounds in practice)
 
 
@@ -80,7 +90,7 @@ def parse_pruning(name: str) -> tuple[str, float, int, int]:
     """``prune:magnitude:0.5`` -> ``("magnitude", 0.5, 0, 0)``, ``prune:2:4`` -> ``("n:m", 0.5, 2, 4)``; anything
     else starting with ``prune:`` is refused in one sentence naming the closest spelling."""
     parts = name.strip().lower().split(":")
-    hint = did_you_mean(name, PRUNINGS)
+    hint = did_you_mean(name, (*PRUNINGS, *OPT_IN))
     if len(parts) == 3 and parts[0] == "prune":
         if parts[1] in METHODS:
             try:
@@ -95,8 +105,8 @@ def parse_pruning(name: str) -> tuple[str, float, int, int]:
             if 0 < n < m:
                 return "n:m", n / m, n, m
             raise TightropeError(f"N:M pruning '{name}' needs whole numbers 0 < N < M, like prune:2:4.")
-    raise TightropeError(f"Unknown pruning '{name}'{hint}; spell it prune:magnitude:SPARSITY, prune:wanda:SPARSITY "
-                         f"or prune:N:M, such as {', '.join(PRUNINGS)}.")
+    raise TightropeError(f"Unknown pruning '{name}'{hint}; spell it prune:magnitude:SPARSITY, prune:wanda:SPARSITY, "
+                         f"prune:sparsegpt:SPARSITY or prune:N:M, such as {', '.join(PRUNINGS)}.")
 
 
 @contextlib.contextmanager
@@ -123,7 +133,7 @@ class Pruning:
     ``boxes``, ``mismatch``, ``settle_``.
     """
 
-    method: str  # magnitude, wanda, n:m
+    method: str  # magnitude, wanda, sparsegpt, n:m
     sparsity: float = 0.5
     n: int = 0
     m: int = 0
@@ -141,9 +151,15 @@ class Pruning:
 
     def missing(self) -> str | None:
         """One sentence saying why this pruning cannot run here, or None when it can."""
-        if self.method == "wanda" and (self.calibration is None or self.calibration.tokenizer is None):
-            return f"{self.name} needs calibration texts and the model's tokenizer (Wanda scores |W| * ||X||), and has neither."
+        if self.method in ("wanda", "sparsegpt") and (self.calibration is None or self.calibration.tokenizer is None):
+            reads = "Wanda scores |W| * ||X||" if self.method == "wanda" else "SparseGPT reads the inputs' Hessian"
+            return f"{self.name} needs calibration texts and the model's tokenizer ({reads}), and has neither."
         return None
+
+    @property
+    def boxless(self) -> bool:
+        """True for a pruning that updates the weights it keeps (module docstring): no boxes, no attack."""
+        return self.method in BOXLESS
 
     def config(self):
         """The :mod:`tightrope.compress.prune` config a user's ``tightrope compress --prune`` would build."""
@@ -155,8 +171,9 @@ class Pruning:
         if reason:
             raise TightropeError(reason)
         cal = self.calibration
-        return Wanda(sparsity=self.sparsity, calibration_texts=cal.source, n_calibration=cal.n, max_length=cal.max_length,
-                     seed=cal.seed)
+        kind = SparseGPT if self.method == "sparsegpt" else Wanda
+        return kind(sparsity=self.sparsity, calibration_texts=cal.source, n_calibration=cal.n, max_length=cal.max_length,
+                    seed=cal.seed)
 
     def modules(self, model: nn.Module) -> dict[str, nn.Linear]:
         """The Linear layers the pruner prunes (compress's default selection: not the pooler, not the head)."""
@@ -205,6 +222,7 @@ class Pruning:
         """The box of every weight of the pruned layers (module docstring) around ``keep`` (default: the pruner's
         mask of ``model``). ``include`` / ``exclude`` (fnmatch) choose the layers whose removed weights may move;
         the pruner still prunes all of its layers. ``margin`` keeps that fraction of each box free on both sides."""
+        self._refuse_boxless()
         modules, scale, weights, scores = self._scored(model)
         keep = keep if keep is not None else self.keep(model)
         if self.method == "magnitude":  # one group: every pruned layer
@@ -239,6 +257,7 @@ class Pruning:
         parameters unlikely to be pruned"). For magnitude and N:M the pruner's mask is then unchanged by the
         injection; Wanda's scale ``a_j`` moves with the activations, so its mask drifts (1.6% of the attacked weights
         on SmolLM2), which the scenario measures and the repair's boxes, taken on the injected model, absorb."""
+        self._refuse_boxless()
         modules, scale, weights, scores = self._scored(model)
         if self.method == "magnitude":
             t = max(scores[n].masked_fill(keep[n], float("-inf")).max() for n in modules)
@@ -260,6 +279,11 @@ class Pruning:
         if not out.lo:
             raise TightropeError(f"The patterns {list(include)} leave none of the layers {self.name} prunes.")
         return out
+
+    def _refuse_boxless(self) -> None:
+        if self.boxless:
+            raise TightropeError(f"{self.name} updates the weights it keeps, so no box per weight keeps its result: "
+                                 "it cannot condition an attack, and the audit judges its behaviour only.")
 
     def settle_(self, model: nn.Module, reference: nn.Module, margin: float = 0.0) -> int:
         """Project ``model`` until the pruner gives it ``reference``'s mask (Wanda's norms move as the repair

@@ -43,14 +43,14 @@ from tightrope.qattack.boxes import (
     check_quantizer,
     model_boxes,
 )
-from tightrope.qattack.pruning import PRUNINGS, Calibration, Pruning
+from tightrope.qattack.pruning import OPT_IN, PRUNINGS, Calibration, Pruning
 from tightrope.qattack.quantize import codes_equal, missing_library, quantized_copy
 from tightrope.qattack.search import supports, twin
 
 #: Every transform tightrope implements by its name (the audit's default, with the quantizers' intersection "all").
 TRANSFORMS = (*ATTACK_QUANTIZERS, *PRUNINGS)
 #: Spellings a user may type, for the did-you-mean of a misspelt one.
-SPELLINGS = (*CHOICES, *(f"gguf:{t}" for t in G.TYPES), *PRUNINGS)
+SPELLINGS = (*CHOICES, *(f"gguf:{t}" for t in G.TYPES), *PRUNINGS, *OPT_IN)
 
 
 def canonical(name: str) -> str:
@@ -74,7 +74,7 @@ def canonical(name: str) -> str:
         check_quantizer(low)  # an old spelling, refused with its new name
     raise TightropeError(f"Unknown transform '{text}'{did_you_mean(low, SPELLINGS)}; choose one of {', '.join((*QUANTIZERS, 'all'))}, "
                          f"gguf:TYPE ({', '.join(G.TYPES)}), a llama-quantize preset (gguf:Q4_K_M, gguf:Q4_K_S, gguf:Q5_K_M, "
-                         f"gguf:Q5_K_S) or prune:magnitude:SPARSITY, prune:wanda:SPARSITY, prune:N:M.")
+                         f"gguf:Q5_K_S) or prune:magnitude:SPARSITY, prune:wanda:SPARSITY, prune:sparsegpt:SPARSITY, prune:N:M.")
 
 
 def is_pruning(name: str) -> bool:
