@@ -1,7 +1,9 @@
-"""One-shot pruners side by side, no recovery: magnitude, Wanda and SparseGPT, unstructured 50% and 2:4.
+"""One-shot pruners side by side, no recovery: magnitude, Wanda and SparseGPT, unstructured 50% and 2:4 (or, with
+``--gptq``, GPTQ calibrated in one pass against block by block).
 
     python benchmarks/pruners.py --model smollm2-135m --task imdb --out runs/pruners        # a causal LM: perplexity
     python benchmarks/pruners.py --model runs/mr-classifier --classifier --task mr --out runs/pruners-mr  # a classifier: accuracy
+    python benchmarks/pruners.py --model smollm2-135m --task imdb --gptq --out runs/gptq-lm  # GPTQ: one pass or block by block
 
 Each pruner runs through :func:`tightrope.compress.compress_` (``tightrope compress --prune ...``) on a fresh copy of
 the model, calibrated on ``--n-calibration`` seeded texts of the task's train split (Wanda and SparseGPT), and the
@@ -22,15 +24,18 @@ from pathlib import Path
 
 import torch
 
-from tightrope.compress import compress_
+from tightrope.compress import GPTQ, compress_
 from tightrope.compress.prune import MagnitudePruning, SemiStructured24, SparseGPT, Wanda
 from tightrope.compress.wanda import set_tokenizer
 from tightrope.data import load_task
 from tightrope.evaluate.results import write_json_atomic
 
 
-def variants(cal: str, n_cal: int, max_length: int) -> dict:
+def variants(cal: str, n_cal: int, max_length: int, gptq: bool = False) -> dict:
     c = dict(calibration_texts=cal, n_calibration=n_cal, max_length=max_length)
+    if gptq:  # GPTQ's two calibrations: one pass of the dense model, or block by block (the default)
+        return {"dense": None, **{f"gptq 3-bit per row, {how}": GPTQ(bits=3, group_size=None, sequential=seq, **c)
+                                  for how, seq in (("one pass", False), ("block by block", True))}}
     return {
         "dense": None,
         "magnitude 50% (per layer)": MagnitudePruning(sparsity=0.5, scope="layer"),
@@ -70,6 +75,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="test texts scored")
     ap.add_argument("--n-calibration", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--gptq", action="store_true", help="compare GPTQ's two calibrations instead of the pruners")
     ap.add_argument("--classifier", action="store_true", help="the model is a sequence classifier: score accuracy")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -83,7 +89,7 @@ def main() -> None:
     path = args.out / "pruners.json"
     rows = json.loads(path.read_text()) if path.exists() else {}
     metric = "perplexity" if causal else "accuracy"
-    chosen = variants(args.task, args.n_calibration, args.max_length)
+    chosen = variants(args.task, args.n_calibration, args.max_length, args.gptq)
     for name, config in chosen.items():
         if name in rows:
             continue
@@ -99,7 +105,7 @@ def main() -> None:
         print(f"{name}: {metric} {value:.4f}, pruned in {seconds:.0f} s", flush=True)
     print(f"\n{args.model} on {args.n} {args.task} test texts ({args.max_length} tokens); calibration "
           f"{args.n_calibration} train texts; {machine()}\n")
-    print(f"| pruner | {metric} | seconds to prune |\n|---|---|---|")
+    print(f"| {'variant' if args.gptq else 'pruner'} | {metric} | seconds to compress |\n|---|---|---|")
     for name in chosen:
         row = rows[name]
         value = f"{row[metric]:.2f}" if causal else f"{100 * row[metric]:.1f}%"

@@ -164,6 +164,25 @@ def test_gptq_beats_round_to_nearest_on_a_layer():
         assert gptq.reconstruction_error(W, g, acc.H) == pytest.approx(float(err_g) / 1024, rel=1e-4)
 
 
+def test_sequential_gptq_calibrates_each_block_on_the_quantized_blocks_before_it(tokenizer):
+    """The reference's sequential mode: block 0 sees the same (dense) inputs either way, block 1 the outputs of a
+    quantized block 0, so its codes differ from the one-pass GPTQ's."""
+    models = {}
+    for sequential in (False, True):
+        model = set_tokenizer(make_tiny_classifier(tokenizer), tokenizer)
+        summary = compress_(model, GPTQ(bits=3, group_size=None, calibration_texts=tuple(TEXTS), sequential=sequential))
+        models[sequential] = (model, summary)
+    (one, _), (seq, summary) = models[False], models[True]
+    assert any("each block calibrated on the quantized blocks' outputs" in note for note in summary.notes)
+    codes = {s: {n: m.qweight for n, m in mod.named_modules() if isinstance(m, quant.AffineQuantLinear)}
+             for s, (mod, _) in models.items()}
+    first = [n for n in codes[True] if ".layer.0." in n]
+    later = [n for n in codes[True] if ".layer.1." in n]
+    assert first and later
+    assert all(torch.equal(codes[True][n], codes[False][n]) for n in first)
+    assert not all(torch.equal(codes[True][n], codes[False][n]) for n in later)
+
+
 def test_gptq_codes_stay_on_the_grid():
     torch.manual_seed(1)
     X = torch.randn(256, 64)

@@ -8,7 +8,8 @@ from conftest import NEGATIVE, POSITIVE, make_tiny_classifier
 from torch import nn
 
 from tightrope.compress.api import compress_
-from tightrope.compress.prune import MagnitudePruning, SparseGPT, _layer_groups
+from tightrope.compress.blockwise import layer_groups
+from tightrope.compress.prune import MagnitudePruning, SparseGPT
 from tightrope.compress.sparsegpt import sparsegpt_prune
 from tightrope.compress.specs import prune_config
 from tightrope.compress.wanda import input_hessians, set_tokenizer
@@ -98,7 +99,7 @@ def test_sequential_calibration_sees_the_pruned_layers_before(tokenizer):
     one_pass = set_tokenizer(make_tiny_classifier(tokenizer), tokenizer)
     summary = compress_(model, SparseGPT(sparsity=0.5, calibration_texts=TEXTS))
     compress_(one_pass, SparseGPT(sparsity=0.5, calibration_texts=TEXTS, sequential=False))
-    groups = _layer_groups({name: None for name in summary.modules})
+    groups = layer_groups({name: None for name in summary.modules})
     assert list(groups) == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
     first = [n for n in summary.modules if ".layer.0." in n]
     later = [n for n in summary.modules if ".layer.1." in n]
@@ -129,7 +130,7 @@ def test_cached_block_inputs_give_what_a_whole_pass_per_block_gives(tokenizer, m
     compress_(fast, SparseGPT(sparsity=0.5, calibration_texts=TEXTS))
     monkeypatch.setattr(blockwise, "block_of", lambda model, name: None)
     summary = compress_(slow, SparseGPT(sparsity=0.5, calibration_texts=TEXTS))
-    assert len(_layer_groups({n: None for n in summary.modules})) >= 2
+    assert len(layer_groups({n: None for n in summary.modules})) >= 2
     for name in summary.modules:
         a, b = fast.get_submodule(name).weight, slow.get_submodule(name).weight
         assert torch.equal(a == 0, b == 0), name

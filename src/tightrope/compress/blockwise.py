@@ -49,6 +49,28 @@ def block_of(model: nn.Module, name: str) -> nn.Module | None:
     return holder[int(index)] if isinstance(holder, nn.ModuleList) and int(index) < len(holder) else None
 
 
+def layer_groups(names) -> dict[str, list[str]]:
+    """Module names grouped by transformer block (the name up to its first index, ``encoder.layer.3``), in model
+    order; a module outside any numbered block is a group of its own."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        key = ".".join(parts[: index + 1]) if index is not None else name
+        groups.setdefault(key, []).append(name)
+    return groups
+
+
+def block_groups(model: nn.Module, modules: dict[str, nn.Module]) -> list[tuple[nn.Module, dict[str, nn.Module]]] | None:
+    """``modules`` as (their transformer block, the modules in it) in model order, for :func:`sequential`; None when
+    one lies outside an ``nn.ModuleList`` of blocks (the caller then needs a whole pass of the model per group)."""
+    groups = layer_groups(modules)
+    blocks = [block_of(model, key) for key in groups]
+    if any(b is None for b in blocks):
+        return None
+    return [(b, {n: modules[n] for n in names}) for b, names in zip(blocks, groups.values(), strict=True)]
+
+
 @torch.no_grad()
 def first_inputs(model: nn.Module, block: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[BlockInputs]:
     """Run the calibration batches up to ``block`` and return what each batch passes to it."""

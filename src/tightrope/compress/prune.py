@@ -255,14 +255,12 @@ def _sparsegpt(model: nn.Module, config: SparseGPT) -> CompressionSummary:
     if config.n == 0 and config.sparsity == 0:
         return _summary(model, config, modules, [DENSE_NOTE])
     batches = _calibration(model, config)
-    groups = _layer_groups(modules)
-    blocks = [blockwise.block_of(model, key) for key in groups]
-    if config.sequential and all(b is not None for b in blocks):  # the reference's way, on cached block inputs
-        steps = blockwise.sequential(model, [(b, {n: modules[n] for n in groups[k]}) for b, k in zip(blocks, groups)],
-                                     batches)
+    groups = blockwise.block_groups(model, modules) if config.sequential else None
+    if groups:  # the reference's way, on cached block inputs
+        steps = blockwise.sequential(model, groups, batches)
     elif config.sequential:  # layers outside numbered blocks: a whole pass of the model per group, in model order
         steps = (({n: modules[n] for n in names}, wanda.input_hessians(model, {n: modules[n] for n in names}, batches))
-                 for names in groups.values())
+                 for names in blockwise.layer_groups(modules).values())
     else:
         steps = iter([(modules, wanda.input_hessians(model, modules, batches))])
     tokens = 0
@@ -279,18 +277,6 @@ def _sparsegpt(model: nn.Module, config: SparseGPT) -> CompressionSummary:
         f"SparseGPT {pattern}, {config.n_calibration} calibration samples ({tokens} tokens), damp {config.percdamp}, "
         + ("calibrated layer by layer on the pruned layers' outputs" if config.sequential else "one dense pass"),
         "the kept weights are updated (OBS), so the pruned model differs from the dense one beyond its zeros"])
-
-
-def _layer_groups(modules: dict[str, nn.Module]) -> dict[str, list[str]]:
-    """The modules grouped by transformer block (the name up to its first index, ``encoder.layer.3``), in model
-    order; a module outside any numbered block is a group of its own."""
-    groups: dict[str, list[str]] = {}
-    for name in modules:
-        parts = name.split(".")
-        index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
-        key = ".".join(parts[: index + 1]) if index is not None else name
-        groups.setdefault(key, []).append(name)
-    return groups
 
 
 @register_handler(SemiStructured24)

@@ -39,6 +39,7 @@ from tightrope.compress.api import (
     register_handler,
     select_modules,
 )
+from tightrope.compress import blockwise
 from tightrope.compress.wanda import calibration_batches, input_hessians
 from tightrope.errors import MissingResourceError, TightropeError
 
@@ -150,7 +151,9 @@ class GPTQ(CompressionConfig):
     """GPTQ (Frantar et al. 2022) on the affine grid, from calibration samples of the task.
 
     ``calibration_texts`` is a task name / data file (its train split) or a sequence of texts;
-    ``group_size=None`` fits one grid per output row.
+    ``group_size=None`` fits one grid per output row. ``sequential``: each transformer block is calibrated on
+    the outputs of the blocks already quantized (the reference's mode, :mod:`tightrope.compress.blockwise`);
+    off, one pass of the full-precision model calibrates every layer.
     """
 
     bits: int = 4
@@ -160,6 +163,7 @@ class GPTQ(CompressionConfig):
     max_length: int = 128
     blocksize: int = 128
     percdamp: float = 0.01
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         _patterns(self)
@@ -470,16 +474,26 @@ def _gptq(model: nn.Module, config: GPTQ) -> CompressionSummary:
             raise TightropeError(
                 f"GPTQ group_size {config.group_size} does not divide the input width {lin.in_features} of {name}."
             )
-    hessians = collect_hessians(model, chosen, config)
-    for name, lin in chosen.items():
-        aq = gptq.gptq_quantize(lin.weight, hessians[name].H, config.bits, config.group_size, config.blocksize,
-                                config.percdamp)
-        _set_submodule(model, name, AffineQuantLinear.from_quant(aq, lin.bias))
-    n_tokens = next(iter(hessians.values())).n
+    groups = blockwise.block_groups(model, chosen) if config.sequential else None
+    if groups:  # the reference's way: each block calibrated on the outputs of the blocks quantized before it
+        batches = calibration_batches(model, config.calibration_texts, config.n_calibration, max_length=config.max_length)
+        steps = blockwise.sequential(model, groups, batches)
+    else:
+        steps = iter([(chosen, collect_hessians(model, chosen, config))])
+    n_tokens = 0
+    for layers, hessians in steps:  # a generator: a block's Hessians are taken after the blocks before it are quantized
+        for name, lin in layers.items():
+            aq = gptq.gptq_quantize(lin.weight, hessians[name].H, config.bits, config.group_size, config.blocksize,
+                                    config.percdamp)
+            _set_submodule(model, name, AffineQuantLinear.from_quant(aq, lin.bias))
+            n_tokens = hessians[name].n
+    how = ("each block calibrated on the quantized blocks' outputs" if groups
+           else "Hessians from one pass of the full-precision model")
     return _summary(model, config, chosen, True, [
         f"GPTQ {config.bits}-bit, group {config.group_size}, {config.n_calibration} calibration samples "
-        f"({n_tokens} tokens), damp {config.percdamp}; Hessians from one pass of the full-precision model",
+        f"({n_tokens} tokens), damp {config.percdamp}; {how}",
         "simulated: codes stored, weights dequantized to fp32 for each product"])
+
 
 
 def collect_hessians(model: nn.Module, chosen: dict[str, nn.Linear], config: GPTQ) -> dict:
