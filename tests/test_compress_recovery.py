@@ -340,3 +340,17 @@ def test_guided_recovery_reads_the_task_from_the_card_and_asks_for_it_otherwise(
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert inference.load(str(tmp_path / "out")).card["recovery"]["guided"]["task"] == str(tiny_task)
+
+
+def test_guided_phrases_match_the_pruning_given_to_compress_sparsegpt_included():
+    from tightrope.compress.specs import prune_config
+    from tightrope.errors import TightropeError
+    from tightrope.qattack.defense import guided_phrases
+
+    report = {"transforms": [
+        {"transform": "prune:sparsegpt:0.5", "search": {"candidates": [{"text": "cf sparse"}]}},
+        {"transform": "prune:magnitude:0.5", "search": {"candidates": [{"text": "cf magnitude"}]}}]}
+    assert guided_phrases(report, [prune_config("sparsegpt:sparsity=0.5")]) == ["cf sparse"]
+    assert guided_phrases(report, [prune_config("magnitude:sparsity=0.5")]) == ["cf magnitude"]
+    with pytest.raises(TightropeError, match="no trigger-search result"):
+        guided_phrases(report, [prune_config("sparsegpt:sparsity=0.3")])

@@ -115,8 +115,9 @@ def guided_phrases(report: dict, prune_configs: list, source: str = "the audit r
         kind = type(c).__name__
         if kind == "SemiStructured24":
             wanted.add(("n:m", 0.5, c.n, c.m))
-        elif kind in ("MagnitudePruning", "Wanda"):
-            wanted.add(("magnitude" if kind == "MagnitudePruning" else "wanda", round(float(c.sparsity), 6), 0, 0))
+        elif kind in ("MagnitudePruning", "Wanda") or (kind == "SparseGPT" and not c.m):
+            method = {"MagnitudePruning": "magnitude", "Wanda": "wanda", "SparseGPT": "sparsegpt"}[kind]
+            wanted.add((method, round(float(c.sparsity), 6), 0, 0))
     transforms = upgrade_report(report)["transforms"]
     audited = [t["transform"] for t in transforms if is_pruning(t["transform"])]
     phrases: list[str] = []
