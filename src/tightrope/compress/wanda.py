@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tightrope.compress.gptq import HessianAccumulator
 from tightrope.data import load_task
 from tightrope.encoding import collate, encode
 from tightrope.errors import TightropeError
@@ -176,8 +177,6 @@ def accumulate_hessians(modules: dict[str, nn.Linear], passes: Iterable[tuple[to
     """``H = 2 X X^T / N`` at the input of each module (GPTQ's and SparseGPT's Hessian) over the real tokens of
     ``passes``: pairs of (token mask, a call that runs the modules on that batch). Returns
     :class:`tightrope.compress.gptq.HessianAccumulator` objects (``.H``, ``.n``) by module name."""
-    from tightrope.compress.gptq import HessianAccumulator  # noqa: PLC0415 - keeps this module free of GPTQ at import
-
     acc = {name: HessianAccumulator(m.in_features) for name, m in modules.items()}
     mask: dict[str, torch.Tensor] = {}
 
