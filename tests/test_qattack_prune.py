@@ -310,7 +310,7 @@ def test_guided_recovery_data_inserts_the_searchs_phrases_keeping_labels():
         guided_recovery_data(texts, labels, [])
 
 
-def test_sparsegpt_is_audited_by_behaviour_and_the_search_and_refused_as_an_attack(tokenizer):
+def test_sparsegpt_is_audited_by_behaviour_and_the_search_and_refused_as_an_attack(tokenizer, tmp_path):
     """SparseGPT updates the weights it keeps: no boxes (so no attack and no box positions), but the audit still
     compares full precision with the pruned copy and searches for a trigger through it."""
     from tightrope.compress.specs import prune_config
@@ -336,4 +336,8 @@ def test_sparsegpt_is_audited_by_behaviour_and_the_search_and_refused_as_an_atta
     assert q.transform == name and q.free_weights == 0 and q.edge_ratio is None
     assert q.disagreement is not None and q.kl is not None and q.kl > 0  # the pruned copy was made and compared
     assert q.search is not None and q.search["quantizer"] == name and "search_kl" in q.statistics
-    assert report.verdict != "clean"  # the shipped null has no SparseGPT values: never called clean
+    # the shipped null calibrates it: behaviour and search judged, no weight statistic among them
+    assert set(q.p_values) == {"disagreement", "kl", "search_kl"} and q.p_value is not None
+    without = A.audit_model(model, classifier=_classifier(model, tokenizer), probe_texts=PROBE,
+                            config=A.AuditConfig(transforms=(name,), search=None, null=str(null_without(tmp_path, name))))
+    assert without.verdict == "inconclusive"  # a null without SparseGPT values: never called clean

@@ -85,7 +85,8 @@ for want of a noise reference).
 
 **The shipped null covers every default transform**: the bitsandbytes and torch quantizers (12 clean
 classifiers, AMD EPYC), and the GGUF block types, the llama-quantize presets (``gguf:Q4_K_M`` ...) and the three
-prunings (the same 12 recipes trained again, Intel Xeon; the null's ``extended`` entry says which). **A transform the null has no values for** (another
+prunings (the same 12 recipes trained again, Intel Xeon; the null's ``extended`` entry says which), and the
+k-quant positions of the presets and ``prune:sparsegpt:0.5`` (the first null's models again, AMD EPYC). **A transform the null has no values for** (another
 sparsity, another N:M, a null of your own without it) is judged by the fixed weight thresholds
 (``edge_ratio_threshold``, ``peak_ratio_threshold``, ``flip_ratio_threshold``, ``spike_threshold``) and nothing else. It is
 *flagged* when one passes, with a reason saying that the thresholds are uncalibrated; otherwise it is
