@@ -163,3 +163,22 @@ def test_a_study_names_it_like_any_compression():
 
     config = compression_config("SparseGPT", {"sparsity": 0.4}, defaults={"calibration_texts": "mr"})
     assert isinstance(config, SparseGPT) and config.sparsity == 0.4 and config.calibration_texts == "mr"
+
+
+def test_the_command_line_prunes_with_it_and_the_model_reloads(tiny_model_dir, tiny_task, tmp_path):
+    from typer.testing import CliRunner
+
+    from tightrope import inference
+    from tightrope.cli import app
+
+    out = tmp_path / "sparse"
+    result = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--out", str(out), "--prune",
+                                      "sparsegpt:sparsity=0.5,n_calibration=6", "--calibration", str(tiny_task)])
+    assert result.exit_code == 0, result.output
+    clf = inference.load(str(out))
+    (step,) = clf.card["compression"]
+    assert step["method"] == "SparseGPT" and step["config"]["calibration_texts"] == str(tiny_task)
+    dense = clf.model.bert.encoder.layer[1].output.dense.weight
+    assert int((dense == 0).sum()) == dense.numel() // 2
+    missing = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--prune", "sparsegpt"])
+    assert missing.exit_code == 2 and "calibration" in missing.output.lower()
