@@ -399,9 +399,6 @@ def test_weights_moved_onto_their_k_quant_codes_are_flagged_and_natural_ones_are
     positions in their codes' intervals instead, and a repair towards the dequantized values shows there."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tightrope.compress.gguf_k import dequantize_k, quantize_k
-    from tightrope.qattack.kquant_boxes import kquant_position, kquant_type
-
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -413,15 +410,7 @@ def test_weights_moved_onto_their_k_quant_codes_are_flagged_and_natural_ones_are
     assert clean.kquant_free > 0 and clean.kquant_spike < config.spike_threshold
     assert not any("k-quants" in r for r in clean.reasons)
 
-    planted = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, scheme in unboxed.items():
-            w = planted.get_submodule(name).weight
-            t = kquant_type(scheme)
-            q = dequantize_k(quantize_k(w.float(), t), t).reshape(w.shape)
-            free = ~kquant_position(w, scheme).isnan()
-            w.copy_(torch.where(free & (torch.rand(w.shape, generator=g) < 0.2), q, w))  # a fifth onto their codes
+    planted = park_on_kquant_codes(model, unboxed)
     report = A.audit_model(planted, tokenizer=lm_tokenizer, probe_texts=PROBE, config=config)
     down = report.transforms[0]
     assert report.flagged and down.kquant_spike > 10 * config.spike_threshold and down.kquant_middle > 0.1
@@ -431,9 +420,7 @@ def test_weights_moved_onto_their_k_quant_codes_are_flagged_and_natural_ones_are
 def test_k_quant_positions_enter_the_calibrated_test_where_the_null_has_values_for_them():
     from transformers import BertConfig, BertForSequenceClassification
 
-    from tightrope.compress.gguf_k import dequantize_k, quantize_k
     from tightrope.qattack import calibration as C
-    from tightrope.qattack.kquant_boxes import kquant_position, kquant_type
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -444,15 +431,7 @@ def test_k_quant_positions_enter_the_calibrated_test_where_the_null_has_values_f
     clean = A.audit_model(model, config=config, judge=False).transforms[0].statistics
     assert clean["kquant_spike"]["value"] < config.spike_threshold
     assert clean["layer_kquant_spike"]["names"] == list(unboxed)
-    planted = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, scheme in unboxed.items():
-            w = planted.get_submodule(name).weight
-            t = kquant_type(scheme)
-            q = dequantize_k(quantize_k(w.float(), t), t).reshape(w.shape)
-            free = ~kquant_position(w, scheme).isnan()
-            w.copy_(torch.where(free & (torch.rand(w.shape, generator=g) < 0.2), q, w))
+    planted = park_on_kquant_codes(model, unboxed)
     parked = A.audit_model(planted, config=config, judge=False).transforms[0].statistics
     null = C.Null.from_dict({"kind": "tightrope.audit-null", "statistics": {"gguf-q4_k_m": {
         "kquant_spike": [2.1, 2.6, 2.4, 3.0, 2.2, 2.8], "layer_kquant_spike": [2.5, 2.9, 3.1, 2.4, 2.7, 3.3, 2.6, 2.2]}}},
@@ -461,3 +440,21 @@ def test_k_quant_positions_enter_the_calibrated_test_where_the_null_has_values_f
     verdict, reasons, p_values, _, _ = A.judge_transform("gguf-q4_k_m", parked, null, 0.01, 0.01, 1, [])
     assert verdict == "flagged" and p_values["kquant_spike"] < 1e-6
     assert any("k-quant position spike" in r for r in reasons)
+
+
+def park_on_kquant_codes(model, unboxed: dict[str, str], share: float = 0.2, seed: int = 1):
+    """A copy of ``model`` with ``share`` of the free weights of its k-quant layers moved onto their codes (what a
+    repair inside Mind the Gap's intervals leaves behind)."""
+    from tightrope.compress.gguf_k import dequantize_k, quantize_k
+    from tightrope.qattack.kquant_boxes import kquant_position, kquant_type
+
+    planted = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, scheme in unboxed.items():
+            w = planted.get_submodule(name).weight
+            t = kquant_type(scheme)
+            q = dequantize_k(quantize_k(w.float(), t), t).reshape(w.shape)
+            free = ~kquant_position(w, scheme).isnan()
+            w.copy_(torch.where(free & (torch.rand(w.shape, generator=g) < share), q, w))
+    return planted
