@@ -82,7 +82,8 @@ def first_inputs(model: nn.Module, block: nn.Module, batches: list[dict[str, tor
         raise _Caught
 
     handle = block.register_forward_pre_hook(catch, with_kwargs=True)
-    extra = {"use_cache": False} if getattr(model.config, "is_decoder", False) or hasattr(model, "lm_head") else {}
+    causal = getattr(getattr(model, "config", None), "is_decoder", False) or hasattr(model, "lm_head")
+    extra = {"use_cache": False} if causal else {}  # a causal LM: no key-value cache among the caught arguments
     try:
         for batch in batches:
             current["mask"] = batch["attention_mask"]

@@ -1,4 +1,5 @@
-"""Activation-aware pruning scores (Wanda) and the calibration data they need.
+"""Activation-aware pruning scores (Wanda) and the calibration data they need, with the input Hessians that GPTQ
+and SparseGPT read from the same data (:func:`input_hessians`, :func:`accumulate_hessians`).
 
 Wanda (Sun, Liu, Bair, Kolter 2023, "A Simple and Effective Pruning Approach for Large Language
 Models", Eq. 1) scores weight ``W_ij`` of a linear layer by
