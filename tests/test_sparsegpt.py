@@ -182,3 +182,23 @@ def test_the_command_line_prunes_with_it_and_the_model_reloads(tiny_model_dir, t
     assert int((dense == 0).sum()) == dense.numel() // 2
     missing = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--prune", "sparsegpt"])
     assert missing.exit_code == 2 and "calibration" in missing.output.lower()
+
+
+def test_a_block_the_forward_pass_never_reaches_is_one_sentence():
+    from tightrope.compress import blockwise
+
+    class Skips(nn.Module):  # its second block is never called
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+        def forward(self, input_ids, attention_mask):
+            return self.layers[0](self.embed(input_ids))
+
+    model = Skips()
+    batch = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    assert len(blockwise.first_inputs(model, model.layers[0], [batch])) == 1
+    with pytest.raises(TightropeError, match="never reached its first block") as err:
+        blockwise.first_inputs(model, model.layers[1], [batch])
+    assert str(err.value).count(". ") == 0

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tightrope.compress.wanda import accumulate_hessians
+from tightrope.errors import TightropeError
 
 
 class _Caught(Exception):
@@ -82,17 +83,22 @@ def first_inputs(model: nn.Module, block: nn.Module, batches: list[dict[str, tor
         raise _Caught
 
     handle = block.register_forward_pre_hook(catch, with_kwargs=True)
+    device = next(model.parameters()).device
     causal = getattr(getattr(model, "config", None), "is_decoder", False) or hasattr(model, "lm_head")
     extra = {"use_cache": False} if causal else {}  # a causal LM: no key-value cache among the caught arguments
     try:
         for batch in batches:
-            current["mask"] = batch["attention_mask"]
+            mask = batch["attention_mask"].to(device)
+            current["mask"] = mask
             try:
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask, **extra)
             except _Caught:
                 pass
     finally:
         handle.remove()
+    if len(caught) != len(batches):  # a block the forward pass never reaches would be calibrated on nothing
+        raise TightropeError("The model's forward pass never reached its first block to compress, so the layers "
+                             "cannot be calibrated block by block; set sequential=false.")
     return caught
 
 
