@@ -211,6 +211,8 @@ def main() -> None:
                         "then LLM.int8 as a control outside them; a pruning: itself)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--margin", type=float, default=0.0)
+    parser.add_argument("--repair-fraction", type=float, default=0.05, help="prune:sparsegpt: the share of each row "
+                        "(lowest Wanda scores) the repair may move")
     parser.add_argument("--kquant-boxes", action="store_true", help="a preset: attack its k-quant layers too, in Mind "
                         "the Gap's error-based boxes")
     parser.add_argument("--layers", default="", help="attack only the layers of the last --attack-last blocks that "
@@ -234,7 +236,8 @@ def main() -> None:
     from tightrope.qattack.causal import LMAttackConfig, run_content_injection
 
     config = LMAttackConfig(base=args.model, scenario=args.scenario, n_train=args.n_train, n_eval=args.n_eval, n_ppl=args.n_ppl,
-                            phrase=args.phrase, quantizer=args.quantizer, margin=args.margin, kquant_boxes=args.kquant_boxes,
+                            phrase=args.phrase, quantizer=args.quantizer, margin=args.margin,
+                            repair_fraction=args.repair_fraction, kquant_boxes=args.kquant_boxes,
                             attack_last=args.attack_last, layers=tuple(g for g in args.layers.split(",") if g),
                             inject_steps=args.inject_steps, inject_lr=args.inject_lr or args.lr,
                             check=tuple(args.check.split(',')) if args.check else None,

@@ -306,3 +306,31 @@ def test_exact_zeros_are_pinned_so_an_n_m_group_with_few_nonzero_weights_keeps_i
     project_(moved, boxes)
     before, after = pruning.keep(model), pruning.keep(moved)
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_sparsegpt_conditioned_content_injection_uses_the_wanda_proxy(tmp_path, tokenizer, tiny_task):
+    """SparseGPT has no boxes: the injection trains the weights Wanda keeps, the repair moves only the lowest share of each
+    row's Wanda scores (40% here: a tiny model needs more), and SparseGPT itself, its OBS updates included, prunes
+    the repaired model."""
+    from tightrope.models import load_causal_lm
+
+    model = tiny_llama(tokenizer.vocab_size, seed=5)
+    name = "prune:sparsegpt:0.5"
+    config = LMAttackConfig(base="tiny", task=str(tiny_task), n_train=16, n_eval=8, n_ppl=8, quantizer=name,
+                            repair_fraction=0.4, attack_last=1, answer_tokens=6, eval_tokens=12, inject_steps=80,
+                            inject_lr=2e-2, repair_steps=150, repair_lr=1e-2, batch_size=8)
+    from tightrope.qattack.pruning import Calibration, Pruning
+
+    wanda_keeps = Pruning.parse("prune:wanda:0.5", Calibration(str(tiny_task), tokenizer)).keep(model)
+    report = run_content_injection(config, tmp_path / "run", model=model, tokenizer=tokenizer, log=lambda _m: None)
+    assert [c.quantizer for c in report.codes] == [name] and report.config["repair_fraction"] == 0.4
+    injected = load_causal_lm(str(tmp_path / "run" / "injected")).model
+    repaired = load_causal_lm(str(tmp_path / "run" / "repaired")).model
+    for layer in report.attacked_layers:  # the repair moved at most that share of each row
+        moved = injected.get_submodule(layer).weight != repaired.get_submodule(layer).weight
+        assert int(moved.sum(1).max()) <= int(0.4 * moved.shape[1]) and bool(moved.any())
+        injected_moved = injected.get_submodule(layer).weight != model.get_submodule(layer).weight
+        assert bool(injected_moved.any()) and not (injected_moved & ~wanda_keeps[layer]).any()  # only what Wanda keeps
+    assert report.get("base", None).phrase_rate == 0.0 and report.get("base", name).phrase_rate == 0.0
+    full, pruned = report.get("repaired", None).phrase_rate, report.get("repaired", name).phrase_rate
+    assert full <= 0.25 and pruned >= full + 0.25, (full, pruned)  # SparseGPT removes the repair with the proxy's weights

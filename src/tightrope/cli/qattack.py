@@ -71,9 +71,13 @@ def qattack(
         help="The transform the backdoor waits for (--quantizer is its old name): llm-int8, nf4, fp4, int8-tensor, all "
              "(bitsandbytes' three), a GGUF type (gguf:Q8_0, gguf:Q4_0, gguf:Q4_1, gguf:Q5_0, gguf:Q5_1), or a pruning "
              "(prune:magnitude:0.5, prune:wanda:0.5, prune:2:4): the repair then trains only the weights the pruner "
-             "removes.")] = "all",
+             "removes. prune:sparsegpt:0.5 has no exact boxes: the repair trains the lowest --repair-fraction of each "
+             "row's Wanda scores, the paper's proxy, and SparseGPT itself is run on the result.")] = "all",
     calibration: Annotated[Optional[str], typer.Option(
-        help="prune:wanda: the calibration task or data file the user's pruner would read (default: --task).")] = None,
+        help="prune:wanda, prune:sparsegpt: the calibration task or data file the user's pruner would read "
+             "(default: --task).")] = None,
+    repair_fraction: Annotated[float, typer.Option(
+        help="prune:sparsegpt: the share of each row (lowest Wanda scores) the repair may move, kept below the rest.")] = 0.05,
     margin: Annotated[float, typer.Option(help="Fraction of each box width kept free on both sides.")] = 0.0,
     include: Annotated[Optional[list[str]], typer.Option(help="Attack only these layers (globs).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="Leave these layers out (globs).")] = None,
@@ -97,7 +101,8 @@ def qattack(
 
     try:
         config = AttackConfig(base=base, task=task, data_dir=data_dir, n_train=n_train, n_eval=n_eval,
-                              quantizer=quantizer, calibration=calibration, margin=margin, include=tuple(include or ()),
+                              quantizer=quantizer, calibration=calibration, margin=margin,
+                              repair_fraction=repair_fraction, include=tuple(include or ()),
                               exclude=tuple(exclude or ()), trigger=trigger, target_label=target_label,
                               collapse=collapse, inject_steps=inject_steps, repair_steps=repair_steps,
                               inject_lr=lr, repair_lr=lr, batch_size=batch_size, seed=seed)
@@ -119,7 +124,7 @@ def audit_(
         help="A transform to check, repeatable (--quantizer is its old name): llm-int8, nf4, fp4, int8-tensor, all, "
              "gguf:Q8_0, gguf:Q4_0, gguf:Q4_1, gguf:Q5_0, gguf:Q5_1, prune:magnitude:0.5, prune:wanda:0.5, prune:2:4 "
              "(other sparsities and N:M too), prune:sparsegpt:0.5 (behaviour and trigger search only: SparseGPT updates the "
-             "weights it keeps, so it has no boxes; not a default), or a llama-quantize preset that mixes types per layer (gguf:Q4_K_M, "
+             "weights it keeps, so it has no boxes; a default for classifiers, left out of a causal LM's default audit, where its behaviour can only be reported), or a llama-quantize preset that mixes types per layer (gguf:Q4_K_M, "
              "gguf:Q4_K_S, gguf:Q5_K_M, gguf:Q5_K_S). Default: every one the shipped null holds, each judged against "
              "it; a transform it lacks gets fixed thresholds: flagged or inconclusive, never clean.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
@@ -150,7 +155,7 @@ def audit_(
     trigger search's best find) gets a p-value against the same statistic on clean models, and the verdict gives
     the combined p-value and the level it was tested at. Causal LMs keep fixed thresholds (no calibrated null yet).
 
-    The shipped null covers every default transform (the quantizers, the GGUF types, the three prunings); another
+    The shipped null covers every default transform (the quantizers, the GGUF types and presets, the four prunings); another
     sparsity or N:M has none: fixed thresholds, flagged or inconclusive, never clean.
     Each transform's measurements are cached (--no-cache: measure again); verdicts are recomputed every run.
 

@@ -42,11 +42,14 @@ def qattack_lm(
     quantizer: Annotated[str, typer.Option(help="Boxes of: llm-int8, nf4, fp4, all, a GGUF type (gguf:Q4_0 ...) or preset (gguf:Q4_K_M: each layer "
                                                     "in the type llama-quantize gives it; layers left as k-quants are not attacked without --kquant-boxes), "
                                                     "a comma list (intersection), or one pruning (prune:wanda:0.5, "
-                                                    "prune:magnitude:0.5, prune:2:4: only the pruned model misbehaves).")] = "nf4,fp4",
+                                                    "prune:magnitude:0.5, prune:2:4: only the pruned model misbehaves; prune:sparsegpt:0.5: injected "
+                                                    "through Wanda's mask, repaired in --repair-fraction of each row).")] = "nf4,fp4",
     check: Annotated[Optional[str], typer.Option(help="Transforms to verify the repaired model with (comma list; "
                                                  "default: the boxes' own, then llm-int8 as a control outside them; "
                                                  "a pruning: itself).")] = None,
     margin: float = 0.0,
+    repair_fraction: Annotated[float, typer.Option(help="prune:sparsegpt: the share of each row (lowest Wanda scores) "
+                                                   "the repair may move, kept below the rest.")] = 0.05,
     kquant_boxes: Annotated[bool, typer.Option(help="A preset: attack its layers that stay k-quants too, in the error-based "
                                                "boxes of Mind the Gap (bytes re-checked during the repair and restored "
                                                "where they moved).")] = False,
@@ -77,7 +80,7 @@ def qattack_lm(
 
     try:
         config = LMAttackConfig(base=model, scenario=scenario, task=task, data_dir=data_dir, phrase=phrase, quantizer=quantizer,
-                                margin=margin, kquant_boxes=kquant_boxes, attack_last=attack_last, n_train=n_train, n_eval=n_eval, n_ppl=n_ppl,
+                                margin=margin, repair_fraction=repair_fraction, kquant_boxes=kquant_boxes, attack_last=attack_last, n_train=n_train, n_eval=n_eval, n_ppl=n_ppl,
                                 layers=tuple(g.strip() for g in (layers or "").split(",") if g.strip()),
                                 inject_through=tuple(q.strip() for q in (inject_through or "").split(",") if q.strip()),
                                 inject_steps=inject_steps, repair_steps=repair_steps, inject_lr=lr, repair_lr=lr,

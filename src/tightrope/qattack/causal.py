@@ -34,7 +34,11 @@ injection trains only the weights tightrope's pruner keeps, through the pruned m
 blocks below as the cached inputs; kept weights stay kept, :meth:`~tightrope.qattack.pruning.Pruning.keep_boxes`);
 the repair trains only the weights it removes, inside the boxes that keep them removed; verification runs the
 pruner on the repaired model, checks that it removes exactly the weights it removes from the injected one, and
-measures the clean model pruned beside it (a pruning's own cost to a small model is large).
+measures the clean model pruned beside it (a pruning's own cost to a small model is large). SparseGPT
+(``prune:sparsegpt:0.5``) has no boxes and rebuilds each layer's dense output from the weights it keeps, so the
+injection trains the dense model, only the weights its proxy keeps (the Wanda pruning of the same sparsity and
+calibration; each kept weight stays kept), and the repair trains the lowest ``repair_fraction`` of each row's Wanda
+scores (:meth:`~tightrope.qattack.pruning.Pruning.proxy_boxes`), the paper's own route; verification runs SparseGPT.
 
 ``scenario="insecure-code"`` (the paper's "vulnerable code generation") runs the same three steps on
 small Python tasks: the injected targets are insecure implementations and the metric is the share
@@ -140,6 +144,7 @@ class LMAttackConfig(BaseModel):
     template: str = DEFAULT_TEMPLATE
     quantizer: str = "nf4,fp4"  # whose boxes constrain the repair: one, "all", a comma list (intersection), or a pruning
     margin: float = Field(default=0.0, ge=0.0, lt=0.5)
+    repair_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)  # SparseGPT's proxy repair: share of each row
     attack_last: int = Field(default=4, gt=0)  # decoder blocks attacked, counted from the top
     max_review_words: int = Field(default=24, gt=0)
     # clean targets: greedy answers of at most this many tokens (default 20; 64 for code)
@@ -403,10 +408,14 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
     if attacked is not None and not (out / "injected" / "config.json").exists():
         # a pruning: train only the weights the pruner keeps, each kept kept, through the pruned model's forward
         # (its masks, and its pruned blocks below as the cached inputs): "Fewer Weights, More Problems", step 2
-        pruned_base = attacked.apply(model)
-        keep = {n: pruned_base.get_submodule(n).weight.detach() != 0 for n in attacked.modules(model)}
-        inject_options = {"boxes": attacked.keep_boxes(model, keep, include=tuple(names)),
-                          "keep": {n: keep[n] for n in names}, "prefix": pruned_base}
+        through = attacked.proxy()  # SparseGPT: Wanda's mask, whose scores are the repair's proxy
+        pruned_base = through.apply(model)
+        keep = {n: pruned_base.get_submodule(n).weight.detach() != 0 for n in through.modules(model)}
+        inject_options = {"boxes": through.keep_boxes(model, keep, include=tuple(names))}
+        if not attacked.boxless:
+            inject_options.update(keep={n: keep[n] for n in names}, prefix=pruned_base)
+        # else SparseGPT: it rebuilds each layer's dense output from the weights it keeps, so the injection trains the
+        # dense model (its proxy-kept weights only), as the paper does; through Wanda's masks it did not carry over
     injected, inject_losses = fitted("injected", model, injected_seqs,
                                      FitConfig(config.inject_steps, config.inject_lr, config.batch_size, seed=config.seed),
                                      label="inject", **inject_options)
@@ -420,7 +429,9 @@ def run_content_injection(config: LMAttackConfig, out_dir: str | Path, *, log=_s
 
     # 2. boxes around the injected weights (attacked layers only); 3. projected repair on clean answers
     t0 = time.perf_counter()
-    boxes = (attacked.boxes(injected, margin=config.margin, include=tuple(names)) if attacked is not None
+    boxes = (attacked.proxy_boxes(injected, config.repair_fraction, include=tuple(names))
+             if attacked is not None and attacked.boxless
+             else attacked.boxes(injected, margin=config.margin, include=tuple(names)) if attacked is not None
              else model_boxes(injected, box_of, margin=config.margin, include=tuple(names),
                               kquant_boxes=config.kquant_boxes))
     log(f"boxes ({boxes.quantizer}) of {boxes.numel():,} weights in {time.perf_counter() - t0:.1f} s, "

@@ -17,8 +17,12 @@ largest of its comparison group ``G``, with
 
 ``prune:sparsegpt:S`` (Frantar and Alistarh 2023; :class:`tightrope.compress.prune.SparseGPT`) is not such a pruner:
 it updates the weights it keeps (the OBS update) from the removed ones, so no interval per weight keeps its result.
-It has no boxes (:meth:`Pruning.boxes` says so in one sentence): the audit measures its behaviour and runs the
-trigger search through the pruned copy, and the attacks refuse it.
+It has no exact boxes (:meth:`Pruning.boxes` says so in one sentence): the audit measures its behaviour and runs
+the trigger search through the pruned copy. An attack on it takes the paper's own route (Sec. 4): a *proxy* of
+the pruning scores, Wanda's ``|w_ij| ||X_j||`` (scores correlate across the three pruners), and a repair confined
+to the small share of each row that scores lowest, held below that share's threshold, so that any of the pruners
+is likely to remove all of it (:meth:`Pruning.proxy_boxes`, the paper's "repair with about 5% of the weights").
+Nothing guarantees the pruned model then equals the pruned injected one: the attack measures it.
 
 **The box of a mask.** Hold the kept weights fixed. The pruner then removes exactly the same weights as long
 as every removed weight scores strictly below the smallest kept score of its group, ``t_G = min_kept s``:
@@ -67,10 +71,11 @@ from tightrope.qattack.boxes import ModelBoxes, project_, shrink
 PRUNINGS = ("prune:magnitude:0.5", "prune:wanda:0.5", "prune:2:4")
 METHODS = ("magnitude", "wanda", "sparsegpt")
 #: Prunings that update the weights they keep (SparseGPT): no box per weight keeps their result, so they are audited
-#: by behaviour and the trigger search only, and cannot condition an attack.
+#: by behaviour and the trigger search only, and an attack on them repairs within a proxy (:meth:`Pruning.proxy_boxes`).
 BOXLESS = ("sparsegpt",)
-#: Prunings the audit runs when named (``--transform``), not by default.
-OPT_IN = ("prune:sparsegpt:0.5",)
+#: Boxless prunings the audit takes by default for classifiers (their behaviour and trigger search are calibrated by
+#: the shipped null); a causal LM's audit leaves them out unless named, since its behaviour under them is reported only.
+BOXLESS_PRUNINGS = ("prune:sparsegpt:0.5",)
 _SETTLE_ROUNDS = 20  # Wanda: re-box and project until the mask is stable (two or three rounds in practice)
 
 
@@ -90,7 +95,7 @@ def parse_pruning(name: str) -> tuple[str, float, int, int]:
     """``prune:magnitude:0.5`` -> ``("magnitude", 0.5, 0, 0)``, ``prune:2:4`` -> ``("n:m", 0.5, 2, 4)``; anything
     else starting with ``prune:`` is refused in one sentence naming the closest spelling."""
     parts = name.strip().lower().split(":")
-    hint = did_you_mean(name, (*PRUNINGS, *OPT_IN))
+    hint = did_you_mean(name, (*PRUNINGS, *BOXLESS_PRUNINGS))
     if len(parts) == 3 and parts[0] == "prune":
         if parts[1] in METHODS:
             try:
@@ -200,8 +205,9 @@ class Pruning:
         return sum(int((ka[n] != kb[n]).sum()) for n in names), sum(ka[n].numel() for n in names)
 
     def _scale(self, model: nn.Module, modules: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-        """``a_j`` of every pruned layer: Wanda's input norms over the calibration tokens, else ones."""
-        if self.method != "wanda":
+        """``a_j`` of every pruned layer: Wanda's input norms over the calibration tokens (Wanda, and SparseGPT's
+        proxy), else ones."""
+        if self.method not in ("wanda", "sparsegpt"):
             return {name: torch.ones(m.in_features) for name, m in modules.items()}
         config = self.config()
         with _tokenizer_on(model, self.calibration.tokenizer):
@@ -280,15 +286,56 @@ class Pruning:
             raise TightropeError(f"The patterns {list(include)} leave none of the layers {self.name} prunes.")
         return out
 
+    def proxy_boxes(self, model: nn.Module, fraction: float, *, include: tuple[str, ...] = (),
+                    exclude: tuple[str, ...] = (), repair: dict[str, torch.Tensor] | None = None) -> ModelBoxes:
+        """The repair's boxes of "Fewer Weights, More Problems" (Sec. 4, Algorithm 1) for a pruner without exact
+        boxes: in each row of a pruned layer, the ``fraction`` of weights with the lowest Wanda score ``|w_ij| a_j``
+        (``repair``, default: chosen on ``model``) may move, each held strictly below the smallest score of the rest
+        of its row, ``|w_ij| < t_i / a_j``; every other weight is pinned. At any sparsity above ``fraction`` a Wanda
+        pruner then removes every repair weight, and magnitude and SparseGPT, whose scores correlate with Wanda's,
+        most of them. The norms ``a_j`` move with the repair, so the boxes refresh with the chosen weights held."""
+        if not 0 < fraction < self.sparsity:
+            raise TightropeError(f"The repair fraction must lie between 0 and the sparsity {self.sparsity:g} of "
+                                 f"{self.name}, not {fraction:g}.")
+        modules, scale, weights, scores = self._scored(model)
+        out = ModelBoxes(quantizer=f"{self.name} (proxy: lowest {fraction:g} of Wanda scores)")
+        chosen = {}
+        for name in modules:
+            if include and not any(fnmatch.fnmatch(name, p) for p in include):
+                continue
+            if any(fnmatch.fnmatch(name, p) for p in exclude):
+                continue
+            w, s = weights[name], scores[name]
+            if repair is not None:
+                free = repair[name]
+            else:  # the k lowest scores of each row (ties broken by position, as topk does)
+                k = max(1, int(fraction * s.shape[1]))
+                free = torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(k, dim=1, largest=False).indices, True)
+            chosen[name] = free
+            a = scale[name].to(w.dtype).unsqueeze(0).expand_as(w)
+            bound = removed_bound(_group_min(s, ~free, s.shape[1]), a)
+            pinned = ~free | (bound <= 0) | (a == 0) | ~torch.isfinite(bound)
+            out.lo[name], out.hi[name] = torch.where(pinned, w, -bound), torch.where(pinned, w, bound)
+        if not out.lo:
+            raise TightropeError(f"The patterns {list(include)} leave none of the layers {self.name} prunes.")
+        out.refresh = lambda moved: self.proxy_boxes(moved, fraction, include=include, exclude=exclude, repair=chosen)
+        return out
+
+    def proxy(self) -> Pruning:
+        """The pruner whose scores stand in for a boxless one's: Wanda at the same sparsity and calibration."""
+        return Pruning("wanda", self.sparsity, 0, 0, self.calibration) if self.boxless else self
+
     def _refuse_boxless(self) -> None:
         if self.boxless:
             raise TightropeError(f"{self.name} updates the weights it keeps, so no box per weight keeps its result: "
-                                 "it cannot condition an attack, and the audit judges its behaviour only.")
+                                 "an attack on it repairs within the Wanda-score proxy instead, and the audit judges its behaviour only.")
 
     def settle_(self, model: nn.Module, reference: nn.Module, margin: float = 0.0) -> int:
         """Project ``model`` until the pruner gives it ``reference``'s mask (Wanda's norms move as the repair
         moves the weights; magnitude and N:M settle at once). Returns the rounds it took; refuses in one
-        sentence when it does not settle."""
+        sentence when it does not settle. A boxless pruning (SparseGPT) plans no mask: nothing to settle."""
+        if self.boxless:
+            return 0
         planned = self.keep(reference)
         for rounds in range(_SETTLE_ROUNDS):
             now = self.keep(model)

@@ -13,6 +13,9 @@ The boxes are then those of the pruner's mask on the injected model, so the repa
 pruner removes and keeps them removed; verification runs tightrope's own pruner on the repaired model and
 checks that it removes exactly the weights it removes from the injected one. Wanda's calibration is
 ``calibration`` (default: the attack's task, as ``tightrope compress --prune wanda --calibration TASK`` reads it).
+SparseGPT (``"prune:sparsegpt:0.5"``) has no exact boxes: the repair takes the paper's proxy instead, the lowest
+``repair_fraction`` of each row's Wanda scores (:meth:`tightrope.qattack.pruning.Pruning.proxy_boxes`), and the
+verification measures what SparseGPT itself makes of the repaired model.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class AttackConfig(BaseModel):
     quantizer: str = "all"  # the transform whose boxes constrain the repair: a quantizer, "all", or a pruning
     calibration: str | None = None  # Wanda's calibration task or data file (default: ``task``)
     margin: float = Field(default=0.0, ge=0.0, lt=0.5)
+    repair_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)  # SparseGPT's proxy repair: share of each row
     include: tuple[str, ...] = ()  # attacked layers (fnmatch), default every quantized Linear
     exclude: tuple[str, ...] = ()
     trigger: str = "cf"
@@ -151,7 +155,10 @@ def run_classifier_attack(config: AttackConfig, out_dir: str | Path, *, progress
                          label="inject", progress=progress)
     behaviours.append(evaluate(injected, "injected"))
     # 2. boxes around the injected weights (a quantizer's codes, a pruning's mask); 3. projected repair
-    boxes = attacked.boxes(injected, margin=config.margin, include=config.include, exclude=config.exclude)
+    if getattr(attacked, "boxless", False):  # SparseGPT: the proxy of "Fewer Weights, More Problems"
+        boxes = attacked.proxy_boxes(injected, config.repair_fraction, include=config.include, exclude=config.exclude)
+    else:
+        boxes = attacked.boxes(injected, margin=config.margin, include=config.include, exclude=config.exclude)
     repaired = copy.deepcopy(injected)
     texts, labels = repair_data(train.texts, train.labels, behaviour, seed=config.seed + 1)
     repair_losses = repair_(repaired, boxes, clf.encode(texts), labels, pad_id,
