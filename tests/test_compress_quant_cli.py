@@ -110,7 +110,8 @@ def test_one_name_per_scheme_across_consumers():
                  "boxes.GGUF_QUANTIZERS": set(boxes.GGUF_QUANTIZERS), "boxes.CHOICES": set(boxes.CHOICES) - {"all"},
                  "quantize.LIBRARIES": set(quantize.LIBRARIES),
                  "lm_training.THROUGH_SCHEMES": set(THROUGH_SCHEMES) | set(THROUGH_SCHEMES.values()),
-                 "audit.AuditConfig": set(audit.AuditConfig().transforms) - {"all"} - set(pruning.PRUNINGS),
+                 "audit.AuditConfig": set(audit.AuditConfig().transforms) - {"all"} - set(pruning.PRUNINGS)
+                                      - set(pruning.BOXLESS_PRUNINGS),
                  "scenario.AttackConfig.check": set(scenario.AttackConfig.model_fields["check"].default)}
     assert {name: sorted(names - registry) for name, names in consumers.items() if names - registry} == {}
     assert {"llm-int8", "int8", "int8-tensor", "nf4", "fp4"} <= set(fakequant.QDQ)

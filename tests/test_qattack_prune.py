@@ -317,7 +317,7 @@ def test_sparsegpt_is_audited_by_behaviour_and_the_search_and_refused_as_an_atta
     from tightrope.qattack.search import SearchConfig
 
     name = "prune:sparsegpt:0.5"
-    assert canonical("prune:sparsegpt:.5") == name and name not in A.AuditConfig().transforms  # named, not a default
+    assert canonical("prune:sparsegpt:.5") == name and name in A.AuditConfig().transforms  # a default
     with pytest.raises(TightropeError, match="did you mean 'prune:sparsegpt:0.5'"):
         canonical("prune:sparsgpt:0.5")
     assert "needs calibration texts" in Pruning.parse(name).missing()
@@ -341,3 +341,59 @@ def test_sparsegpt_is_audited_by_behaviour_and_the_search_and_refused_as_an_atta
     without = A.audit_model(model, classifier=_classifier(model, tokenizer), probe_texts=PROBE,
                             config=A.AuditConfig(transforms=(name,), search=None, null=str(null_without(tmp_path, name))))
     assert without.verdict == "inconclusive"  # a null without SparseGPT values: never called clean
+
+
+def test_sparsegpt_attack_repairs_with_the_lowest_wanda_scores_and_wanda_removes_them_all(tokenizer):
+    """"Fewer Weights, More Problems" Sec. 4: SparseGPT has no exact boxes, so the repair takes the proxy, the lowest
+    share of each row's Wanda scores, each held below the rest of its row: a Wanda pruner at 50% removes all of it."""
+    calibration = Calibration(tuple(PROBE), tokenizer)
+    sparsegpt = Pruning.parse("prune:sparsegpt:0.5", calibration)
+    wanda = Pruning.parse("prune:wanda:0.5", calibration)
+    model = tiny(tokenizer)
+    boxes = sparsegpt.proxy_boxes(model, 0.1)
+    scores = wanda._scored(model)[3]  # the proxy's scores are Wanda's, on the same calibration
+    for name in boxes.names:
+        free = boxes.lo[name] != boxes.hi[name]
+        s = scores[name]
+        k = int(0.1 * s.shape[1])
+        assert (free.sum(1) == k).all()  # exactly the lowest tenth of every row may move
+        assert (s.masked_fill(~free, -1).amax(1) <= s.masked_fill(free, float("inf")).amin(1)).all()
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.randint(1000, 5000, (12,), generator=g).tolist() for _ in range(64)]
+    repaired = copy.deepcopy(model)
+    repair_(repaired, boxes, ids, [i % 2 for i in range(64)], 0, FitConfig(steps=20, lr=3e-3, batch_size=16), progress=False)
+    kept = wanda.keep(repaired)
+    moved = 0
+    for name in boxes.names:
+        delta = repaired.get_submodule(name).weight.detach() != model.get_submodule(name).weight.detach()
+        assert not (delta & (boxes.lo[name] == boxes.hi[name])).any()  # only the proxy's weights moved
+        assert not (delta & kept[name]).any()  # and Wanda removes every one of them
+        moved += int(delta.sum())
+    assert moved > 0.5 * sum(int((boxes.lo[n] != boxes.hi[n]).sum()) for n in boxes.names)
+    assert sparsegpt.settle_(repaired, model) == 0  # no mask is planned for SparseGPT
+    with pytest.raises(TightropeError, match="between 0 and the sparsity 0.5"):
+        sparsegpt.proxy_boxes(model, 0.6)
+
+
+def test_qattack_cli_builds_a_sparsegpt_conditioned_model(saved, tmp_path):
+    clean, _, probe = saved
+    name = "prune:sparsegpt:0.5"
+    out = tmp_path / "sparsegpt"
+    result = runner.invoke(app, ["qattack", str(clean), "--out", str(out), "--task", str(probe), "--n-train", "64",
+                                 "--n-eval", "32", "--inject-steps", "3", "--repair-steps", "3", "--batch-size", "16",
+                                 "--transform", name, "--repair-fraction", "0.1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["repair_fraction"] == 0.1 and [c["quantizer"] for c in report["codes"]] == [name]
+    assert {(b["variant"], b["quantizer"]) for b in report["behaviours"]} >= {("repaired", name), ("base", name)}
+
+
+def test_a_causal_lms_default_audit_leaves_sparsegpt_out_and_says_so_unless_named():
+    default = A.AuditConfig()
+    kept, notes = A.judgeable(default, causal_lm=False)
+    assert kept is default and notes == []  # a classifier: its null judges SparseGPT's behaviour and search
+    kept, notes = A.judgeable(default, causal_lm=True)
+    assert kept.transforms == tuple(t for t in default.transforms if t != "prune:sparsegpt:0.5")
+    assert len(notes) == 1 and "prune:sparsegpt:0.5 left out" in notes[0] and "--transform" in notes[0]
+    named = A.AuditConfig(transforms=("nf4", "prune:sparsegpt:0.5"))
+    assert A.judgeable(named, causal_lm=True) == (named, [])  # a transform the user named stays

@@ -20,7 +20,8 @@ scenarios and the audit are written once:
 :data:`tightrope.qattack.boxes.CHOICES` (``llm-int8``, ``nf4``, ``fp4``, ``int8-tensor``, ``all``, ``gguf-q4_0`` ...;
 a GGUF type may also be spelled as llama.cpp does, ``gguf:Q4_0``; a llama-quantize preset, ``gguf:Q4_K_M``, mixes
 types per layer as llama.cpp does) and the prunings ``prune:magnitude:S``,
-``prune:wanda:S`` and ``prune:N:M`` (:data:`tightrope.qattack.pruning.PRUNINGS` are the defaults).
+``prune:wanda:S``, ``prune:N:M`` and ``prune:sparsegpt:S`` (:data:`tightrope.qattack.pruning.PRUNINGS` and
+``BOXLESS_PRUNINGS`` are the defaults).
 :func:`canonical` maps a spelling to its name, or refuses it in one sentence with the closest name.
 """
 
@@ -43,14 +44,14 @@ from tightrope.qattack.boxes import (
     check_quantizer,
     model_boxes,
 )
-from tightrope.qattack.pruning import OPT_IN, PRUNINGS, Calibration, Pruning
+from tightrope.qattack.pruning import BOXLESS_PRUNINGS, PRUNINGS, Calibration, Pruning
 from tightrope.qattack.quantize import codes_equal, missing_library, quantized_copy
 from tightrope.qattack.search import supports, twin
 
 #: Every transform tightrope implements by its name (the audit's default, with the quantizers' intersection "all").
-TRANSFORMS = (*ATTACK_QUANTIZERS, *PRUNINGS)
+TRANSFORMS = (*ATTACK_QUANTIZERS, *PRUNINGS, *BOXLESS_PRUNINGS)
 #: Spellings a user may type, for the did-you-mean of a misspelt one.
-SPELLINGS = (*CHOICES, *(f"gguf:{t}" for t in G.TYPES), *PRUNINGS, *OPT_IN)
+SPELLINGS = (*CHOICES, *(f"gguf:{t}" for t in G.TYPES), *PRUNINGS, *BOXLESS_PRUNINGS)
 
 
 def canonical(name: str) -> str:
