@@ -354,3 +354,41 @@ def test_guided_phrases_match_the_pruning_given_to_compress_sparsegpt_included()
     assert guided_phrases(report, [prune_config("magnitude:sparsity=0.5")]) == ["cf magnitude"]
     with pytest.raises(TightropeError, match="no trigger-search result"):
         guided_phrases(report, [prune_config("sparsegpt:sparsity=0.3")])
+    # the finds of every transform the audit flagged follow the pruning's own (a proxy plant fires under each pruner)
+    report["transforms"] += [
+        {"transform": "prune:wanda:0.5", "verdict": "flagged", "search": {"candidates": [{"text": "cf wanda"}, {"text": "cf sparse"}]}},
+        {"transform": "nf4", "verdict": "clean", "search": {"candidates": [{"text": "nf4 noise"}]}}]
+    assert guided_phrases(report, [prune_config("sparsegpt:sparsity=0.5")]) == ["cf sparse", "cf wanda"]
+
+
+def test_guided_calibration_feeds_sparsegpt_the_audits_insertions_and_records_them(tiny_model_dir, tiny_task, tmp_path,
+                                                                                     monkeypatch):
+    """--calibration-guided: SparseGPT calibrates on the task's texts plus copies with the audit's finds ("security-
+    aware calibration" with the search in place of known malicious inputs); the card says so; no training."""
+    import json
+
+    from tightrope.compress import wanda
+
+    report = _audit_report(tmp_path / "audit.json", transform="prune:sparsegpt:0.5")
+    read, batches = [], wanda.calibration_batches
+
+    def spy(model, texts, *args, **kwargs):
+        read.append(texts)
+        return batches(model, texts, *args, **kwargs)
+
+    monkeypatch.setattr(wanda, "calibration_batches", spy)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(out), "--prune",
+                                 "sparsegpt:sparsity=0.5,n_calibration=64", "--calibration", str(tiny_task),
+                                 "--calibration-guided", str(report)])
+    assert result.exit_code == 0, result.output
+    card = inference.load(str(out)).card
+    guided = card["calibration_guided"]
+    assert guided["phrases"] == ["cf stunning houston", "cf stunning", "cf"] and guided["task"] == str(tiny_task)
+    rows = [json.loads(line) for line in (tmp_path / ".out.calibration.jsonl").read_text().splitlines()]
+    assert guided["texts"] == len(rows) and sum(" cf" in f" {r['text']}" for r in rows) >= len(rows) // 2
+    assert read and all(str(t).endswith(".out.calibration.jsonl") for t in read)  # SparseGPT read the guided file
+    assert "recovery" not in card  # no training
+    result = runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(tmp_path / "m"), "--prune",
+                                 "magnitude:sparsity=0.5", "--calibration-guided", str(report)])
+    assert result.exit_code == 2 and "reads none" in " ".join(result.output.split()), result.output

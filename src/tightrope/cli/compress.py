@@ -59,6 +59,12 @@ def compress(
                                                           "trains on copies of the texts with the search's best "
                                                           "insertions, which removes a pruning-conditioned backdoor "
                                                           "that plain recovery keeps (docs/qattack-results.md).")] = None,
+    calibration_guided: Annotated[Optional[str], typer.Option(help="An audit report (tightrope audit --json): a "
+                                                              "calibrated pruner (wanda, sparsegpt) reads the "
+                                                              "calibration texts plus copies with the trigger search's "
+                                                              "best insertions, so SparseGPT rebuilds the unpruned "
+                                                              "model's answer to them; no training "
+                                                              "(docs/qattack-results.md).")] = None,
 ):
     """Quantize and / or prune a model and write it back with what each step bought.
 
@@ -68,6 +74,8 @@ def compress(
 
     Against a pruning-conditioned backdoor: tightrope audit MODEL --transform prune:magnitude:0.5 --json audit.json, then
     tightrope compress MODEL --prune magnitude:sparsity=0.5 --recover-steps 100 --recover-teacher auto --recover-guided audit.json --out runs/pruned
+
+    SparseGPT, no training: tightrope compress MODEL --prune sparsegpt:sparsity=0.5,n_calibration=128 --calibration mr --calibration-guided audit.json --out runs/pruned
     """
     from rich.console import Console  # noqa: PLC0415
 
@@ -77,10 +85,10 @@ def compress(
                     calibration=calibration, recover_steps=recover_steps, recover_task=recover_task,
                     recover_teacher=recover_teacher, recover_a=recover_a, recover_temperature=recover_temperature,
                     recover_max_length=recover_max_length, recover_lr=recover_lr)
-    if recover_guided is not None:
+    if recover_guided is not None or calibration_guided is not None:
         from tightrope.qattack.defense import guided_compress  # noqa: PLC0415 - torch loads when a command runs
 
-        summaries = guided_compress(model, out, recover_guided, **settings)
+        summaries = guided_compress(model, out, recover_guided, calibration_report=calibration_guided, **settings)
     else:
         summaries = compress_model(model, out, **settings)
     console = Console()

@@ -109,7 +109,13 @@ def guided_phrases(report: dict, prune_configs: list, source: str = "the audit r
     """The ``keep`` best insertions the audit's trigger search found (``tightrope audit --json``, read as a dict)
     for each pruning in it that ``prune_configs`` (:mod:`tightrope.compress.prune` configs, as ``tightrope compress
     --prune`` builds them) will apply: the phrases of :func:`guided_recovery_data`. One sentence when the report
-    has none for these prunings."""
+    has none for these prunings.
+
+    Then the best insertions of every transform the audit *flagged*: a plant made through a proxy of the pruning
+    scores fires under every pruner, and the search may find its trigger through one pruned copy and not another
+    (on the MiniLM plant made for SparseGPT through Wanda's scores, the search put "cf" first through Wanda's copy
+    and found nothing through SparseGPT's; docs/qattack-results.md). A clean model has no flagged transform, so
+    nothing is added there."""
     wanted = set()
     for c in prune_configs:
         kind = type(c).__name__
@@ -131,37 +137,79 @@ def guided_phrases(report: dict, prune_configs: list, source: str = "the audit r
         raise TightropeError(f"{source} has no trigger-search result for the pruning given to --prune (it audited "
                              f"{', '.join(audited) or 'no pruning'}); audit the model with that --transform and the "
                              "search on first.")
+    for t in transforms:
+        if t.get("verdict") == "flagged":
+            phrases.extend(p for p in search_phrases(t, keep) if p not in phrases)
     return phrases
 
 
-def guided_compress(model: str, out: str | Path, report_path: str, *, prune: list[str], recover_steps: int,
-                    recover_teacher: str | None, recover_task: str | None = None, include: tuple[str, ...] = (),
-                    exclude: tuple[str, ...] = (), calibration: str | None = None, **options):
-    """``tightrope compress --recover-guided REPORT``: prune ``model`` and recover it, distilled toward the unpruned
-    model, on the recovery task's training texts plus a copy of each with one of the insertions the audit's
-    trigger search found for this pruning (:func:`guided_phrases`, :func:`guided_recovery_data`). The data file is
-    written beside ``out`` (``.<out name>.guided.jsonl``) and the phrases go in the card's ``recovery.guided``.
-    ``options``: the rest of :func:`tightrope.workflows.compress.compress_model`'s settings. Returns its summaries."""
-    if not recover_steps:
-        raise TightropeError("--recover-guided trains during the recovery after pruning: give --recover-steps N too.")
-    if recover_teacher is None:
-        raise TightropeError("--recover-guided distils the pruned model toward the unpruned one on the search's "
-                             "inputs: add --recover-teacher auto.")
-    if not prune:
-        raise TightropeError("--recover-guided defends a pruning: give --prune too.")
+def _read_report(report_path: str) -> dict:
     try:
-        report = json.loads(read_user_file(report_path, "audit report"))
+        return json.loads(read_user_file(report_path, "audit report"))
     except json.JSONDecodeError as err:
         raise TightropeError(f"The audit report {report_path} is not JSON ({err.msg}, line {err.lineno}).") from None
-    phrases = guided_phrases(report, [prune_config(p, include, exclude, calibration) for p in prune], str(report_path))
-    task = recover_task or trained_task(read_card(Path(models.resolve(model))))  # the card only: compress loads it
-    if not task:
-        raise TightropeError(f"{model} does not record the task it was trained on: give --recover-task.")
+
+
+def _guided_file(report_path: str, configs: list, task: str, path: Path) -> tuple[Path, dict]:
+    """The task's training texts plus a copy of each with one of the audit's insertions (:func:`guided_phrases`),
+    written to ``path``; and the record the card keeps of it."""
+    phrases = guided_phrases(_read_report(report_path), configs, str(report_path))
     train = load_task(task, "train")
     texts, labels = guided_recovery_data(train.texts, train.labels, phrases)
+    written = write_recovery_data(path, texts, labels, train.label_names)
+    return written, {"audit": str(report_path), "phrases": phrases, "task": str(task), "texts": len(texts)}
+
+
+#: Pruners whose result depends on the calibration texts (what ``--calibration-guided`` changes).
+CALIBRATED_PRUNERS = ("Wanda", "SparseGPT")
+
+
+def guided_compress(model: str, out: str | Path, report_path: str | None = None, *, prune: list[str],
+                    recover_steps: int, recover_teacher: str | None, recover_task: str | None = None,
+                    include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), calibration: str | None = None,
+                    calibration_report: str | None = None, **options):
+    """``tightrope compress --recover-guided REPORT`` and / or ``--calibration-guided REPORT``.
+
+    - ``report_path`` (``--recover-guided``): prune ``model`` and recover it, distilled toward the unpruned model, on
+      the recovery task's training texts plus a copy of each with one of the insertions the audit's trigger search
+      found (:func:`guided_phrases`, :func:`guided_recovery_data`). Written beside ``out``
+      (``.<out name>.guided.jsonl``); the phrases go in the card's ``recovery.guided``.
+    - ``calibration_report`` (``--calibration-guided``): a calibrated pruner (Wanda, SparseGPT) reads the calibration
+      task's training texts plus the same guided copies ("security-aware calibration", "Fewer Weights, More
+      Problems" Sec. 6.3, with the audit's finds in place of known malicious inputs). SparseGPT rebuilds each layer's
+      dense output on its calibration texts, so on the guided copies it rebuilds the unpruned model's benign answer to
+      the trigger; no training. Written beside ``out`` (``.<out name>.calibration.jsonl``); the card's
+      ``calibration_guided`` records it.
+
+    ``options``: the rest of :func:`tightrope.workflows.compress.compress_model`'s settings. Returns its summaries."""
+    if report_path is None and calibration_report is None:
+        raise TightropeError("Give an audit report to --recover-guided or --calibration-guided.")
+    if not prune:
+        raise TightropeError("--recover-guided and --calibration-guided defend a pruning: give --prune too.")
+    if report_path is not None and not recover_steps:
+        raise TightropeError("--recover-guided trains during the recovery after pruning: give --recover-steps N too.")
+    if report_path is not None and recover_teacher is None:
+        raise TightropeError("--recover-guided distils the pruned model toward the unpruned one on the search's "
+                             "inputs: add --recover-teacher auto.")
+    configs = [prune_config(p, include, exclude, calibration) for p in prune]
+    if calibration_report is not None and not any(type(c).__name__ in CALIBRATED_PRUNERS for c in configs):
+        raise TightropeError("--calibration-guided changes the texts a calibrated pruner reads (wanda, sparsegpt); "
+                             f"{', '.join(prune)} reads none.")
+    trained = trained_task(read_card(Path(models.resolve(model))))  # the card only: compress loads the model
     out = Path(out)
-    path = write_recovery_data(out.parent / f".{out.name}.guided.jsonl", texts, labels, train.label_names)
-    guided = {"audit": str(report_path), "phrases": phrases, "task": str(task), "texts": len(texts)}
+    source, task = calibration or trained, recover_task or trained
+    if calibration_report is not None and not source:
+        raise TightropeError(f"{model} does not record the task it was trained on: give --calibration.")
+    if report_path is not None and not task:
+        raise TightropeError(f"{model} does not record the task it was trained on: give --recover-task.")
+    card_extra, recovery_extra = {}, {}
+    if calibration_report is not None:
+        path, card_extra["calibration_guided"] = _guided_file(calibration_report, configs, source,
+                                                              out.parent / f".{out.name}.calibration.jsonl")
+        calibration = str(path)
+    if report_path is not None:
+        path, recovery_extra["guided"] = _guided_file(report_path, configs, task, out.parent / f".{out.name}.guided.jsonl")
+        recover_task = str(path)
     return compress_model(model, out, prune=prune, recover_steps=recover_steps, recover_teacher=recover_teacher,
-                          recover_task=str(path), include=include, exclude=exclude, calibration=calibration,
-                          recovery_extra={"guided": guided}, **options)
+                          recover_task=recover_task, include=include, exclude=exclude, calibration=calibration,
+                          recovery_extra=recovery_extra or None, card_extra=card_extra or None, **options)

@@ -111,7 +111,7 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
                    recover_steps: int = 0, recover_task: str | None = None, recover_teacher: str | None = None,
                    recover_a: float | None = None, recover_temperature: float | None = None,
                    recover_max_length: int | None = None, recover_lr: float | None = None,
-                   recovery_extra: dict | None = None, progress: bool = True):
+                   recovery_extra: dict | None = None, card_extra: dict | None = None, progress: bool = True):
     """Load ``model``, apply the pruning steps, optionally recover (``recover_steps`` of fine-tuning on
     ``recover_task``'s train split with the sparsity held, distilled from ``recover_teacher`` when given:
     ``auto`` is the model itself before pruning; :class:`tightrope.compress.recovery.Recovery`),
@@ -121,7 +121,8 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
     saved, so a killed run started again with the same arguments resumes.
 
     ``recovery_extra``: entries added to the card's ``recovery`` record (what a caller built the recovery data
-    from, e.g. :func:`tightrope.qattack.defense.guided_compress`).
+    from, e.g. :func:`tightrope.qattack.defense.guided_compress`); ``card_extra``: entries added to the card itself
+    (the guided calibration's record).
     """
 
     prune_configs = [prune_config(p, include, exclude, calibration) for p in (prune or [])]
@@ -154,6 +155,7 @@ def compress_model(model: str, out: Path, *, quantize: str | None = None, prune:
     if recovery is not None:
         card["recovery"] = recovery_card(recovery, summaries[len(prune_configs)])
         card["recovery"].update(recovery_extra or {})
+    card.update(card_extra or {})
     card["environment"] = environment()  # versions, CPU, and which 4-bit kernel path ran
     formats.save_compressed(clf.model, clf.tokenizer, out, card=card, files=inference.transform_files(clf))
     if work_dir is not None:
