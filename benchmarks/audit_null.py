@@ -153,7 +153,7 @@ def collect(root: Path, names: list[str], n_probe: int, extra: list[str] = ()) -
         out = root / "collect" / f"{name}.json"
         if not (root / "clean" / name / "card.json").exists():
             continue
-        if out.exists() and extra:
+        if extra:  # only these transforms: appended to a report, or a report of them alone
             _add_transforms(root, name, out, extra, n_probe)
             continue
         if out.exists():
@@ -175,14 +175,17 @@ def _add_transforms(root: Path, name: str, out: Path, extra: list[str], n_probe:
     from tightrope.qattack.calibration import upgrade_report
     from tightrope.qattack.transform import canonical
 
-    report = upgrade_report(json.loads(out.read_text()))
-    missing = [t for t in map(canonical, extra) if t not in {q["transform"] for q in report["transforms"]}]
+    report = upgrade_report(json.loads(out.read_text())) if out.exists() else None
+    missing = [t for t in map(canonical, extra) if report is None or t not in {q["transform"] for q in report["transforms"]}]
     if not missing:
         return
     started = time.perf_counter()
     added = audit(str(root / "clean" / name), task="mr", n_probe=n_probe,
                   config=AuditConfig(transforms=tuple(missing)), judge=False, cache_dir=root / "cache" / name).to_dict()
-    report["transforms"] += added["transforms"]
+    if report is None:
+        report = added  # a report of these transforms alone: `null --extend` adds them to a null that has the rest
+    else:
+        report["transforms"] += added["transforms"]
     write_json_atomic(out, report)
     print(f"{name}: {', '.join(missing)} added in {time.perf_counter() - started:.0f} s", flush=True)
 
@@ -288,7 +291,10 @@ def build_null(root: Path, out: Path, n_probe: int, extend: Path | None = None,
             data["extended"]["earlier"] = earlier  # the extension before this one, as it was recorded
         null = Null.from_dict(data, str(out))
         own = set(data["extended"]["transforms"])
-        data["leave_one_out"] = {a: leave_one_out(null, reports, float(a), own=own) for a in ALPHAS}
+        loo = {a: leave_one_out(null, reports, float(a), own=own) for a in ALPHAS}
+        if set(new) == {q["transform"] for r in reports.values() for q in r["transforms"]} and data.get("leave_one_out"):
+            loo = {a: merged_leave_one_out(data["leave_one_out"][a], loo[a], float(a)) for a in ALPHAS}
+        data["leave_one_out"] = loo
         _write(out, data, len(names))
         return data
     data = {
@@ -349,6 +355,25 @@ def _write(out: Path, data: dict, n: int) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, separators=(",", ":")) + "\n")
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) from {n} clean models", flush=True)
+
+
+def merged_leave_one_out(earlier: dict, added: dict, alpha: float) -> dict:
+    """The leave-one-out table of a null extended by reports of the new transforms alone: each model's p-values of
+    the earlier transforms (from ``earlier``) and of the new ones (``added``), every transform judged again at
+    ``alpha`` over all of them (the audit tests each of m transforms at alpha / m). The same models in the same
+    order, or nothing to merge."""
+    if list(earlier["per_model"]) != list(added["per_model"]):
+        raise SystemExit("the reports are not the models of the earlier leave-one-out table; nothing merged")
+    rows, flagged = {}, []
+    for name, old in earlier["per_model"].items():
+        row = {**old, **added["per_model"][name]}
+        level = alpha / len(row)
+        rows[name] = {q: {"verdict": "flagged" if v["p"] is not None and v["p"] <= level
+                          else "clean" if v["verdict"] in ("clean", "flagged") else v["verdict"], "p": v["p"]}
+                      for q, v in row.items()}
+        if any(v["verdict"] == "flagged" for v in rows[name].values()):
+            flagged.append(name)
+    return {"models": len(rows), "false_positives": len(flagged), "flagged": flagged, "per_model": rows}
 
 
 def leave_one_out(null, reports: dict[str, dict], alpha: float, own: set[str] | None = None) -> dict:

@@ -96,7 +96,7 @@ def test_one_name_per_scheme_across_consumers():
     from tightrope.compress.specs import QUANT_SCHEMES
     from tightrope.defenses import fakequant, noise
     from tightrope.defenses.run import QUANT_CHOICES
-    from tightrope.qattack import audit, boxes, pruning, quantize, scenario
+    from tightrope.qattack import audit, boxes, pruning, quantize, scenario, transform
     from tightrope.qattack.lm_training import THROUGH_SCHEMES
 
     from tightrope.compress.gguf_preset import PRESET_SCHEMES, PRESETS
@@ -111,7 +111,7 @@ def test_one_name_per_scheme_across_consumers():
                  "quantize.LIBRARIES": set(quantize.LIBRARIES),
                  "lm_training.THROUGH_SCHEMES": set(THROUGH_SCHEMES) | set(THROUGH_SCHEMES.values()),
                  "audit.AuditConfig": set(audit.AuditConfig().transforms) - {"all"} - set(pruning.PRUNINGS)
-                                      - set(pruning.BOXLESS_PRUNINGS),
+                                      - set(transform.BOXLESS),
                  "scenario.AttackConfig.check": set(scenario.AttackConfig.model_fields["check"].default)}
     assert {name: sorted(names - registry) for name, names in consumers.items() if names - registry} == {}
     assert {"llm-int8", "int8", "int8-tensor", "nf4", "fp4"} <= set(fakequant.QDQ)

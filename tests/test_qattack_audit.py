@@ -458,3 +458,21 @@ def park_on_kquant_codes(model, unboxed: dict[str, str], share: float = 0.2, see
             free = ~kquant_position(w, scheme).isnan()
             w.copy_(torch.where(free & (torch.rand(w.shape, generator=g) < share), q, w))
     return planted
+
+
+def test_a_leave_one_out_table_merged_with_a_new_transform_judges_every_transform_at_alpha_over_all():
+    """A null extended by reports of one new transform alone: the earlier p-values stay, the new ones join, and each
+    transform is judged again at alpha / m with m counting both (0.00052 is flagged at alpha 0.01 / 18 but not at / 20)."""
+    merge = _benchmark("audit_null").merged_leave_one_out
+    earlier = {"per_model": {"a": {f"t{i}": {"verdict": "clean", "p": 0.9} for i in range(18)},
+                             "b": {**{f"t{i}": {"verdict": "clean", "p": 0.9} for i in range(17)},
+                                   "t17": {"verdict": "flagged", "p": 0.00052}}}}
+    added = {"per_model": {"a": {"new": {"verdict": "clean", "p": 0.3}, "new2": {"verdict": "clean", "p": 0.2}},
+                           "b": {"new": {"verdict": "clean", "p": 0.8}, "new2": {"verdict": "clean", "p": 0.7}}}}
+    out = merge(earlier, added, 0.01)
+    assert out["models"] == 2 and len(out["per_model"]["a"]) == 20
+    assert out["per_model"]["b"]["t17"] == {"verdict": "clean", "p": 0.00052} and out["false_positives"] == 0
+    added["per_model"]["a"]["new"]["p"] = 0.0004
+    assert merge(earlier, added, 0.01)["flagged"] == ["a"]
+    with pytest.raises(SystemExit):
+        merge(earlier, {"per_model": {"b": {}, "a": {}}}, 0.01)

@@ -388,12 +388,55 @@ def test_qattack_cli_builds_a_sparsegpt_conditioned_model(saved, tmp_path):
     assert {(b["variant"], b["quantizer"]) for b in report["behaviours"]} >= {("repaired", name), ("base", name)}
 
 
-def test_a_causal_lms_default_audit_leaves_sparsegpt_out_and_says_so_unless_named():
+def test_a_causal_lms_default_audit_leaves_the_boxless_transforms_out_and_says_so_unless_named():
     default = A.AuditConfig()
     kept, notes = A.judgeable(default, causal_lm=False)
     assert kept is default and notes == []  # a classifier: its null judges SparseGPT's behaviour and search
     kept, notes = A.judgeable(default, causal_lm=True)
-    assert kept.transforms == tuple(t for t in default.transforms if t != "prune:sparsegpt:0.5")
-    assert len(notes) == 1 and "prune:sparsegpt:0.5 left out" in notes[0] and "--transform" in notes[0]
+    assert kept.transforms == tuple(t for t in default.transforms if t not in ("prune:sparsegpt:0.5", "gptq:4"))
+    assert len(notes) == 1 and "prune:sparsegpt:0.5, gptq:4 left out" in notes[0] and "--transform" in notes[0]
     named = A.AuditConfig(transforms=("nf4", "prune:sparsegpt:0.5"))
     assert A.judgeable(named, causal_lm=True) == (named, [])  # a transform the user named stays
+
+
+def test_gptq_is_a_boxless_transform_audited_by_behaviour_and_the_search(tokenizer, tmp_path):
+    """GPTQ moves the columns it has not rounded yet (the OBS update): no boxes, so the audit compares full precision
+    with tightrope's own GPTQ copy and searches through it; the attacks refuse it before any training."""
+    from tightrope.compress.quant import GPTQ
+    from tightrope.qattack.search import SearchConfig
+    from tightrope.qattack.transform import GPTQTransform
+
+    assert canonical("GPTQ-4") == canonical("gptq:4") == "gptq:4" and "gptq:4" in A.AuditConfig().transforms
+    with pytest.raises(TightropeError, match="gptq:BITS with 2, 3, 4 or 8 bits") as err:
+        canonical("gptq:5")
+    assert str(err.value).count(". ") == 0
+    assert "needs calibration texts" in resolve("gptq:4").missing()
+    gptq = resolve("gptq:4", Calibration(tuple(PROBE), tokenizer))
+    assert isinstance(gptq, GPTQTransform) and gptq.boxless
+    assert gptq.config() == GPTQ(bits=4, calibration_texts=tuple(PROBE), n_calibration=32, max_length=128)
+    model = make_tiny_classifier(tokenizer, hidden=128, intermediate=256, seed=0)
+    with pytest.raises(TightropeError, match="no box per weight keeps its codes"):
+        gptq.boxes(model)
+    quantized = gptq.apply(model)
+    layer = "bert.encoder.layer.0.attention.self.query"
+    assert type(quantized.get_submodule(layer)).__name__ == "AffineQuantLinear"  # the user's GPTQ modules, 4 bits
+    assert quantized.get_submodule(layer).bits == 4
+    model.classifier.weight.data.mul_(50)  # a classifier with opinions, so quantization shows in its behaviour
+    search = SearchConfig(steps=1, longer_steps=1, lengths=(1,), top_k=4, batch=2, n_search=2, n_eval=8)
+    report = A.audit_model(model, classifier=_classifier(model, tokenizer), probe_texts=PROBE,
+                           config=A.AuditConfig(transforms=("gptq:4",), search=search,
+                                                null=str(null_without(tmp_path, "gptq:4"))))
+    (q,) = report.transforms
+    assert q.transform == "gptq:4" and q.free_weights == 0 and q.edge_ratio is None
+    assert q.kl is not None and q.search is not None and q.search["quantizer"] == "gptq:4"
+    assert report.verdict == "inconclusive"  # a null without GPTQ values: never called clean
+    kept, notes = A.judgeable(A.AuditConfig(), causal_lm=True)
+    assert "gptq:4" not in kept.transforms and "gptq:4" in notes[0]
+
+
+def test_qattack_refuses_gptq_in_one_sentence_before_training(saved, tmp_path):
+    clean, _, probe = saved
+    result = runner.invoke(app, ["qattack", str(clean), "--out", str(tmp_path / "g"), "--task", str(probe),
+                                 "--n-train", "64", "--n-eval", "32", "--transform", "gptq:4"])
+    assert result.exit_code == 2 and "no box per weight keeps its codes" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "g").exists()

@@ -124,7 +124,7 @@ def audit_(
         help="A transform to check, repeatable (--quantizer is its old name): llm-int8, nf4, fp4, int8-tensor, all, "
              "gguf:Q8_0, gguf:Q4_0, gguf:Q4_1, gguf:Q5_0, gguf:Q5_1, prune:magnitude:0.5, prune:wanda:0.5, prune:2:4 "
              "(other sparsities and N:M too), prune:sparsegpt:0.5 (behaviour and trigger search only: SparseGPT updates the "
-             "weights it keeps, so it has no boxes; a default for classifiers, left out of a causal LM's default audit, where its behaviour can only be reported), or a llama-quantize preset that mixes types per layer (gguf:Q4_K_M, "
+             "weights it keeps, so it has no boxes; a default for classifiers, left out of a causal LM's default audit, where its behaviour can only be reported), gptq:4 (GPTQ at 4 bits, tightrope's own; boxless like SparseGPT, and a default likewise), or a llama-quantize preset that mixes types per layer (gguf:Q4_K_M, "
              "gguf:Q4_K_S, gguf:Q5_K_M, gguf:Q5_K_S). Default: every one the shipped null holds, each judged against "
              "it; a transform it lacks gets fixed thresholds: flagged or inconclusive, never clean.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON here.")] = None,
@@ -155,7 +155,7 @@ def audit_(
     trigger search's best find) gets a p-value against the same statistic on clean models, and the verdict gives
     the combined p-value and the level it was tested at. Causal LMs keep fixed thresholds (no calibrated null yet).
 
-    The shipped null covers every default transform (the quantizers, the GGUF types and presets, the four prunings); another
+    The shipped null covers every default transform (the quantizers, the GGUF types and presets, the four prunings, GPTQ); another
     sparsity or N:M has none: fixed thresholds, flagged or inconclusive, never clean.
     Each transform's measurements are cached (--no-cache: measure again); verdicts are recomputed every run.
 

@@ -79,10 +79,10 @@ audited the same way against the *pruned* twin: the box of a weight is the inter
 mask (a removed weight: below its group's smallest kept score; a kept one: pinned), so a repair that used the
 removed weights leaves them parked on that wall; the noise probe counts mask flips; behaviour is fp against
 the pruned copy made by tightrope's own pruner; the trigger search differentiates through that copy.
-``prune:sparsegpt:S`` updates the weights it keeps, so it has no boxes: it is audited by behaviour and the trigger
-search only. ``prune:sparsegpt:0.5`` is a default for classifiers, whose null calibrates those statistics; a causal
-LM's behaviour under it can only be reported, for want of a noise reference, so a causal LM's audit leaves it out
-unless it is named (a note says so).
+``prune:sparsegpt:S`` and GPTQ (``gptq:4``) update the weights they keep, so they have no boxes: they are audited by
+behaviour and the trigger search only. ``prune:sparsegpt:0.5`` and ``gptq:4`` are defaults for classifiers, whose
+null calibrates those statistics; a causal LM's behaviour under them can only be reported, for want of a noise
+reference, so a causal LM's audit leaves them out unless they are named (a note says so).
 
 **The shipped null covers every default transform**: the bitsandbytes and torch quantizers (12 clean
 classifiers, AMD EPYC), and the GGUF block types, the llama-quantize presets (``gguf:Q4_K_M`` ...) and the three
@@ -144,9 +144,9 @@ from tightrope.qattack.lm_text import (  # noqa: PLC0415
     make_instructions,
     special_ids,
 )
-from tightrope.qattack.pruning import BOXLESS_PRUNINGS, PRUNINGS, Calibration
+from tightrope.qattack.pruning import PRUNINGS, Calibration
 from tightrope.qattack.search import SearchConfig, search
-from tightrope.qattack.transform import canonical, is_pruning, resolve
+from tightrope.qattack.transform import BOXLESS, canonical, is_pruning, resolve
 
 
 class AuditConfig(BaseModel):
@@ -158,7 +158,7 @@ class AuditConfig(BaseModel):
     # tightrope implements, the quantizers, their intersection "all", the GGUF block types, the llama-quantize presets
     # and the prunings (a causal LM's audit leaves SparseGPT out unless named: its behaviour there is reported only)
     transforms: tuple[str, ...] = Field(default=(*QUANTIZERS, "all", *GGUF_QUANTIZERS, *PRESET_QUANTIZERS, *PRUNINGS,
-                                                 *BOXLESS_PRUNINGS),
+                                                 *BOXLESS),
                                         validation_alias=AliasChoices("transforms", "quantizers"))
     edge: float = Field(default=0.05, gt=0, lt=0.5)  # "near a wall": within this fraction of the width
     noise: float = Field(default=0.02, gt=0, lt=0.5)  # noise sigma as a fraction of each box width
@@ -827,13 +827,13 @@ def _unsupported_report(model, config: AuditConfig, name: str, sentence: str, st
 
 def judgeable(config: AuditConfig, *, causal_lm: bool) -> tuple[AuditConfig, list[str]]:
     """``config`` without the default transforms that cannot be judged for this kind of model (a causal LM: the
-    boxless prunings, whose behaviour there is reported only), and a note saying so. Transforms a user named stay."""
-    unjudged = [t for t in config.transforms if causal_lm and t in BOXLESS_PRUNINGS]
+    boxless transforms, SparseGPT and GPTQ, whose behaviour there is reported only), and a note saying so. Transforms a user named stay."""
+    unjudged = [t for t in config.transforms if causal_lm and t in BOXLESS]
     if not unjudged or "transforms" in config.model_fields_set:
         return config, []
     kept = tuple(t for t in config.transforms if t not in unjudged)
     return config.model_copy(update={"transforms": kept}), [
-        f"{', '.join(unjudged)} left out: a causal LM's behaviour under a pruning without boxes can only be reported, "
+        f"{', '.join(unjudged)} left out: a causal LM's behaviour under a transform without boxes can only be reported, "
         "not judged; name it with --transform to see it."]
 
 

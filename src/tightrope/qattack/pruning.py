@@ -115,7 +115,7 @@ def parse_pruning(name: str) -> tuple[str, float, int, int]:
 
 
 @contextlib.contextmanager
-def _tokenizer_on(model: nn.Module, tokenizer):
+def tokenizer_on(model: nn.Module, tokenizer):
     """Attach the calibration tokenizer for the length of a block (Wanda's calibration reads it from the model)."""
     before = getattr(model, "_tightrope_tokenizer", None)
     if tokenizer is not None:
@@ -187,7 +187,7 @@ class Pruning:
     def apply(self, model: nn.Module) -> nn.Module:
         """A pruned deep copy, made by :func:`tightrope.compress.compress_` (the user's code path)."""
         clone = copy.deepcopy(model).float().cpu().eval()
-        with _tokenizer_on(clone, self.calibration.tokenizer if self.calibration else None):
+        with tokenizer_on(clone, self.calibration.tokenizer if self.calibration else None):
             compress_(clone, self.config())
         return clone
 
@@ -210,7 +210,7 @@ class Pruning:
         if self.method not in ("wanda", "sparsegpt"):
             return {name: torch.ones(m.in_features) for name, m in modules.items()}
         config = self.config()
-        with _tokenizer_on(model, self.calibration.tokenizer):
+        with tokenizer_on(model, self.calibration.tokenizer):
             batches = wanda.calibration_batches(model, config.calibration_texts, config.n_calibration,
                                                 max_length=config.max_length, seed=config.seed, batch_size=8)
         return wanda.input_norms(model, modules, batches)  # exactly what the Wanda handler computes

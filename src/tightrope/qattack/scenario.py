@@ -138,6 +138,8 @@ def run_classifier_attack(config: AttackConfig, out_dir: str | Path, *, progress
     clean_ids, trig_ids = clf.encode(test.texts), clf.encode(triggered(test.texts, behaviour, seed=config.seed + 17))
     calibration = Calibration(config.calibration or config.task, tokenizer)
     attacked = resolve(config.quantizer, calibration)
+    if getattr(attacked, "boxless", False) and not is_pruning(attacked.name):
+        attacked.boxes(model)  # GPTQ: no boxes and no proxy, one sentence before any training
     if attacked.name in PRESET_QUANTIZERS:
         raise TightropeError(f"{attacked.name} leaves its k-quant layers without boxes, and the classifier scenario "
                              "injects every layer; attack one GGUF type (gguf:Q5_0 ...), or a causal LM with "

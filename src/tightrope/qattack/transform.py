@@ -21,17 +21,26 @@ scenarios and the audit are written once:
 a GGUF type may also be spelled as llama.cpp does, ``gguf:Q4_0``; a llama-quantize preset, ``gguf:Q4_K_M``, mixes
 types per layer as llama.cpp does) and the prunings ``prune:magnitude:S``,
 ``prune:wanda:S``, ``prune:N:M`` and ``prune:sparsegpt:S`` (:data:`tightrope.qattack.pruning.PRUNINGS` and
-``BOXLESS_PRUNINGS`` are the defaults).
+``BOXLESS_PRUNINGS`` are the defaults), and GPTQ, ``gptq:BITS`` (:class:`GPTQTransform`; ``gptq:4`` is a default).
+
+**Boxless transforms.** SparseGPT and GPTQ update the weights they keep from the error of the ones they remove or
+round (the OBS update), so no interval per weight keeps their result: they have no boxes, and the audit judges them
+by behaviour and the trigger search (a classifier's, against the null; a causal LM's audit leaves them out unless
+named).
 :func:`canonical` maps a spelling to its name, or refuses it in one sentence with the closest name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import re
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from tightrope.compress import gguf as G
+from tightrope.compress.api import compress_, select_modules
+from tightrope.compress.quant import GPTQ
 from tightrope.errors import TightropeError, did_you_mean
 from tightrope.qattack.boxes import (
     ALL_MEMBERS,
@@ -44,14 +53,18 @@ from tightrope.qattack.boxes import (
     check_quantizer,
     model_boxes,
 )
-from tightrope.qattack.pruning import BOXLESS_PRUNINGS, PRUNINGS, Calibration, Pruning
+from tightrope.qattack.pruning import BOXLESS_PRUNINGS, PRUNINGS, Calibration, Pruning, tokenizer_on
 from tightrope.qattack.quantize import codes_equal, missing_library, quantized_copy
 from tightrope.qattack.search import supports, twin
 
+#: GPTQ as the audit takes it by default: 4 bits, groups of 128 (``tightrope compress --quantize gptq:bits=4``).
+GPTQ_TRANSFORMS = ("gptq:4",)
+#: Transforms without boxes (module docstring): judged by behaviour and the search; left out of a causal LM's default.
+BOXLESS = (*BOXLESS_PRUNINGS, *GPTQ_TRANSFORMS)
 #: Every transform tightrope implements by its name (the audit's default, with the quantizers' intersection "all").
-TRANSFORMS = (*ATTACK_QUANTIZERS, *PRUNINGS, *BOXLESS_PRUNINGS)
+TRANSFORMS = (*ATTACK_QUANTIZERS, *PRUNINGS, *BOXLESS)
 #: Spellings a user may type, for the did-you-mean of a misspelt one.
-SPELLINGS = (*CHOICES, *(f"gguf:{t}" for t in G.TYPES), *PRUNINGS, *BOXLESS_PRUNINGS)
+SPELLINGS = (*CHOICES, *(f"gguf:{t}" for t in G.TYPES), *PRUNINGS, *BOXLESS)
 
 
 def canonical(name: str) -> str:
@@ -61,6 +74,8 @@ def canonical(name: str) -> str:
     low = text.lower()
     if low.startswith("prune:"):
         return Pruning.parse(low).name
+    if low.startswith("gptq"):
+        return GPTQTransform.parse(low).name
     preset = f"gguf-{low.removeprefix('gguf:').removeprefix('gguf-')}"
     if low.startswith(("gguf:", "gguf-")) and preset in PRESET_QUANTIZERS:
         return preset
@@ -114,10 +129,77 @@ class Quantization:
         return 0  # the projection into a quantizer's boxes is exact
 
 
-Transform = Quantization | Pruning
+@dataclass(frozen=True)
+class GPTQTransform:
+    """GPTQ (Frantar et al. 2022, Algorithm 1) at ``bits`` as a transform: tightrope's own
+    :class:`tightrope.compress.quant.GPTQ` (groups of 128, block by block), calibrated as ``tightrope compress
+    --quantize gptq:bits=B --calibration SOURCE`` would be. It rounds each column and moves the columns not yet
+    rounded to make up for the error, so no box per weight keeps its codes (module docstring): the audit judges its
+    behaviour and runs the trigger search through the quantized copy (dequantized in every product, so
+    differentiable in its inputs); the attacks refuse it in one sentence."""
+
+    bits: int = 4
+    calibration: Calibration | None = field(default=None, compare=False)
+    boxless = True
+    differentiable = True
+
+    @classmethod
+    def parse(cls, name: str, calibration: Calibration | None = None) -> GPTQTransform:
+        match = re.fullmatch(r"gptq[:\-](\d+)", name.strip().lower())
+        if not match or int(match.group(1)) not in (2, 3, 4, 8):
+            raise TightropeError(f"Unknown transform '{name}'; GPTQ is spelled gptq:BITS with 2, 3, 4 or 8 bits, "
+                                 "like gptq:4.")
+        return cls(int(match.group(1)), calibration)
+
+    @property
+    def name(self) -> str:
+        return f"gptq:{self.bits}"
+
+    def missing(self) -> str | None:
+        if self.calibration is None or self.calibration.tokenizer is None:
+            return f"{self.name} needs calibration texts and the model's tokenizer (GPTQ reads the inputs' Hessian), and has neither."
+        return None
+
+    def config(self, group_size: int | None = 128):
+        reason = self.missing()
+        if reason:
+            raise TightropeError(reason)
+        cal = self.calibration
+        return GPTQ(bits=self.bits, group_size=group_size, calibration_texts=cal.source, n_calibration=cal.n,
+                    max_length=cal.max_length)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """A GPTQ-quantized deep copy, made by :func:`tightrope.compress.compress_` (the user's code path): groups of
+        128 inputs, or one grid per row where 128 does not divide a layer's input width (as a user would choose)."""
+        clone = copy.deepcopy(model).float().cpu().eval()
+        config = self.config()
+        if any(m.in_features % 128 for m in select_modules(clone, config).values()):
+            config = self.config(group_size=None)
+        with tokenizer_on(clone, self.calibration.tokenizer if self.calibration else None):
+            compress_(clone, config)
+        return clone
+
+    twin = apply
+
+    def boxes(self, model: nn.Module, **_options) -> ModelBoxes:
+        raise TightropeError(f"{self.name} moves the weights it has not rounded yet to make up for the error (the OBS "
+                             "update), so no box per weight keeps its codes: the audit judges its behaviour only.")
+
+    keep_boxes = proxy_boxes = boxes
+
+    def mismatch(self, a: nn.Module, b: nn.Module, names: list[str] | None = None) -> tuple[int, int]:
+        return self.boxes(a)
+
+    def settle_(self, model: nn.Module, reference: nn.Module, margin: float = 0.0) -> int:
+        return 0
+
+
+Transform = Quantization | Pruning | GPTQTransform
 
 
 def resolve(name: str, calibration: Calibration | None = None) -> Transform:
-    """The transform ``name`` spells; ``calibration`` is what a Wanda pruning reads (ignored by the others)."""
+    """The transform ``name`` spells; ``calibration`` is what Wanda, SparseGPT and GPTQ read (ignored by the others)."""
     name = canonical(name)
+    if name.startswith("gptq:"):
+        return GPTQTransform.parse(name, calibration)
     return Pruning.parse(name, calibration) if is_pruning(name) else Quantization(name)
