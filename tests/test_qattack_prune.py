@@ -440,3 +440,24 @@ def test_qattack_refuses_gptq_in_one_sentence_before_training(saved, tmp_path):
                                  "--n-train", "64", "--n-eval", "32", "--transform", "gptq:4"])
     assert result.exit_code == 2 and "no box per weight keeps its codes" in " ".join(result.output.split()), result.output
     assert not (tmp_path / "g").exists()
+
+
+def test_the_search_reuses_the_pruned_copy_instead_of_pruning_again(tokenizer, monkeypatch):
+    """A pruning's (and GPTQ's) twin is its transformed copy: the audit prunes once for behaviour and the search."""
+    from tightrope.qattack.search import SearchConfig
+
+    calls = []
+    real = Pruning.apply
+
+    def counted(self, model):
+        calls.append(self.name)
+        return real(self, model)
+
+    monkeypatch.setattr(Pruning, "apply", counted)
+    monkeypatch.setattr(Pruning, "twin", counted)  # what the class says: twin = apply
+    model = tiny(tokenizer)
+    model.classifier.weight.data.mul_(50)
+    search = SearchConfig(steps=1, longer_steps=1, lengths=(1,), top_k=4, batch=2, n_search=2, n_eval=8)
+    report = A.audit_model(model, classifier=_classifier(model, tokenizer), probe_texts=PROBE,
+                           config=A.AuditConfig(transforms=("prune:sparsegpt:0.5",), search=search))
+    assert report.transforms[0].search is not None and calls == ["prune:sparsegpt:0.5"]  # once, not twice
