@@ -684,11 +684,10 @@ class Measured:
 
 
 def _twin_is_copy(transform) -> bool:
-    """True when the transform's differentiable twin is its transformed copy itself (a pruning, GPTQ: ``twin =
-    apply``): the search then reuses the copy the behaviour check made instead of pruning or quantizing again
-    (SparseGPT: about 30 s on MiniLM)."""
-    kind = type(transform)
-    return getattr(kind, "twin", None) is getattr(kind, "apply", None)
+    """True when the transform's differentiable twin is its transformed copy itself (a pruning, GPTQ, a
+    llama-quantize preset: ``twin_is_copy``): the search then reuses the copy the behaviour check made instead of
+    pruning or quantizing again (SparseGPT: about 30 s on MiniLM)."""
+    return bool(getattr(transform, "twin_is_copy", False))
 
 
 def _measure(transform, model, probe, answers, lm: bool, fixed: bool, classifier, config: AuditConfig) -> Measured:

@@ -192,6 +192,7 @@ class Pruning:
         return clone
 
     twin = apply  # the search differentiates through the pruned copy itself
+    twin_is_copy = True  # so the audit's search reuses the copy its behaviour check made
 
     def keep(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The pruner's keep-mask of every pruned layer (True = kept), read from the pruned copy."""

@@ -118,6 +118,11 @@ class Quantization:
     def twin(self, model: nn.Module) -> nn.Module:
         return quantized_copy(model, self.name) if self.name in PRESET_QUANTIZERS else twin(model, self.name)
 
+    @property
+    def twin_is_copy(self) -> bool:
+        """A preset's twin is its quantized copy (the audit reuses it); other quantizers have a reference twin."""
+        return self.name in PRESET_QUANTIZERS
+
     def boxes(self, model: nn.Module, *, margin: float = 0.0, include: tuple[str, ...] = (),
               exclude: tuple[str, ...] = ()) -> ModelBoxes:
         return model_boxes(model, self.name, margin=margin, include=include, exclude=exclude)
@@ -180,6 +185,7 @@ class GPTQTransform:
         return clone
 
     twin = apply
+    twin_is_copy = True  # the audit's search reuses the quantized copy
 
     def boxes(self, model: nn.Module, **_options) -> ModelBoxes:
         raise TightropeError(f"{self.name} moves the weights it has not rounded yet to make up for the error (the OBS "
