@@ -90,7 +90,7 @@ def canonical(name: str) -> str:
         check_quantizer(low)  # an old spelling, refused with its new name
     raise TightropeError(f"Unknown transform '{text}'{did_you_mean(low, SPELLINGS)}; choose one of {', '.join((*QUANTIZERS, 'all'))}, "
                          f"gguf:TYPE ({', '.join(G.TYPES)}), a llama-quantize preset (gguf:Q4_K_M, gguf:Q4_K_S, gguf:Q5_K_M, "
-                         f"gguf:Q5_K_S) or prune:magnitude:SPARSITY, prune:wanda:SPARSITY, prune:sparsegpt:SPARSITY, prune:N:M.")
+                         f"gguf:Q5_K_S), prune:magnitude:SPARSITY, prune:wanda:SPARSITY, prune:sparsegpt:SPARSITY, prune:N:M or gptq:BITS.")
 
 
 def is_pruning(name: str) -> bool:
