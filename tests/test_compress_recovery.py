@@ -392,3 +392,13 @@ def test_guided_calibration_feeds_sparsegpt_the_audits_insertions_and_records_th
     result = runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(tmp_path / "m"), "--prune",
                                  "magnitude:sparsity=0.5", "--calibration-guided", str(report)])
     assert result.exit_code == 2 and "reads none" in " ".join(result.output.split()), result.output
+
+
+def test_a_bad_second_audit_report_leaves_no_guided_file_behind(tiny_model_dir, tiny_task, tmp_path):
+    good = _audit_report(tmp_path / "audit.json", transform="prune:sparsegpt:0.5")
+    result = runner.invoke(app, ["compress", str(tiny_model_dir), "--out", str(tmp_path / "out"), "--prune",
+                                 "sparsegpt:sparsity=0.5", "--calibration", str(tiny_task), "--calibration-guided",
+                                 str(good), "--recover-steps", "2", "--recover-teacher", "auto", "--recover-task",
+                                 str(tiny_task), "--recover-guided", str(tmp_path / "missing.json")])
+    assert result.exit_code == 2 and "missing.json" in " ".join(result.output.split()), result.output
+    assert not list(tmp_path.glob(".out.*")) and not (tmp_path / "out").exists()  # nothing half-written

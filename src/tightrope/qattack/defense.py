@@ -150,10 +150,9 @@ def _read_report(report_path: str) -> dict:
         raise TightropeError(f"The audit report {report_path} is not JSON ({err.msg}, line {err.lineno}).") from None
 
 
-def _guided_file(report_path: str, configs: list, task: str, path: Path) -> tuple[Path, dict]:
-    """The task's training texts plus a copy of each with one of the audit's insertions (:func:`guided_phrases`),
-    written to ``path``; and the record the card keeps of it."""
-    phrases = guided_phrases(_read_report(report_path), configs, str(report_path))
+def _guided_file(report_path: str, phrases: list[str], task: str, path: Path) -> tuple[Path, dict]:
+    """The task's training texts plus a copy of each with one of the audit's insertions ``phrases``
+    (:func:`guided_phrases`), written to ``path``; and the record the card keeps of it."""
     train = load_task(task, "train")
     texts, labels = guided_recovery_data(train.texts, train.labels, phrases)
     written = write_recovery_data(path, texts, labels, train.label_names)
@@ -202,13 +201,16 @@ def guided_compress(model: str, out: str | Path, report_path: str | None = None,
         raise TightropeError(f"{model} does not record the task it was trained on: give --calibration.")
     if report_path is not None and not task:
         raise TightropeError(f"{model} does not record the task it was trained on: give --recover-task.")
+    # every report read and checked before any file is written, so a bad second report leaves nothing behind
+    finds = {r: guided_phrases(_read_report(r), configs, str(r)) for r in (calibration_report, report_path) if r}
     card_extra, recovery_extra = {}, {}
     if calibration_report is not None:
-        path, card_extra["calibration_guided"] = _guided_file(calibration_report, configs, source,
+        path, card_extra["calibration_guided"] = _guided_file(calibration_report, finds[calibration_report], source,
                                                               out.parent / f".{out.name}.calibration.jsonl")
         calibration = str(path)
     if report_path is not None:
-        path, recovery_extra["guided"] = _guided_file(report_path, configs, task, out.parent / f".{out.name}.guided.jsonl")
+        path, recovery_extra["guided"] = _guided_file(report_path, finds[report_path], task,
+                                                      out.parent / f".{out.name}.guided.jsonl")
         recover_task = str(path)
     return compress_model(model, out, prune=prune, recover_steps=recover_steps, recover_teacher=recover_teacher,
                           recover_task=recover_task, include=include, exclude=exclude, calibration=calibration,
